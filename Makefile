@@ -1,0 +1,31 @@
+# Each target sets up everything it needs on a fresh machine: a virtual
+# environment in .venv, torch only if it is not importable there
+# (`pip install torch==2.13.0` takes the CPU build on machines without a GPU),
+# then this package with its test and demo extras.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mlbfgs-installed
+
+.PHONY: test demo bench env clean
+
+$(STAMP): setup.py pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[test,demo]"
+	touch $@
+
+env: $(STAMP)
+
+# Triton kernels run on the CPU through the interpreter when there is no GPU.
+test: $(STAMP)
+	TRITON_INTERPRET=$${TRITON_INTERPRET-1} $(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) -m mlbfgs_fused.demo
+
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

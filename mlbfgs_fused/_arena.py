@@ -1,0 +1,135 @@
+"""Flat storage of one parameter group's optimizer state on one (device, dtype).
+
+Every backend keeps its state in an :class:`Arena`: each per-element quantity is
+one contiguous ``[N]`` buffer over the group's parameters laid end to end (see
+:mod:`._blocks`), and the history is one ``[m * N]`` buffer, block-major, so
+block ``b`` sees its ring as a contiguous ``[m, n_b]`` matrix. ``optimizer.state``
+holds views into these buffers, so ``state_dict()`` has the same layout on
+every backend and a checkpoint moves between them.
+
+Per parameter ``p`` (views shaped like ``p``):
+    ``momentum_buffer``, ``param_ema``, ``grad_ema``, ``param_snapshot``, ``grad_snapshot``
+Per block, a dict in ``state[first_param]["blocks"]`` (blocks in arena order):
+    ``step`` (float32, steps taken), ``pair_count`` (int64, pairs accepted so far),
+    ``skipped_pairs``, ``skipped_steps`` (int64), ``history_s``, ``history_y``
+    (``[m, n_b]`` rings) and ``gram`` (``[3, m, m]`` float64: ``S S^T``, ``S Y^T``, ``Y Y^T``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._blocks import ArenaLayout
+
+PARAM_STATE_KEYS = ("momentum_buffer", "param_ema", "grad_ema", "param_snapshot", "grad_snapshot")
+BLOCK_COUNTER_DTYPES = {
+    "step": torch.float32,
+    "pair_count": torch.int64,
+    "skipped_pairs": torch.int64,
+    "skipped_steps": torch.int64,
+}
+BLOCK_STATE_KEYS = (*BLOCK_COUNTER_DTYPES, "history_s", "history_y", "gram")
+
+
+class Arena:
+    def __init__(
+        self,
+        params: list[Tensor],
+        layout: ArenaLayout,
+        history_size: int,
+        history_dtype: torch.dtype | None,
+    ):
+        self.layout = layout
+        self.params = [params[i] for i in layout.order]  # arena order
+        first = self.params[0]
+        self.device, self.dtype = first.device, first.dtype
+        self.history_dtype = history_dtype or first.dtype
+        self.m = history_size
+        n, B, m = layout.numel, layout.num_blocks, history_size
+        dev = self.device
+
+        def flat(dtype=None):
+            return torch.zeros(n, dtype=dtype or self.dtype, device=dev)
+
+        self.flat_state = {key: flat() for key in PARAM_STATE_KEYS}
+        self.history_s = torch.zeros(m * n, dtype=self.history_dtype, device=dev)
+        self.history_y = torch.zeros(m * n, dtype=self.history_dtype, device=dev)
+        self.gram = torch.zeros(B, 3, m, m, dtype=torch.float64, device=dev)
+        self.counters = {
+            key: torch.zeros(B, dtype=dtype, device=dev)
+            for key, dtype in BLOCK_COUNTER_DTYPES.items()
+        }
+        # Scratch, not state: the gathered gradient and one work vector.
+        self.grad_flat = flat()
+        self.work = flat()
+
+    # -- geometry -------------------------------------------------------------
+    def param_slice(self, i: int) -> slice:
+        start = self.layout.param_offsets[i]
+        return slice(start, start + self.params[i].numel())
+
+    def param_view(self, flat: Tensor, i: int) -> Tensor:
+        return flat[self.param_slice(i)].view(self.params[i].shape)
+
+    def block_slice(self, b: int) -> slice:
+        bounds = self.layout.block_bounds
+        return slice(bounds[b], bounds[b + 1])
+
+    def history_view(self, history: Tensor, b: int) -> Tensor:
+        lo, hi = self.layout.block_bounds[b], self.layout.block_bounds[b + 1]
+        return history[self.m * lo : self.m * hi].view(self.m, hi - lo)
+
+    def block_state(self, b: int) -> dict:
+        state = {key: counter[b] for key, counter in self.counters.items()}
+        state["history_s"] = self.history_view(self.history_s, b)
+        state["history_y"] = self.history_view(self.history_y, b)
+        state["gram"] = self.gram[b]
+        return state
+
+    # -- optimizer.state ------------------------------------------------------
+    def blocks_by_param(self) -> dict[int, list[int]]:
+        owners: dict[int, list[int]] = {}
+        for b in range(self.layout.num_blocks):
+            owners.setdefault(self.layout.block_first_param(b), []).append(b)
+        return owners
+
+    def adopt(self, state: dict) -> None:
+        """Fill the arena from ``state`` where it holds entries (a loaded
+        checkpoint, or state bound to an earlier arena), initialise the rest,
+        then point ``state`` at the arena's buffers."""
+        owners = self.blocks_by_param()
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                p_state = state[p]
+                for key in PARAM_STATE_KEYS:
+                    view = self.param_view(self.flat_state[key], i)
+                    if key in p_state:
+                        _copy_checked(view, p_state[key], key)
+                    elif key == "param_ema":
+                        view.copy_(p)  # the EMA of the parameters starts at the parameters
+                for key in PARAM_STATE_KEYS:
+                    p_state[key] = self.param_view(self.flat_state[key], i)
+                blocks = owners.get(i, [])
+                saved = p_state.get("blocks")
+                if saved is not None:
+                    if len(saved) != len(blocks):
+                        raise ValueError(
+                            "loaded optimizer state has a different block layout "
+                            f"({len(saved)} blocks start in a parameter that now starts {len(blocks)})"
+                        )
+                    for b, saved_block in zip(blocks, saved):
+                        for key, view in self.block_state(b).items():
+                            _copy_checked(view, saved_block[key], key)
+                if blocks:
+                    p_state["blocks"] = [self.block_state(b) for b in blocks]
+                else:
+                    p_state.pop("blocks", None)
+
+
+def _copy_checked(dst: Tensor, src: Tensor, key: str) -> None:
+    if tuple(src.shape) != tuple(dst.shape):
+        raise ValueError(
+            f"loaded state '{key}' has shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
+        )
+    dst.copy_(src)

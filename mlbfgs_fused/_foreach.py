@@ -1,0 +1,187 @@
+"""The portable backend: the mL-BFGS step with ``torch._foreach_*`` and flat tensor ops.
+
+Works on any device. It never reads a device value on the host: every
+data-dependent decision of DESIGN.md section 2 (the non-finite step, the warm-up,
+normalisation, whether this is a pair-update step, damping, pair skipping) is a
+mask or a factor in tensor arithmetic, chosen so that a masked-off update is an
+exact identity (``x * 1``, ``x + 0``, ``lerp`` with weight 0). The pair update is
+therefore computed every step and applied only when due; the Triton backend skips
+it on the device instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._arena import Arena
+from ._two_loop import damping_factor, two_loop_coefficients
+
+
+class GroupStep:
+    """Per-step views of one arena: which parameters have a gradient, and
+    lists of matching per-parameter views for the ``_foreach`` ops."""
+
+    def __init__(self, arena: Arena):
+        self.arena = arena
+        self.present = [i for i, p in enumerate(arena.params) if p.grad is not None]
+        self.all_present = len(self.present) == len(arena.params)
+        self.params = [arena.params[i] for i in self.present]
+        self.grads = [arena.params[i].grad for i in self.present]
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """Views of a flat arena buffer over the parameters that have gradients."""
+        if self.all_present:
+            return [flat]
+        return [self.arena.param_view(flat, i) for i in self.present]
+
+    def shaped_views(self, flat: Tensor) -> list[Tensor]:
+        return [self.arena.param_view(flat, i) for i in self.present]
+
+
+def gather_gradient(step: GroupStep, weight_decay: float, maximize: bool) -> Tensor:
+    """``g = grad + weight_decay * theta`` (negated under ``maximize``) into the
+    arena's flat scratch, zero where a parameter has no gradient. Returns, per
+    block, whether ``g`` is finite."""
+    arena = step.arena
+    g = arena.grad_flat
+    if not step.all_present:
+        g.zero_()
+    g_views = step.shaped_views(g)
+    torch._foreach_copy_(g_views, step.grads)
+    if weight_decay != 0:
+        torch._foreach_add_(g_views, step.params, alpha=weight_decay)
+    if maximize:
+        g.neg_()
+    return torch.stack(
+        [torch.isfinite(g[arena.block_slice(b)]).all() for b in range(arena.layout.num_blocks)]
+    )
+
+
+def direction(arena: Arena, ok: Tensor) -> Tensor:
+    """Write ``d = H g`` per block into ``arena.work``; return ``||d_b||^2`` per block.
+
+    A non-finite step has its gradient zeroed first, so it produces ``d = 0``
+    and no NaN reaches any state through a masked product.
+    """
+    g, d = arena.grad_flat, arena.work
+    g.masked_fill_(ok.logical_not(), 0.0)
+    B, m = arena.layout.num_blocks, arena.m
+    Sg = torch.empty(B, m, dtype=torch.float64, device=arena.device)
+    Yg = torch.empty_like(Sg)
+    gg = torch.empty(B, dtype=torch.float64, device=arena.device)
+    for b in range(B):
+        g_b = g[arena.block_slice(b)]
+        S, Y = _history(arena, b)
+        Sg[b] = S @ g_b
+        Yg[b] = Y @ g_b
+        gg[b] = g_b.dot(g_b)
+    c_g, c_s, c_y, _ = two_loop_coefficients(arena.gram, Sg, Yg, gg, arena.counters["pair_count"])
+    c_g, c_s, c_y = c_g.to(arena.dtype), c_s.to(arena.dtype), c_y.to(arena.dtype)
+    d_dot_d = torch.empty(B, dtype=torch.float64, device=arena.device)
+    for b in range(B):
+        sl = arena.block_slice(b)
+        S, Y = _history(arena, b)
+        d_b = d[sl]
+        torch.mul(g[sl], c_g[b], out=d_b)
+        d_b.addmv_(S.t(), c_s[b]).addmv_(Y.t(), c_y[b])
+        d_dot_d[b] = d_b.dot(d_b)
+    return d_dot_d
+
+
+def apply_update(step: GroupStep, group: dict, ok: Tensor, d_scale: Tensor) -> None:
+    """EMAs, heavy ball and the parameter write, each an identity when ``ok`` is False."""
+    arena = step.arena
+    flat = arena.flat_state
+    beta_p, beta_g = group["betas"]
+    first = arena.counters["step"][0] == 0
+    one = torch.ones((), dtype=arena.dtype, device=arena.device)
+    zero = torch.zeros((), dtype=arena.dtype, device=arena.device)
+    # The EMAs start at their first sample: weight 1 at the first step, 0 on a skipped one.
+    w_param = torch.where(ok, torch.where(first, one, 1 - beta_p), zero)
+    w_grad = torch.where(ok, torch.where(first, one, 1 - beta_g), zero)
+    momentum = torch.where(ok, group["momentum"], one)
+    lr = torch.as_tensor(group["lr"], dtype=arena.dtype, device=arena.device)
+    neg_lr = torch.where(ok, -lr, zero)
+
+    d = arena.work
+    d.mul_(torch.where(ok, d_scale, zero))
+    p_ema = step.shaped_views(flat["param_ema"])
+    torch._foreach_lerp_(p_ema, step.params, [w_param] * len(p_ema))
+    g_ema = step.views(flat["grad_ema"])
+    torch._foreach_lerp_(g_ema, step.views(arena.grad_flat), [w_grad] * len(g_ema))
+    buf = step.views(flat["momentum_buffer"])
+    torch._foreach_mul_(buf, momentum)
+    torch._foreach_add_(buf, step.views(d))
+    # theta -= lr * buf, with lr * buf formed in the (now free) work buffer.
+    torch.mul(flat["momentum_buffer"], neg_lr, out=d)
+    torch._foreach_add_(step.params, step.shaped_views(d))
+    arena.counters["step"].add_(ok)
+    arena.counters["skipped_steps"].add_(ok.logical_not())
+
+
+def push_pairs(arena: Arena, group: dict, ok: Tensor) -> None:
+    """DESIGN.md section 2 step 7 for every block, applied where due (masked)."""
+    T, r, eps = group["update_period"], group["pair_momentum"], group["eps"]
+    m = arena.m
+    flat = arena.flat_state
+    t = arena.counters["step"]
+    pair_count = arena.counters["pair_count"]
+    due = ok & (torch.remainder(t, T) == 0)
+    forms_pair = due & (t > T)  # snapshots exist from the first update on
+    r_value = torch.tensor(r, dtype=arena.dtype, device=arena.device)  # not float32 via where()
+    s_all, y_all = arena.work, arena.grad_flat
+    torch.sub(flat["param_ema"], flat["param_snapshot"], out=s_all)
+    torch.sub(flat["grad_ema"], flat["grad_snapshot"], out=y_all)
+    for b in range(arena.layout.num_blocks):
+        sl = arena.block_slice(b)
+        s, y = s_all[sl], y_all[sl]
+        S, Y = _history(arena, b)
+        newest = torch.remainder(pair_count[b] - 1, m).view(1)
+        r_eff = torch.where(pair_count[b] > 0, r_value, 0.0)
+        s.lerp_(S.index_select(0, newest)[0], r_eff)
+        y.lerp_(Y.index_select(0, newest)[0], r_eff)
+        s_dot_y, s_dot_s = s.dot(y).double(), s.dot(s).double()
+        phi = damping_factor(
+            s_dot_y, s_dot_s, group["sigma_low"], group["sigma_high"], group["damping"], eps
+        )
+        torch.lerp(s, y, phi.to(arena.dtype), out=y)  # y <- yhat = phi y + (1 - phi) s
+        curvature = s.dot(y).double()
+        accept = forms_pair[b] & torch.isfinite(curvature) & (curvature > eps)
+
+        slot = torch.remainder(pair_count[b], m).view(1)
+        s_row = torch.where(accept, s, S.index_select(0, slot)[0].to(arena.dtype))
+        y_row = torch.where(accept, y, Y.index_select(0, slot)[0].to(arena.dtype))
+        arena.history_view(arena.history_s, b).index_copy_(0, slot, s_row.unsqueeze(0).to(arena.history_dtype))
+        arena.history_view(arena.history_y, b).index_copy_(0, slot, y_row.unsqueeze(0).to(arena.history_dtype))
+        S, Y = _history(arena, b)  # re-read: the rows as stored
+        s_row, y_row = S.index_select(0, slot)[0], Y.index_select(0, slot)[0]
+        gram = arena.gram[b]
+        ss_row, sy_col = (S @ s_row).double(), (S @ y_row).double()
+        ys_row, yy_row = (Y @ s_row).double(), (Y @ y_row).double()
+        new = torch.stack(
+            [
+                _set_row_col(gram[0], slot, ss_row, ss_row),
+                _set_row_col(gram[1], slot, ys_row, sy_col),  # [j, :] = s_j.y_i ; [:, j] = s_i.y_j
+                _set_row_col(gram[2], slot, yy_row, yy_row),
+            ]
+        )
+        gram.copy_(torch.where(accept, new, gram))
+        pair_count[b] += accept
+        arena.counters["skipped_pairs"][b] += forms_pair[b] & accept.logical_not()
+        roll = due[b].to(arena.dtype)
+        flat["param_snapshot"][sl].lerp_(flat["param_ema"][sl], roll)
+        flat["grad_snapshot"][sl].lerp_(flat["grad_ema"][sl], roll)
+
+
+def _history(arena: Arena, b: int) -> tuple[Tensor, Tensor]:
+    """The block's rings in the compute dtype (a copy when the history is stored narrower)."""
+    S = arena.history_view(arena.history_s, b)
+    Y = arena.history_view(arena.history_y, b)
+    if S.dtype != arena.dtype:
+        S, Y = S.to(arena.dtype), Y.to(arena.dtype)
+    return S, Y
+
+
+def _set_row_col(mat: Tensor, j: Tensor, row: Tensor, col: Tensor) -> Tensor:
+    return mat.index_copy(0, j, row.unsqueeze(0)).index_copy(1, j, col.unsqueeze(1))
