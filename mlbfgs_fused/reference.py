@@ -37,6 +37,7 @@ class ReferenceBlock:
     param_snapshot: torch.Tensor | None = None
     grad_snapshot: torch.Tensor | None = None
     skipped_pairs: int = 0
+    damped_pairs: int = 0  # pairs whose s.y / s.s fell outside [sigma_low, sigma_high]
 
 
 class ReferenceGroup:
@@ -81,6 +82,8 @@ class ReferenceGroup:
         grad = grad.to(self.theta.dtype)
         if has_grad is None:
             has_grad = torch.ones_like(self.theta, dtype=torch.bool)
+        if not has_grad.any():
+            return  # a group with no gradient at all is not stepped
         zero = torch.zeros_like(self.theta)
 
         # 1. the effective gradient; entries without a gradient count as zero
@@ -146,6 +149,8 @@ class ReferenceGroup:
                 phi = (h["sigma_high"] - 1) / (mu - 1)
             else:
                 phi = torch.ones_like(mu)
+            if not h["sigma_low"] <= mu <= h["sigma_high"]:
+                blk.damped_pairs += 1
             phi = torch.clamp(phi, max=1 - h["damping"])
             yhat = phi * y + (1 - phi) * s
             curvature = s.dot(yhat)
