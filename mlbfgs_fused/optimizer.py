@@ -173,9 +173,10 @@ class MLBFGS(Optimizer):
                 loss = closure()
         # Everything that can raise happens before the first write, so a bad
         # gradient in a later group cannot leave an earlier one updated.
+        for group in self.param_groups:
+            _check_gradients(group)
         work = []
         for index, group in enumerate(self.param_groups):
-            _check_gradients(group)
             if any(p.grad is not None for p in group["params"]):
                 work.append((group, self._group_arenas(index, group), self._backend(group)))
         for group, arenas, backend in work:
