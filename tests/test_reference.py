@@ -1,0 +1,153 @@
+"""The float64 reference against cases that can be derived by hand."""
+
+import pytest
+import torch
+
+from mlbfgs_fused._blocks import arena_layout
+from mlbfgs_fused._two_loop import damping_factor, two_loop_coefficients
+from mlbfgs_fused.reference import ReferenceGroup
+
+
+def _quadratic(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    A = q @ torch.diag(torch.linspace(0.5, 1.4, n, dtype=torch.float64)) @ q.T
+    theta0 = torch.randn(n, generator=gen, dtype=torch.float64)
+    return A, theta0
+
+
+def test_secant_condition_on_a_quadratic():
+    """With exact gradients of a quadratic whose curvature lies inside
+    [sigma_low, sigma_high] and damping 0, y = A s and the newest pair satisfies H y = s."""
+    A, theta0 = _quadratic(12, 0)
+    ref = ReferenceGroup(theta0, [0, 12], update_period=3, history_size=4, betas=(0.5, 0.5),
+                         pair_momentum=0.0, damping=0.0, lr=0.05)
+    for _ in range(30):
+        ref.step(A @ ref.theta)
+    assert len(ref.blocks[0].pairs) == 4 and ref.blocks[0].damped_pairs == 0
+    for s, y in ref.blocks[0].pairs:
+        torch.testing.assert_close(y, A @ s)  # EMAs of a linear map: exact secant pairs
+    s, y = ref.blocks[0].pairs[-1]
+    torch.testing.assert_close(ReferenceGroup.two_loop(y, ref.blocks[0].pairs), s)
+
+
+def test_damping_brings_curvature_into_bounds():
+    gen = torch.Generator().manual_seed(1)
+    lo, hi = 0.01, 1.5
+    for _ in range(200):
+        s = torch.randn(20, generator=gen, dtype=torch.float64)
+        y = torch.randn(20, generator=gen, dtype=torch.float64) * 3 + s * torch.randn(1, generator=gen, dtype=torch.float64) * 4
+        phi = damping_factor(s.dot(y), s.dot(s), lo, hi, 0.0, 1e-12)
+        yhat = phi * y + (1 - phi) * s
+        ratio = (s.dot(yhat) / s.dot(s)).item()
+        mu = (s.dot(y) / s.dot(s)).item()
+        if lo <= mu <= hi:
+            assert phi.item() == 1.0
+        else:
+            assert lo - 1e-9 <= ratio <= hi + 1e-9
+            assert ratio == pytest.approx(lo if mu < lo else hi)
+
+
+def _run(theta0, grads, **hyper):
+    ref = ReferenceGroup(theta0, [0, len(theta0)], **hyper)
+    for g in grads:
+        ref.step(g)
+    return ref
+
+
+def test_warm_up_is_sgd_with_heavy_ball():
+    """Before the first pair (t < 2T + 1) the step is plain heavy-ball SGD on g."""
+    gen = torch.Generator().manual_seed(2)
+    theta0 = torch.randn(9, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(9, generator=gen, dtype=torch.float64) for _ in range(7)]
+    ref = _run(theta0, grads, update_period=4, lr=0.1, momentum=0.8, weight_decay=0.0)
+    theta, buf = theta0.clone(), torch.zeros(9, dtype=torch.float64)
+    for g in grads:
+        buf = 0.8 * buf + g
+        theta = theta - 0.1 * buf
+    torch.testing.assert_close(ref.theta, theta)
+
+
+def test_momentum_zero_and_normalize_false_reduce_to_plain_quasi_newton():
+    gen = torch.Generator().manual_seed(3)
+    A, theta0 = _quadratic(8, 3)
+    ref = ReferenceGroup(theta0, [0, 8], update_period=2, history_size=3, momentum=0.0,
+                         normalize=False, lr=0.3)
+    for _ in range(12):
+        before = ref.theta.clone()
+        g = A @ ref.theta + 0.01 * torch.randn(8, generator=gen, dtype=torch.float64)
+        pairs = list(ref.blocks[0].pairs)
+        ref.step(g)
+        torch.testing.assert_close(ref.theta, before - 0.3 * ReferenceGroup.two_loop(g, pairs))
+    assert ref.blocks[0].pairs
+
+
+def test_normalize_divides_by_group_norm_across_blocks():
+    gen = torch.Generator().manual_seed(4)
+    A, theta0 = _quadratic(10, 4)
+    ref = ReferenceGroup(theta0, [0, 4, 10], update_period=2, history_size=2, momentum=0.0, lr=0.2)
+    for _ in range(6):
+        ref.step(A @ ref.theta)
+    before = ref.theta.clone()
+    g = A @ ref.theta
+    d = torch.cat([ReferenceGroup.two_loop(g[:4], ref.blocks[0].pairs),
+                   ReferenceGroup.two_loop(g[4:], ref.blocks[1].pairs)])
+    ref.step(g)
+    torch.testing.assert_close(ref.theta, before - 0.2 * d / d.norm())
+
+
+def test_pair_momentum_zero_uses_raw_ema_differences():
+    gen = torch.Generator().manual_seed(5)
+    theta0 = torch.randn(6, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(6, generator=gen, dtype=torch.float64) for _ in range(12)]
+    ref = ReferenceGroup(theta0, [0, 6], update_period=3, pair_momentum=0.0, betas=(0.5, 0.5),
+                         damping=0.0, sigma_low=0.0, sigma_high=1e9)
+    snapshots = []
+    for t, g in enumerate(grads, start=1):
+        ref.step(g)
+        if t % 3 == 0:
+            snapshots.append((ref.param_ema.clone(), ref.grad_ema.clone()))
+    s_expected = [p1 - p0 for (p0, _), (p1, _) in zip(snapshots, snapshots[1:])]
+    y_expected = [g1 - g0 for (_, g0), (_, g1) in zip(snapshots, snapshots[1:])]
+    kept = [(s, y) for s, y in zip(s_expected, y_expected) if s.dot(y) > 1e-12]
+    assert len(ref.blocks[0].pairs) == len(kept) > 0
+    for (s, y), (s_ref, y_ref) in zip(kept, ref.blocks[0].pairs):
+        torch.testing.assert_close(s_ref, s)
+        torch.testing.assert_close(y_ref, y)
+
+
+def test_two_loop_coefficients_match_vector_two_loop():
+    """The vector-free recursion shared by the backends equals the classic one,
+    for empty, partial and wrapped rings."""
+    gen = torch.Generator().manual_seed(6)
+    n, m = 40, 4
+    for count in [0, 1, 3, 4, 7]:
+        S = torch.randn(m, n, generator=gen, dtype=torch.float64)
+        Y = S + 0.3 * torch.randn(m, n, generator=gen, dtype=torch.float64)
+        g = torch.randn(n, generator=gen, dtype=torch.float64)
+        held = min(count, m)
+        oldest_first = [(count - 1 - k) % m for k in range(held)][::-1]
+        for j in set(range(m)) - set(oldest_first):
+            S[j] = Y[j] = 0  # unheld slots of a ring are zero
+        expected = ReferenceGroup.two_loop(g, [(S[j], Y[j]) for j in oldest_first])
+        gram = torch.stack([S @ S.T, S @ Y.T, Y @ Y.T])[None]
+        c_g, c_s, c_y, dd = two_loop_coefficients(gram, (S @ g)[None], (Y @ g)[None], (g @ g)[None],
+                                                  torch.tensor([count]))
+        d = c_g[0] * g + c_s[0] @ S + c_y[0] @ Y
+        torch.testing.assert_close(d, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(dd[0], d.dot(d), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "numels,spec,order,bounds",
+    [
+        ([3, 4, 5], "group", (0, 1, 2), (0, 12)),
+        ([3, 4, 5], "tensor", (0, 1, 2), (0, 3, 7, 12)),
+        ([3, 4, 5], 5, (0, 1, 2), (0, 4, 8, 12)),  # 3 chunks of 4, not 5 + 5 + 2
+        ([3, 4, 5], 12, (0, 1, 2), (0, 12)),
+        ([3, 4, 5], [[2, 0], [1]], (2, 0, 1), (0, 8, 12)),
+    ],
+)
+def test_arena_layout(numels, spec, order, bounds):
+    layout = arena_layout(numels, spec)
+    assert layout.order == order and layout.block_bounds == bounds
