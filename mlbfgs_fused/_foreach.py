@@ -101,7 +101,7 @@ def apply_update(step: GroupStep, group: dict, ok: Tensor, d_scale: Tensor) -> N
     w_param = torch.where(ok, torch.where(first, one, 1 - beta_p), zero)
     w_grad = torch.where(ok, torch.where(first, one, 1 - beta_g), zero)
     momentum = torch.where(ok, group["momentum"], one)
-    lr = torch.as_tensor(group["lr"], dtype=arena.dtype, device=arena.device)
+    lr = _scalar(group["lr"], arena)
     neg_lr = torch.where(ok, -lr, zero)
 
     d = arena.work
@@ -129,7 +129,7 @@ def push_pairs(arena: Arena, group: dict, ok: Tensor) -> None:
     pair_count = arena.counters["pair_count"]
     due = ok & (torch.remainder(t, T) == 0)
     forms_pair = due & (t > T)  # snapshots exist from the first update on
-    r_value = torch.tensor(r, dtype=arena.dtype, device=arena.device)  # not float32 via where()
+    r_value = _scalar(r, arena)
     s_all, y_all = arena.work, arena.grad_flat
     torch.sub(flat["param_ema"], flat["param_snapshot"], out=s_all)
     torch.sub(flat["grad_ema"], flat["grad_snapshot"], out=y_all)
@@ -172,6 +172,16 @@ def push_pairs(arena: Arena, group: dict, ok: Tensor) -> None:
         roll = due[b].to(arena.dtype)
         flat["param_snapshot"][sl].lerp_(flat["param_ema"][sl], roll)
         flat["grad_snapshot"][sl].lerp_(flat["grad_ema"][sl], roll)
+
+
+def _scalar(value: float | Tensor, arena: Arena) -> Tensor:
+    """A hyperparameter as a 0-dim tensor in the arena's dtype. ``torch.full`` is a
+    fill kernel, not a host-to-device copy, so this is safe inside CUDA graph capture;
+    and it keeps float64 hyperparameters float64 (``torch.where`` on two Python
+    floats would give float32)."""
+    if isinstance(value, Tensor):
+        return value.to(device=arena.device, dtype=arena.dtype)
+    return torch.full((), value, dtype=arena.dtype, device=arena.device)
 
 
 def _history(arena: Arena, b: int) -> tuple[Tensor, Tensor]:
