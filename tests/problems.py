@@ -134,6 +134,19 @@ class ReferenceRun:
                 ref.step(g[self.perms[gi]], mask[self.perms[gi]])
 
 
+def run_against_reference(sc: Scenario, dtype=torch.float32, device="cpu", **opt_kwargs):
+    """Run MLBFGS (``opt_kwargs`` choose the backend) and the reference on ``sc``.
+
+    Returns ``(optimizer, parameter groups, reference run, relative errors per group)``."""
+    groups = build_params(sc, dtype, device)
+    opt = make_optimizer(sc, groups, **opt_kwargs)
+    run_optimizer(sc, opt, groups)
+    ref = ReferenceRun(sc, [h.get("blocks", "group") for h in sc.hyper])
+    ref.run()
+    errors = [relative_error(flat(params), ref.natural(gi)) for gi, params in enumerate(groups)]
+    return opt, groups, ref, errors
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 

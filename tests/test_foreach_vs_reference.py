@@ -3,15 +3,7 @@
 import pytest
 import torch
 
-from problems import (
-    ReferenceRun,
-    build_params,
-    flat,
-    make_optimizer,
-    relative_error,
-    run_optimizer,
-    standard_scenario,
-)
+from problems import run_against_reference, standard_scenario
 
 BLOCK_MODES = ["group", "tensor", 13, [[0, 2], [1]]]
 
@@ -29,14 +21,8 @@ def test_matches_reference(blocks, dtype, tol):
     sc = standard_scenario(blocks, steps=40, seed=hash(str(blocks)) % 1000)
     for gi in range(2):
         sc.hyper[gi]["blocks"] = _blocks_for_group(blocks, gi)
-    groups = build_params(sc, dtype)
-    opt = make_optimizer(sc, groups, backend="foreach")
-    run_optimizer(sc, opt, groups)
-    ref = ReferenceRun(sc, [h["blocks"] for h in sc.hyper])
-    ref.run()
-
-    for gi, params in enumerate(groups):
-        assert relative_error(flat(params), ref.natural(gi)) < tol
+    opt, groups, ref, errors = run_against_reference(sc, dtype, backend="foreach")
+    assert max(errors) < tol
     # The scenario must exercise what it claims to: wrapped histories, damping, skipped pairs.
     blocks_ref = [b for g in ref.groups for b in g.blocks]
     assert max(len(b.pairs) for b in blocks_ref) == 3
@@ -61,13 +47,8 @@ def test_default_hyperparameters_float64():
     """The published settings (betas 0.999, pair momentum 0.9, T large) in float64."""
     sc = standard_scenario("group", steps=70, history_size=2, update_period=10,
                            betas=(0.999, 0.999), pair_momentum=0.9)
-    groups = build_params(sc, torch.float64)
-    opt = make_optimizer(sc, groups, backend="foreach")
-    run_optimizer(sc, opt, groups)
-    ref = ReferenceRun(sc, ["group", "group"])
-    ref.run()
-    for gi, params in enumerate(groups):
-        assert relative_error(flat(params), ref.natural(gi)) < 1e-10
+    _, _, ref, errors = run_against_reference(sc, torch.float64, backend="foreach")
+    assert max(errors) < 1e-10
     assert len(ref.groups[0].blocks[0].pairs) == 2
 
 
@@ -75,22 +56,14 @@ def test_default_hyperparameters_float64():
 @pytest.mark.parametrize("maximize", [False, True])
 def test_flags_match_reference(normalize, maximize):
     sc = standard_scenario("tensor", steps=24, normalize=normalize, maximize=maximize)
-    groups = build_params(sc, torch.float64)
-    opt = make_optimizer(sc, groups, backend="foreach")
-    run_optimizer(sc, opt, groups)
-    ref = ReferenceRun(sc, ["tensor", "tensor"])
-    ref.run()
-    for gi, params in enumerate(groups):
-        assert relative_error(flat(params), ref.natural(gi)) < 1e-10
+    _, _, _, errors = run_against_reference(sc, torch.float64, backend="foreach")
+    assert max(errors) < 1e-10
 
 
 def test_bfloat16_history_close_to_reference():
     sc = standard_scenario("group", steps=40)
-    groups = build_params(sc, torch.float32)
-    opt = make_optimizer(sc, groups, backend="foreach", history_dtype=torch.bfloat16)
-    run_optimizer(sc, opt, groups)
-    ref = ReferenceRun(sc, ["group", "group"])
-    ref.run()
-    for gi, params in enumerate(groups):
-        assert relative_error(flat(params), ref.natural(gi)) < 1e-2
+    opt, groups, _, errors = run_against_reference(
+        sc, torch.float32, backend="foreach", history_dtype=torch.bfloat16
+    )
+    assert max(errors) < 1e-2
     assert opt.state[groups[0][0]]["blocks"][0]["history_s"].dtype == torch.bfloat16
