@@ -154,11 +154,12 @@ def push_pairs(arena: Arena, group: dict, ok: Tensor) -> None:
         y_row = torch.where(accept, y, Y.index_select(0, slot)[0].to(arena.dtype))
         arena.history_view(arena.history_s, b).index_copy_(0, slot, s_row.unsqueeze(0).to(arena.history_dtype))
         arena.history_view(arena.history_y, b).index_copy_(0, slot, y_row.unsqueeze(0).to(arena.history_dtype))
-        S, Y = _history(arena, b)  # re-read: the rows as stored
-        s_row, y_row = S.index_select(0, slot)[0], Y.index_select(0, slot)[0]
+        S, Y = _history(arena, b)  # re-read: the rows as stored (rounded when narrower)
+        rows = torch.stack([S.index_select(0, slot)[0], Y.index_select(0, slot)[0]], dim=1)
         gram = arena.gram[b]
-        ss_row, sy_col = (S @ s_row).double(), (S @ y_row).double()
-        ys_row, yy_row = (Y @ s_row).double(), (Y @ y_row).double()
+        # One read of each ring gives the new row and column of all three Gram matrices.
+        ss_row, sy_col = (S @ rows).double().unbind(1)
+        ys_row, yy_row = (Y @ rows).double().unbind(1)
         new = torch.stack(
             [
                 _set_row_col(gram[0], slot, ss_row, ss_row),
