@@ -1,0 +1,61 @@
+"""The kernels of each MLBFGS backend, callable one at a time for microbenchmarks.
+
+``backend_phases(opt)`` returns ``{name: (callable, floor_bytes)}`` for the
+backend ``opt`` runs on; each callable is one phase of a step on the
+optimizer's current state, and the floor counts each tensor the phase reads or
+writes once (float32, per DESIGN.md section 3). Only the foreach backend's
+phases are exposed today; the Triton backend is timed as a whole step until it
+names its kernels.
+
+This reaches into ``mlbfgs_fused._foreach``: if that module is reorganised,
+``make test`` (which runs every benchmark once) fails here first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from mlbfgs_fused import MLBFGS
+
+
+def foreach_phases(opt: MLBFGS, m: int) -> dict[str, tuple[Callable[[], object], Callable[[int], int]]]:
+    from mlbfgs_fused import _foreach
+    from mlbfgs_fused.optimizer import group_direction_scale
+
+    (group,) = opt.param_groups
+    (arena,) = opt._group_arenas(0, group)
+    step = _foreach.GroupStep(arena)
+    ok = torch.ones((), dtype=torch.bool, device=arena.device)
+
+    def direction():
+        return _foreach.direction(arena, ok)
+
+    with torch.no_grad():
+        d_scale = group_direction_scale([arena], [direction()], group["normalize"], arena.device)
+
+    return {
+        # grad and theta read, g written
+        "gather_gradient": (lambda: _foreach.gather_gradient(step, group["weight_decay"], False), lambda n: 12 * n),
+        # pass 1 reads g, S, Y; pass 2 reads them again and writes d
+        "direction": (direction, lambda n: (16 * m + 12) * n),
+        # theta, P, G, g, buf, d read; theta, P, G, buf written
+        "apply_update": (lambda: _foreach.apply_update(step, group, ok, d_scale.to(arena.dtype)), lambda n: 40 * n),
+        # run every step, masked; the floor is that of a step that pushes a pair:
+        # P, P0, G, G0, the newest pair and S, Y (Gram update) read; a pair, P0, G0 written
+        "push_pairs": (lambda: _foreach.push_pairs(arena, group, ok), lambda n: (8 * m + 40) * n),
+    }
+
+
+def backend_phases(opt: MLBFGS, backend: str, m: int):
+    phases = foreach_phases(opt, m) if backend == "foreach" else {}
+    return {name: (_no_grad(fn), floor) for name, (fn, floor) in phases.items()}
+
+
+def _no_grad(fn):
+    def run():
+        with torch.no_grad():  # as inside step()
+            return fn()
+
+    return run

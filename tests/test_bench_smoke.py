@@ -1,0 +1,26 @@
+"""Every benchmark once at tiny sizes, so the suite cannot rot (``make test`` runs this).
+
+``bench.run --smoke`` runs each stage (the pytest-benchmark microbenchmarks with
+``--benchmark-disable``, the step comparison, memory, audit and a training run on
+digits) and writes plots and RESULTS.md into a temporary folder.
+"""
+
+import json
+
+from bench import run
+
+
+def test_every_benchmark_runs_at_tiny_sizes(tmp_path):
+    out = run.main(["--smoke", "--out", str(tmp_path)])
+    for name in ("step_compare.json", "memory.json", "audit.json", "training.json", "RESULTS.md",
+                 "step_time.png", "memory_peak.png", "training_cnn.png", "training_mlp.png"):
+        assert (out / name).exists(), name
+    compare = json.loads((out / "step_compare.json").read_text())
+    names = {r["contender"] for r in compare["rows"]}
+    assert {"mlbfgs-foreach", "authors-style", "torch-lbfgs-direction", "adamw-foreach", "sgd-momentum"} <= names
+    assert compare["machine"]["torch"] and compare["machine"]["commit"]
+    audit = json.loads((out / "audit.json").read_text())
+    assert all(row["params_keep_storage"] for row in audit["rows"])
+    text = (out / "RESULTS.md").read_text()
+    for section in ("## 2. Whole step", "## 3. Memory", "## 4. In-place audit", "## 5. Training runs"):
+        assert section in text
