@@ -24,8 +24,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m mlbfgs_fused.demo
 
+# BENCH_ARGS: options of bench.run, e.g. BENCH_ARGS="--only compare,memory --max-n 1e6".
 bench: $(STAMP)
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
