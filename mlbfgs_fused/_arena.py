@@ -17,6 +17,8 @@ Per block, a dict in ``state[first_param]["blocks"]`` (blocks in arena order):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -60,9 +62,15 @@ class Arena:
             key: torch.zeros(B, dtype=dtype, device=dev)
             for key, dtype in BLOCK_COUNTER_DTYPES.items()
         }
-        # Scratch, not state: the gathered gradient and one work vector.
+        # Scratch, not state: the gathered gradient (on the fused backend, the
+        # buffer the gradients are views of) and the fused backend's plan.
         self.grad_flat = flat()
-        self.work = flat()
+        self.fused = None
+
+    @functools.cached_property
+    def work(self) -> Tensor:
+        """A scratch vector of the foreach backend, allocated on first use."""
+        return torch.zeros(self.layout.numel, dtype=self.dtype, device=self.device)
 
     # -- geometry -------------------------------------------------------------
     def param_slice(self, i: int) -> slice:

@@ -42,11 +42,13 @@ class MLBFGS(Optimizer):
             lists of parameters. Default ``"group"``.
         maximize: maximise the objective. Default False.
         foreach: use the ``torch._foreach_*`` backend. Default None (chosen).
-        fused: use the fused Triton backend. Default None (chosen).
+        fused: use the fused Triton backend. Default None: chosen when every
+            parameter is a CUDA floating tensor and Triton imports.
         capturable: keep every counter on the device so the step can be captured
-            in a CUDA graph. Default False.
+            in a CUDA graph. Default False. (The fused backend always does.)
         differentiable: not supported (raises).
         backend: ``None`` (chosen from ``fused``/``foreach``), ``"foreach"`` or ``"triton"``.
+            With ``TRITON_INTERPRET=1``, ``"triton"`` runs the kernels on CPU tensors.
         history_dtype: storage dtype of the history rings (``None``: the parameter
             dtype; ``torch.bfloat16`` halves their bytes, arithmetic stays in the
             parameter dtype).
@@ -131,7 +133,12 @@ class MLBFGS(Optimizer):
         if isinstance(blocks, (list, tuple)):
             param_group["blocks"] = _blocks_as_indices(blocks, params, "blocks" in param_group)
         # Validate before the group is appended, so a bad group leaves no trace.
-        _validate_hyperparameters({**self.defaults, **param_group})
+        merged = {**self.defaults, **param_group}
+        _validate_hyperparameters(merged)
+        if merged["backend"] == "triton" or (merged["backend"] is None and merged["fused"]):
+            from . import _triton
+
+            _triton.check_supported(params)
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict) -> None:
@@ -173,12 +180,20 @@ class MLBFGS(Optimizer):
                 loss = closure()
         # Everything that can raise happens before the first write, so a bad
         # gradient in a later group cannot leave an earlier one updated.
-        for group in self.param_groups:
-            _check_gradients(group)
+        backends = [self._backend(group) for group in self.param_groups]
+        for group, backend in zip(self.param_groups, backends):
+            if backend != "triton":  # the fused path checks gradients as it binds them
+                _check_gradients(group)
         work = []
-        for index, group in enumerate(self.param_groups):
-            if any(p.grad is not None for p in group["params"]):
-                work.append((group, self._group_arenas(index, group), self._backend(group)))
+        for index, (group, backend) in enumerate(zip(self.param_groups, backends)):
+            if backend == "triton":
+                from . import _triton
+
+                arenas = self._group_arenas(index, group)
+                if _triton.prepare_group(arenas, group):
+                    work.append((group, arenas, backend))
+            elif any(p.grad is not None for p in group["params"]):
+                work.append((group, self._group_arenas(index, group), backend))
         for group, arenas, backend in work:
             if backend == "triton":
                 from . import _triton
@@ -193,13 +208,47 @@ class MLBFGS(Optimizer):
             return group["backend"]
         if group["fused"]:
             return "triton"
+        if group["fused"] is None and not group["foreach"]:
+            from . import _triton
+
+            if _triton.chosen_by_default(group["params"]):
+                return "triton"
         return "foreach"
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients.
+
+        Gradients the fused backend keeps as views of its flat gradient buffer are
+        zeroed in place, one fill per arena, whatever ``set_to_none`` says: dropping
+        them would cost a gather at the next step. The others follow
+        ``torch.optim.Optimizer.zero_grad``."""
+        in_place: set[int] = set()
+        for _, arenas in self._arenas.values():
+            if arenas[0].fused is not None:
+                in_place.update(map(id, arenas[0].fused.zero_grad()))
+        if not in_place:
+            super().zero_grad(set_to_none)
+            return
+        if len(in_place) == sum(len(group["params"]) for group in self.param_groups):
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or id(p) in in_place:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
 
     def _group_arenas(self, index: int, group: dict) -> list[Arena]:
         """The group's arenas, one per (device, dtype), built on first use and
         after a checkpoint is loaded."""
         key = (
-            tuple(id(p) for p in group["params"]),
+            tuple(map(id, group["params"])),
             group["history_size"],
             group["history_dtype"],
             repr(group["blocks"]),

@@ -1,0 +1,137 @@
+"""The coefficient kernel: the two-loop recursion on scalars, one program per block.
+
+A line-by-line port of :func:`mlbfgs_fused._two_loop.two_loop_coefficients` (the
+vector-free two-loop, Chen, Wang, Zhou 2014), in float64: from the block's Gram
+matrices and the pass-1 sums it finds ``d = c_g g + sum_i (c_s[i] s_i + c_y[i] y_i)``
+and ``||d||^2`` as a quadratic form of the Gram matrix of ``{g, s_i, y_i}``. With no
+pair held it gives ``c_g = 1`` (the SGD warm-up). Unheld slots are masked, never
+branched on.
+
+Launches: one per arena, one program per block. Bytes: none per element; per
+block it reads ``P_b (2m + 1)`` partial sums and the ``3 m^2`` Gram entries, and
+writes ``2m + 1`` coefficients and 5 scalars.
+
+Outputs, per block ``b``:
+
+* ``coef[b] = (c_g, c_s [m], c_y [m])`` in slot order (float64);
+* ``record[b] = (step, pair_count)`` as they were before this step; the later
+  kernels read these, so the push kernel may update the counters themselves;
+* ``stats[block_offset + b] = (g.g, ||d||^2, any pair held)`` in the group-wide
+  matrix (see :mod:`.common`).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
+
+from .common import BLOCK_COLUMNS, STATS_COLUMNS, SUM_ROWS, Launcher, padded, sum_rows
+
+
+@triton.jit
+def two_loop_kernel(
+    partials_ptr, blocks_ptr, gram_ptr, step_ptr, pair_count_ptr,
+    coef_ptr, record_ptr, stats_ptr, block_offset,
+    M: tl.constexpr, MP: tl.constexpr, ROWS: tl.constexpr, NCOL: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    prog_lo = tl.load(blocks_ptr + b * NCOL + 2)
+    prog_hi = tl.load(blocks_ptr + b * NCOL + 3)
+    step = tl.load(step_ptr + b)
+    pair_count = tl.load(pair_count_ptr + b)
+    tl.store(record_ptr + b * 2, step.to(tl.int64))
+    tl.store(record_ptr + b * 2 + 1, pair_count)
+
+    # Everything stays in slot order; the k-th newest pair sits in slot
+    # (pair_count - 1 - k) mod m, and k < min(pair_count, m) are held.
+    j = tl.arange(0, MP)
+    valid = j < M
+    n_held = tl.minimum(pair_count, M)
+    width = 2 * M + 1
+    Sg = sum_rows(partials_ptr, width, j, valid, prog_lo, prog_hi, ROWS)
+    Yg = sum_rows(partials_ptr, width, M + j, valid, prog_lo, prog_hi, ROWS)
+    gg = tl.sum(sum_rows(partials_ptr, width, 2 * M + j, j < 1, prog_lo, prog_hi, ROWS), axis=0)
+
+    gram = gram_ptr + b * 3 * M * M
+    SS_ptr, SY_ptr, YY_ptr = gram, gram + M * M, gram + 2 * M * M  # SY[i, j] = s_i . y_j
+    # rho_j = 1 / s_j.y_j for held slots, 0 elsewhere (the slot's age is (newest - j) mod m).
+    age = (pair_count - 1 - j + M) % M  # kept non-negative: % truncates on the GPU
+    held = valid & (age < n_held)
+    sy_diag = tl.load(SY_ptr + j * M + j, mask=valid, other=1.0)
+    rho = tl.where(held, 1.0 / tl.where(held, sy_diag, 1.0), 0.0)
+
+    c_g = tl.full((), 1.0, tl.float64)
+    c_s = tl.zeros([MP], dtype=tl.float64)
+    c_y = tl.zeros([MP], dtype=tl.float64)
+    alpha = tl.zeros([MP], dtype=tl.float64)
+
+    # First loop, newest to oldest: alpha_k = rho_k s_k.q ; q -= alpha_k y_k.
+    # Rows of the Gram matrices are read from memory; register entries are picked by mask.
+    for k in range(M):
+        slot = (pair_count - 1 - k + M) % M
+        here = j == slot
+        s_dot_q = (
+            c_g * tl.sum(tl.where(here, Sg, 0.0), axis=0)
+            + tl.sum(tl.load(SS_ptr + slot * M + j, mask=valid, other=0.0) * c_s, axis=0)
+            + tl.sum(tl.load(SY_ptr + slot * M + j, mask=valid, other=0.0) * c_y, axis=0)
+        )
+        a = tl.sum(tl.where(here, rho, 0.0), axis=0) * s_dot_q
+        alpha = tl.where(here, a, alpha)
+        c_y = tl.where(here, c_y - a, c_y)
+
+    # H0 = gamma I from the newest pair; 1 while the history is empty.
+    any_held = n_held > 0
+    newest = (pair_count - 1 + M) % M
+    yy_newest = tl.where(any_held, tl.load(YY_ptr + newest * M + newest), 1.0)
+    gamma = tl.where(any_held, tl.load(SY_ptr + newest * M + newest) / yy_newest, 1.0)
+    c_g, c_s, c_y = gamma * c_g, gamma * c_s, gamma * c_y
+
+    # Second loop, oldest to newest: beta = rho_k y_k.r ; r += (alpha_k - beta) s_k.
+    for back in range(M):
+        slot = (pair_count + back) % M  # the slot of k = M - 1 - back
+        here = j == slot
+        y_dot_r = (
+            c_g * tl.sum(tl.where(here, Yg, 0.0), axis=0)
+            + tl.sum(tl.load(SY_ptr + j * M + slot, mask=valid, other=0.0) * c_s, axis=0)
+            + tl.sum(tl.load(YY_ptr + slot * M + j, mask=valid, other=0.0) * c_y, axis=0)
+        )
+        beta = tl.sum(tl.where(here, rho, 0.0), axis=0) * y_dot_r
+        c_s = tl.where(here, c_s + (alpha - beta), c_s)
+
+    # ||d||^2 as the quadratic form of the Gram matrix of {g, s_i, y_i}.
+    square = j[:, None] * M + j[None, :]
+    both = valid[:, None] & valid[None, :]
+    SS = tl.load(SS_ptr + square, mask=both, other=0.0)
+    SY = tl.load(SY_ptr + square, mask=both, other=0.0)
+    YY = tl.load(YY_ptr + square, mask=both, other=0.0)
+    d_dot_d = (
+        c_g * c_g * gg
+        + 2 * c_g * (tl.sum(c_s * Sg, axis=0) + tl.sum(c_y * Yg, axis=0))
+        + tl.sum(c_s[:, None] * SS * c_s[None, :])
+        + 2 * tl.sum(c_s[:, None] * SY * c_y[None, :])
+        + tl.sum(c_y[:, None] * YY * c_y[None, :])
+    )
+
+    out = coef_ptr + b * width
+    tl.store(out, c_g)
+    tl.store(out + 1 + j, c_s, mask=valid)
+    tl.store(out + 1 + M + j, c_y, mask=valid)
+    stats = stats_ptr + (block_offset + b) * STATS_COLUMNS
+    tl.store(stats, gg)
+    tl.store(stats + 1, d_dot_d)
+    tl.store(stats + 2, any_held.to(tl.float64))
+
+
+def _two_loop(
+    partials: Tensor, blocks: Tensor, gram: Tensor, step: Tensor, pair_count: Tensor,
+    coef: Tensor, record: Tensor, stats: Tensor, block_offset: int, m: int,
+) -> None:
+    wrap_triton(two_loop_kernel)[(blocks.shape[0],)](
+        partials, blocks, gram, step, pair_count, coef, record, stats, block_offset,
+        M=m, MP=padded(m), ROWS=SUM_ROWS, NCOL=BLOCK_COLUMNS,
+    )
+
+
+two_loop = Launcher("two_loop", _two_loop, two_loop_kernel, ("coef", "record", "stats"))

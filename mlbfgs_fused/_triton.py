@@ -1,0 +1,338 @@
+"""The fused backend: the mL-BFGS step as four Triton launches per arena.
+
+Per step and arena (DESIGN.md section 3; the kernels are in ``mlbfgs_fused.kernels``):
+pass 1 (``S g``, ``Y g``, ``g.g``), the coefficient kernel (the two-loop on the
+Gram matrices), pass 2 (direction, EMAs, momentum, parameters) and the pair push
+(returns at once unless a pair is due). Every decision that depends on a device
+value is taken on the device; ``step()`` allocates nothing and never reads a
+device value on the host, so it can be captured in a CUDA graph.
+
+Flat arenas. On first use each arena's parameters are re-pointed at slices of one
+contiguous buffer (``param.data = view``, as FSDP's flat parameters do) and their
+gradients become views of the arena's gradient buffer; autograd accumulates into
+them in place and the optimizer's ``zero_grad`` zeroes them with one fill. A
+gradient that was set to None and recreated, or replaced by another tensor, is
+copied into the arena at the next step and the view re-bound (correct, only
+slower); a parameter whose ``.data`` was replaced is gathered back likewise. The
+steady-state check is an identity test per parameter done in C (``map``), not a
+Python loop.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+from operator import attrgetter, is_
+
+import torch
+from torch import Tensor
+
+from ._arena import Arena
+
+TILE = 2048  # elements per program; a block's tail program is shorter
+
+_grad_of = attrgetter("grad")
+_data_ptr = Tensor.data_ptr
+
+
+# -- support ----------------------------------------------------------------------
+@functools.cache
+def available() -> bool:
+    """Whether Triton imports."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """Whether the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` when they
+    were defined): then they take CPU tensors."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from .kernels import pass1
+
+    return isinstance(pass1.gradient_dots_kernel, InterpretedFunction)
+
+
+def supported_devices() -> list[str]:
+    return ["cuda", "cpu"] if available() and interpreting() else ["cuda"]
+
+
+def check_supported(params) -> None:
+    """Raise PyTorch's error for ``fused=True`` on parameters the kernels cannot take."""
+    devices = supported_devices()
+    for p in params:
+        if not (p.device.type in devices and torch.is_floating_point(p)):
+            raise RuntimeError(
+                "`fused=True` requires all the params to be floating point Tensors of "
+                f"supported devices: {devices} but {p.dtype} and {p.device.type}"
+            )
+    if not available():
+        raise RuntimeError("`fused=True` requires Triton, which does not import here")
+
+
+def chosen_by_default(params) -> bool:
+    """``fused=None``: the Triton path when every parameter is a CUDA floating tensor."""
+    return all(map(attrgetter("is_cuda"), params)) and available()
+
+
+# -- entry points used by MLBFGS ----------------------------------------------------
+@torch.compiler.disable  # host-side bookkeeping; the launches after it trace into one graph
+def prepare_group(arenas: list[Arena], group: dict) -> bool:
+    """Host-side work of a step, before any write: build the plan on first use, check
+    and bind the gradients. Returns whether any parameter of the group has a gradient."""
+    plan = arenas[0].fused
+    if plan is None:
+        plan = GroupPlan(arenas)
+    return plan.prepare(group)
+
+
+def step_group(arenas: list[Arena], group: dict) -> None:
+    arenas[0].fused.launch(group)
+
+
+# -- plans ------------------------------------------------------------------------
+class ArenaPlan:
+    """The fused backend's view of one arena: flat parameter and gradient buffers,
+    the program and block tables, and scratch for the partial sums. Built once."""
+
+    def __init__(self, arena: Arena, stats: Tensor, block_offset: int, tile: int):
+        self.arena = arena
+        self.stats, self.block_offset = stats, block_offset
+        self.tile = tile
+        n, m, dev = arena.layout.numel, arena.m, arena.device
+        count = len(arena.params)
+
+        self.param_flat = torch.empty(n, dtype=arena.dtype, device=dev)
+        self.param_views = [arena.param_view(self.param_flat, i) for i in range(count)]
+        self.grad_views = [arena.param_view(arena.grad_flat, i) for i in range(count)]
+        with torch.no_grad():
+            for p, view in zip(arena.params, self.param_views):
+                view.copy_(p)
+                p.data = view
+        self.param_ptrs = list(map(_data_ptr, arena.params))
+
+        programs, blocks = program_tables(arena.layout, m, tile)
+        self.programs = torch.tensor(programs, dtype=torch.int64, device=dev)
+        self.blocks = torch.tensor(blocks, dtype=torch.int64, device=dev)
+        self.present = torch.ones(count, dtype=torch.int32, device=dev)
+        self.all_present = (True,) * count
+        self.present_pattern = self.all_present
+        self.dot_partials = torch.zeros(len(programs), 2 * m + 1, dtype=torch.float64, device=dev)
+        self.push_partials = torch.zeros(len(programs), 3 + 4 * m, dtype=torch.float64, device=dev)
+        self.coef = torch.zeros(arena.layout.num_blocks, 2 * m + 1, dtype=torch.float64, device=dev)
+        self.record = torch.zeros(arena.layout.num_blocks, 2, dtype=torch.int64, device=dev)
+
+    @property
+    def block_rows(self) -> slice:
+        return slice(self.block_offset, self.block_offset + self.arena.layout.num_blocks)
+
+    # -- binding --------------------------------------------------------------
+    def bind(self) -> bool:
+        """Make every parameter a view of the arena and every gradient a view of
+        its gradient buffer; return whether any gradient is present."""
+        params = self.arena.params
+        if list(map(_data_ptr, params)) != self.param_ptrs:
+            self._gather_params()
+        if all(map(is_, map(_grad_of, params), self.grad_views)):
+            self._set_present(self.all_present)
+            return True
+        return self._gather_grads()
+
+    def _gather_params(self) -> None:
+        with torch.no_grad():
+            for p, view in zip(self.arena.params, self.param_views):
+                if p.data_ptr() == view.data_ptr():
+                    continue
+                if p.shape != view.shape or p.dtype != view.dtype or p.device != view.device:
+                    raise RuntimeError(
+                        "a parameter changed shape, dtype or device after the optimizer first "
+                        "stepped it; build a new optimizer"
+                    )
+                view.copy_(p)
+                p.data = view
+        self.param_ptrs = list(map(_data_ptr, self.arena.params))
+
+    def _gather_grads(self) -> bool:
+        from .optimizer import _check_gradients
+
+        params = self.arena.params
+        grads = list(map(_grad_of, params))
+        foreign = [p for p, g, v in zip(params, grads, self.grad_views) if g is not None and g is not v]
+        _check_gradients({"params": foreign})
+        with torch.no_grad():
+            for p, g, view in zip(params, grads, self.grad_views):
+                if g is not None and g is not view:
+                    view.copy_(g)
+                    p.grad = view
+        pattern = tuple(g is not None for g in grads)
+        self._set_present(pattern)
+        return any(pattern)
+
+    def _set_present(self, pattern: tuple[bool, ...]) -> None:
+        """Update the device flags of which parameters have a gradient, only when
+        they change (a host-to-device copy)."""
+        if pattern is not self.present_pattern and pattern != self.present_pattern:
+            self.present.copy_(torch.tensor(pattern, dtype=torch.int32))
+            self.present_pattern = pattern
+
+    def zero_grad(self) -> list[Tensor]:
+        """Zero the gradient buffer in place; return the parameters whose gradient is
+        (still) a view of it, or None."""
+        self.arena.grad_flat.zero_()
+        params = self.arena.params
+        if all(map(is_, map(_grad_of, params), self.grad_views)):
+            return params
+        return [p for p, v in zip(params, self.grad_views) if p.grad is None or p.grad is v]
+
+    # -- launches ---------------------------------------------------------------
+    def gradient_dots(self, kernels, hyper: Tensor, group: dict) -> None:
+        a = self.arena
+        kernels.pass1.gradient_dots(
+            a.grad_flat, self.param_flat, a.history_s, a.history_y, self.programs, self.present,
+            hyper, self.dot_partials, a.m, group["weight_decay"] != 0, group["maximize"], self.tile,
+        )
+
+    def two_loop(self, kernels) -> None:
+        a = self.arena
+        c = a.counters
+        kernels.coefficients.two_loop(
+            self.dot_partials, self.blocks, a.gram, c["step"], c["pair_count"],
+            self.coef, self.record, self.stats, self.block_offset, a.m,
+        )
+
+    def update(self, kernels, hyper: Tensor, lr: Tensor, group: dict) -> None:
+        a = self.arena
+        f = a.flat_state
+        kernels.pass2.update(
+            a.grad_flat, self.param_flat, a.history_s, a.history_y,
+            f["param_ema"], f["grad_ema"], f["momentum_buffer"], f["param_snapshot"],
+            f["grad_snapshot"], self.programs, self.present, self.coef, self.record, self.stats,
+            hyper, lr, self.push_partials, group["update_period"], a.m,
+            group["weight_decay"] != 0, group["maximize"], group["normalize"], self.tile,
+        )
+
+    def push(self, kernels, hyper: Tensor, group: dict) -> None:
+        a = self.arena
+        f, c = a.flat_state, a.counters
+        kernels.push.push(
+            f["param_ema"], f["grad_ema"], f["param_snapshot"], f["grad_snapshot"],
+            a.history_s, a.history_y, self.programs, self.blocks, self.record, self.stats,
+            self.push_partials, hyper, a.gram, c["step"], c["pair_count"], c["skipped_pairs"],
+            c["skipped_steps"], group["update_period"], a.m, self.tile,
+        )
+
+
+class GroupPlan:
+    """The plans of one parameter group's arenas, and what they share: the group-wide
+    stats rows (one copy per device) and the hyperparameter vector (per device)."""
+
+    def __init__(self, arenas: list[Arena], tile: int | None = None):
+        from .kernels import coefficients, common, pass1, pass2, push
+
+        self.kernels = _Kernels(pass1, coefficients, pass2, push)
+        tile = TILE if tile is None else tile
+        self.devices = list(dict.fromkeys(a.device for a in arenas))
+        total = sum(a.layout.num_blocks for a in arenas)
+        self.stats = {
+            d: torch.zeros(total, common.STATS_COLUMNS, dtype=torch.float64, device=d)
+            for d in self.devices
+        }
+        self.hyper = {d: torch.zeros(common.NUM_HYPER, dtype=torch.float64, device=d) for d in self.devices}
+        self.hyper_slots = {d: h.unbind(0) for d, h in self.hyper.items()}
+        self.hyper_values: tuple | None = None
+        self.lr = {d: self.hyper_slots[d][common.H_LR] for d in self.devices}
+        self.arenas = []
+        offset = 0
+        for arena in arenas:
+            self.arenas.append(ArenaPlan(arena, self.stats[arena.device], offset, tile))
+            offset += arena.layout.num_blocks
+        for arena in arenas:
+            arena.fused = self
+
+    def prepare(self, group: dict) -> bool:
+        self._set_hyperparameters(group)
+        present = [plan.bind() for plan in self.arenas]
+        return any(present)
+
+    def _set_hyperparameters(self, group: dict) -> None:
+        """Refresh the device hyperparameter vectors where a value changed (one fill
+        kernel each, no host-to-device copy); point ``lr`` at a tensor lr on the device."""
+        lr = group["lr"]
+        beta_p, beta_g = group["betas"]
+        values = (
+            0.0 if isinstance(lr, Tensor) else float(lr),
+            group["momentum"], group["weight_decay"], 1 - beta_p, 1 - beta_g,
+            group["pair_momentum"], group["damping"], group["sigma_low"], group["sigma_high"],
+            group["eps"],
+        )
+        old = self.hyper_values
+        if values != old:
+            for d in self.devices:
+                for i, (slot, value) in enumerate(zip(self.hyper_slots[d], values)):
+                    if old is None or old[i] != value:
+                        slot.fill_(value)
+            self.hyper_values = values
+        for d in self.devices:
+            if isinstance(lr, Tensor) and lr.device == d:
+                self.lr[d] = lr.view(())
+            elif isinstance(lr, Tensor):
+                self.lr[d] = self.hyper_slots[d][0]
+                self.lr[d].fill_(float(lr))  # lr lives elsewhere (a CPU tensor): its value
+            else:
+                self.lr[d] = self.hyper_slots[d][0]
+
+    def launch(self, group: dict) -> None:
+        """The step's launch sequence: no host reads, no allocation, no branch on a
+        device value. Every pass covers all arenas before the next starts, since the
+        finiteness and the norm of ``d`` are group-wide."""
+        k = self.kernels
+        for plan in self.arenas:
+            plan.gradient_dots(k, self.hyper[plan.arena.device], group)
+        for plan in self.arenas:
+            plan.two_loop(k)
+        if len(self.devices) > 1:
+            self._share_stats()
+        for plan in self.arenas:
+            dev = plan.arena.device
+            plan.update(k, self.hyper[dev], self.lr[dev], group)
+        for plan in self.arenas:
+            plan.push(k, self.hyper[plan.arena.device], group)
+
+    def _share_stats(self) -> None:
+        """A group spread over devices: each device gets every arena's stats rows."""
+        for plan in self.arenas:
+            rows = plan.block_rows
+            for d in self.devices:
+                if d != plan.arena.device:
+                    self.stats[d][rows].copy_(plan.stats[rows], non_blocking=True)
+
+    def zero_grad(self) -> list[Tensor]:
+        return [p for plan in self.arenas for p in plan.zero_grad()]
+
+
+class _Kernels:
+    def __init__(self, pass1, coefficients, pass2, push):
+        self.pass1, self.coefficients, self.pass2, self.push = pass1, coefficients, pass2, push
+
+
+def program_tables(layout, m: int, tile: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The program table (tiles within one block and one parameter) and the block
+    table of an arena layout; see :mod:`mlbfgs_fused.kernels.common`."""
+    offsets = list(layout.param_offsets)
+    programs, blocks = [], []
+    for b in range(layout.num_blocks):
+        lo, hi = layout.block_bounds[b], layout.block_bounds[b + 1]
+        first = len(programs)
+        cuts = sorted({lo, hi, *(o for o in offsets if lo < o < hi)})
+        for a, z in zip(cuts[:-1], cuts[1:]):
+            param = bisect.bisect_right(offsets, a) - 1
+            for start in range(a, z, tile):
+                programs.append([start, min(start + tile, z), b, param, m * lo - lo, hi - lo])
+        if len(programs) == first:  # an empty block still needs a program for its counters
+            param = max(0, bisect.bisect_right(offsets, lo) - 1)
+            programs.append([lo, lo, b, param, m * lo - lo, hi - lo])
+        blocks.append([lo, hi, first, len(programs)])
+    return programs, blocks
