@@ -2,7 +2,9 @@
 
 For each N (and, at the largest N, each history size m) every contender of
 :mod:`bench.contenders` is built on a fresh copy of one random problem, in
-steady state, and its step timed (warm-up first, median of repeats). Rows carry
+steady state, and the steps are timed round-robin (warm-up first, then one
+step of each contender per round, median over rounds), so that load from
+elsewhere on a shared machine falls on all of them alike. Rows carry
 the time, the floor bytes of the contender's algorithm, the fraction of the
 copy bandwidth measured in this run, and the ratio of the time to ours.
 """
@@ -15,7 +17,7 @@ import torch
 
 from .contenders import contenders
 from .problem import make_history, make_problem
-from .timing import copy_bandwidth, time_calls
+from .timing import copy_bandwidth, load_average, time_interleaved
 
 QUASI_NEWTON_KINDS = ("ours", "mL-BFGS peer", "L-BFGS peer", "out-of-place reference")
 
@@ -23,7 +25,7 @@ QUASI_NEWTON_KINDS = ("ours", "mL-BFGS peer", "L-BFGS peer", "out-of-place refer
 def repeats_for(n: int, device: torch.device) -> int:
     if device.type == "cuda":
         return 30
-    return 20 if n <= 10**5 else 10 if n <= 10**6 else 5
+    return 30 if n <= 10**5 else 15 if n <= 10**6 else 7
 
 
 def compare_steps(device, sizes, history_sizes=(5, 10, 20), default_m=10, smoke=False, log=print) -> dict:
@@ -34,24 +36,30 @@ def compare_steps(device, sizes, history_sizes=(5, 10, 20), default_m=10, smoke=
     for n, m in cases:
         problem = make_problem(n, device)
         history = make_history(n, m, device)
-        for c in candidates:
-            if m != default_m and c.kind not in QUASI_NEWTON_KINDS:
-                continue  # first-order steps do not depend on m
+        chosen = [c for c in candidates if m == default_m or c.kind in QUASI_NEWTON_KINDS]  # first order: no m
+        optimizers, restore = {}, {}
+        for c in chosen:
             params = problem.fresh_params()
-            opt = c.build(params, history)
-            restore = (lambda p=params: problem.restore_grads(p)) if c.mutates_grad else None
-            reps = 2 if smoke else repeats_for(n, device)
-            timing = time_calls(opt.step, device, repeats=reps, warmup=1 if smoke else 2, before_each=restore)
+            optimizers[c.name] = c.build(params, history)
+            if c.mutates_grad:
+                restore[c.name] = lambda p=params: problem.restore_grads(p)
+        load_before = load_average()
+        timings = time_interleaved(
+            {name: opt.step for name, opt in optimizers.items()}, device,
+            repeats=2 if smoke else repeats_for(n, device), warmup=1 if smoke else 2, before_each=restore,
+        )
+        for c in chosen:
+            timing = timings[c.name]
             floor = c.floor_bytes(n, m)
             rows.append({
                 "contender": c.name, "kind": c.kind, "n": n, "m": m, **timing,
                 "floor_bytes": floor,
                 "fraction_of_copy_bandwidth": floor / timing["median_s"] / bandwidth["bytes_per_s"],
+                "load_average": [load_before, load_average()],
             })
-            log(f"  step N={n:.0e} m={m:2d} {c.name:22s} {timing['median_s'] * 1e3:10.3f} ms")
-            del opt, params
-            gc.collect()
-        del problem, history
+            log(f"  step N={n:.0e} m={m:2d} {c.name:22s} {timing['median_s'] * 1e3:10.3f} ms "
+                f"(min {timing['min_s'] * 1e3:.3f})")
+        del optimizers, restore, problem, history
         gc.collect()
     reference = candidates[0].name  # ours: Triton when it runs, else foreach
     for row in rows:

@@ -18,10 +18,13 @@ def pytest_addoption(parser):
     group = parser.getgroup("mlbfgs bench")
     group.addoption("--bench-smoke", action="store_true", help="tiny sizes: check that every benchmark runs")
     group.addoption("--bench-max-n", type=float, default=None, help="largest N (default 1e7 CPU, 1e8 CUDA)")
+    group.addoption("--bench-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "bench_case(n, m): size of a microbenchmark")
+    threads = config.getoption("--bench-threads")
+    if threads:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ bandwidth would take ``floor_bytes / bandwidth``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -96,7 +97,9 @@ def mlbfgs_backend_works(backend: str, device: torch.device) -> bool:
             p.grad = torch.randn_like(p)
             opt.step()
         return bool(torch.isfinite(p).all())
-    except Exception:  # noqa: BLE001 -- any failure means "not available here"
+    except Exception as exc:  # noqa: BLE001 -- any failure means "not available here"
+        if device.type == "cuda" or backend != "triton":
+            warnings.warn(f"MLBFGS backend {backend!r} left out on {device}: {exc!r}", stacklevel=2)
         return False
 
 

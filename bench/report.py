@@ -195,8 +195,8 @@ def plot_training(training: dict, out: Path) -> None:
 
 def training_table(training: dict) -> str:
     runs = training["runs"]
-    lines = ["| model | optimizer | epochs | final test acc (mean ± std) | min - max | train time s (mean) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | optimizer | epochs | final test acc (mean ± std) | min - max | train time s (mean) | median step ms |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for model in dict.fromkeys(r["model"] for r in runs):
         for opt in dict.fromkeys(r["optimizer"] for r in runs):
             mine = [r for r in runs if r["model"] == model and r["optimizer"] == opt]
@@ -205,7 +205,8 @@ def training_table(training: dict) -> str:
             name = opt + (f" ({mine[0]['backend']})" if mine[0].get("backend") else "")
             lines.append(
                 f"| {model} | {name} | {mine[0]['epochs']} | {100 * statistics.mean(accs):.2f} ± {100 * std:.2f} "
-                f"| {100 * min(accs):.2f} - {100 * max(accs):.2f} | {statistics.mean(r['train_time_s'] for r in mine):.1f} |"
+                f"| {100 * min(accs):.2f} - {100 * max(accs):.2f} | {statistics.mean(r['train_time_s'] for r in mine):.1f} "
+                f"| {statistics.median(r.get('median_step_ms', float('nan')) for r in mine):.2f} |"
             )
     return "\n".join(lines)
 
@@ -297,7 +298,8 @@ def write_results_md(folder: Path, notes: list[str] | None = None) -> Path:
                   f"Data: {training['dataset']} ({training['train_size']} train / {training['test_size']} test), "
                   f"batch {training['batch_size']}, epochs {training['epochs']}, seeds {training['seeds']}; "
                   f"learning rate schedule: {training['schedule']}. Intermediate test points use the first 5000 test "
-                  "images, the final one the whole test set. Wall-clock counts training steps only.", "",
+                  "images, the final one the whole test set. Wall-clock counts training steps only (forward, backward, "
+                  "optimizer step); the median step time is the steadier comparison on a shared machine.", "",
                   "Hyperparameters:", ""]
         lines += [f"- {name}: {json.dumps(h)}" for name, h in training["hyperparameters"].items()]
         lines += ["", training_table(training), ""]

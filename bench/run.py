@@ -31,9 +31,11 @@ def _write(out: Path, name: str, data: dict, device) -> None:
     (out / name).write_text(json.dumps(data, indent=1, default=lambda o: asdict(o)))
 
 
-def stage_kernels(out: Path, max_n: float, smoke: bool) -> None:
+def stage_kernels(out: Path, max_n: float, smoke: bool, threads: int | None) -> None:
     cmd = [sys.executable, "-m", "pytest", str(BENCH_DIR / "test_kernels.py"), "-q", "-p", "no:cacheprovider",
            f"--bench-max-n={max_n:g}"]
+    if threads:
+        cmd.append(f"--bench-threads={threads}")
     cmd += ["--bench-smoke", "--benchmark-disable"] if smoke else ["--benchmark-only", f"--benchmark-json={out / 'kernels.json'}"]
     print("  $", shlex.join(cmd), flush=True)
     subprocess.run(cmd, cwd=REPO_DIR, check=True)
@@ -46,11 +48,16 @@ def main(argv=None) -> Path:
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<machine>/)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, every stage once: checks that it runs")
     parser.add_argument("--train-args", default="", help="extra arguments for bench.train, e.g. '--epochs 5'")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for every stage (default: torch's choice). On a shared VM whose "
+                             "vCPUs are taken away at times, 1 avoids OpenMP barriers stalling for a scheduler tick")
     args = parser.parse_args(argv)
     stages = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(stages) - set(STAGES)
     if unknown:
         parser.error(f"unknown stages {sorted(unknown)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = default_device()
     max_n = args.max_n or (1e8 if device.type == "cuda" else 1e7)
     sizes = SMOKE_SIZES if args.smoke else [n for n in (10**5, 10**6, 10**7, 10**8) if n <= max_n]
@@ -63,7 +70,7 @@ def main(argv=None) -> Path:
         t0 = time.perf_counter()
         print(f"[{stage}]", flush=True)
         if stage == "kernels":
-            stage_kernels(out, sizes[-1], args.smoke)
+            stage_kernels(out, sizes[-1], args.smoke, args.threads)
         elif stage == "compare":
             from .compare import compare_steps
 
@@ -84,14 +91,17 @@ def main(argv=None) -> Path:
             from . import train
 
             train_argv = ["--out", str(out)] + (["--smoke"] if args.smoke else shlex.split(args.train_args))
+            if args.threads:
+                train_argv += ["--threads", str(args.threads)]
             train.main(train_argv)
         timings[stage] = time.perf_counter() - t0
         print(f"[{stage}] {timings[stage]:.0f} s", flush=True)
     notes = []
     if device.type == "cpu":
         notes.append(
-            "CPU run: N capped at 1e7; MLBFGS on the foreach backend (the Triton interpreter is far too slow "
-            "to time); training with fewer epochs than on a GPU (see section 5), 3 seeds."
+            f"CPU run: N capped at {sizes[-1]:.0e}; MLBFGS on the foreach backend (the Triton interpreter is far "
+            "too slow to time); training with fewer epochs than on a GPU (see section 5), 3 seeds; "
+            f"{torch.get_num_threads()} torch thread(s)."
         )
     if not args.smoke:
         previous = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
@@ -108,5 +118,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(torch.get_num_threads())
     main()

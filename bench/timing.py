@@ -6,6 +6,7 @@ On CUDA each repeat is bracketed by CUDA events; on the CPU by ``perf_counter``.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -46,6 +47,8 @@ def time_calls(
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
+    if not times:
+        return {}
     return {
         "median_s": statistics.median(times),
         "min_s": min(times),
@@ -53,6 +56,36 @@ def time_calls(
         "repeats": repeats,
         "warmup": warmup,
     }
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    repeats: int,
+    warmup: int = 1,
+    before_each: dict[str, Callable[[], object]] | None = None,
+) -> dict[str, dict]:
+    """Like :func:`time_calls` for several functions, timed round-robin (one call of
+    each per round) so that a slow spell of a shared machine hits them all alike."""
+    before_each = before_each or {}
+    for name, fn in fns.items():
+        time_calls(fn, device, repeats=0, warmup=warmup, before_each=before_each.get(name))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(time_calls(fn, device, repeats=1, warmup=0, before_each=before_each.get(name))["median_s"])
+    return {
+        name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "repeats": repeats, "warmup": warmup}
+        for name, t in samples.items()
+    }
+
+
+def load_average() -> float | None:
+    """The 1-minute load average: how busy the machine was (a busy shared machine times slowly)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 10) -> dict:

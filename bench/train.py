@@ -15,6 +15,7 @@ import argparse
 import gzip
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from mlbfgs_fused import MLBFGS
 from .baselines import AuthorsStyleMLBFGS
 from .contenders import mlbfgs_backend_works
 from .machine import default_device, machine_stamp, results_dir
+from .timing import load_average
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_HINT = (
@@ -139,7 +141,7 @@ def evaluate(model, x, y, batch: int = 2000) -> tuple[float, float]:
 
 
 def train_one(model_kind, opt_name, seed, data, epochs, batch_size, device, evals_per_epoch=2, eval_subset=5000):
-    _, x_train, y_train, x_test, y_test = data
+    _, x_train, y_train, x_test, y_test = (d.to(device) if torch.is_tensor(d) else d for d in data)
     torch.manual_seed(seed)
     model = make_model(model_kind, tuple(x_train.shape[1:])).to(device)
     opt, backend = make_optimizer(opt_name, list(model.parameters()), device)
@@ -151,12 +153,12 @@ def train_one(model_kind, opt_name, seed, data, epochs, batch_size, device, eval
     x_eval, y_eval = x_test[:eval_subset], y_test[:eval_subset]
     gen = torch.Generator().manual_seed(seed)
     record = {"step": [], "time_s": [], "train_loss": [], "eval_step": [], "eval_time_s": [], "test_loss": [], "test_acc": []}
-    wall, step, running, count = 0.0, 0, 0.0, 0
+    wall, step, running, count, step_times = 0.0, 0, 0.0, 0, []
     for _ in range(epochs):
-        order = torch.randperm(len(x_train), generator=gen)
+        order = torch.randperm(len(x_train), generator=gen).to(device)
         for i in range(0, len(x_train), batch_size):
             idx = order[i : i + batch_size]
-            xb, yb = x_train[idx].to(device), y_train[idx].to(device)
+            xb, yb = x_train[idx], y_train[idx]
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -166,7 +168,8 @@ def train_one(model_kind, opt_name, seed, data, epochs, batch_size, device, eval
             opt.step()
             scheduler.step()
             loss_value = loss.item()  # also waits for the device
-            wall += time.perf_counter() - t0
+            step_times.append(time.perf_counter() - t0)
+            wall += step_times[-1]
             step += 1
             running, count = running + loss_value, count + 1
             if step % 10 == 0 or step == total:
@@ -175,13 +178,14 @@ def train_one(model_kind, opt_name, seed, data, epochs, batch_size, device, eval
                 record["train_loss"].append(running / count)
                 running, count = 0.0, 0
             if step % eval_every == 0 and step != total:
-                test_loss, test_acc = evaluate(model, x_eval.to(device), y_eval.to(device))
+                test_loss, test_acc = evaluate(model, x_eval, y_eval)
                 for key, value in zip(("eval_step", "eval_time_s", "test_loss", "test_acc"), (step, wall, test_loss, test_acc)):
                     record[key].append(value)
-    test_loss, test_acc = evaluate(model, x_test.to(device), y_test.to(device))  # the full test set
+    test_loss, test_acc = evaluate(model, x_test, y_test)  # the full test set
     for key, value in zip(("eval_step", "eval_time_s", "test_loss", "test_acc"), (step, wall, test_loss, test_acc)):
         record[key].append(value)
     record.update(final_test_acc=test_acc, final_test_loss=test_loss, train_time_s=wall, backend=backend,
+                  median_step_ms=1e3 * statistics.median(step_times), load_average=load_average(),
                   params=sum(p.numel() for p in model.parameters()), steps=step)
     return record
 
@@ -200,14 +204,15 @@ def run_training(device, dataset="fashion-mnist", models=("cnn", "mlp"), optimiz
         epochs = {m: epochs for m in models}
     runs = []
     for model_kind in models:
-        for opt_name in optimizers:
-            for seed in seeds:
+        # Seed-major: a slow spell of a shared machine falls on every optimizer, not on one.
+        for seed in seeds:
+            for opt_name in optimizers:
                 rec = train_one(model_kind, opt_name, seed, data, epochs[model_kind], batch_size, device)
                 rec.update(model=model_kind, optimizer=opt_name, seed=seed, epochs=epochs[model_kind])
                 runs.append(rec)
                 if verbose:
                     print(f"  {model_kind:4s} {opt_name:14s} seed {seed}: test acc {rec['final_test_acc']:.4f}, "
-                          f"train {rec['train_time_s']:.1f} s", flush=True)
+                          f"train {rec['train_time_s']:.1f} s, median step {rec['median_step_ms']:.2f} ms", flush=True)
     return {
         "dataset": name,
         "train_size": len(x_train),
@@ -229,7 +234,10 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--train-subset", type=int, default=None, help="use the first K training images")
     parser.add_argument("--smoke", action="store_true", help="digits, one epoch, two seeds: checks that it runs")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = default_device()
     out = args.out or results_dir(device)
     out.mkdir(parents=True, exist_ok=True)
