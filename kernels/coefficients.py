@@ -62,7 +62,7 @@ def two_loop_kernel(
     sy_diag = tl.load(SY_ptr + j * M + j, mask=valid, other=1.0)
     rho = tl.where(held, 1.0 / tl.where(held, sy_diag, 1.0), 0.0)
 
-    c_g = tl.full((), 1.0, tl.float64)
+    c_g = tl.full([], 1.0, tl.float64)
     c_s = tl.zeros([MP], dtype=tl.float64)
     c_y = tl.zeros([MP], dtype=tl.float64)
     alpha = tl.zeros([MP], dtype=tl.float64)

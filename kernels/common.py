@@ -32,12 +32,15 @@ import triton.language as tl
 
 PROGRAM_COLUMNS = 6
 BLOCK_COLUMNS = 4
-STATS_COLUMNS = 3  # g.g, d.d, held
+# Constants the kernels read are tl.constexpr (plain globals are not visible in @jit code).
+STATS_COLUMNS = tl.constexpr(3)  # g.g, d.d, held
 
 # Indices into the hyperparameter vector.
-H_LR, H_MOMENTUM, H_WEIGHT_DECAY, H_W_PARAM, H_W_GRAD = 0, 1, 2, 3, 4
-H_PAIR_MOMENTUM, H_DAMPING, H_SIGMA_LOW, H_SIGMA_HIGH, H_EPS = 5, 6, 7, 8, 9
 NUM_HYPER = 10
+(
+    H_LR, H_MOMENTUM, H_WEIGHT_DECAY, H_W_PARAM, H_W_GRAD,  # W_*: 1 - beta
+    H_PAIR_MOMENTUM, H_DAMPING, H_SIGMA_LOW, H_SIGMA_HIGH, H_EPS,
+) = (tl.constexpr(i) for i in range(NUM_HYPER))
 
 SUM_ROWS = 16  # rows per iteration of the fixed-order partial sums
 
@@ -73,7 +76,8 @@ def sum_rows(ptr, stride, cols, col_mask, row_lo, row_hi, ROWS: tl.constexpr):
     for r0 in range(row_lo, row_hi, ROWS):
         r = r0 + rows
         mask = (r[:, None] < row_hi) & col_mask[None, :]
-        acc += tl.sum(tl.load(ptr + r[:, None] * stride + cols[None, :], mask=mask, other=0.0), axis=0)
+        rows_block = tl.load(ptr + r[:, None] * stride + cols[None, :], mask=mask, other=0.0)
+        acc += tl.sum(rows_block, axis=0)
     return acc
 
 
@@ -84,7 +88,7 @@ def group_status(stats_ptr, n_blocks, ROWS: tl.constexpr):
     ``g.g`` is accumulated in float64 from squares of finite values, so its sum is
     finite exactly when every gradient entry of the group is."""
     idx = tl.arange(0, 4)
-    total = sum_rows(stats_ptr, 3, idx, idx < 3, 0, n_blocks, ROWS)
+    total = sum_rows(stats_ptr, STATS_COLUMNS, idx, idx < STATS_COLUMNS, 0, n_blocks, ROWS)
     gg = tl.sum(tl.where(idx == 0, total, 0.0), axis=0)
     d_dot_d = tl.sum(tl.where(idx == 1, total, 0.0), axis=0)
     held = tl.sum(tl.where(idx == 2, total, 0.0), axis=0)

@@ -18,7 +18,6 @@ in the arena's compute type, ``g.g`` in float64 (its finiteness is the step's).
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -40,21 +39,22 @@ def gradient_dots_kernel(
     present = tl.load(present_ptr + tl.load(row + 3)) != 0
     ring_origin, ring_stride = tl.load(row + 4), tl.load(row + 5)
 
-    offs = start + tl.arange(0, TILE)
+    lane = tl.arange(0, TILE)  # int32 lanes off 64-bit scalar bases: cheap addressing
+    count = (end - start).to(tl.int32)
     # Masked loads: no traffic where there is no gradient.
-    live = offs < tl.where(present, end, start)
-    grad = tl.load(grad_ptr + offs, mask=live, other=0.0).to(CDT)
+    live = lane < tl.where(present, count, 0)
+    grad = tl.load(grad_ptr + start + lane, mask=live, other=0.0).to(CDT)
     theta = grad  # only read with weight decay
     if HAS_WD:
-        theta = tl.load(param_ptr + offs, mask=live, other=0.0).to(CDT)
+        theta = tl.load(param_ptr + start + lane, mask=live, other=0.0).to(CDT)
     weight_decay = tl.load(hyper_ptr + H_WEIGHT_DECAY).to(CDT)
     g = tl.where(live, effective_gradient(grad, theta, weight_decay, HAS_WD, MAXIMIZE), 0.0)
 
     out = partials_ptr + pid * (2 * M + 1)
     for i in range(M):
-        ring = ring_origin + i * ring_stride + offs
-        s = tl.load(hist_s_ptr + ring, mask=live, other=0.0).to(CDT)
-        y = tl.load(hist_y_ptr + ring, mask=live, other=0.0).to(CDT)
+        ring = ring_origin + i * ring_stride + start
+        s = tl.load(hist_s_ptr + ring + lane, mask=live, other=0.0).to(CDT)
+        y = tl.load(hist_y_ptr + ring + lane, mask=live, other=0.0).to(CDT)
         tl.store(out + i, tl.sum(s * g, axis=0).to(tl.float64))
         tl.store(out + M + i, tl.sum(y * g, axis=0).to(tl.float64))
     g64 = g.to(tl.float64)

@@ -68,7 +68,7 @@ def update_kernel(
     forms_pair = (t % period == 0) & (t > period)
 
     # 1 / ||d|| over the group in float64, as the foreach backend does, then narrowed.
-    scale = tl.full((), 1.0, tl.float64)
+    scale = tl.full([], 1.0, tl.float64)
     if NORMALIZE:
         norm = tl.sqrt(d_dot_d)
         scale = tl.where(any_held & (norm > 0), 1.0 / tl.where(norm > 0, norm, 1.0), 1.0)
@@ -79,41 +79,45 @@ def update_kernel(
     w_grad = tl.where(first, 1.0, tl.load(hyper_ptr + H_W_GRAD)).to(CDT)
     neg_lr = -(tl.load(lr_ptr).to(CDT))
 
-    offs = start + tl.arange(0, TILE)
-    inside = offs < end
-    live = offs < tl.where(present, end, start)  # entries with a gradient
-    theta = tl.load(param_ptr + offs, mask=inside, other=0.0).to(CDT)
-    grad = tl.load(grad_ptr + offs, mask=live, other=0.0).to(CDT)
+    lane = tl.arange(0, TILE)  # int32 lanes off 64-bit scalar bases: cheap addressing
+    count = (end - start).to(tl.int32)
+    inside = lane < count
+    live = lane < tl.where(present, count, 0)  # entries with a gradient
+    theta = tl.load(param_ptr + start + lane, mask=inside, other=0.0).to(CDT)
+    grad = tl.load(grad_ptr + start + lane, mask=live, other=0.0).to(CDT)
     g = tl.where(live, effective_gradient(grad, theta, weight_decay, HAS_WD, MAXIMIZE), 0.0)
-    P = tl.load(param_ema_ptr + offs, mask=inside, other=0.0).to(CDT)
-    G = tl.load(grad_ema_ptr + offs, mask=inside, other=0.0).to(CDT)
+    P = tl.load(param_ema_ptr + start + lane, mask=inside, other=0.0).to(CDT)
+    G = tl.load(grad_ema_ptr + start + lane, mask=inside, other=0.0).to(CDT)
     P = tl.where(live, lerp(P, theta, w_param), P)
     G = tl.where(live, lerp(G, g, w_grad), G)
+    # Written now, so they need no registers through the ring loop.
+    tl.store(param_ema_ptr + start + lane, P.to(param_ema_ptr.dtype.element_ty), mask=live)
+    tl.store(grad_ema_ptr + start + lane, G.to(grad_ema_ptr.dtype.element_ty), mask=live)
 
     # The pair candidate, only where a pair forms (the whole block, gradient or not).
     s = P
     y = G
     if forms_pair:
-        newest = ring_origin + ((pair_count - 1 + M) % M) * ring_stride + offs
+        newest = ring_origin + ((pair_count - 1 + M) % M) * ring_stride + start
         r = tl.where(pair_count > 0, tl.load(hyper_ptr + H_PAIR_MOMENTUM), 0.0).to(CDT)
         s, y = pair_candidate(
             P,
-            tl.load(param_snap_ptr + offs, mask=inside, other=0.0).to(CDT),
+            tl.load(param_snap_ptr + start + lane, mask=inside, other=0.0).to(CDT),
             G,
-            tl.load(grad_snap_ptr + offs, mask=inside, other=0.0).to(CDT),
-            tl.load(hist_s_ptr + newest, mask=inside, other=0.0).to(CDT),
-            tl.load(hist_y_ptr + newest, mask=inside, other=0.0).to(CDT),
+            tl.load(grad_snap_ptr + start + lane, mask=inside, other=0.0).to(CDT),
+            tl.load(hist_s_ptr + newest + lane, mask=inside, other=0.0).to(CDT),
+            tl.load(hist_y_ptr + newest + lane, mask=inside, other=0.0).to(CDT),
             r,
         )
-    ring_mask = offs < tl.where(forms_pair, end, tl.where(present, end, start))
+    ring_mask = lane < tl.where(forms_pair | present, count, 0)
 
     coef = coef_ptr + b * (2 * M + 1)
     d = g * tl.load(coef).to(CDT)
     partials = push_partials_ptr + pid * (3 + 4 * M)
     for i in range(M):
-        ring = ring_origin + i * ring_stride + offs
-        s_i = tl.load(hist_s_ptr + ring, mask=ring_mask, other=0.0).to(CDT)
-        y_i = tl.load(hist_y_ptr + ring, mask=ring_mask, other=0.0).to(CDT)
+        ring = ring_origin + i * ring_stride + start
+        s_i = tl.load(hist_s_ptr + ring + lane, mask=ring_mask, other=0.0).to(CDT)
+        y_i = tl.load(hist_y_ptr + ring + lane, mask=ring_mask, other=0.0).to(CDT)
         d = d + tl.load(coef + 1 + i).to(CDT) * s_i
         d = d + tl.load(coef + 1 + M + i).to(CDT) * y_i
         if forms_pair:
@@ -127,13 +131,11 @@ def update_kernel(
         tl.store(partials + 2, tl.sum(y * y, axis=0).to(tl.float64))
 
     d = d * scale
-    buf = tl.load(buf_ptr + offs, mask=live, other=0.0).to(CDT)
+    buf = tl.load(buf_ptr + start + lane, mask=live, other=0.0).to(CDT)
     buf = buf * momentum + d
     theta = theta + buf * neg_lr
-    tl.store(param_ptr + offs, theta.to(param_ptr.dtype.element_ty), mask=live)
-    tl.store(buf_ptr + offs, buf.to(buf_ptr.dtype.element_ty), mask=live)
-    tl.store(param_ema_ptr + offs, P.to(param_ema_ptr.dtype.element_ty), mask=live)
-    tl.store(grad_ema_ptr + offs, G.to(grad_ema_ptr.dtype.element_ty), mask=live)
+    tl.store(param_ptr + start + lane, theta.to(param_ptr.dtype.element_ty), mask=live)
+    tl.store(buf_ptr + start + lane, buf.to(buf_ptr.dtype.element_ty), mask=live)
 
 
 def _update(

@@ -84,10 +84,11 @@ def push_kernel(
     if (finite == 0) | (t % period != 0):
         return  # no pair due: nothing per element
 
-    offs = start + tl.arange(0, TILE)
-    inside = offs < end
-    P = tl.load(param_ema_ptr + offs, mask=inside, other=0.0)
-    G = tl.load(grad_ema_ptr + offs, mask=inside, other=0.0)
+    lane = tl.arange(0, TILE)  # int32 lanes off 64-bit scalar bases: cheap addressing
+    count = (end - start).to(tl.int32)
+    inside = lane < count
+    P = tl.load(param_ema_ptr + start + lane, mask=inside, other=0.0)
+    G = tl.load(grad_ema_ptr + start + lane, mask=inside, other=0.0)
     if t > period:  # snapshots exist: a pair forms
         width = 3 + 4 * M
         j = tl.arange(0, 4)
@@ -104,21 +105,21 @@ def push_kernel(
         accept = is_finite(s_dot_yhat) & (s_dot_yhat > tl.load(hyper_ptr + H_EPS))
         slot = pair_count % M
         if accept:
-            newest = ring_origin + ((pair_count - 1 + M) % M) * ring_stride + offs
+            newest = ring_origin + ((pair_count - 1 + M) % M) * ring_stride + start
             r = tl.where(pair_count > 0, tl.load(hyper_ptr + H_PAIR_MOMENTUM), 0.0).to(CDT)
             s, y = pair_candidate(
                 P.to(CDT),
-                tl.load(param_snap_ptr + offs, mask=inside, other=0.0).to(CDT),
+                tl.load(param_snap_ptr + start + lane, mask=inside, other=0.0).to(CDT),
                 G.to(CDT),
-                tl.load(grad_snap_ptr + offs, mask=inside, other=0.0).to(CDT),
-                tl.load(hist_s_ptr + newest, mask=inside, other=0.0).to(CDT),
-                tl.load(hist_y_ptr + newest, mask=inside, other=0.0).to(CDT),
+                tl.load(grad_snap_ptr + start + lane, mask=inside, other=0.0).to(CDT),
+                tl.load(hist_s_ptr + newest + lane, mask=inside, other=0.0).to(CDT),
+                tl.load(hist_y_ptr + newest + lane, mask=inside, other=0.0).to(CDT),
                 r,
             )
             yhat = lerp(s, y, phi.to(CDT))
-            ring = ring_origin + slot * ring_stride + offs
-            tl.store(hist_s_ptr + ring, s.to(hist_s_ptr.dtype.element_ty), mask=inside)
-            tl.store(hist_y_ptr + ring, yhat.to(hist_y_ptr.dtype.element_ty), mask=inside)
+            ring = ring_origin + slot * ring_stride + start
+            tl.store(hist_s_ptr + ring + lane, s.to(hist_s_ptr.dtype.element_ty), mask=inside)
+            tl.store(hist_y_ptr + ring + lane, yhat.to(hist_y_ptr.dtype.element_ty), mask=inside)
         if lead:
             if accept:
                 _write_gram_row(
@@ -130,8 +131,8 @@ def push_kernel(
                 skipped_pairs_ptr + b,
                 tl.load(skipped_pairs_ptr + b) + (1 - accept.to(tl.int64)),
             )
-    tl.store(param_snap_ptr + offs, P, mask=inside)
-    tl.store(grad_snap_ptr + offs, G, mask=inside)
+    tl.store(param_snap_ptr + start + lane, P, mask=inside)
+    tl.store(grad_snap_ptr + start + lane, G, mask=inside)
 
 
 @triton.jit

@@ -29,7 +29,9 @@ from torch import Tensor
 
 from ._arena import Arena
 
-TILE = 2048  # elements per program; a block's tail program is shorter
+# Elements per program; with Triton's default 4 warps no kernel spills registers.
+# A block's (or parameter's) last program is shorter.
+TILE = 1024
 
 _grad_of = attrgetter("grad")
 _data_ptr = Tensor.data_ptr
@@ -98,11 +100,11 @@ class ArenaPlan:
     """The fused backend's view of one arena: flat parameter and gradient buffers,
     the program and block tables, and scratch for the partial sums. Built once."""
 
-    def __init__(self, arena: Arena, stats: Tensor, block_offset: int, tile: int):
-        self.arena = arena
-        self.stats, self.block_offset = stats, block_offset
-        self.tile = tile
+    def __init__(self, arena: Arena, group: GroupPlan, block_offset: int, tile: int):
         n, m, dev = arena.layout.numel, arena.m, arena.device
+        self.arena, self.group, self.kernels = arena, group, group.kernels
+        self.stats, self.hyper = group.stats[dev], group.hyper[dev]
+        self.block_offset, self.tile = block_offset, tile
         count = len(arena.params)
 
         self.param_flat = torch.empty(n, dtype=arena.dtype, device=dev)
@@ -160,7 +162,9 @@ class ArenaPlan:
 
         params = self.arena.params
         grads = list(map(_grad_of, params))
-        foreign = [p for p, g, v in zip(params, grads, self.grad_views) if g is not None and g is not v]
+        foreign = [
+            p for p, g, v in zip(params, grads, self.grad_views) if g is not None and g is not v
+        ]
         _check_gradients({"params": foreign})
         with torch.no_grad():
             for p, g, view in zip(params, grads, self.grad_views):
@@ -179,8 +183,8 @@ class ArenaPlan:
             self.present_pattern = pattern
 
     def zero_grad(self) -> list[Tensor]:
-        """Zero the gradient buffer in place; return the parameters whose gradient is
-        (still) a view of it, or None."""
+        """Zero the gradient buffer in place; return the parameters left with nothing
+        to reset (a gradient that is a view of the buffer, or None)."""
         self.arena.grad_flat.zero_()
         params = self.arena.params
         if all(map(is_, map(_grad_of, params), self.grad_views)):
@@ -188,40 +192,41 @@ class ArenaPlan:
         return [p for p, v in zip(params, self.grad_views) if p.grad is None or p.grad is v]
 
     # -- launches ---------------------------------------------------------------
-    def gradient_dots(self, kernels, hyper: Tensor, group: dict) -> None:
+    def gradient_dots(self, group: dict) -> None:
         a = self.arena
-        kernels.pass1.gradient_dots(
+        self.kernels.pass1.gradient_dots(
             a.grad_flat, self.param_flat, a.history_s, a.history_y, self.programs, self.present,
-            hyper, self.dot_partials, a.m, group["weight_decay"] != 0, group["maximize"], self.tile,
+            self.hyper, self.dot_partials, a.m, group["weight_decay"] != 0, group["maximize"],
+            self.tile,
         )
 
-    def two_loop(self, kernels) -> None:
+    def two_loop(self) -> None:
         a = self.arena
         c = a.counters
-        kernels.coefficients.two_loop(
+        self.kernels.coefficients.two_loop(
             self.dot_partials, self.blocks, a.gram, c["step"], c["pair_count"],
             self.coef, self.record, self.stats, self.block_offset, a.m,
         )
 
-    def update(self, kernels, hyper: Tensor, lr: Tensor, group: dict) -> None:
+    def update(self, group: dict) -> None:
         a = self.arena
         f = a.flat_state
-        kernels.pass2.update(
+        self.kernels.pass2.update(
             a.grad_flat, self.param_flat, a.history_s, a.history_y,
             f["param_ema"], f["grad_ema"], f["momentum_buffer"], f["param_snapshot"],
             f["grad_snapshot"], self.programs, self.present, self.coef, self.record, self.stats,
-            hyper, lr, self.push_partials, group["update_period"], a.m,
+            self.hyper, self.group.lr[a.device], self.push_partials, group["update_period"], a.m,
             group["weight_decay"] != 0, group["maximize"], group["normalize"], self.tile,
         )
 
-    def push(self, kernels, hyper: Tensor, group: dict) -> None:
+    def push(self, group: dict) -> None:
         a = self.arena
         f, c = a.flat_state, a.counters
-        kernels.push.push(
+        self.kernels.push.push(
             f["param_ema"], f["grad_ema"], f["param_snapshot"], f["grad_snapshot"],
             a.history_s, a.history_y, self.programs, self.blocks, self.record, self.stats,
-            self.push_partials, hyper, a.gram, c["step"], c["pair_count"], c["skipped_pairs"],
-            c["skipped_steps"], group["update_period"], a.m, self.tile,
+            self.push_partials, self.hyper, a.gram, c["step"], c["pair_count"],
+            c["skipped_pairs"], c["skipped_steps"], group["update_period"], a.m, self.tile,
         )
 
 
@@ -232,7 +237,7 @@ class GroupPlan:
     def __init__(self, arenas: list[Arena], tile: int | None = None):
         from .kernels import coefficients, common, pass1, pass2, push
 
-        self.kernels = _Kernels(pass1, coefficients, pass2, push)
+        self.kernels = _Kernels(common, pass1, coefficients, pass2, push)
         tile = TILE if tile is None else tile
         self.devices = list(dict.fromkeys(a.device for a in arenas))
         total = sum(a.layout.num_blocks for a in arenas)
@@ -240,14 +245,18 @@ class GroupPlan:
             d: torch.zeros(total, common.STATS_COLUMNS, dtype=torch.float64, device=d)
             for d in self.devices
         }
-        self.hyper = {d: torch.zeros(common.NUM_HYPER, dtype=torch.float64, device=d) for d in self.devices}
+        self.hyper = {
+            d: torch.zeros(common.NUM_HYPER, dtype=torch.float64, device=d) for d in self.devices
+        }
         self.hyper_slots = {d: h.unbind(0) for d, h in self.hyper.items()}
         self.hyper_values: tuple | None = None
-        self.lr = {d: self.hyper_slots[d][common.H_LR] for d in self.devices}
+        self.lr_slot = {d: slots[common.H_LR] for d, slots in self.hyper_slots.items()}
+        self.lr_source: float | Tensor | None = None
+        self.lr: dict[torch.device, Tensor] = {}  # what the kernels read lr from
         self.arenas = []
         offset = 0
         for arena in arenas:
-            self.arenas.append(ArenaPlan(arena, self.stats[arena.device], offset, tile))
+            self.arenas.append(ArenaPlan(arena, self, offset, tile))
             offset += arena.layout.num_blocks
         for arena in arenas:
             arena.fused = self
@@ -258,8 +267,9 @@ class GroupPlan:
         return any(present)
 
     def _set_hyperparameters(self, group: dict) -> None:
-        """Refresh the device hyperparameter vectors where a value changed (one fill
-        kernel each, no host-to-device copy); point ``lr`` at a tensor lr on the device."""
+        """Refresh the device hyperparameter vectors where a value changed (a fill
+        kernel each, no host-to-device copy), and point the kernels' ``lr`` at a
+        tensor lr itself when it lives on the arena's device."""
         lr = group["lr"]
         beta_p, beta_g = group["betas"]
         values = (
@@ -275,31 +285,46 @@ class GroupPlan:
                     if old is None or old[i] != value:
                         slot.fill_(value)
             self.hyper_values = values
-        for d in self.devices:
-            if isinstance(lr, Tensor) and lr.device == d:
-                self.lr[d] = lr.view(())
-            elif isinstance(lr, Tensor):
-                self.lr[d] = self.hyper_slots[d][0]
-                self.lr[d].fill_(float(lr))  # lr lives elsewhere (a CPU tensor): its value
-            else:
-                self.lr[d] = self.hyper_slots[d][0]
+        is_tensor = isinstance(lr, Tensor)
+        if lr is not self.lr_source:  # a new lr object: views are made once, not per step
+            self.lr_source = lr
+            self.lr = {
+                d: lr.view(()) if is_tensor and lr.device == d else self.lr_slot[d]
+                for d in self.devices
+            }
+        if is_tensor:
+            for d in self.devices:
+                if lr.device != d:  # a tensor lr elsewhere (say on the CPU): copy its value
+                    slot = self.lr_slot[d]
+                    slot.fill_(lr.item()) if lr.device.type == "cpu" else slot.copy_(lr)
 
     def launch(self, group: dict) -> None:
         """The step's launch sequence: no host reads, no allocation, no branch on a
-        device value. Every pass covers all arenas before the next starts, since the
-        finiteness and the norm of ``d`` are group-wide."""
-        k = self.kernels
+        device value. Each pass covers every arena before the next starts, since the
+        finiteness and the norm of ``d`` are group-wide. The passes are also callable
+        one by one (the benchmarks time them so)."""
+        self.gradient_dots(group)
+        self.two_loop()
+        self.update(group)
+        self.push(group)
+
+    def gradient_dots(self, group: dict) -> None:
         for plan in self.arenas:
-            plan.gradient_dots(k, self.hyper[plan.arena.device], group)
+            plan.gradient_dots(group)
+
+    def two_loop(self) -> None:
         for plan in self.arenas:
-            plan.two_loop(k)
+            plan.two_loop()
         if len(self.devices) > 1:
             self._share_stats()
+
+    def update(self, group: dict) -> None:
         for plan in self.arenas:
-            dev = plan.arena.device
-            plan.update(k, self.hyper[dev], self.lr[dev], group)
+            plan.update(group)
+
+    def push(self, group: dict) -> None:
         for plan in self.arenas:
-            plan.push(k, self.hyper[plan.arena.device], group)
+            plan.push(group)
 
     def _share_stats(self) -> None:
         """A group spread over devices: each device gets every arena's stats rows."""
@@ -314,8 +339,11 @@ class GroupPlan:
 
 
 class _Kernels:
-    def __init__(self, pass1, coefficients, pass2, push):
-        self.pass1, self.coefficients, self.pass2, self.push = pass1, coefficients, pass2, push
+    """The kernel modules, imported when the first plan is built (Triton is optional)."""
+
+    def __init__(self, common, pass1, coefficients, pass2, push):
+        self.common, self.pass1, self.coefficients = common, pass1, coefficients
+        self.pass2, self.push = pass2, push
 
 
 def program_tables(layout, m: int, tile: int) -> tuple[list[list[int]], list[list[int]]]:

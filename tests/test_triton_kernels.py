@@ -107,7 +107,7 @@ def test_pass1_inner_products(monkeypatch, m, history_dtype):
     f.params[1].grad = None  # a parameter without gradient counts as zero
     f.params[2].grad[3] = 1e30  # huge but finite: g.g stays finite in float64
     assert _triton.prepare_group([f.arena], f.group)
-    f.ap.gradient_dots(f.plan.kernels, f.plan.hyper[f.arena.device], f.group)
+    f.ap.gradient_dots(f.group)
 
     g = f.gradient(f.present_mask())
     sums = f.block_sums(f.ap.dot_partials)
@@ -127,7 +127,7 @@ def test_coefficients_match_two_loop(monkeypatch, m, pair_counts):
     f.arena.counters["step"].fill_(17)
     f.ap.dot_partials.copy_(f.randn(*f.ap.dot_partials.shape))
     f.ap.dot_partials[:, -1].abs_()  # g.g >= 0
-    f.ap.two_loop(f.plan.kernels)
+    f.ap.two_loop()
 
     sums = f.block_sums(f.ap.dot_partials)
     Sg, Yg, gg = sums[:, :m], sums[:, m : 2 * m], sums[:, 2 * m]
@@ -197,7 +197,7 @@ def test_pass2_update(monkeypatch, step):
     theta, P, G, buf = _expected_pass2(f, step, present)
     a = f.arena
     snap_p, snap_g = a.flat_state["param_snapshot"].clone(), a.flat_state["grad_snapshot"].clone()
-    f.ap.update(f.plan.kernels, f.plan.hyper[a.device], f.plan.lr[a.device], f.group)
+    f.ap.update(f.group)
 
     flat_theta = torch.cat([p.detach().reshape(-1) for p in f.params]).double()
     for got, want in [
@@ -229,7 +229,7 @@ def test_pass2_skips_every_write_on_a_non_finite_step(monkeypatch):
     f.fill_history([3, 1])
     _random_state(f, step=7, finite=False)  # t = 8 would form a pair
     before = [t.clone() for t in (*f.arena.flat_state.values(), f.ap.param_flat, f.ap.push_partials)]
-    f.ap.update(f.plan.kernels, f.plan.hyper[f.arena.device], f.plan.lr[f.arena.device], f.group)
+    f.ap.update(f.group)
     after = (*f.arena.flat_state.values(), f.ap.param_flat, f.ap.push_partials)
     for x, y in zip(before, after):
         assert torch.equal(x, y)
@@ -273,7 +273,7 @@ def _run_push(f):
     a = f.arena
     before = {k: v.clone() for k, v in a.counters.items()}
     snaps = (a.flat_state["param_ema"].clone(), a.flat_state["grad_ema"].clone())
-    f.ap.push(f.plan.kernels, f.plan.hyper[a.device], f.group)
+    f.ap.push(f.group)
     return before, snaps
 
 

@@ -1,0 +1,452 @@
+"""MLBFGS on the fused Triton backend: against the float64 reference and the
+foreach backend, checkpoints across backends, gradient binding, backend choice,
+the step's host-side behaviour, torch.compile and (on a GPU) CUDA graphs.
+
+Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``,
+set by ``make test`` and ``conftest.py``) on CPU tensors.
+"""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mlbfgs_fused import MLBFGS, _triton
+from problems import (
+    build_params,
+    flat,
+    make_optimizer,
+    relative_error,
+    run_against_reference,
+    run_optimizer,
+    set_grads,
+    standard_scenario,
+)
+
+pytestmark = pytest.mark.skipif(not _triton.available(), reason="Triton does not import")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+STEPS = 26  # pairs form at t = 8, 12, ..., 24: five pairs, the ring of three wraps
+
+
+def _device():
+    return "cpu" if _triton.interpreting() else "cuda"
+
+
+def _blocks_for_group(spec, gi):
+    # The list-of-lists spelling names indices of group 0; group 1 keeps one block per tensor.
+    if isinstance(spec, list):
+        return spec if gi == 0 else [[0], [1]]
+    return spec
+
+
+def _scenario(blocks="group", steps=STEPS, **overrides):
+    sc = standard_scenario(blocks, steps=steps, **overrides)
+    for gi in range(2):
+        sc.hyper[gi]["blocks"] = _blocks_for_group(blocks, gi)
+    return sc
+
+
+def _counters(opt, groups):
+    out = []
+    for params in groups:
+        for p in params:
+            for b in opt.state[p].get("blocks", []):
+                out.append({k: b[k].item() for k in ("step", "pair_count", "skipped_pairs", "skipped_steps")})
+    return out
+
+
+def _state_tensors(opt):
+    out = []
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in sorted(opt.state[p].items()):
+                if key == "blocks":
+                    out += [block[k] for block in value for k in sorted(block)]
+                else:
+                    out.append(value)
+    return out
+
+
+# -- trajectories -----------------------------------------------------------------------
+@pytest.mark.parametrize("blocks", ["group", "tensor", 13, [[0, 2], [1]]], ids=str)
+def test_matches_reference_and_foreach(blocks):
+    sc = _scenario(blocks)
+    dev = _device()
+    opt, groups, ref, errors = run_against_reference(sc, torch.float32, dev, backend="triton")
+    assert max(errors) < 1e-4
+    opt_f, groups_f, _, _ = run_against_reference(sc, torch.float32, dev, backend="foreach")
+    for params, params_f in zip(groups, groups_f):
+        assert relative_error(flat(params), flat(params_f)) < 1e-4
+    assert _counters(opt, groups) == _counters(opt_f, groups_f)
+    # The scenario exercises what it claims: wrapped rings, damping, a skipped pair.
+    counts = _counters(opt, groups)
+    assert max(c["pair_count"] for c in counts) > 3
+    assert sum(b.damped_pairs for g in ref.groups for b in g.blocks) > 0
+    if blocks == "tensor":
+        assert sum(c["skipped_pairs"] for c in counts) >= 1
+
+
+def test_float64_matches_reference_tightly():
+    """In float64 only the order of summation differs from the reference."""
+    sc = _scenario("tensor", maximize=True, normalize=False)
+    _, _, _, errors = run_against_reference(sc, torch.float64, _device(), backend="triton")
+    assert max(errors) < 1e-10
+
+
+def test_bfloat16_history_close_to_reference():
+    sc = _scenario("group")
+    opt, groups, _, errors = run_against_reference(
+        sc, torch.float32, _device(), backend="triton", history_dtype=torch.bfloat16
+    )
+    assert max(errors) < 1e-2
+    assert opt.state[groups[0][0]]["blocks"][0]["history_s"].dtype == torch.bfloat16
+
+
+def test_nan_gradient_step_changes_nothing_but_the_counter():
+    sc = _scenario("tensor", steps=24)
+    groups = build_params(sc, torch.float32, _device())
+    opt = make_optimizer(sc, groups, backend="triton")
+    run_optimizer(sc, opt, groups, stop=23)  # t = 23: the next step would push a pair
+    before_params = [flat(g) for g in groups]
+    before_state = copy.deepcopy(opt.state_dict()["state"])
+    set_grads(sc, groups, 23)
+    groups[0][2].grad[0, 0, 0] = float("nan")  # one entry of one group: the whole group skips
+    opt.step()
+    assert torch.equal(flat(groups[0]), before_params[0])
+    assert not torch.equal(flat(groups[1]), before_params[1])  # the other group steps
+    after_state = opt.state_dict()["state"]
+    for pid in range(3):  # the parameters of group 0
+        for key, value in before_state[pid].items():
+            if key != "blocks":
+                assert torch.equal(after_state[pid][key], value), key
+                continue
+            for blk_before, blk_after in zip(value, after_state[pid]["blocks"]):
+                for k in blk_before:
+                    expected = blk_before[k] + 1 if k == "skipped_steps" else blk_before[k]
+                    assert torch.equal(blk_after[k], expected), k
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 in the interpreter
+def test_parameter_groups_of_two_dtypes_share_the_step():
+    """One group with float32 and float64 parameters: two arenas whose finiteness
+    and direction norm are group-wide."""
+    dev = _device()
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(9, 4, generator=gen), torch.randn(7, generator=gen, dtype=torch.float64)]
+    targets = [torch.randn(9, 4, generator=gen), torch.randn(7, generator=gen, dtype=torch.float64)]
+    runs = []
+    for backend in ("triton", "foreach"):
+        params = [torch.nn.Parameter(t.clone().to(dev)) for t in init]
+        opt = MLBFGS(params, lr=0.05, history_size=2, update_period=3, blocks="tensor", backend=backend)
+        for step in range(16):
+            for p, t in zip(params, targets):
+                p.grad = (p.detach() - t.to(dev)) * (1 + 0.1 * step)
+            if step == 7:
+                params[1].grad[0] = float("inf")
+            opt.step()
+        runs.append((params, opt))
+    (p_t, opt_t), (p_f, opt_f) = runs
+    for a, b in zip(p_t, p_f):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert _counters(opt_t, [p_t]) == _counters(opt_f, [p_f])
+    assert _counters(opt_t, [p_t])[0]["skipped_steps"] == 1
+
+
+# -- checkpoints ----------------------------------------------------------------------
+def _save_load(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _resume(sc, save_at, first, second, **kwargs):
+    """Run ``first`` to ``save_at``, checkpoint, then finish on ``first`` and, from the
+    checkpoint, on a fresh ``second`` optimizer over fresh parameters."""
+    dev = _device()
+    groups = build_params(sc, torch.float32, dev)
+    opt = make_optimizer(sc, groups, backend=first, **kwargs)
+    run_optimizer(sc, opt, groups, stop=save_at)
+    checkpoint = _save_load(
+        {"params": [[p.detach().clone() for p in g] for g in groups], "opt": opt.state_dict()}
+    )
+    run_optimizer(sc, opt, groups, start=save_at)
+    groups2 = build_params(sc, torch.float32, dev)
+    with torch.no_grad():
+        for g2, saved in zip(groups2, checkpoint["params"]):
+            for p, v in zip(g2, saved):
+                p.copy_(v)
+    opt2 = make_optimizer(sc, groups2, backend=second, **kwargs)
+    opt2.load_state_dict(checkpoint["opt"])
+    run_optimizer(sc, opt2, groups2, start=save_at)
+    return (opt, groups), (opt2, groups2)
+
+
+def test_resume_on_the_same_path_is_bit_exact():
+    sc = _scenario(13, steps=22)
+    (opt, groups), (opt2, groups2) = _resume(sc, 14, "triton", "triton", history_dtype=torch.bfloat16)
+    for g1, g2 in zip(groups, groups2):
+        for p1, p2 in zip(g1, g2):
+            assert torch.equal(p1, p2)
+    s1, s2 = _state_tensors(opt), _state_tensors(opt2)
+    assert len(s1) == len(s2) > 0
+    for a, b in zip(s1, s2):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("first,second", [("foreach", "triton"), ("triton", "foreach")])
+def test_resume_across_backends(first, second):
+    sc = _scenario("tensor", steps=22)
+    (opt, groups), (opt2, groups2) = _resume(sc, 13, first, second)
+    for g1, g2 in zip(groups, groups2):
+        assert relative_error(flat(g2), flat(g1)) < 1e-4
+    assert _counters(opt, groups) == _counters(opt2, groups2)
+
+
+# -- gradients as views of the arena --------------------------------------------------------
+def _mlp(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(_device())
+
+
+def test_training_loop_with_gradient_views_none_and_replaced():
+    """zero_grad keeps gradients as arena views (backward accumulates into them);
+    a gradient set to None, or replaced by a new tensor, is gathered at the next
+    step. The trajectory matches the foreach backend's throughout."""
+    dev = _device()
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 6, generator=gen).to(dev), torch.randn(8, 3, generator=gen).to(dev)) for _ in range(14)]
+    models, opts = [], []
+    for backend in ("triton", "foreach"):
+        model = _mlp(1)
+        models.append(model)
+        opts.append(MLBFGS(model.parameters(), lr=0.05, history_size=2, update_period=3,
+                           blocks="tensor", backend=backend))
+    for step, (x, y) in enumerate(data):
+        for model, opt in zip(models, opts):
+            opt.zero_grad(set_to_none=False)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            if step in (4, 5):  # the last layer's bias gets no gradient at all
+                model[2].bias.grad = None
+            if step == 8:  # replaced by a new tensor
+                model[0].weight.grad = model[0].weight.grad.clone() * 2
+            if step == 10:  # set to None before backward: autograd creates a new tensor
+                model[0].bias.grad = None
+                torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        for p_t, p_f in zip(*(m.parameters() for m in models)):
+            torch.testing.assert_close(p_t, p_f, rtol=1e-5, atol=1e-6)
+    # After a step every gradient is a view of the arena's gradient buffer again,
+    # and every parameter a view of its parameter buffer.
+    (arena,) = opts[0]._group_arenas(0, opts[0].param_groups[0])
+    plan = arena.fused.arenas[0]
+    for p, grad_view, param_view in zip(arena.params, plan.grad_views, plan.param_views):
+        assert p.grad is grad_view
+        assert p.data_ptr() == param_view.data_ptr()
+    # zero_grad zeroes them in place, whatever set_to_none says.
+    opts[0].zero_grad()
+    assert all(p.grad is v for p, v in zip(arena.params, plan.grad_views))
+    assert torch.count_nonzero(arena.grad_flat) == 0
+
+
+def test_zero_grad_in_place_for_views_torch_semantics_for_the_rest():
+    dev = _device()
+    a, b = torch.nn.Parameter(torch.ones(4, device=dev)), torch.nn.Parameter(torch.ones(2, device=dev))
+    opt = MLBFGS([a, b], backend="triton")
+    a.grad, b.grad = torch.ones(4, device=dev), torch.ones(2, device=dev)
+    opt.step()  # binds both gradients
+    view_a = a.grad
+    b.grad = torch.full((2,), 3.0, device=dev)  # replaced: not a view any more
+    opt.zero_grad()  # set_to_none=True
+    assert a.grad is view_a and torch.count_nonzero(a.grad) == 0
+    assert b.grad is None
+    b.grad = torch.full((2,), 3.0, device=dev)
+    opt.zero_grad(set_to_none=False)
+    assert torch.equal(b.grad, torch.zeros(2, device=dev))
+
+
+def test_lr_scheduler_drives_float_and_tensor_lr():
+    dev = _device()
+    for lr in (0.1, torch.tensor(0.1, device=dev)):
+        p = torch.nn.Parameter(torch.randn(4, device=dev))
+        opt = MLBFGS([p], lr=lr, momentum=0.0, normalize=False, update_period=1000, backend="triton")
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        for expected in (0.1, 0.05, 0.025):
+            grad = torch.randn(4, device=dev)
+            p.grad = grad.clone()
+            before = p.detach().clone()
+            opt.step()
+            sched.step()
+            # Warm-up (no pairs): theta -= lr * g exactly.
+            torch.testing.assert_close(p.detach(), before - expected * grad)
+
+
+def test_replaced_parameter_data_is_gathered_back():
+    dev = _device()
+    a, b = torch.nn.Parameter(torch.ones(5, device=dev)), torch.nn.Parameter(torch.ones(3, device=dev))
+    opt = MLBFGS([a, b], lr=0.1, momentum=0.0, backend="triton")
+    a.grad, b.grad = torch.ones(5, device=dev), torch.ones(3, device=dev)
+    opt.step()
+    a.data = torch.full((5,), 2.0, device=dev)  # the user re-points a parameter
+    opt.step()
+    torch.testing.assert_close(a.detach(), torch.full((5,), 1.9, device=dev))
+    torch.testing.assert_close(b.detach(), torch.full((3,), 0.8, device=dev))
+    a.grad = None
+    a.data = torch.zeros(4, device=dev)
+    with pytest.raises(RuntimeError, match="changed shape"):
+        opt.step()
+
+
+# -- backend choice ------------------------------------------------------------------------
+def test_backend_selection():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = MLBFGS([p])  # fused=None on the CPU: foreach
+    assert opt._backend(opt.param_groups[0]) == "foreach"
+    if _triton.interpreting():  # the interpreter takes CPU tensors when asked
+        for kwargs in (dict(backend="triton"), dict(fused=True)):
+            opt = MLBFGS([p], **kwargs)
+            assert opt._backend(opt.param_groups[0]) == "triton"
+    for kwargs in (dict(fused=False), dict(foreach=True), dict(backend="foreach")):
+        opt = MLBFGS([p], **kwargs)
+        assert opt._backend(opt.param_groups[0]) == "foreach"
+
+
+def test_fused_on_unsupported_device_raises_torch_wording(monkeypatch):
+    monkeypatch.setattr(_triton, "interpreting", lambda: False)  # as without TRITON_INTERPRET
+    p = torch.nn.Parameter(torch.randn(3))
+    message = (
+        r"`fused=True` requires all the params to be floating point Tensors of supported "
+        r"devices: \['cuda'\] but torch.float32 and cpu"
+    )
+    for kwargs in (dict(fused=True), dict(backend="triton")):
+        with pytest.raises(RuntimeError, match=message):
+            MLBFGS([p], **kwargs)
+    opt = MLBFGS([p])
+    with pytest.raises(RuntimeError, match=message):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "fused": True})
+    assert len(opt.param_groups) == 1
+
+
+# -- the step on the host -------------------------------------------------------------------
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace != "profiler":  # torch.optim's step wrapper records a profiler range
+            self.ops.append(func)
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise AssertionError("step() read a tensor value on the host")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("lr", [0.05, "tensor"])
+def test_steady_state_step_is_only_kernel_launches(monkeypatch, lr):
+    """Once gradients are bound, step() issues no torch operation at all (so no
+    allocation, no host read): only the four kernel launches per arena."""
+    from mlbfgs_fused.kernels import common
+
+    model = _mlp(2)
+    lr = torch.tensor(0.05, device=_device()) if lr == "tensor" else lr
+    opt = MLBFGS(model.parameters(), lr=lr, blocks="tensor", backend="triton")
+    x = torch.randn(4, 6, device=_device())
+    model(x).sum().backward()
+    opt.step()  # builds the plan and binds the gradients
+    launches = []
+    monkeypatch.setattr(common.Launcher, "__call__", lambda self, *args: launches.append(self.fn.__name__))
+    with _Recorder() as rec:
+        opt.step()
+    assert rec.ops == []
+    assert launches == ["_gradient_dots", "_two_loop", "_update", "_push"]
+
+
+def test_no_host_reads_through_pair_updates():
+    sc = _scenario("tensor", steps=10)
+    groups = build_params(sc, torch.float32, _device())
+    opt = make_optimizer(sc, groups, backend="triton")
+    for step in range(sc.steps):  # warm-up, the first snapshot, a skipped pair, gathering
+        set_grads(sc, groups, step)
+        with _Recorder():
+            opt.step()
+    assert max(c["pair_count"] for c in _counters(opt, groups)) > 0
+
+
+def test_launch_sequence_compiles_without_graph_breaks():
+    """The four launches trace into one graph (``fullgraph=True``) and give the eager
+    result bit for bit. With the interpreter the launches are opaque custom ops;
+    on a GPU they are ``triton_op``s that Inductor sees through."""
+    sc = _scenario("tensor", steps=10)
+    dev = _device()
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        groups = build_params(sc, torch.float32, dev)
+        opt = make_optimizer(sc, groups, backend="triton")
+        run_optimizer(sc, opt, groups, stop=2)
+        plan = opt._group_arenas(0, opt.param_groups[0])[0].fused
+        launch = torch.compile(plan.launch, backend="aot_eager", fullgraph=True) if compiled else plan.launch
+        for step in range(2, sc.steps):
+            set_grads(sc, groups, step)
+            for index, group in enumerate(opt.param_groups):
+                arenas = opt._group_arenas(index, group)
+                _triton.prepare_group(arenas, group)
+                launch(group) if index == 0 else _triton.step_group(arenas, group)
+        runs.append(groups)
+    for g1, g2 in zip(*runs):
+        for p1, p2 in zip(g1, g2):
+            assert torch.equal(p1, p2)
+
+
+# -- GPU only -----------------------------------------------------------------------------
+@needs_cuda
+def test_cuda_matches_foreach():
+    if _triton.interpreting():
+        pytest.skip("TRITON_INTERPRET=1: the kernels run on the CPU")
+    sc = _scenario("tensor")
+    opt, groups, _, errors = run_against_reference(sc, torch.float32, "cuda", backend="triton")
+    assert max(errors) < 1e-4
+    opt_f, groups_f, _, _ = run_against_reference(sc, torch.float32, "cuda", backend="foreach")
+    assert _counters(opt, groups) == _counters(opt_f, groups_f)
+
+
+@needs_cuda
+def test_cuda_graph_capture_and_replay():
+    if _triton.interpreting():
+        pytest.skip("TRITON_INTERPRET=1: the kernels run on the CPU")
+    torch.manual_seed(0)
+    static_x = torch.randn(16, 6, device="cuda")
+    static_y = torch.randn(16, 3, device="cuda")
+    models = [_mlp(5), _mlp(5)]
+    opts = [
+        MLBFGS(m.parameters(), lr=torch.tensor(0.05, device="cuda"), history_size=2,
+               update_period=3, fused=True, capturable=True)
+        for m in models
+    ]
+
+    def train_step(model, opt):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(static_x), static_y).backward()
+        opt.step()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up: builds the plans, binds the gradients, compiles
+            train_step(models[1], opts[1])
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        train_step(models[1], opts[1])
+    for _ in range(3):
+        train_step(models[0], opts[0])
+    for _ in range(12):  # across pair updates (every 3 steps)
+        train_step(models[0], opts[0])
+        graph.replay()
+    torch.cuda.synchronize()
+    for p_eager, p_graph in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p_eager, p_graph, rtol=1e-5, atol=1e-6)
