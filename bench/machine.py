@@ -60,7 +60,8 @@ def git_commit() -> dict:
         ).stdout.strip()
 
     commit = git("rev-parse", "HEAD") or "unknown"
-    dirty = bool(git("status", "--porcelain", "--", "mlbfgs_fused", "kernels", "csrc", "bench"))
+    # Uncommitted changes to the code measured (results being written are not code).
+    dirty = bool(git("status", "--porcelain", "--", "mlbfgs_fused", "kernels", "csrc", "bench", ":(exclude)bench/results"))
     return {"commit": commit, "dirty": dirty}
 
 

@@ -63,7 +63,7 @@ def plot_kernels(rows: list[dict], out: Path) -> None:
     copies = sorted((r["n"], r["fraction_of_copy_bandwidth"]) for r in rows if r["kernel"] == "copy")
     if copies:
         axes[0].plot(*zip(*copies), "k--", label="copy_ at that N")
-    axes[0].set(xscale="log", xlabel="N (parameters)", ylabel="floor bytes / time / copy bandwidth",
+    axes[0].set(xscale="log", yscale="log", xlabel="N (parameters)", ylabel="floor bytes / time / copy bandwidth",
                 title="Whole MLBFGS step vs the bandwidth floor")
     m_mid = sorted({r["m"] for r in phases})[len({r["m"] for r in phases}) // 2] if phases else None
     for kernel in sorted({r["kernel"] for r in phases}):
@@ -124,16 +124,23 @@ def steps_table(compare: dict) -> str:
 # -- 3. memory --------------------------------------------------------------------
 def plot_memory(memory: dict, out: Path) -> None:
     rows = memory["rows"]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in dict.fromkeys(r["contender"] for r in rows):
-        pts = sorted((r["n"], max(r["peak_bytes"], 1)) for r in rows if r["contender"] == name)
-        ax.plot(*zip(*pts), marker="o", color=STYLE.get(name), label=name)
+        mine = sorted((r["n"], r["peak_bytes"]) for r in rows if r["contender"] == name)
+        nonzero = [(n, b) for n, b in mine if b > 0]
+        label = name if nonzero else f"{name} (0 bytes)"
+        if nonzero:
+            axes[0].plot(*zip(*nonzero), marker="o", color=STYLE.get(name), label=label)
+        axes[1].plot([n for n, _ in mine], [b / n for n, b in mine], marker="o", color=STYLE.get(name), label=label)
     ns = sorted({r["n"] for r in rows})
-    ax.plot(ns, [4 * n for n in ns], "k:", label="4 N bytes (one fp32 vector)")
-    ax.set(xscale="log", yscale="log", xlabel="N (parameters)", ylabel="peak bytes above steady state",
-           title=f"Peak transient memory of one step (m={memory['m']})")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    axes[0].plot(ns, [4 * n for n in ns], "k:", label="4 N bytes (one fp32 vector)")
+    axes[0].set(xscale="log", yscale="log", ylabel="peak bytes above steady state",
+                title=f"Peak transient memory of one step (m={memory['m']})")
+    axes[1].set(xscale="log", ylabel="peak bytes per parameter", title="The same, per parameter")
+    for ax in axes:
+        ax.set_xlabel("N (parameters)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "memory_peak.png", dpi=110)
     plt.close(fig)
@@ -297,8 +304,8 @@ def write_results_md(folder: Path, notes: list[str] | None = None) -> Path:
         lines += ["", "## 5. Training runs", "",
                   f"Data: {training['dataset']} ({training['train_size']} train / {training['test_size']} test), "
                   f"batch {training['batch_size']}, epochs {training['epochs']}, seeds {training['seeds']}; "
-                  f"learning rate schedule: {training['schedule']}. Intermediate test points use the first 5000 test "
-                  "images, the final one the whole test set. Wall-clock counts training steps only (forward, backward, "
+                  f"learning rate schedule: {training['schedule']}. The curves' test points use the first "
+                  f"{training.get('eval_subset', 5000)} test images; the table's final accuracy the whole test set. Wall-clock counts training steps only (forward, backward, "
                   "optimizer step); the median step time is the steadier comparison on a shared machine.", "",
                   "Hyperparameters:", ""]
         lines += [f"- {name}: {json.dumps(h)}" for name, h in training["hyperparameters"].items()]
