@@ -9,13 +9,11 @@ branched on.
 
 Launches: one per arena, one program per block. Bytes: none per element; per
 block it reads ``P_b (2m + 1)`` partial sums and the ``3 m^2`` Gram entries, and
-writes ``2m + 1`` coefficients and 5 scalars.
+writes ``2m + 1`` coefficients and 3 scalars.
 
 Outputs, per block ``b``:
 
 * ``coef[b] = (c_g, c_s [m], c_y [m])`` in slot order (float64);
-* ``record[b] = (step, pair_count)`` as they were before this step; the later
-  kernels read these, so the push kernel may update the counters themselves;
 * ``stats[block_offset + b] = (g.g, ||d||^2, any pair held)`` in the group-wide
   matrix (see :mod:`.common`).
 """
@@ -32,17 +30,13 @@ from .common import BLOCK_COLUMNS, STATS_COLUMNS, SUM_ROWS, Launcher, padded, su
 
 @triton.jit
 def two_loop_kernel(
-    partials_ptr, blocks_ptr, gram_ptr, step_ptr, pair_count_ptr,
-    coef_ptr, record_ptr, stats_ptr, block_offset,
+    partials_ptr, blocks_ptr, gram_ptr, pair_count_ptr, coef_ptr, stats_ptr, block_offset,
     M: tl.constexpr, MP: tl.constexpr, ROWS: tl.constexpr, NCOL: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     prog_lo = tl.load(blocks_ptr + b * NCOL + 2)
     prog_hi = tl.load(blocks_ptr + b * NCOL + 3)
-    step = tl.load(step_ptr + b)
     pair_count = tl.load(pair_count_ptr + b)
-    tl.store(record_ptr + b * 2, step.to(tl.int64))
-    tl.store(record_ptr + b * 2 + 1, pair_count)
 
     # Everything stays in slot order; the k-th newest pair sits in slot
     # (pair_count - 1 - k) mod m, and k < min(pair_count, m) are held.
@@ -125,13 +119,13 @@ def two_loop_kernel(
 
 
 def _two_loop(
-    partials: Tensor, blocks: Tensor, gram: Tensor, step: Tensor, pair_count: Tensor,
-    coef: Tensor, record: Tensor, stats: Tensor, block_offset: int, m: int,
+    partials: Tensor, blocks: Tensor, gram: Tensor, pair_count: Tensor, coef: Tensor,
+    stats: Tensor, block_offset: int, m: int,
 ) -> None:
     wrap_triton(two_loop_kernel)[(blocks.shape[0],)](
-        partials, blocks, gram, step, pair_count, coef, record, stats, block_offset,
+        partials, blocks, gram, pair_count, coef, stats, block_offset,
         M=m, MP=padded(m), ROWS=SUM_ROWS, NCOL=BLOCK_COLUMNS,
     )
 
 
-two_loop = Launcher("two_loop", _two_loop, two_loop_kernel, ("coef", "record", "stats"))
+two_loop = Launcher("two_loop", _two_loop, two_loop_kernel, ("coef", "stats"))

@@ -9,10 +9,9 @@ group's gradient is not finite (each program finds that from the stats rows), an
 the entries of a parameter without a gradient are left alone.
 
 On a step that forms a curvature pair (``t % T == 0`` and ``t > T``) the pass also
-writes the push kernel's partial sums, at no extra history traffic since every
-ring row is read here anyway: with the candidate ``s = P - P0``, ``y = G - G0``
-(after pair momentum), ``s.s``, ``s.y``, ``y.y`` and, per slot, ``s_i.s``,
-``s_i.y``, ``y_i.s``, ``y_i.y`` (the new Gram row follows from these and ``phi``).
+writes, per program, the candidate's ``s.s``, ``s.y``, ``y.y`` (``s = P - P0``,
+``y = G - G0`` after pair momentum, over the whole block, gradient or not): the
+push kernel's damping factor needs these block-wide sums before it writes the pair.
 
 Launches: one per arena, one program per tile.
 Bytes per element: reads ``5 E`` (grad, theta, P, G, buf) ``+ 2 m H``; writes ``4 E``
@@ -48,8 +47,8 @@ from .common import (
 def update_kernel(
     grad_ptr, param_ptr, hist_s_ptr, hist_y_ptr,
     param_ema_ptr, grad_ema_ptr, buf_ptr, param_snap_ptr, grad_snap_ptr,
-    programs_ptr, present_ptr, coef_ptr, record_ptr, stats_ptr, n_group_blocks,
-    hyper_ptr, lr_ptr, push_partials_ptr, period,
+    programs_ptr, present_ptr, coef_ptr, step_ptr, pair_count_ptr, stats_ptr, n_group_blocks,
+    hyper_ptr, lr_ptr, pair_partials_ptr, period,
     M: tl.constexpr, HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr, NORMALIZE: tl.constexpr,
     CDT: tl.constexpr, TILE: tl.constexpr, ROWS: tl.constexpr, NCOL: tl.constexpr,
 ):
@@ -62,7 +61,8 @@ def update_kernel(
     start, end, b = tl.load(row), tl.load(row + 1), tl.load(row + 2)
     present = tl.load(present_ptr + tl.load(row + 3)) != 0
     ring_origin, ring_stride = tl.load(row + 4), tl.load(row + 5)
-    step, pair_count = tl.load(record_ptr + b * 2), tl.load(record_ptr + b * 2 + 1)
+    step = tl.load(step_ptr + b).to(tl.int64)
+    pair_count = tl.load(pair_count_ptr + b)
     first = step == 0
     t = step + 1
     forms_pair = (t % period == 0) & (t > period)
@@ -94,9 +94,8 @@ def update_kernel(
     tl.store(param_ema_ptr + start + lane, P.to(param_ema_ptr.dtype.element_ty), mask=live)
     tl.store(grad_ema_ptr + start + lane, G.to(grad_ema_ptr.dtype.element_ty), mask=live)
 
-    # The pair candidate, only where a pair forms (the whole block, gradient or not).
-    s = P
-    y = G
+    # Where a pair forms: the candidate's s.s, s.y, y.y, for the push kernel's damping
+    # (over the whole block, gradient or not).
     if forms_pair:
         newest = ring_origin + ((pair_count - 1 + M) % M) * ring_stride + start
         r = tl.where(pair_count > 0, tl.load(hyper_ptr + H_PAIR_MOMENTUM), 0.0).to(CDT)
@@ -109,26 +108,19 @@ def update_kernel(
             tl.load(hist_y_ptr + newest + lane, mask=inside, other=0.0).to(CDT),
             r,
         )
-    ring_mask = lane < tl.where(forms_pair | present, count, 0)
-
-    coef = coef_ptr + b * (2 * M + 1)
-    d = g * tl.load(coef).to(CDT)
-    partials = push_partials_ptr + pid * (3 + 4 * M)
-    for i in range(M):
-        ring = ring_origin + i * ring_stride + start
-        s_i = tl.load(hist_s_ptr + ring + lane, mask=ring_mask, other=0.0).to(CDT)
-        y_i = tl.load(hist_y_ptr + ring + lane, mask=ring_mask, other=0.0).to(CDT)
-        d = d + tl.load(coef + 1 + i).to(CDT) * s_i
-        d = d + tl.load(coef + 1 + M + i).to(CDT) * y_i
-        if forms_pair:
-            tl.store(partials + 3 + i, tl.sum(s_i * s, axis=0).to(tl.float64))
-            tl.store(partials + 3 + M + i, tl.sum(s_i * y, axis=0).to(tl.float64))
-            tl.store(partials + 3 + 2 * M + i, tl.sum(y_i * s, axis=0).to(tl.float64))
-            tl.store(partials + 3 + 3 * M + i, tl.sum(y_i * y, axis=0).to(tl.float64))
-    if forms_pair:
+        partials = pair_partials_ptr + pid * 3
         tl.store(partials, tl.sum(s * s, axis=0).to(tl.float64))
         tl.store(partials + 1, tl.sum(s * y, axis=0).to(tl.float64))
         tl.store(partials + 2, tl.sum(y * y, axis=0).to(tl.float64))
+
+    coef = coef_ptr + b * (2 * M + 1)
+    d = g * tl.load(coef).to(CDT)
+    for i in range(M):
+        ring = ring_origin + i * ring_stride + start
+        s_i = tl.load(hist_s_ptr + ring + lane, mask=live, other=0.0).to(CDT)
+        y_i = tl.load(hist_y_ptr + ring + lane, mask=live, other=0.0).to(CDT)
+        d = d + tl.load(coef + 1 + i).to(CDT) * s_i
+        d = d + tl.load(coef + 1 + M + i).to(CDT) * y_i
 
     d = d * scale
     buf = tl.load(buf_ptr + start + lane, mask=live, other=0.0).to(CDT)
@@ -141,18 +133,19 @@ def update_kernel(
 def _update(
     grad: Tensor, param: Tensor, hist_s: Tensor, hist_y: Tensor,
     param_ema: Tensor, grad_ema: Tensor, buf: Tensor, param_snap: Tensor, grad_snap: Tensor,
-    programs: Tensor, present: Tensor, coef: Tensor, record: Tensor, stats: Tensor,
-    hyper: Tensor, lr: Tensor, push_partials: Tensor,
+    programs: Tensor, present: Tensor, coef: Tensor, step: Tensor, pair_count: Tensor,
+    stats: Tensor, hyper: Tensor, lr: Tensor, pair_partials: Tensor,
     period: int, m: int, has_wd: bool, maximize: bool, normalize: bool, tile: int,
 ) -> None:
     wrap_triton(update_kernel)[(programs.shape[0],)](
         grad, param, hist_s, hist_y, param_ema, grad_ema, buf, param_snap, grad_snap,
-        programs, present, coef, record, stats, stats.shape[0], hyper, lr, push_partials, period,
+        programs, present, coef, step, pair_count, stats, stats.shape[0], hyper, lr, pair_partials,
+        period,
         M=m, HAS_WD=has_wd, MAXIMIZE=maximize, NORMALIZE=normalize,
         CDT=compute_dtype(param.dtype), TILE=tile, ROWS=SUM_ROWS, NCOL=PROGRAM_COLUMNS,
     )
 
 
 update = Launcher(
-    "update", _update, update_kernel, ("param", "param_ema", "grad_ema", "buf", "push_partials")
+    "update", _update, update_kernel, ("param", "param_ema", "grad_ema", "buf", "pair_partials")
 )

@@ -1,9 +1,10 @@
-"""The fused backend: the mL-BFGS step as four Triton launches per arena.
+"""The fused backend: the mL-BFGS step as five Triton launches per arena.
 
 Per step and arena (DESIGN.md section 3; the kernels are in ``mlbfgs_fused.kernels``):
 pass 1 (``S g``, ``Y g``, ``g.g``), the coefficient kernel (the two-loop on the
-Gram matrices), pass 2 (direction, EMAs, momentum, parameters) and the pair push
-(returns at once unless a pair is due). Every decision that depends on a device
+Gram matrices), pass 2 (direction, EMAs, momentum, parameters), the pair push
+(its programs return at once unless a pair is due) and the commit (counters and,
+after a push, the new Gram row; one program per block). Every decision that depends on a device
 value is taken on the device; ``step()`` allocates nothing and never reads a
 device value on the host, so it can be captured in a CUDA graph.
 
@@ -122,10 +123,15 @@ class ArenaPlan:
         self.present = torch.ones(count, dtype=torch.int32, device=dev)
         self.all_present = (True,) * count
         self.present_pattern = self.all_present
-        self.dot_partials = torch.zeros(len(programs), 2 * m + 1, dtype=torch.float64, device=dev)
-        self.push_partials = torch.zeros(len(programs), 3 + 4 * m, dtype=torch.float64, device=dev)
-        self.coef = torch.zeros(arena.layout.num_blocks, 2 * m + 1, dtype=torch.float64, device=dev)
-        self.record = torch.zeros(arena.layout.num_blocks, 2, dtype=torch.int64, device=dev)
+        # Scratch: per-program partial sums (pass 1; pass 2 for the damping; the push
+        # for the Gram row) and per-block coefficients of d.
+        def scratch(*shape):
+            return torch.zeros(*shape, dtype=torch.float64, device=dev)
+
+        self.dot_partials = scratch(len(programs), 2 * m + 1)
+        self.pair_partials = scratch(len(programs), 3)
+        self.gram_partials = scratch(len(programs), 4 * m)
+        self.coef = scratch(arena.layout.num_blocks, 2 * m + 1)
 
     @property
     def block_rows(self) -> slice:
@@ -202,21 +208,21 @@ class ArenaPlan:
 
     def two_loop(self) -> None:
         a = self.arena
-        c = a.counters
         self.kernels.coefficients.two_loop(
-            self.dot_partials, self.blocks, a.gram, c["step"], c["pair_count"],
-            self.coef, self.record, self.stats, self.block_offset, a.m,
+            self.dot_partials, self.blocks, a.gram, a.counters["pair_count"], self.coef,
+            self.stats, self.block_offset, a.m,
         )
 
     def update(self, group: dict) -> None:
         a = self.arena
-        f = a.flat_state
+        f, c = a.flat_state, a.counters
         self.kernels.pass2.update(
             a.grad_flat, self.param_flat, a.history_s, a.history_y,
             f["param_ema"], f["grad_ema"], f["momentum_buffer"], f["param_snapshot"],
-            f["grad_snapshot"], self.programs, self.present, self.coef, self.record, self.stats,
-            self.hyper, self.group.lr[a.device], self.push_partials, group["update_period"], a.m,
-            group["weight_decay"] != 0, group["maximize"], group["normalize"], self.tile,
+            f["grad_snapshot"], self.programs, self.present, self.coef, c["step"],
+            c["pair_count"], self.stats, self.hyper, self.group.lr[a.device], self.pair_partials,
+            group["update_period"], a.m, group["weight_decay"] != 0, group["maximize"],
+            group["normalize"], self.tile,
         )
 
     def push(self, group: dict) -> None:
@@ -224,9 +230,18 @@ class ArenaPlan:
         f, c = a.flat_state, a.counters
         self.kernels.push.push(
             f["param_ema"], f["grad_ema"], f["param_snapshot"], f["grad_snapshot"],
-            a.history_s, a.history_y, self.programs, self.blocks, self.record, self.stats,
-            self.push_partials, self.hyper, a.gram, c["step"], c["pair_count"],
-            c["skipped_pairs"], c["skipped_steps"], group["update_period"], a.m, self.tile,
+            a.history_s, a.history_y, self.programs, self.blocks, self.stats,
+            self.pair_partials, self.gram_partials, self.hyper, c["step"], c["pair_count"],
+            group["update_period"], a.m, self.tile,
+        )
+
+    def commit(self, group: dict) -> None:
+        a = self.arena
+        c = a.counters
+        self.kernels.push.commit(
+            self.blocks, self.stats, self.pair_partials, self.gram_partials, self.hyper, a.gram,
+            c["step"], c["pair_count"], c["skipped_pairs"], c["skipped_steps"],
+            group["update_period"], a.m,
         )
 
 
@@ -307,6 +322,7 @@ class GroupPlan:
         self.two_loop()
         self.update(group)
         self.push(group)
+        self.commit(group)
 
     def gradient_dots(self, group: dict) -> None:
         for plan in self.arenas:
@@ -325,6 +341,10 @@ class GroupPlan:
     def push(self, group: dict) -> None:
         for plan in self.arenas:
             plan.push(group)
+
+    def commit(self, group: dict) -> None:
+        for plan in self.arenas:
+            plan.commit(group)
 
     def _share_stats(self) -> None:
         """A group spread over devices: each device gets every arena's stats rows."""
