@@ -45,11 +45,6 @@ NUM_HYPER = 10
 SUM_ROWS = 16  # rows per iteration of the fixed-order partial sums
 
 
-def compute_dtype(dtype: torch.dtype):
-    """Arithmetic type of an arena: float64 stays float64, narrower types use float32."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def padded(m: int) -> int:
     """Vector length for ``m`` ring slots (a power of two, at least 2)."""
     return max(2, triton.next_power_of_2(m))

@@ -18,12 +18,13 @@ in the arena's compute type, ``g.g`` in float64 (its finiteness is the step's).
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from .common import H_WEIGHT_DECAY, PROGRAM_COLUMNS, Launcher, compute_dtype, effective_gradient
+from .common import H_WEIGHT_DECAY, PROGRAM_COLUMNS, Launcher, effective_gradient
 
 
 @triton.jit
@@ -31,8 +32,9 @@ def gradient_dots_kernel(
     grad_ptr, param_ptr, hist_s_ptr, hist_y_ptr, programs_ptr, present_ptr, hyper_ptr,
     partials_ptr,
     M: tl.constexpr, HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    CDT: tl.constexpr, TILE: tl.constexpr, NCOL: tl.constexpr,
+    F64: tl.constexpr, TILE: tl.constexpr, NCOL: tl.constexpr,
 ):
+    CDT = tl.float64 if F64 else tl.float32  # arithmetic type of the arena
     pid = tl.program_id(0).to(tl.int64)
     row = programs_ptr + pid * NCOL
     start, end = tl.load(row), tl.load(row + 1)
@@ -68,7 +70,7 @@ def _gradient_dots(
 ) -> None:
     wrap_triton(gradient_dots_kernel)[(programs.shape[0],)](
         grad, param, hist_s, hist_y, programs, present, hyper, partials,
-        M=m, HAS_WD=has_wd, MAXIMIZE=maximize, CDT=compute_dtype(param.dtype), TILE=tile,
+        M=m, HAS_WD=has_wd, MAXIMIZE=maximize, F64=param.dtype == torch.float64, TILE=tile,
         NCOL=PROGRAM_COLUMNS,
     )
 

@@ -21,6 +21,7 @@ Bytes per element: reads ``5 E`` (grad, theta, P, G, buf) ``+ 2 m H``; writes ``
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -35,7 +36,6 @@ from .common import (
     PROGRAM_COLUMNS,
     SUM_ROWS,
     Launcher,
-    compute_dtype,
     effective_gradient,
     group_status,
     lerp,
@@ -50,8 +50,9 @@ def update_kernel(
     programs_ptr, present_ptr, coef_ptr, step_ptr, pair_count_ptr, stats_ptr, n_group_blocks,
     hyper_ptr, lr_ptr, pair_partials_ptr, period,
     M: tl.constexpr, HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr, NORMALIZE: tl.constexpr,
-    CDT: tl.constexpr, TILE: tl.constexpr, ROWS: tl.constexpr, NCOL: tl.constexpr,
+    F64: tl.constexpr, TILE: tl.constexpr, ROWS: tl.constexpr, NCOL: tl.constexpr,
 ):
+    CDT = tl.float64 if F64 else tl.float32  # arithmetic type of the arena
     finite, d_dot_d, any_held = group_status(stats_ptr, n_group_blocks, ROWS)
     if finite == 0:
         return  # a non-finite step changes nothing (the push kernel counts it)
@@ -142,7 +143,7 @@ def _update(
         programs, present, coef, step, pair_count, stats, stats.shape[0], hyper, lr, pair_partials,
         period,
         M=m, HAS_WD=has_wd, MAXIMIZE=maximize, NORMALIZE=normalize,
-        CDT=compute_dtype(param.dtype), TILE=tile, ROWS=SUM_ROWS, NCOL=PROGRAM_COLUMNS,
+        F64=param.dtype == torch.float64, TILE=tile, ROWS=SUM_ROWS, NCOL=PROGRAM_COLUMNS,
     )
 
 

@@ -27,6 +27,7 @@ order), ``pair_count`` or ``skipped_pairs``. Bytes: none per element.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -42,7 +43,6 @@ from .common import (
     PROGRAM_COLUMNS,
     SUM_ROWS,
     Launcher,
-    compute_dtype,
     group_status,
     is_finite,
     lerp,
@@ -83,9 +83,10 @@ def push_kernel(
     param_ema_ptr, grad_ema_ptr, param_snap_ptr, grad_snap_ptr, hist_s_ptr, hist_y_ptr,
     programs_ptr, blocks_ptr, stats_ptr, n_group_blocks, pair_partials_ptr, gram_partials_ptr,
     hyper_ptr, step_ptr, pair_count_ptr, period,
-    M: tl.constexpr, CDT: tl.constexpr, TILE: tl.constexpr,
+    M: tl.constexpr, F64: tl.constexpr, TILE: tl.constexpr,
     ROWS: tl.constexpr, NCOL: tl.constexpr, BCOL: tl.constexpr,
 ):
+    CDT = tl.float64 if F64 else tl.float32  # arithmetic type of the arena
     finite, _d_dot_d, _any_held = group_status(stats_ptr, n_group_blocks, ROWS)
     pid = tl.program_id(0).to(tl.int64)
     row = programs_ptr + pid * NCOL
@@ -191,7 +192,7 @@ def _push(
     wrap_triton(push_kernel)[(programs.shape[0],)](
         param_ema, grad_ema, param_snap, grad_snap, hist_s, hist_y, programs, blocks, stats,
         stats.shape[0], pair_partials, gram_partials, hyper, step, pair_count, period,
-        M=m, CDT=compute_dtype(param_ema.dtype), TILE=tile, ROWS=SUM_ROWS,
+        M=m, F64=param_ema.dtype == torch.float64, TILE=tile, ROWS=SUM_ROWS,
         NCOL=PROGRAM_COLUMNS, BCOL=BLOCK_COLUMNS,
     )
 
