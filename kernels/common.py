@@ -87,7 +87,7 @@ def group_status(stats_ptr, n_blocks, ROWS: tl.constexpr):
     gg = tl.sum(tl.where(idx == 0, total, 0.0), axis=0)
     d_dot_d = tl.sum(tl.where(idx == 1, total, 0.0), axis=0)
     held = tl.sum(tl.where(idx == 2, total, 0.0), axis=0)
-    return (gg == gg) & (gg != float("inf")), d_dot_d, held > 0
+    return is_finite(gg), d_dot_d, held > 0
 
 
 @triton.jit

@@ -55,7 +55,7 @@ def update_kernel(
     CDT = tl.float64 if F64 else tl.float32  # arithmetic type of the arena
     finite, d_dot_d, any_held = group_status(stats_ptr, n_group_blocks, ROWS)
     if finite == 0:
-        return  # a non-finite step changes nothing (the push kernel counts it)
+        return  # a non-finite step changes nothing (the commit kernel counts it)
 
     pid = tl.program_id(0).to(tl.int64)
     row = programs_ptr + pid * NCOL

@@ -56,6 +56,11 @@ class MLBFGS(Optimizer):
     A parameter whose ``.grad`` is None at a step is left untouched. A step whose
     gradient holds a NaN or Inf changes nothing and is counted in
     ``state[...]["blocks"][...]["skipped_steps"]``.
+
+    On the fused backend, the first step re-points the parameters of each group
+    and (device, dtype) at slices of one flat buffer (``param.data``, as FSDP does)
+    and makes their gradients views of another, which ``zero_grad`` zeroes in
+    place; a gradient set to None or replaced is copied in at the next step.
     """
 
     def __init__(

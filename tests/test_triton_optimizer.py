@@ -8,6 +8,7 @@ set by ``make test`` and ``conftest.py``) on CPU tensors.
 
 import copy
 import io
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -313,6 +314,10 @@ def test_backend_selection():
     for kwargs in (dict(fused=False), dict(foreach=True), dict(backend="foreach")):
         opt = MLBFGS([p], **kwargs)
         assert opt._backend(opt.param_groups[0]) == "foreach"
+    # fused=None takes the Triton path when every parameter is a CUDA tensor.
+    cuda, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    assert _triton.chosen_by_default([cuda, cuda])
+    assert not _triton.chosen_by_default([cuda, cpu])
 
 
 def test_fused_on_unsupported_device_raises_torch_wording(monkeypatch):
