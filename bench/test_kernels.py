@@ -63,7 +63,7 @@ def pytest_generate_tests(metafunc):
 
 
 def _phase_names(backend: str) -> tuple[str, ...]:
-    return ("gather_gradient", "direction", "apply_update", "push_pairs") if backend == "foreach" else ()
+    return ("gather_gradient", "gradient_dots", "direction", "apply_update", "push_pairs") if backend == "foreach" else ()
 
 
 _built: dict = {}

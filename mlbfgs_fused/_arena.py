@@ -66,6 +66,7 @@ class Arena:
         # buffer the gradients are views of) and the fused backend's plan.
         self.grad_flat = flat()
         self.fused = None
+        self.counter_probe = None  # the foreach backend's host-side view of the step counter
 
     @functools.cached_property
     def work(self) -> Tensor:

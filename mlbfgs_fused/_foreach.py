@@ -39,12 +39,10 @@ class GroupStep:
         return [self.arena.param_view(flat, i) for i in self.present]
 
 
-def gather_gradient(step: GroupStep, weight_decay: float, maximize: bool) -> Tensor:
+def gather_gradient(step: GroupStep, weight_decay: float, maximize: bool) -> None:
     """``g = grad + weight_decay * theta`` (negated under ``maximize``) into the
-    arena's flat scratch, zero where a parameter has no gradient. Returns, per
-    block, whether ``g`` is finite."""
-    arena = step.arena
-    g = arena.grad_flat
+    arena's flat scratch, zero where a parameter has no gradient."""
+    g = step.arena.grad_flat
     if not step.all_present:
         g.zero_()
     g_views = step.shaped_views(g)
@@ -53,19 +51,12 @@ def gather_gradient(step: GroupStep, weight_decay: float, maximize: bool) -> Ten
         torch._foreach_add_(g_views, step.params, alpha=weight_decay)
     if maximize:
         g.neg_()
-    return torch.stack(
-        [torch.isfinite(g[arena.block_slice(b)]).all() for b in range(arena.layout.num_blocks)]
-    )
 
 
-def direction(arena: Arena, ok: Tensor) -> Tensor:
-    """Write ``d = H g`` per block into ``arena.work``; return ``||d_b||^2`` per block.
-
-    A non-finite step has its gradient zeroed first, so it produces ``d = 0``
-    and no NaN reaches any state through a masked product.
-    """
-    g, d = arena.grad_flat, arena.work
-    g.masked_fill_(ok.logical_not(), 0.0)
+def gradient_dots(arena: Arena) -> tuple[Tensor, Tensor, Tensor]:
+    """``S g``, ``Y g`` (``[B, m]``) and ``g.g`` (``[B]``) per block, in float64.
+    ``g.g`` doubles as the finiteness flag: it is finite iff ``g`` is (barring overflow)."""
+    g = arena.grad_flat
     B, m = arena.layout.num_blocks, arena.m
     Sg = torch.empty(B, m, dtype=torch.float64, device=arena.device)
     Yg = torch.empty_like(Sg)
@@ -76,8 +67,22 @@ def direction(arena: Arena, ok: Tensor) -> Tensor:
         Sg[b] = S @ g_b
         Yg[b] = Y @ g_b
         gg[b] = g_b.dot(g_b)
+    return Sg, Yg, gg
+
+
+def direction(arena: Arena, ok: Tensor, dots: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """Write ``d = H g`` per block into ``arena.work``; return ``||d_b||^2`` per block.
+
+    A non-finite step has its gradient and dots zeroed first, so it produces
+    ``d = 0`` and no NaN reaches any state through a masked product.
+    """
+    g, d = arena.grad_flat, arena.work
+    not_ok = ok.logical_not()
+    g.masked_fill_(not_ok, 0.0)
+    Sg, Yg, gg = (x.masked_fill(not_ok, 0.0) for x in dots)
     c_g, c_s, c_y, _ = two_loop_coefficients(arena.gram, Sg, Yg, gg, arena.counters["pair_count"])
     c_g, c_s, c_y = c_g.to(arena.dtype), c_s.to(arena.dtype), c_y.to(arena.dtype)
+    B = arena.layout.num_blocks
     d_dot_d = torch.empty(B, dtype=torch.float64, device=arena.device)
     for b in range(B):
         sl = arena.block_slice(b)
@@ -173,6 +178,50 @@ def push_pairs(arena: Arena, group: dict, ok: Tensor) -> None:
         roll = due[b].to(arena.dtype)
         flat["param_snapshot"][sl].lerp_(flat["param_ema"][sl], roll)
         flat["grad_snapshot"][sl].lerp_(flat["grad_ema"][sl], roll)
+
+
+class CounterProbe:
+    """What the host knows of an arena's step counter without waiting for the device.
+
+    After each step the counter is copied to host memory (pinned and non-blocking
+    on CUDA, with an event marking completion). At the next step, if that copy has
+    landed, the host has a lower bound ``t0`` on the counter and the number of steps
+    run since; the counter can only have grown by the finite ones among them. So a
+    pair update is possible at this step only if a multiple of ``update_period``
+    lies in the range the counter can reach, and the (masked) pair update is run
+    only then: every ``update_period`` steps instead of every step. Nothing ever
+    waits: a copy still in flight counts as "unknown" and the pair update runs.
+    On the CPU every copy has landed by the time it returns.
+    """
+
+    def __init__(self, device: torch.device):
+        cuda = device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.float32, pin_memory=cuda)
+        self.event = torch.cuda.Event() if cuda else None
+        self.calls = 0  # steps run on this arena
+        self.calls_at_copy: int | None = None  # None: no copy issued yet
+
+    def _landed(self) -> bool:
+        return self.calls_at_copy is not None and (self.event is None or self.event.query())
+
+    def pair_update_possible(self, update_period: int) -> bool:
+        """Called once per step, before the pair update."""
+        self.calls += 1
+        if not self._landed():
+            return True
+        t0 = int(self.host.tolist())  # host memory whose copy is complete: no device read
+        since = self.calls - 1 - self.calls_at_copy
+        highest = t0 + since + 1  # the counter after this step, if every step was finite
+        return highest // update_period > t0 // update_period
+
+    def record(self, counter: Tensor) -> None:
+        """Called once per step, after the counter was updated."""
+        if self.calls_at_copy is not None and not self._landed():
+            return  # the previous copy is still in flight: keep it, never wait
+        self.host.copy_(counter, non_blocking=True)
+        if self.event is not None:
+            self.event.record()
+        self.calls_at_copy = self.calls
 
 
 def _scalar(value: float | Tensor, arena: Arena) -> Tensor:

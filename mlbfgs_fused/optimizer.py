@@ -284,17 +284,26 @@ class MLBFGS(Optimizer):
 
 def _foreach_step_group(arenas: list[Arena], group: dict) -> None:
     steps = [_foreach.GroupStep(arena) for arena in arenas]
-    finite = [
-        _foreach.gather_gradient(step, group["weight_decay"], group["maximize"]) for step in steps
-    ]
+    for step in steps:
+        _foreach.gather_gradient(step, group["weight_decay"], group["maximize"])
+    dots = [_foreach.gradient_dots(arena) for arena in arenas]
     home = arenas[0].device
-    ok = torch.stack([f.all().to(home) for f in finite]).all()
-    d_dot_d = [_foreach.direction(arena, ok.to(arena.device)) for arena in arenas]
+    ok = torch.stack([torch.isfinite(gg).all().to(home) for _, _, gg in dots]).all()
+    d_dot_d = [
+        _foreach.direction(arena, ok.to(arena.device), arena_dots)
+        for arena, arena_dots in zip(arenas, dots)
+    ]
     d_scale = group_direction_scale(arenas, d_dot_d, group["normalize"], home)
     for step, arena in zip(steps, arenas):
         ok_here = ok.to(arena.device)
         _foreach.apply_update(step, group, ok_here, d_scale.to(arena.device, arena.dtype))
-        _foreach.push_pairs(arena, group, ok_here)
+        if arena.counter_probe is None:
+            arena.counter_probe = _foreach.CounterProbe(arena.device)
+        # Under capture the host's knowledge would be frozen into the graph.
+        if group["capturable"] or arena.counter_probe.pair_update_possible(group["update_period"]):
+            _foreach.push_pairs(arena, group, ok_here)
+        if not group["capturable"]:
+            arena.counter_probe.record(arena.counters["step"][0])
 
 
 def group_direction_scale(

@@ -67,3 +67,46 @@ def test_bfloat16_history_close_to_reference():
     )
     assert max(errors) < 1e-2
     assert opt.state[groups[0][0]]["blocks"][0]["history_s"].dtype == torch.bfloat16
+
+
+def test_non_finite_steps_shift_the_pair_schedule():
+    """A skipped step does not advance the counter, so later pair updates move by one."""
+    sc = standard_scenario("tensor", steps=40)
+    sc.nan_steps = (5, 14, 15)
+    opt, groups, ref, errors = run_against_reference(sc, torch.float64, backend="foreach")
+    assert max(errors) < 1e-10
+    block = opt.state[groups[0][0]]["blocks"][0]
+    assert int(block["skipped_steps"]) == 3 and float(block["step"]) == 37
+    assert ref.groups[0].skipped_steps == 3
+
+
+def test_masked_pair_update_is_an_exact_identity_when_not_due():
+    """With ``capturable`` the host decides nothing and the masked pair update runs
+    every step; it must leave the trajectory bit-identical to running it only when due."""
+    sc = standard_scenario("tensor", steps=30)
+    sc.nan_steps = (6,)
+    results = []
+    for capturable in (False, True):
+        opt, groups, _, _ = run_against_reference(sc, torch.float32, backend="foreach", capturable=capturable)
+        results.append([p.detach().clone() for g in groups for p in g])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_counter_probe_bounds_the_pair_schedule():
+    from mlbfgs_fused._foreach import CounterProbe
+
+    probe = CounterProbe(torch.device("cpu"))
+    assert probe.pair_update_possible(5)  # nothing known yet
+    for t, expected in [(3, False), (4, True), (5, False), (9, True), (10, False)]:
+        probe.record(torch.tensor(float(t)))
+        assert probe.pair_update_possible(5) is expected, t
+    # Two steps whose copies are unknown (as if still in flight): the counter may
+    # have reached 10 + 3 = 13 by the end of this step, so 15 is out of reach ...
+    probe.record(torch.tensor(10.0))
+    probe.calls += 2
+    assert not probe.pair_update_possible(5)
+    # ... but from 12, 15 is within reach of three more steps.
+    probe.record(torch.tensor(12.0))
+    probe.calls += 2
+    assert probe.pair_update_possible(5)
