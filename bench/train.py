@@ -12,29 +12,23 @@ into the machine's results folder; ``bench.report`` plots it. MLBFGS runs fused
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from mlbfgs_fused import MLBFGS
+from mlbfgs_fused.demo import FASHION_MNIST_HINT, Dataset, evaluate, fashion_mnist_present, mlp, small_cnn
+from mlbfgs_fused.demo import load_dataset as demo_load_dataset
 
 from .baselines import AuthorsStyleMLBFGS
 from .contenders import mlbfgs_backend_works
 from .machine import default_device, machine_stamp, results_dir
 from .timing import load_average
-
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_HINT = (
-    "Fashion-MNIST not found under /usr/share/datasets/fashion-mnist/; using scikit-learn's digits. "
-    "Install it with: sudo apt-get install dataset-fashion-mnist"
-)
 
 # The authors' published mL-BFGS settings; the first-order baselines get the usual ones.
 MLBFGS_HYPER = dict(
@@ -52,66 +46,15 @@ SCHEDULE = "cosine annealing to 0 over all steps, stepped every mini-batch"
 OPTIMIZERS = tuple(HYPERPARAMETERS)
 
 
-# -- data -------------------------------------------------------------------------
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+# -- data and models: the demo's, so the two tell the same story -------------------
+MODELS = {"mlp": mlp, "cnn": small_cnn}
 
 
-def _find(directory: Path, stem: str) -> Path | None:
-    for name in (f"{stem}.gz", stem):
-        if (directory / name).exists():
-            return directory / name
-    return None
-
-
-def load_dataset(prefer: str = "fashion-mnist"):
-    """``(name, x_train, y_train, x_test, y_test)``: images ``[n, 1, H, W]`` standardised, labels int64."""
-    files = {
-        key: _find(FASHION_MNIST_DIR, stem)
-        for key, stem in {
-            "x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
-            "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte",
-        }.items()
-    }
-    if prefer == "fashion-mnist" and all(files.values()):
-        arrays = {key: _read_idx(path) for key, path in files.items()}
-        name = "fashion-mnist"
-        x_train, x_test = (torch.from_numpy(arrays[k].astype(np.float32) / 255.0).unsqueeze(1) for k in ("x_train", "x_test"))
-        y_train, y_test = (torch.from_numpy(arrays[k].astype(np.int64)) for k in ("y_train", "y_test"))
-    else:
-        if prefer == "fashion-mnist":
-            print(FASHION_MNIST_HINT)
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
-        digits = load_digits()
-        images = digits.images.astype(np.float32) / 16.0
-        xa, xb, ya, yb = train_test_split(images, digits.target, test_size=0.25, random_state=0, stratify=digits.target)
-        name = "digits"
-        x_train, x_test = torch.from_numpy(xa).unsqueeze(1), torch.from_numpy(xb).unsqueeze(1)
-        y_train, y_test = torch.from_numpy(ya.astype(np.int64)), torch.from_numpy(yb.astype(np.int64))
-    mean, std = x_train.mean(), x_train.std()
-    return name, (x_train - mean) / std, y_train, (x_test - mean) / std, y_test
-
-
-# -- models -----------------------------------------------------------------------
-def make_model(kind: str, image_shape: tuple[int, int, int], classes: int = 10) -> nn.Module:
-    c, h, w = image_shape
-    if kind == "mlp":
-        return nn.Sequential(
-            nn.Flatten(), nn.Linear(c * h * w, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, classes)
-        )
-    if kind == "cnn":
-        return nn.Sequential(
-            nn.Conv2d(c, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * (h // 4) * (w // 4), classes),
-        )
-    raise ValueError(f"unknown model {kind!r}")
+def load_dataset(prefer: str = "fashion-mnist") -> Dataset:
+    if prefer == "fashion-mnist" and not fashion_mnist_present():
+        print(FASHION_MNIST_HINT)
+        prefer = "digits"
+    return demo_load_dataset(prefer)
 
 
 def make_optimizer(name: str, params, device: torch.device):
@@ -129,22 +72,11 @@ def make_optimizer(name: str, params, device: torch.device):
 
 
 # -- one run ----------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model, x, y, batch: int = 2000) -> tuple[float, float]:
-    model.eval()
-    loss, correct = 0.0, 0
-    for i in range(0, len(x), batch):
-        out = model(x[i : i + batch])
-        loss += nn.functional.cross_entropy(out, y[i : i + batch], reduction="sum").item()
-        correct += (out.argmax(1) == y[i : i + batch]).sum().item()
-    model.train()
-    return loss / len(x), correct / len(x)
-
-
-def train_one(model_kind, opt_name, seed, data, epochs, batch_size, device, evals_per_epoch=2):
-    _, x_train, y_train, x_test, y_test = (d.to(device) if torch.is_tensor(d) else d for d in data)
+def train_one(model_kind, opt_name, seed, data: Dataset, epochs, batch_size, device, evals_per_epoch=2):
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     torch.manual_seed(seed)
-    model = make_model(model_kind, tuple(x_train.shape[1:])).to(device)
+    model = MODELS[model_kind](data).to(device)
     opt, backend = make_optimizer(opt_name, list(model.parameters()), device)
     steps_per_epoch = math.ceil(len(x_train) / batch_size)
     total = epochs * steps_per_epoch
@@ -192,10 +124,8 @@ def train_one(model_kind, opt_name, seed, data, epochs, batch_size, device, eval
 def run_training(device, dataset="fashion-mnist", models=("cnn", "mlp"), optimizers=OPTIMIZERS,
                  seeds=(0, 1, 2), epochs=None, batch_size=128, train_subset=None, verbose=True):
     data = load_dataset(dataset)
-    name, x_train, y_train, x_test, y_test = data
     if train_subset:
-        x_train, y_train = x_train[:train_subset], y_train[:train_subset]
-        data = (name, x_train, y_train, x_test, y_test)
+        data.x_train, data.y_train = data.x_train[:train_subset], data.y_train[:train_subset]
     if epochs is None:
         # Stated in RESULTS.md: fewer epochs on a CPU (a 15-minute budget for all of bench.run).
         epochs = {"cnn": 2, "mlp": 3} if device.type == "cpu" else {"cnn": 10, "mlp": 10}
@@ -213,10 +143,10 @@ def run_training(device, dataset="fashion-mnist", models=("cnn", "mlp"), optimiz
                     print(f"  {model_kind:4s} {opt_name:14s} seed {seed}: test acc {rec['final_test_acc']:.4f}, "
                           f"train {rec['train_time_s']:.1f} s, median step {rec['median_step_ms']:.2f} ms", flush=True)
     return {
-        "dataset": name,
-        "eval_subset": min(EVAL_SUBSET, len(x_test)),
-        "train_size": len(x_train),
-        "test_size": len(x_test),
+        "dataset": data.name,
+        "eval_subset": min(EVAL_SUBSET, len(data.y_test)),
+        "train_size": len(data.y_train),
+        "test_size": len(data.y_test),
         "batch_size": batch_size,
         "epochs": epochs,
         "seeds": list(seeds),

@@ -47,12 +47,23 @@ def _read_idx(path: Path) -> torch.Tensor:
     return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).reshape(dims)
 
 
+FASHION_MNIST_HINT = (
+    "Fashion-MNIST is not in /usr/share/datasets/fashion-mnist/: using scikit-learn's digits. "
+    "To train on it: apt-get install -y dataset-fashion-mnist (as root)"
+)
+
+
+def fashion_mnist_present(directory: Path = FASHION_MNIST_DIR) -> bool:
+    return (directory / "train-images-idx3-ubyte.gz").exists()
+
+
 def load_dataset(name: str = "auto", directory: Path = FASHION_MNIST_DIR) -> Dataset:
     """``"fashion-mnist"`` (60k/10k 28x28), ``"digits"`` (1797 8x8, 80/20 split) or
     ``"auto"`` (the first when its files are present)."""
     if name == "auto":
-        present = (directory / "train-images-idx3-ubyte.gz").exists()
-        name = "fashion-mnist" if present else "digits"
+        name = "fashion-mnist" if fashion_mnist_present(directory) else "digits"
+        if name == "digits":
+            print(FASHION_MNIST_HINT)
     if name == "fashion-mnist":
         parts = [
             _read_idx(directory / f"{split}-{kind}-idx{dim}-ubyte.gz")
@@ -217,8 +228,8 @@ def main(argv=None) -> None:
             bar.close()
 
     print()
-    print(f"| optimizer | final train loss | test loss | test accuracy | ms / step | state bytes | bytes / param |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| optimizer | final train loss | test loss | test accuracy | ms / step | state bytes | bytes / param |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         tail = sum(r["losses"][-20:]) / len(r["losses"][-20:])
         print(f"| {r['optimizer']} | {tail:.4f} | {r['test_loss']:.4f} | {100 * r['test_acc']:.2f}% | "
