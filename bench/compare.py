@@ -42,7 +42,7 @@ def compare_steps(device, sizes, history_sizes=(5, 10, 20), default_m=10, smoke=
             params = problem.fresh_params()
             optimizers[c.name] = c.build(params, history)
             if c.mutates_grad:
-                restore[c.name] = lambda p=params: problem.restore_grads(p)
+                restore[c.name] = lambda p=params, prob=problem: prob.restore_grads(p)
         load_before = load_average()
         timings = time_interleaved(
             {name: opt.step for name, opt in optimizers.items()}, device,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 
-import pytest
 import torch
 
 from bench.contenders import build_mlbfgs, mlbfgs_backend_works, mlbfgs_floor_bytes

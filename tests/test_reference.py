@@ -83,7 +83,6 @@ def test_momentum_zero_and_normalize_false_reduce_to_plain_quasi_newton():
 
 
 def test_normalize_divides_by_group_norm_across_blocks():
-    gen = torch.Generator().manual_seed(4)
     A, theta0 = _quadratic(10, 4)
     ref = ReferenceGroup(theta0, [0, 4, 10], update_period=2, history_size=2, momentum=0.0, lr=0.2)
     for _ in range(6):
