@@ -1,6 +1,6 @@
 """The coefficient kernel: the two-loop recursion on scalars, one program per block.
 
-A line-by-line port of :func:`mlbfgs_fused._two_loop.two_loop_coefficients` (the
+A port of :func:`mlbfgs_fused._two_loop.two_loop_coefficients` (the
 vector-free two-loop, Chen, Wang, Zhou 2014), in float64: from the block's Gram
 matrices and the pass-1 sums it finds ``d = c_g g + sum_i (c_s[i] s_i + c_y[i] y_i)``
 and ``||d||^2`` as a quadratic form of the Gram matrix of ``{g, s_i, y_i}``. With no

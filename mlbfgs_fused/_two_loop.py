@@ -50,42 +50,44 @@ def two_loop_coefficients(
 
     SS, SY, YY = permute(gram[:, 0]), permute(gram[:, 1]), permute(gram[:, 2])
     Sg_k, Yg_k = Sg.gather(1, slots), Yg.gather(1, slots)
-    sy_diag = torch.diagonal(SY, dim1=1, dim2=2)
+    # The Gram matrix of the basis {g, s_0..s_{m-1}, y_0..y_{m-1}} (newest first):
+    # the inner product of any two vectors in the span is c1^T basis_gram c2.
+    basis_gram = torch.cat(
+        [
+            torch.cat([gg[:, None, None], Sg_k[:, None, :], Yg_k[:, None, :]], dim=2),
+            torch.cat([Sg_k[:, :, None], SS, SY], dim=2),  # row i: s_i . {g, s_j, y_j}
+            torch.cat([Yg_k[:, :, None], SY.transpose(1, 2), YY], dim=2),  # y_i . s_j = SY[j, i]
+        ],
+        dim=1,
+    )
     one = torch.ones((), dtype=gram.dtype, device=gram.device)
+    sy_diag = torch.diagonal(SY, dim1=1, dim2=2)
     rho = torch.where(held, one / torch.where(held, sy_diag, one), 0.0)
 
-    c_g = torch.ones(B, dtype=gram.dtype, device=gram.device)
-    c_s = torch.zeros(B, m, dtype=gram.dtype, device=gram.device)
-    c_y = torch.zeros(B, m, dtype=gram.dtype, device=gram.device)
+    # q (then r) = c . basis, starting from q = g.
+    c = torch.zeros(B, 1 + 2 * m, dtype=gram.dtype, device=gram.device)
+    c[:, 0] = 1
     alpha = torch.zeros(B, m, dtype=gram.dtype, device=gram.device)
 
     # First loop, newest to oldest: alpha_k = rho_k s_k.q ; q -= alpha_k y_k.
     for k in range(m):
-        s_dot_q = c_g * Sg_k[:, k] + (SS[:, k] * c_s).sum(-1) + (SY[:, k] * c_y).sum(-1)
-        a = rho[:, k] * s_dot_q
+        a = rho[:, k] * (basis_gram[:, 1 + k] * c).sum(-1)
         alpha[:, k] = a
-        c_y[:, k] -= a
+        c[:, 1 + m + k] -= a
 
     # H0 = gamma I from the newest pair; 1 while the history is empty.
     any_held = held[:, 0]
     yy_newest = torch.where(any_held, YY[:, 0, 0], one)
     gamma = torch.where(any_held, SY[:, 0, 0] / yy_newest, one)
-    c_g, c_s, c_y = gamma * c_g, gamma.unsqueeze(-1) * c_s, gamma.unsqueeze(-1) * c_y
+    c = c * gamma.unsqueeze(-1)
 
     # Second loop, oldest to newest: beta = rho_k y_k.r ; r += (alpha_k - beta) s_k.
     for k in reversed(range(m)):
-        y_dot_r = c_g * Yg_k[:, k] + (SY[:, :, k] * c_s).sum(-1) + (YY[:, k] * c_y).sum(-1)
-        beta = rho[:, k] * y_dot_r
-        c_s[:, k] += alpha[:, k] - beta
+        beta = rho[:, k] * (basis_gram[:, 1 + m + k] * c).sum(-1)
+        c[:, 1 + k] += alpha[:, k] - beta
 
-    # ||d||^2 as the quadratic form of the Gram matrix of {g, s_i, y_i}.
-    d_dot_d = (
-        c_g * c_g * gg
-        + 2 * c_g * ((c_s * Sg_k).sum(-1) + (c_y * Yg_k).sum(-1))
-        + torch.einsum("bi,bij,bj->b", c_s, SS, c_s)
-        + 2 * torch.einsum("bi,bij,bj->b", c_s, SY, c_y)
-        + torch.einsum("bi,bij,bj->b", c_y, YY, c_y)
-    )
+    d_dot_d = torch.einsum("bi,bij,bj->b", c, basis_gram, c)
+    c_g, c_s, c_y = c[:, 0], c[:, 1 : 1 + m], c[:, 1 + m :]
 
     # Back to slot order.
     c_s = torch.zeros_like(c_s).scatter_(1, slots, c_s)
