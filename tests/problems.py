@@ -10,6 +10,7 @@ compared closed-loop, exactly as training would run them.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 
 import torch
@@ -145,6 +146,57 @@ def run_against_reference(sc: Scenario, dtype=torch.float32, device="cpu", **opt
     ref.run()
     errors = [relative_error(flat(params), ref.natural(gi)) for gi, params in enumerate(groups)]
     return opt, groups, ref, errors
+
+
+def state_tensors(opt: MLBFGS) -> list[torch.Tensor]:
+    """Every tensor of ``opt.state`` in a fixed order."""
+    out = []
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in sorted(opt.state[p].items()):
+                if key == "blocks":
+                    out += [block[k] for block in value for k in sorted(block)]
+                else:
+                    out.append(value)
+    return out
+
+
+def resume_from_checkpoint(sc: Scenario, save_at: int, first: str, second: str, device="cpu", **kwargs):
+    """Run backend ``first`` to ``save_at``, checkpoint through ``torch.save`` (loaded with
+    ``map_location="cpu"``), finish the run, and finish it again from the checkpoint on a
+    freshly built ``second`` optimizer over fresh parameters.
+
+    Returns ``((opt, groups), (opt2, groups2))``."""
+    groups = build_params(sc, torch.float32, device)
+    opt = make_optimizer(sc, groups, backend=first, **kwargs)
+    run_optimizer(sc, opt, groups, stop=save_at)
+    buffer = io.BytesIO()
+    torch.save({"params": [[p.detach().clone() for p in g] for g in groups], "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, map_location="cpu", weights_only=True)
+    run_optimizer(sc, opt, groups, start=save_at)
+
+    groups2 = build_params(sc, torch.float32, device)
+    with torch.no_grad():
+        for g2, saved in zip(groups2, checkpoint["params"]):
+            for p, v in zip(g2, saved):
+                p.copy_(v)
+    opt2 = make_optimizer(sc, groups2, backend=second, **kwargs)
+    opt2.load_state_dict(checkpoint["opt"])
+    run_optimizer(sc, opt2, groups2, start=save_at)
+    return (opt, groups), (opt2, groups2)
+
+
+def assert_bit_identical(run1, run2) -> None:
+    """Parameters and every state tensor equal to the bit, dtypes included."""
+    (opt, groups), (opt2, groups2) = run1, run2
+    for g1, g2 in zip(groups, groups2):
+        for p1, p2 in zip(g1, g2):
+            assert torch.equal(p1, p2)
+    s1, s2 = state_tensors(opt), state_tensors(opt2)
+    assert len(s1) == len(s2) > 0
+    for a, b in zip(s1, s2):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,68 +1,32 @@
 """Checkpoints: a state_dict saved mid-run resumes to a bit-identical trajectory."""
 
 import copy
-import io
 
 import pytest
 import torch
 
-from problems import build_params, flat, make_optimizer, run_optimizer, standard_scenario
+from problems import (
+    assert_bit_identical,
+    build_params,
+    flat,
+    make_optimizer,
+    resume_from_checkpoint,
+    run_optimizer,
+    set_grads,
+    standard_scenario,
+)
 
 # Points of interest with update_period 4 and history 3: before any pair,
 # just after the first pair (t = 8), after the ring wrapped (4 pairs by t = 20).
 SAVE_AT = [5, 9, 22]
 
 
-def _save_load(obj, map_location=None):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, map_location=map_location, weights_only=True)
-
-
-def _state_tensors(opt):
-    out = []
-    for group in opt.param_groups:
-        for p in group["params"]:
-            for key, value in sorted(opt.state[p].items()):
-                if key == "blocks":
-                    for block in value:
-                        out += [block[k] for k in sorted(block)]
-                else:
-                    out.append(value)
-    return out
-
-
 @pytest.mark.parametrize("save_at", SAVE_AT)
 @pytest.mark.parametrize("blocks", ["group", "tensor", 13])
 def test_resume_is_bit_exact(save_at, blocks):
     sc = standard_scenario(blocks, steps=30)
-    groups = build_params(sc, torch.float32)
-    opt = make_optimizer(sc, groups, backend="foreach", history_dtype=torch.bfloat16)
-    run_optimizer(sc, opt, groups, stop=save_at)
-    checkpoint = _save_load(
-        {"params": [[p.detach().clone() for p in g] for g in groups], "opt": opt.state_dict()},
-        map_location="cpu",
-    )
-    run_optimizer(sc, opt, groups, start=save_at)
-
-    # A freshly constructed optimizer over fresh parameters, loaded from the checkpoint.
-    groups2 = build_params(sc, torch.float32)
-    with torch.no_grad():
-        for g2, saved in zip(groups2, checkpoint["params"]):
-            for p, v in zip(g2, saved):
-                p.copy_(v)
-    opt2 = make_optimizer(sc, groups2, backend="foreach", history_dtype=torch.bfloat16)
-    opt2.load_state_dict(checkpoint["opt"])
-    run_optimizer(sc, opt2, groups2, start=save_at)
-
-    for g1, g2 in zip(groups, groups2):
-        for p1, p2 in zip(g1, g2):
-            assert torch.equal(p1, p2)
-    s1, s2 = _state_tensors(opt), _state_tensors(opt2)
-    assert len(s1) == len(s2) > 0
-    for a, b in zip(s1, s2):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+    run1, run2 = resume_from_checkpoint(sc, save_at, "foreach", "foreach", history_dtype=torch.bfloat16)
+    assert_bit_identical(run1, run2)
 
 
 def test_state_dict_layout_and_dtypes():
@@ -110,8 +74,6 @@ def test_mismatched_checkpoint_is_rejected_before_any_write():
     opt2 = make_optimizer(sc_other, groups2, backend="foreach")
     opt2.load_state_dict(sd)
     before = [flat(g) for g in groups2]
-    from problems import set_grads
-
     set_grads(sc_other, groups2, 0)
     with pytest.raises(ValueError, match="block layout|shape"):
         opt2.step()

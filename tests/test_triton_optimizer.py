@@ -7,7 +7,6 @@ set by ``make test`` and ``conftest.py``) on CPU tensors.
 """
 
 import copy
-import io
 from types import SimpleNamespace
 
 import pytest
@@ -16,10 +15,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mlbfgs_fused import MLBFGS, _triton
 from problems import (
+    assert_bit_identical,
     build_params,
     flat,
     make_optimizer,
     relative_error,
+    resume_from_checkpoint,
     run_against_reference,
     run_optimizer,
     set_grads,
@@ -56,18 +57,6 @@ def _counters(opt, groups):
         for p in params:
             for b in opt.state[p].get("blocks", []):
                 out.append({k: b[k].item() for k in ("step", "pair_count", "skipped_pairs", "skipped_steps")})
-    return out
-
-
-def _state_tensors(opt):
-    out = []
-    for group in opt.param_groups:
-        for p in group["params"]:
-            for key, value in sorted(opt.state[p].items()):
-                if key == "blocks":
-                    out += [block[k] for block in value for k in sorted(block)]
-                else:
-                    out.append(value)
     return out
 
 
@@ -158,51 +147,18 @@ def test_parameter_groups_of_two_dtypes_share_the_step():
 
 
 # -- checkpoints ----------------------------------------------------------------------
-def _save_load(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
-def _resume(sc, save_at, first, second, **kwargs):
-    """Run ``first`` to ``save_at``, checkpoint, then finish on ``first`` and, from the
-    checkpoint, on a fresh ``second`` optimizer over fresh parameters."""
-    dev = _device()
-    groups = build_params(sc, torch.float32, dev)
-    opt = make_optimizer(sc, groups, backend=first, **kwargs)
-    run_optimizer(sc, opt, groups, stop=save_at)
-    checkpoint = _save_load(
-        {"params": [[p.detach().clone() for p in g] for g in groups], "opt": opt.state_dict()}
-    )
-    run_optimizer(sc, opt, groups, start=save_at)
-    groups2 = build_params(sc, torch.float32, dev)
-    with torch.no_grad():
-        for g2, saved in zip(groups2, checkpoint["params"]):
-            for p, v in zip(g2, saved):
-                p.copy_(v)
-    opt2 = make_optimizer(sc, groups2, backend=second, **kwargs)
-    opt2.load_state_dict(checkpoint["opt"])
-    run_optimizer(sc, opt2, groups2, start=save_at)
-    return (opt, groups), (opt2, groups2)
-
-
 def test_resume_on_the_same_path_is_bit_exact():
     sc = _scenario(13, steps=17)  # saved after the first pair, resumed across the next two
-    (opt, groups), (opt2, groups2) = _resume(sc, 10, "triton", "triton", history_dtype=torch.bfloat16)
-    for g1, g2 in zip(groups, groups2):
-        for p1, p2 in zip(g1, g2):
-            assert torch.equal(p1, p2)
-    s1, s2 = _state_tensors(opt), _state_tensors(opt2)
-    assert len(s1) == len(s2) > 0
-    for a, b in zip(s1, s2):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+    run1, run2 = resume_from_checkpoint(
+        sc, 10, "triton", "triton", _device(), history_dtype=torch.bfloat16
+    )
+    assert_bit_identical(run1, run2)
 
 
 @pytest.mark.parametrize("first,second", [("foreach", "triton"), ("triton", "foreach")])
 def test_resume_across_backends(first, second):
     sc = _scenario("tensor", steps=21)
-    (opt, groups), (opt2, groups2) = _resume(sc, 13, first, second)
+    (opt, groups), (opt2, groups2) = resume_from_checkpoint(sc, 13, first, second, _device())
     for g1, g2 in zip(groups, groups2):
         assert relative_error(flat(g2), flat(g1)) < 1e-4
     assert _counters(opt, groups) == _counters(opt2, groups2)
