@@ -104,6 +104,15 @@ def run_optimizer(sc: Scenario, opt: MLBFGS, groups, start: int = 0, stop: int |
         opt.step()
 
 
+def run_scenario(sc: Scenario, dtype=torch.float32, device="cpu", stop: int | None = None, **opt_kwargs):
+    """Fresh parameters and an MLBFGS (``opt_kwargs`` choose the backend) run through
+    ``sc`` up to ``stop`` (default: the end). Returns ``(optimizer, parameter groups)``."""
+    groups = build_params(sc, dtype, device)
+    opt = make_optimizer(sc, groups, **opt_kwargs)
+    run_optimizer(sc, opt, groups, stop=stop)
+    return opt, groups
+
+
 class ReferenceRun:
     """The float64 reference on the same scenario, in each group's arena order."""
 
@@ -139,9 +148,7 @@ def run_against_reference(sc: Scenario, dtype=torch.float32, device="cpu", **opt
     """Run MLBFGS (``opt_kwargs`` choose the backend) and the reference on ``sc``.
 
     Returns ``(optimizer, parameter groups, reference run, relative errors per group)``."""
-    groups = build_params(sc, dtype, device)
-    opt = make_optimizer(sc, groups, **opt_kwargs)
-    run_optimizer(sc, opt, groups)
+    opt, groups = run_scenario(sc, dtype, device, **opt_kwargs)
     ref = ReferenceRun(sc, [h.get("blocks", "group") for h in sc.hyper])
     ref.run()
     errors = [relative_error(flat(params), ref.natural(gi)) for gi, params in enumerate(groups)]
@@ -167,9 +174,7 @@ def resume_from_checkpoint(sc: Scenario, save_at: int, first: str, second: str, 
     freshly built ``second`` optimizer over fresh parameters.
 
     Returns ``((opt, groups), (opt2, groups2))``."""
-    groups = build_params(sc, torch.float32, device)
-    opt = make_optimizer(sc, groups, backend=first, **kwargs)
-    run_optimizer(sc, opt, groups, stop=save_at)
+    opt, groups = run_scenario(sc, torch.float32, device, stop=save_at, backend=first, **kwargs)
     buffer = io.BytesIO()
     torch.save({"params": [[p.detach().clone() for p in g] for g in groups], "opt": opt.state_dict()}, buffer)
     buffer.seek(0)

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mlbfgs_fused import MLBFGS
-from problems import build_params, flat, make_optimizer, run_optimizer, set_grads, standard_scenario
+from problems import build_params, flat, make_optimizer, run_scenario, set_grads, standard_scenario
 
 
 def _param(*shape):
@@ -84,9 +84,7 @@ def test_sparse_and_complex_gradients_raise_before_any_write():
 
 def test_nan_gradient_step_changes_nothing_but_the_counter():
     sc = standard_scenario("tensor", steps=30)
-    groups = build_params(sc, torch.float32)
-    opt = make_optimizer(sc, groups, backend="foreach")
-    run_optimizer(sc, opt, groups, stop=23)  # history has wrapped
+    opt, groups = run_scenario(sc, stop=23, backend="foreach")  # history has wrapped
     before_params = [flat(g) for g in groups]
     before_state = copy.deepcopy(opt.state_dict()["state"])
     set_grads(sc, groups, 23)

@@ -11,7 +11,7 @@ from problems import (
     flat,
     make_optimizer,
     resume_from_checkpoint,
-    run_optimizer,
+    run_scenario,
     set_grads,
     standard_scenario,
 )
@@ -31,9 +31,7 @@ def test_resume_is_bit_exact(save_at, blocks):
 
 def test_state_dict_layout_and_dtypes():
     sc = standard_scenario("group", steps=12)
-    groups = build_params(sc, torch.float32)
-    opt = make_optimizer(sc, groups, backend="foreach")
-    run_optimizer(sc, opt, groups)
+    opt, groups = run_scenario(sc, backend="foreach")
     sd = opt.state_dict()
     first = sd["state"][0]
     for key in ("momentum_buffer", "param_ema", "grad_ema", "param_snapshot", "grad_snapshot"):
@@ -52,9 +50,7 @@ def test_state_dict_layout_and_dtypes():
 def test_state_is_views_of_one_buffer_per_group():
     """All per-parameter state of a group lives in one flat buffer per quantity."""
     sc = standard_scenario("tensor", steps=3)
-    groups = build_params(sc, torch.float32)
-    opt = make_optimizer(sc, groups, backend="foreach")
-    run_optimizer(sc, opt, groups)
+    opt, groups = run_scenario(sc, backend="foreach")
     bufs = [opt.state[p]["momentum_buffer"] for p in groups[0]]
     base = bufs[0].untyped_storage().data_ptr()
     assert all(b.untyped_storage().data_ptr() == base for b in bufs)
@@ -62,9 +58,7 @@ def test_state_is_views_of_one_buffer_per_group():
 
 def test_mismatched_checkpoint_is_rejected_before_any_write():
     sc = standard_scenario("group", steps=6)
-    groups = build_params(sc, torch.float32)
-    opt = make_optimizer(sc, groups, backend="foreach")
-    run_optimizer(sc, opt, groups)
+    opt, groups = run_scenario(sc, backend="foreach")
     sd = opt.state_dict()
     # Same parameter count, different shapes: torch's own loader does not notice.
     sc_other = standard_scenario("group", steps=6)

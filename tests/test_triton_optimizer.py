@@ -22,7 +22,7 @@ from problems import (
     relative_error,
     resume_from_checkpoint,
     run_against_reference,
-    run_optimizer,
+    run_scenario,
     set_grads,
     standard_scenario,
 )
@@ -97,9 +97,8 @@ def test_bfloat16_history_close_to_reference():
 
 def test_nan_gradient_step_changes_nothing_but_the_counter():
     sc = _scenario("tensor", steps=24)
-    groups = build_params(sc, torch.float32, _device())
-    opt = make_optimizer(sc, groups, backend="triton")
-    run_optimizer(sc, opt, groups, stop=23)  # t = 23: the next step would push a pair
+    # t = 23: the next step would push a pair
+    opt, groups = run_scenario(sc, torch.float32, _device(), stop=23, backend="triton")
     before_params = [flat(g) for g in groups]
     before_state = copy.deepcopy(opt.state_dict()["state"])
     set_grads(sc, groups, 23)
@@ -346,9 +345,7 @@ def test_launch_sequence_compiles_without_graph_breaks():
     runs = []
     for compiled in (False, True):
         torch._dynamo.reset()
-        groups = build_params(sc, torch.float32, dev)
-        opt = make_optimizer(sc, groups, backend="triton")
-        run_optimizer(sc, opt, groups, stop=2)
+        opt, groups = run_scenario(sc, torch.float32, dev, stop=2, backend="triton")
         plan = opt._group_arenas(0, opt.param_groups[0])[0].fused
         launch = torch.compile(plan.launch, backend="aot_eager", fullgraph=True) if compiled else plan.launch
         for step in range(2, sc.steps):
