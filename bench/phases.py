@@ -7,7 +7,7 @@ writes once (float32, per DESIGN.md section 3). Only the foreach backend's
 phases are exposed today; the Triton backend is timed as a whole step until it
 names its kernels.
 
-This reaches into ``mlbfgs_fused._foreach``: if that module is reorganised,
+This reaches into ``mlbfgs_fused.backends.foreach``: if that module is reorganised,
 ``make test`` (which runs every benchmark once) fails here first.
 """
 
@@ -21,8 +21,8 @@ from mlbfgs_fused import MLBFGS
 
 
 def foreach_phases(opt: MLBFGS, m: int) -> dict[str, tuple[Callable[[], object], Callable[[int], int]]]:
-    from mlbfgs_fused import _foreach
-    from mlbfgs_fused.optimizer import group_direction_scale
+    from mlbfgs_fused.backends import foreach as _foreach
+    from mlbfgs_fused.backends.foreach import group_direction_scale
 
     (group,) = opt.param_groups
     (arena,) = opt._group_arenas(0, group)
@@ -30,7 +30,7 @@ def foreach_phases(opt: MLBFGS, m: int) -> dict[str, tuple[Callable[[], object],
     ok = torch.ones((), dtype=torch.bool, device=arena.device)
 
     def dots():
-        return _foreach.gradient_dots(arena)
+        return _foreach._gradient_dots(arena)
 
     def direction():
         return _foreach.direction(arena, ok, dots())

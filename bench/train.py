@@ -33,7 +33,7 @@ from .timing import load_average
 # The authors' published mL-BFGS settings; the first-order baselines get the usual ones.
 MLBFGS_HYPER = dict(
     lr=0.1, momentum=0.9, weight_decay=5e-4, history_size=10, update_period=50,
-    betas=(0.999, 0.999), pair_momentum=0.9, damping=0.01,
+    ema_decay=(0.999, 0.999), pair_momentum=0.9, damping=0.01,
 )
 HYPERPARAMETERS = {
     "mlbfgs": MLBFGS_HYPER,

@@ -1,6 +1,6 @@
 """Fused, in-place quasi-Newton optimizers for PyTorch."""
 
-from .optimizer import MLBFGS
+from .mlbfgs import MLBFGS
 
 __all__ = ["MLBFGS"]
 __version__ = "0.1.0"

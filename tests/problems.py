@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mlbfgs_fused import MLBFGS
-from mlbfgs_fused._blocks import arena_layout
+from mlbfgs_fused._state.layout import arena_layout
 from mlbfgs_fused.reference import ReferenceGroup
 
 
@@ -213,7 +213,7 @@ def standard_scenario(blocks, steps: int = 40, seed: int = 0, **overrides) -> Sc
     period so the history of 3 pairs wraps; a parameter whose gradient is absent
     through the first pair update makes that (tensor) block skip its first pair."""
     common = dict(
-        history_size=3, update_period=4, betas=(0.9, 0.95), pair_momentum=0.5, blocks=blocks
+        history_size=3, update_period=4, ema_decay=(0.9, 0.95), pair_momentum=0.5, blocks=blocks
     )
     common.update(overrides)
     return Scenario(

@@ -44,9 +44,9 @@ def test_matches_reference(blocks, dtype, tol):
 
 
 def test_default_hyperparameters_float64():
-    """The published settings (betas 0.999, pair momentum 0.9, T large) in float64."""
+    """The published settings (ema_decay 0.999, pair momentum 0.9, T large) in float64."""
     sc = standard_scenario("group", steps=70, history_size=2, update_period=10,
-                           betas=(0.999, 0.999), pair_momentum=0.9)
+                           ema_decay=(0.999, 0.999), pair_momentum=0.9)
     _, _, ref, errors = run_against_reference(sc, torch.float64, backend="foreach")
     assert max(errors) < 1e-10
     assert len(ref.groups[0].blocks[0].pairs) == 2
@@ -94,7 +94,7 @@ def test_masked_pair_update_is_an_exact_identity_when_not_due():
 
 
 def test_counter_probe_bounds_the_pair_schedule():
-    from mlbfgs_fused._foreach import CounterProbe
+    from mlbfgs_fused.backends.foreach import CounterProbe
 
     probe = CounterProbe(torch.device("cpu"))
     assert probe.pair_update_possible(5)  # nothing known yet

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from mlbfgs_fused._blocks import arena_layout
-from mlbfgs_fused._two_loop import damping_factor, two_loop_coefficients
+from mlbfgs_fused._state.layout import arena_layout
+from mlbfgs_fused._math import damping_factor, two_loop_coefficients
 from mlbfgs_fused.reference import ReferenceGroup
 
 
@@ -20,7 +20,7 @@ def test_secant_condition_on_a_quadratic():
     """With exact gradients of a quadratic whose curvature lies inside
     [sigma_low, sigma_high] and damping 0, y = A s and the newest pair satisfies H y = s."""
     A, theta0 = _quadratic(12, 0)
-    ref = ReferenceGroup(theta0, [0, 12], update_period=3, history_size=4, betas=(0.5, 0.5),
+    ref = ReferenceGroup(theta0, [0, 12], update_period=3, history_size=4, ema_decay=(0.5, 0.5),
                          pair_momentum=0.0, damping=0.0, lr=0.05)
     for _ in range(30):
         ref.step(A @ ref.theta)
@@ -99,7 +99,7 @@ def test_pair_momentum_zero_uses_raw_ema_differences():
     gen = torch.Generator().manual_seed(5)
     theta0 = torch.randn(6, generator=gen, dtype=torch.float64)
     grads = [torch.randn(6, generator=gen, dtype=torch.float64) for _ in range(12)]
-    ref = ReferenceGroup(theta0, [0, 6], update_period=3, pair_momentum=0.0, betas=(0.5, 0.5),
+    ref = ReferenceGroup(theta0, [0, 6], update_period=3, pair_momentum=0.0, ema_decay=(0.5, 0.5),
                          damping=0.0, sigma_low=0.0, sigma_high=1e9)
     snapshots = []
     for t, g in enumerate(grads, start=1):

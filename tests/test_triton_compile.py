@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mlbfgs_fused import _triton
+from mlbfgs_fused.backends import triton as _triton
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,8 @@ import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
-from mlbfgs_fused import MLBFGS, _triton
+from mlbfgs_fused import MLBFGS
+from mlbfgs_fused.backends import triton as _triton
 
 _triton.supported_devices = lambda: ["cuda", "cpu"]  # CPU tensors stand in for CUDA ones
 launches = []

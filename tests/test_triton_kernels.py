@@ -9,8 +9,9 @@ across parameters, m = 1 and histories holding fewer pairs than m, wrapped rings
 import pytest
 import torch
 
-from mlbfgs_fused import MLBFGS, _triton
-from mlbfgs_fused._two_loop import damping_factor, two_loop_coefficients
+from mlbfgs_fused import MLBFGS
+from mlbfgs_fused.backends import triton as _triton
+from mlbfgs_fused._math import damping_factor, two_loop_coefficients
 
 pytestmark = pytest.mark.skipif(
     not _triton.available(), reason="Triton does not import"
@@ -41,7 +42,7 @@ class Fused:
         (self.arena,) = self.opt._group_arenas(0, self.group)
         for p in self.params:
             p.grad = torch.randn(p.shape, generator=gen).to(dev)
-        assert _triton.prepare_group([self.arena], self.group)
+        assert _triton.prepare([self.arena], self.group)
         self.plan = self.arena.fused
         (self.ap,) = self.plan.arenas
         self.m, self.n = m, self.arena.layout.numel
@@ -106,7 +107,7 @@ def test_pass1_inner_products(monkeypatch, m, history_dtype):
     f.fill_history([m + 2, 1])
     f.params[1].grad = None  # a parameter without gradient counts as zero
     f.params[2].grad[3] = 1e30  # huge but finite: g.g stays finite in float64
-    assert _triton.prepare_group([f.arena], f.group)
+    assert _triton.prepare([f.arena], f.group)
     f.ap.gradient_dots(f.group)
 
     g = f.gradient(f.present_mask())
@@ -165,7 +166,7 @@ def _expected_pass2(f, step, present):
     st = {k: v.double().clone() for k, v in a.flat_state.items()}
     theta = torch.cat([p.detach().reshape(-1) for p in f.params]).double()
     g = f.gradient(present)
-    w_p, w_g = (1.0, 1.0) if step == 0 else (1 - h["betas"][0], 1 - h["betas"][1])
+    w_p, w_g = (1.0, 1.0) if step == 0 else (1 - h["ema_decay"][0], 1 - h["ema_decay"][1])
     P = torch.where(present, torch.lerp(st["param_ema"], theta, w_p), st["param_ema"])
     G = torch.where(present, torch.lerp(st["grad_ema"], g, w_g), st["grad_ema"])
     d = torch.empty_like(g)
@@ -185,10 +186,10 @@ def _expected_pass2(f, step, present):
 
 @pytest.mark.parametrize("step", [0, 6, 7], ids=["first", "plain", "pair-forming"])
 def test_pass2_update(monkeypatch, step):
-    f = Fused(monkeypatch, m=3, weight_decay=0.05, update_period=4, betas=(0.9, 0.8), lr=0.3)
+    f = Fused(monkeypatch, m=3, weight_decay=0.05, update_period=4, ema_decay=(0.9, 0.8), lr=0.3)
     f.fill_history([4, 0])
     f.params[0].grad = None
-    assert _triton.prepare_group([f.arena], f.group)
+    assert _triton.prepare([f.arena], f.group)
     _random_state(f, step)
     present = f.present_mask()
     theta, P, G, buf = _expected_pass2(f, step, present)
@@ -335,7 +336,7 @@ def test_push_when_no_pair_forms(monkeypatch, step, finite, expect):
 
 
 def test_program_table_tiles_lie_in_one_block_and_one_parameter():
-    from mlbfgs_fused._blocks import arena_layout
+    from mlbfgs_fused._state.layout import arena_layout
 
     layout = arena_layout([37, 0, 5, 50], 40)
     programs, blocks = _triton.program_tables(layout, m=3, tile=16)

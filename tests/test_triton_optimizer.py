@@ -13,7 +13,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mlbfgs_fused import MLBFGS, _triton
+from mlbfgs_fused import MLBFGS
+from mlbfgs_fused import backends
+from mlbfgs_fused.backends import triton as _triton
 from problems import (
     assert_bit_identical,
     build_params,
@@ -261,18 +263,19 @@ def test_replaced_parameter_data_is_gathered_back():
 def test_backend_selection():
     p = torch.nn.Parameter(torch.randn(3))
     opt = MLBFGS([p])  # fused=None on the CPU: foreach
-    assert opt._backend(opt.param_groups[0]) == "foreach"
+    assert backends.select(opt.param_groups[0]).name == "foreach"
     if _triton.interpreting():  # the interpreter takes CPU tensors when asked
         for kwargs in (dict(backend="triton"), dict(fused=True)):
             opt = MLBFGS([p], **kwargs)
-            assert opt._backend(opt.param_groups[0]) == "triton"
+            assert backends.select(opt.param_groups[0]).name == "triton"
     for kwargs in (dict(fused=False), dict(foreach=True), dict(backend="foreach")):
         opt = MLBFGS([p], **kwargs)
-        assert opt._backend(opt.param_groups[0]) == "foreach"
+        assert backends.select(opt.param_groups[0]).name == "foreach"
     # fused=None takes the Triton path when every parameter is a CUDA tensor.
     cuda, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
-    assert _triton.chosen_by_default([cuda, cuda])
-    assert not _triton.chosen_by_default([cuda, cpu])
+    group = dict(backend=None, fused=None, foreach=None)
+    assert backends.select({**group, "params": [cuda, cuda]}).name == "triton"
+    assert backends.select({**group, "params": [cuda, cpu]}).name == "foreach"
 
 
 def test_fused_on_unsupported_device_raises_torch_wording(monkeypatch):
@@ -352,8 +355,8 @@ def test_launch_sequence_compiles_without_graph_breaks():
             set_grads(sc, groups, step)
             for index, group in enumerate(opt.param_groups):
                 arenas = opt._group_arenas(index, group)
-                _triton.prepare_group(arenas, group)
-                launch(group) if index == 0 else _triton.step_group(arenas, group)
+                _triton.prepare(arenas, group)
+                launch(group) if index == 0 else arenas[0].fused.launch(group)
         runs.append(groups)
     for g1, g2 in zip(*runs):
         for p1, p2 in zip(g1, g2):

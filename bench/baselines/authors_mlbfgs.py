@@ -40,7 +40,7 @@ class AuthorsStyleMLBFGS:
         weight_decay: float = 0.0,
         history_size: int = 10,
         update_period: int = 50,
-        betas: tuple[float, float] = (0.999, 0.999),
+        ema_decay: tuple[float, float] = (0.999, 0.999),
         pair_momentum: float = 0.9,
         damping: float = 0.01,
         sigma_low: float = 0.01,
@@ -54,7 +54,7 @@ class AuthorsStyleMLBFGS:
         self.weight_decay = weight_decay
         self.history_size = history_size
         self.update_period = update_period
-        self.betas = betas
+        self.ema_decay = ema_decay
         self.pair_momentum = pair_momentum
         self.damping = damping
         self.sigma_low, self.sigma_high = sigma_low, sigma_high
@@ -72,7 +72,7 @@ class AuthorsStyleMLBFGS:
     @torch.no_grad()
     def step(self) -> None:
         self.t += 1
-        beta_p, beta_g = self.betas
+        beta_p, beta_g = self.ema_decay
         directions = []
         for blk in self.blocks:
             theta = torch.cat([p.data.view(-1) for p in blk.params])

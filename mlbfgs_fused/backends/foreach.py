@@ -14,8 +14,66 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._arena import Arena
-from ._two_loop import damping_factor, two_loop_coefficients
+from .._checks import check_gradients  # noqa: F401 -- an entry point
+from .._state.arena import Arena
+from .._math import damping_factor, two_loop_coefficients
+
+
+def available() -> bool:
+    return True
+
+
+def supported_devices() -> list[str]:
+    return ["cpu", "cuda", "mps", "xpu", "meta"]
+
+
+def prepare(arenas: list[Arena], group: dict) -> bool:
+    return any(p.grad is not None for p in group["params"])
+
+
+def gradient_dots(arenas: list[Arena], group: dict, amp) -> list[Tensor]:
+    """Gather ``g`` and compute ``S g``, ``Y g``, ``g.g`` per block; keep them for :func:`finish`."""
+    probes = []
+    for arena in arenas:
+        step = GroupStep(arena)
+        gather_gradient(step, group["weight_decay"], group["maximize"])
+        dots = _gradient_dots(arena)
+        arena.pending_step = (step, dots)
+        probes.append(dots[2].sum())
+    return probes
+
+
+def finish(arenas: list[Arena], group: dict, ok: dict, amp) -> None:
+    pending = [arena.pending_step for arena in arenas]
+    d_dot_d = [
+        direction(arena, ok[arena.device], dots) for arena, (_, dots) in zip(arenas, pending)
+    ]
+    home = arenas[0].device
+    d_scale = group_direction_scale(arenas, d_dot_d, group["normalize"], home)
+    for (step, _), arena in zip(pending, arenas):
+        arena.pending_step = None
+        ok_here = ok[arena.device]
+        apply_update(step, group, ok_here, d_scale.to(arena.device, arena.dtype))
+        if arena.counter_probe is None:
+            arena.counter_probe = CounterProbe(arena.device)
+        # Under capture the host's knowledge would be frozen into the graph.
+        if group["capturable"] or arena.counter_probe.pair_update_possible(group["update_period"]):
+            push_pairs(arena, group, ok_here)
+        if not group["capturable"]:
+            arena.counter_probe.record(arena.counters["step"][0])
+
+
+def group_direction_scale(
+    arenas: list[Arena], d_dot_d: list[Tensor], normalize: bool, home: torch.device
+) -> Tensor:
+    """``1 / ||d||`` over the whole group once any block holds a pair (docs/design.md,
+    the step, 4), else 1; 1 as well when ``||d|| = 0``."""
+    one = torch.ones((), dtype=torch.float64, device=home)
+    if not normalize:
+        return one
+    norm = torch.stack([x.sum().to(home) for x in d_dot_d]).sum().sqrt()
+    any_held = torch.stack([(a.counters["pair_count"] > 0).any().to(home) for a in arenas]).any()
+    return torch.where(any_held & (norm > 0), one / torch.where(norm > 0, norm, one), one)
 
 
 class GroupStep:
@@ -53,7 +111,7 @@ def gather_gradient(step: GroupStep, weight_decay: float, maximize: bool) -> Non
         g.neg_()
 
 
-def gradient_dots(arena: Arena) -> tuple[Tensor, Tensor, Tensor]:
+def _gradient_dots(arena: Arena) -> tuple[Tensor, Tensor, Tensor]:
     """``S g``, ``Y g`` (``[B, m]``) and ``g.g`` (``[B]``) per block, in float64.
     ``g.g`` doubles as the finiteness flag: it is finite iff ``g`` is (barring overflow)."""
     g = arena.grad_flat
@@ -98,7 +156,7 @@ def apply_update(step: GroupStep, group: dict, ok: Tensor, d_scale: Tensor) -> N
     """EMAs, heavy ball and the parameter write, each an identity when ``ok`` is False."""
     arena = step.arena
     flat = arena.flat_state
-    beta_p, beta_g = group["betas"]
+    beta_p, beta_g = group["ema_decay"]
     first = arena.counters["step"][0] == 0
     one = torch.ones((), dtype=arena.dtype, device=arena.device)
     zero = torch.zeros((), dtype=arena.dtype, device=arena.device)
@@ -196,7 +254,7 @@ class CounterProbe:
 
     def __init__(self, device: torch.device):
         cuda = device.type == "cuda"
-        self.host = torch.zeros((), dtype=torch.float32, pin_memory=cuda)
+        self.host = torch.zeros((), dtype=torch.int64, pin_memory=cuda)
         self.event = torch.cuda.Event() if cuda else None
         self.calls = 0  # steps run on this arena
         self.calls_at_copy: int | None = None  # None: no copy issued yet

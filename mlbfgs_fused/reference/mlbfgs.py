@@ -20,7 +20,7 @@ DEFAULTS = dict(
     weight_decay=0.0,
     history_size=10,
     update_period=50,
-    betas=(0.999, 0.999),
+    ema_decay=(0.999, 0.999),
     pair_momentum=0.9,
     damping=0.01,
     sigma_low=0.01,
@@ -113,7 +113,7 @@ class ReferenceGroup:
         new_theta = torch.where(has_grad, self.theta - h["lr"] * self.buf, self.theta)
 
         # 6. EMAs with the parameters before the update
-        beta_p, beta_g = h["betas"]
+        beta_p, beta_g = h["ema_decay"]
         if self.param_ema is None:
             self.param_ema = self.theta.clone()
             self.grad_ema = torch.where(has_grad, g, zero)

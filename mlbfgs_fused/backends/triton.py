@@ -28,7 +28,8 @@ from operator import attrgetter, is_
 import torch
 from torch import Tensor
 
-from ._arena import Arena
+from .._checks import check_gradients  # an entry point; binding re-checks replaced gradients
+from .._state.arena import Arena
 
 # Elements per program; with Triton's default 4 warps no kernel spills registers.
 # A block's (or parameter's) last program is shorter.
@@ -54,36 +55,18 @@ def interpreting() -> bool:
     were defined): then they take CPU tensors."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    from .kernels import pass1
+    from ..kernels import gradient_dots
 
-    return isinstance(pass1.gradient_dots_kernel, InterpretedFunction)
+    return isinstance(gradient_dots.gradient_dots_kernel, InterpretedFunction)
 
 
 def supported_devices() -> list[str]:
     return ["cuda", "cpu"] if available() and interpreting() else ["cuda"]
 
 
-def check_supported(params) -> None:
-    """Raise PyTorch's error for ``fused=True`` on parameters the kernels cannot take."""
-    devices = supported_devices()
-    for p in params:
-        if not (p.device.type in devices and torch.is_floating_point(p)):
-            raise RuntimeError(
-                "`fused=True` requires all the params to be floating point Tensors of "
-                f"supported devices: {devices} but {p.dtype} and {p.device.type}"
-            )
-    if not available():
-        raise RuntimeError("`fused=True` requires Triton, which does not import here")
-
-
-def chosen_by_default(params) -> bool:
-    """``fused=None``: the Triton path when every parameter is a CUDA floating tensor."""
-    return all(map(attrgetter("is_cuda"), params)) and available()
-
-
-# -- entry points used by MLBFGS ----------------------------------------------------
+# -- entry points (see mlbfgs_fused.backends) --------------------------------------
 @torch.compiler.disable  # host-side bookkeeping; the launches after it trace into one graph
-def prepare_group(arenas: list[Arena], group: dict) -> bool:
+def prepare(arenas: list[Arena], group: dict) -> bool:
     """Host-side work of a step, before any write: build the plan on first use, check
     and bind the gradients. Returns whether any parameter of the group has a gradient."""
     plan = arenas[0].fused
@@ -92,8 +75,18 @@ def prepare_group(arenas: list[Arena], group: dict) -> bool:
     return plan.prepare(group)
 
 
-def step_group(arenas: list[Arena], group: dict) -> None:
-    arenas[0].fused.launch(group)
+def gradient_dots(arenas: list[Arena], group: dict, amp) -> list[Tensor]:
+    plan = arenas[0].fused
+    plan.gradient_dots(group)
+    plan.two_loop()
+    return [p.stats[p.block_rows, 0].sum() for p in plan.arenas]
+
+
+def finish(arenas: list[Arena], group: dict, ok: dict, amp) -> None:
+    plan = arenas[0].fused
+    plan.update(group)
+    plan.push(group)
+    plan.commit(group)
 
 
 # -- plans ------------------------------------------------------------------------
@@ -164,14 +157,12 @@ class ArenaPlan:
         self.param_ptrs = list(map(_data_ptr, self.arena.params))
 
     def _gather_grads(self) -> bool:
-        from .optimizer import _check_gradients
-
         params = self.arena.params
         grads = list(map(_grad_of, params))
         foreign = [
             p for p, g, v in zip(params, grads, self.grad_views) if g is not None and g is not v
         ]
-        _check_gradients({"params": foreign})
+        check_gradients({"params": foreign})
         with torch.no_grad():
             for p, g, view in zip(params, grads, self.grad_views):
                 if g is not None and g is not view:
@@ -200,7 +191,7 @@ class ArenaPlan:
     # -- launches ---------------------------------------------------------------
     def gradient_dots(self, group: dict) -> None:
         a = self.arena
-        self.kernels.pass1.gradient_dots(
+        self.kernels.gradient_dots.gradient_dots(
             a.grad_flat, self.param_flat, a.history_s, a.history_y, self.programs, self.present,
             self.hyper, self.dot_partials, a.m, group["weight_decay"] != 0, group["maximize"],
             self.tile,
@@ -208,7 +199,7 @@ class ArenaPlan:
 
     def two_loop(self) -> None:
         a = self.arena
-        self.kernels.coefficients.two_loop(
+        self.kernels.two_loop.two_loop(
             self.dot_partials, self.blocks, a.gram, a.counters["pair_count"], self.coef,
             self.stats, self.block_offset, a.m,
         )
@@ -216,7 +207,7 @@ class ArenaPlan:
     def update(self, group: dict) -> None:
         a = self.arena
         f, c = a.flat_state, a.counters
-        self.kernels.pass2.update(
+        self.kernels.update.update(
             a.grad_flat, self.param_flat, a.history_s, a.history_y,
             f["param_ema"], f["grad_ema"], f["momentum_buffer"], f["param_snapshot"],
             f["grad_snapshot"], self.programs, self.present, self.coef, c["step"],
@@ -250,9 +241,9 @@ class GroupPlan:
     stats rows (one copy per device) and the hyperparameter vector (per device)."""
 
     def __init__(self, arenas: list[Arena], tile: int | None = None):
-        from .kernels import coefficients, common, pass1, pass2, push
+        from ..kernels import common, gradient_dots, push, two_loop, update
 
-        self.kernels = _Kernels(common, pass1, coefficients, pass2, push)
+        self.kernels = _Kernels(common, gradient_dots, two_loop, update, push)
         tile = TILE if tile is None else tile
         self.devices = list(dict.fromkeys(a.device for a in arenas))
         total = sum(a.layout.num_blocks for a in arenas)
@@ -286,7 +277,7 @@ class GroupPlan:
         kernel each, no host-to-device copy), and point the kernels' ``lr`` at a
         tensor lr itself when it lives on the arena's device."""
         lr = group["lr"]
-        beta_p, beta_g = group["betas"]
+        beta_p, beta_g = group["ema_decay"]
         values = (
             0.0 if isinstance(lr, Tensor) else float(lr),
             group["momentum"], group["weight_decay"], 1 - beta_p, 1 - beta_g,
@@ -361,9 +352,9 @@ class GroupPlan:
 class _Kernels:
     """The kernel modules, imported when the first plan is built (Triton is optional)."""
 
-    def __init__(self, common, pass1, coefficients, pass2, push):
-        self.common, self.pass1, self.coefficients = common, pass1, coefficients
-        self.pass2, self.push = pass2, push
+    def __init__(self, common, gradient_dots, two_loop, update, push):
+        self.common, self.gradient_dots, self.two_loop = common, gradient_dots, two_loop
+        self.update, self.push = update, push
 
 
 def program_tables(layout, m: int, tile: int) -> tuple[list[list[int]], list[list[int]]]:

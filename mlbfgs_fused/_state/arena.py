@@ -10,7 +10,7 @@ every backend and a checkpoint moves between them.
 Per parameter ``p`` (views shaped like ``p``):
     ``momentum_buffer``, ``param_ema``, ``grad_ema``, ``param_snapshot``, ``grad_snapshot``
 Per block, a dict in ``state[first_param]["blocks"]`` (blocks in arena order):
-    ``step`` (float32, steps taken), ``pair_count`` (int64, pairs accepted so far),
+    ``step`` (int64, steps taken), ``pair_count`` (int64, pairs accepted so far),
     ``skipped_pairs``, ``skipped_steps`` (int64), ``history_s``, ``history_y``
     (``[m, n_b]`` rings) and ``gram`` (``[3, m, m]`` float64: ``S S^T``, ``S Y^T``, ``Y Y^T``).
 """
@@ -22,11 +22,11 @@ import functools
 import torch
 from torch import Tensor
 
-from ._blocks import ArenaLayout
+from .layout import ArenaLayout
 
 PARAM_STATE_KEYS = ("momentum_buffer", "param_ema", "grad_ema", "param_snapshot", "grad_snapshot")
 BLOCK_COUNTER_DTYPES = {
-    "step": torch.float32,
+    "step": torch.int64,
     "pair_count": torch.int64,
     "skipped_pairs": torch.int64,
     "skipped_steps": torch.int64,
