@@ -1,0 +1,534 @@
+"""``LBFGS``: a drop-in for ``torch.optim.LBFGS`` with flat state and a vector-free two-loop."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import backends
+from ._line_search import Point, _strong_wolfe
+from ._math import two_loop_coefficients
+
+__all__ = ["LBFGS"]
+
+# The settings that shape the one quasi-Newton model and its loop: the same in every group.
+_GLOBAL_KEYS = ("max_iter", "max_eval", "tolerance_grad", "tolerance_change", "history_size",
+                "line_search_fn", "maximize")
+_CURVATURE_MIN = 1e-10  # torch's rule: a pair is stored only when s.y > 1e-10
+
+
+class LBFGS(Optimizer):
+    r"""L-BFGS with torch's constructor, closure protocol and algorithm.
+
+    ``torch.optim.LBFGS`` code changes only its import: the same termination
+    rules, the same strong-Wolfe line search (cubic interpolation, ``c1 = 1e-4``,
+    ``c2 = 0.9``), a pair ``(s, y)`` stored only when ``s.y > 1e-10``, ``H0 = s.y / y.y``
+    of the newest pair, a first step of ``min(1, 1 / |g|_1) * lr``, and the counters
+    ``n_iter`` and ``func_evals`` in ``state[first_param]``. Underneath, the state
+    is flat (per group, device and dtype: the history ring, the direction and the
+    previous gradient), the two-loop recursion runs on the Gram matrix of the
+    history (docs/design.md, "The step"): two passes over the ring per
+    iteration and no host synchronisation inside it; trial points are written
+    into the parameters in place. The host reads one small vector per closure
+    evaluation (the loss and the line-search scalars) and one per direction.
+
+    Beyond torch:
+
+    - Several parameter groups: one quasi-Newton model over all parameters; a
+      group's ``lr`` scales its part of every step (relative to the first
+      group's, which plays torch's ``lr``). Loop settings (``max_iter``,
+      ``max_eval``, the tolerances, ``history_size``, ``line_search_fn``,
+      ``maximize``) must be the same in every group.
+    - Parameters on several devices and dtypes (float32, float64).
+    - ``maximize``.
+    - ``max_eval`` holds exactly, also inside the line search.
+    - A trial point whose loss or gradient is not finite is a failed trial: the
+      line search backs off (without one, the step is halved until the point is
+      finite or ``max_eval`` is reached, then undone); it never enters the history.
+      A step that starts at a non-finite point returns without changing anything.
+    - Under ``torch.distributed`` (when initialised), the scalars the host reads
+      are averaged over the ranks before any decision, so every rank makes the
+      same decisions and runs the closure the same number of times (the closure
+      averages the gradients, as DDP does).
+
+    Args:
+        params: an iterable of parameters or of dicts defining parameter groups.
+        lr: learning rate (default: 1).
+        max_iter: maximal number of iterations per optimization step (default: 20).
+        max_eval: maximal number of function evaluations per optimization step
+            (default: max_iter * 1.25).
+        tolerance_grad: termination tolerance on first order optimality (default: 1e-7).
+        tolerance_change: termination tolerance on function value/parameter changes
+            (default: 1e-9).
+        history_size: update history size (default: 100).
+        line_search_fn: either 'strong_wolfe' or None (default: None).
+        maximize: maximise the objective (default: False).
+        foreach: accepted for symmetry with ``torch.optim``; the portable path
+            uses ``torch._foreach_*`` ops (default: None).
+        fused: fused kernels for LBFGS are not available yet; ``True`` raises.
+        backend: ``None`` or ``"foreach"``.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1,
+        max_iter: int = 20,
+        max_eval: int | None = None,
+        tolerance_grad: float = 1e-7,
+        tolerance_change: float = 1e-9,
+        history_size: int = 100,
+        line_search_fn: str | None = None,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        backend: str | None = None,
+    ):
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if backend is not None:
+            backends.get(backend)  # raises, naming the registered backends
+        if fused or backend not in (None, "foreach"):
+            raise NotImplementedError(
+                "LBFGS runs on the foreach backend only for now (fused LBFGS kernels are not built yet)"
+            )
+        if line_search_fn not in (None, "strong_wolfe"):
+            raise RuntimeError("only 'strong_wolfe' is supported")
+        for name, value in (("max_iter", max_iter), ("history_size", history_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Invalid {name} value: {value}")
+        if max_eval is None:
+            max_eval = max_iter * 5 // 4
+        if isinstance(max_eval, bool) or not isinstance(max_eval, int) or max_eval < 1:
+            raise ValueError(f"Invalid max_eval value: {max_eval}")
+        defaults = dict(
+            lr=lr,
+            max_iter=max_iter,
+            max_eval=max_eval,
+            tolerance_grad=tolerance_grad,
+            tolerance_change=tolerance_change,
+            history_size=history_size,
+            line_search_fn=line_search_fn,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            backend=backend,
+        )
+        self._arenas: list[_Arena] | None = None
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        for key in _GLOBAL_KEYS:
+            if key in param_group and param_group[key] != self.defaults[key]:
+                raise ValueError(
+                    f"LBFGS takes '{key}' once for all parameter groups: a group sets "
+                    f"{param_group[key]!r}, the optimizer {self.defaults[key]!r}"
+                )
+        lr = param_group.get("lr", self.defaults["lr"])
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            if p.dtype not in (torch.float32, torch.float64):
+                raise ValueError(f"LBFGS optimizes float32 and float64 parameters, got {p.dtype}")
+        self._arenas = None
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._arenas = None
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts floating state to the parameter's dtype; the Gram matrix stays float64.
+        gram = next((s["gram"] for s in state_dict["state"].values() if "gram" in s), None)
+        super().load_state_dict(state_dict)
+        if gram is not None:
+            first = self.state[self._first_param()]
+            first["gram"] = gram.to(device=first["gram"].device, dtype=torch.float64).clone()
+        self._arenas = None
+
+    # -- state ------------------------------------------------------------------
+    def _first_param(self) -> Tensor:
+        return self.param_groups[0]["params"][0]
+
+    def _build_arenas(self) -> list[_Arena]:
+        """Arenas per (group, device, dtype), adopting whatever ``self.state`` holds."""
+        m = self.defaults["history_size"]
+        arenas = []
+        for index, group in enumerate(self.param_groups):
+            kinds: dict[tuple, list[Tensor]] = {}
+            for p in group["params"]:
+                kinds.setdefault((p.device, p.dtype), []).append(p)
+            arenas.extend(_Arena(params, m, index, self.state) for params in kinds.values())
+        first = self.state[self._first_param()]
+        home = arenas[0].device
+        if "gram" not in first:
+            first["gram"] = torch.zeros(3, m, m, dtype=torch.float64, device=home)
+            first["pair_count"] = torch.zeros((), dtype=torch.int64, device=home)
+        if tuple(first["gram"].shape) != (3, m, m):
+            raise ValueError(f"loaded state 'gram' has shape {tuple(first['gram'].shape)}, expected {(3, m, m)}")
+        first["pair_count"] = first["pair_count"].to(home)
+        return arenas
+
+    # -- host reads -------------------------------------------------------------
+    def _to_host(self, values: list[Tensor], home: torch.device) -> list[float]:
+        """The one device-to-host copy of a closure evaluation (or of a direction):
+        the values stacked, averaged over the ranks when distributed, read at once."""
+        vec = torch.stack([v.to(device=home, dtype=torch.float64).reshape(()) for v in values])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:
+                torch.distributed.all_reduce(vec)
+                vec /= world
+        return vec.tolist()
+
+    def _evaluate(self, closure, arenas, want_gtd: bool, want_l1: bool):
+        """Run the closure; read loss, ``g.D``, ``max |g|`` (and ``|g|_1``) in one copy.
+
+        Returns ``(closure's value, f, gtd, gmax, g_l1)`` with ``f`` the loss to
+        minimise and a non-finite ``f`` when the loss or the gradient is not."""
+        loss = closure()
+        home = arenas[0].device
+        sign = -1.0 if self.defaults["maximize"] else 1.0
+        values = [loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss), dtype=torch.float64)]
+        for arena in arenas:
+            values.extend(_gradient_stats(arena, want_gtd, want_l1))
+        read = self._to_host(values, home)
+        f, rest = sign * read[0], read[1:]
+        k = 1 + want_gtd + want_l1
+        gtd = gmax = g_l1 = 0.0
+        for a, arena in enumerate(arenas):
+            row = rest[a * k : (a + 1) * k]
+            gmax = max(gmax, row[0]) if math.isfinite(row[0]) else math.inf
+            if want_gtd:
+                gtd += sign * arena.scale * row[1]
+            if want_l1:
+                g_l1 += row[-1]
+        if not math.isfinite(gmax):
+            f = math.nan
+        return loss, f, gtd, gmax, g_l1
+
+    # -- the step -----------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float | Tensor]):  # type: ignore[override]
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable): A closure that reevaluates the model
+                and returns the loss.
+        """
+        closure = torch.enable_grad()(closure)
+        cfg = self.defaults
+        max_iter, max_eval = cfg["max_iter"], cfg["max_eval"]
+        tolerance_grad, tolerance_change = cfg["tolerance_grad"], cfg["tolerance_change"]
+        maximize, m = cfg["maximize"], cfg["history_size"]
+        if self._arenas is None:
+            self._arenas = self._build_arenas()
+        arenas = self._arenas
+        home = arenas[0].device
+        lr = float(self.param_groups[0]["lr"])
+        lr_ref = lr if lr != 0 else 1.0
+        for arena in arenas:
+            arena.scale = float(self.param_groups[arena.group]["lr"]) / lr_ref
+
+        state = self.state[self._first_param()]
+        state.setdefault("func_evals", 0)
+        state.setdefault("n_iter", 0)
+
+        orig_loss, f, _, gmax, g_l1 = self._evaluate(closure, arenas, False, state["n_iter"] == 0)
+        current_evals = 1
+        state["func_evals"] += 1
+        if not math.isfinite(f) or gmax <= tolerance_grad:
+            return orig_loss
+
+        gradient_at = "grads"  # where the gradient at the current point is: .grad, work[0] or work[2]
+        prev_loss = state.get("prev_loss")
+        t = state.get("t")
+        n_iter = 0
+        while n_iter < max_iter:
+            n_iter += 1
+            state["n_iter"] += 1
+
+            # -- direction ------------------------------------------------------
+            for arena in arenas:
+                _load_gradient(arena, gradient_at, maximize)
+            if state["n_iter"] == 1:
+                for arena in arenas:
+                    torch.neg(arena.g, out=arena.d)
+                    arena.prev.copy_(arena.g)
+            else:
+                _update_model_and_direction(arenas, state, m)
+            stats = [x for arena in arenas for x in _direction_stats(arena)]
+            read = self._to_host(stats, home)
+            gtd = sum(arena.scale * read[2 * a] for a, arena in enumerate(arenas))
+            d_max = [read[2 * a + 1] for a in range(len(arenas))]
+            prev_loss = f
+
+            t = min(1.0, 1.0 / g_l1 if g_l1 > 0 else math.inf) * lr if state["n_iter"] == 1 else lr
+            if gtd > -tolerance_change:
+                _stage_step(arenas, t)
+                break
+
+            # -- step length ------------------------------------------------------
+            ls_func_evals = 0
+            opt_cond = False
+            stop = False
+            if cfg["line_search_fn"] is not None and current_evals >= max_eval:
+                t, stop = 0.0, True  # no evaluation left to try a step with
+            elif cfg["line_search_fn"] is not None:
+                point, ls_func_evals, gmax = self._line_search(
+                    closure, arenas, f, gtd, t, d_max, gmax, max_eval - current_evals, tolerance_change
+                )
+                t, f = point.t, point.f
+                gradient_at = "grads" if point.index == ls_func_evals else ("prev" if point.index == 0 else "kept")
+                opt_cond = gmax <= tolerance_grad
+            else:
+                for arena in arenas:
+                    _move(arena, t * arena.scale, from_saved=False)
+                if n_iter != max_iter and current_evals < max_eval:
+                    budget = max_eval - current_evals
+                    while True:
+                        _, f_new, _, gmax, _ = self._evaluate(closure, arenas, False, False)
+                        ls_func_evals += 1
+                        if math.isfinite(f_new):
+                            f = f_new
+                            break
+                        # A failed trial: halve the step while evaluations remain, else undo it.
+                        t_new = t / 2 if ls_func_evals < budget else 0.0
+                        for arena in arenas:
+                            _move(arena, (t_new - t) * arena.scale, from_saved=False)
+                        t = t_new
+                        if t == 0.0:
+                            stop = True
+                            break
+                    gradient_at = "grads"
+                    opt_cond = gmax <= tolerance_grad
+
+            current_evals += ls_func_evals
+            state["func_evals"] += ls_func_evals
+            _stage_step(arenas, t)
+
+            # -- termination ------------------------------------------------------
+            if stop or n_iter == max_iter or current_evals >= max_eval or opt_cond:
+                break
+            if max(abs(t * arena.scale) * dm for arena, dm in zip(arenas, d_max)) <= tolerance_change:
+                break
+            if abs(f - prev_loss) < tolerance_change:
+                break
+
+        state["t"] = t
+        state["prev_loss"] = prev_loss
+        return orig_loss
+
+    def _line_search(self, closure, arenas, f, gtd, t, d_max, gmax, budget, tolerance_change):
+        """Strong-Wolfe search from the saved current point; leaves the parameters at
+        the accepted point. Returns ``(point, evaluations, max |g| there)``."""
+        for arena in arenas:
+            arena.save_point()
+        gmax_at = {0: gmax}
+        at = {"t": 0.0, "kept": None}
+
+        def evaluate(step: float) -> tuple[float, float]:
+            for arena in arenas:
+                _move(arena, step * arena.scale, from_saved=at["t"] != 0.0)
+            at["t"] = step
+            _, f_new, gtd_new, gmax_new, _ = self._evaluate(closure, arenas, True, False)
+            gmax_at[len(gmax_at)] = gmax_new
+            return f_new, gtd_new
+
+        def keep(point: Point) -> None:
+            for arena in arenas:
+                _gather(arena.g, arena)
+            at["kept"] = point.index
+
+        d_norm = max(abs(arena.scale) * dm for arena, dm in zip(arenas, d_max))
+        point, evals = _strong_wolfe(
+            evaluate, keep, f, gtd, t, d_norm, budget, tolerance_change=tolerance_change
+        )
+        if point.index not in (0, evals) and at["kept"] != point.index:
+            raise AssertionError("line search returned a point whose gradient was not kept")
+        if point.t != at["t"]:
+            for arena in arenas:
+                _move(arena, point.t * arena.scale, from_saved=True)
+        return point, evals, gmax_at[point.index]
+
+
+# -- flat state -----------------------------------------------------------------------
+class _Arena:
+    """The parameters of one (group, device, dtype) laid end to end, and their slice of
+    every vector of the model.
+
+    ``ring`` is ``[2m + 2, n]``: rows ``0..m-1`` hold ``s`` and ``m..2m-1`` hold ``y`` in
+    the ring order of :mod:`mlbfgs_fused._math` (newest in slot ``(pair_count - 1) % m``);
+    rows ``2m`` and ``2m + 1`` take a rejected pair, so storing a pair is one
+    ``index_copy_`` whose row index is decided on the device. ``work`` is ``[3, n]``:
+    the gradient ``g`` at the current point, the direction ``d`` (scaled in place into
+    the step ``s`` once taken), the previous gradient (turned in place into ``y``).
+    """
+
+    def __init__(self, params: list[Tensor], m: int, group: int, state: dict):
+        self.params, self.group, self.m = params, group, m
+        self.device, self.dtype = params[0].device, params[0].dtype
+        self.scale = 1.0
+        self.offsets = [0]
+        for p in params:
+            self.offsets.append(self.offsets[-1] + p.numel())
+        n = self.offsets[-1]
+        self.ring = torch.zeros(2 * m + 2, n, dtype=self.dtype, device=self.device)
+        self.work = torch.zeros(3, n, dtype=self.dtype, device=self.device)
+        self.g, self.d, self.prev = self.work.unbind(0)
+        self.saved: Tensor | None = None  # the line search's one saved point
+        self._adopt(state)
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        return [flat[a:b].view(p.shape) for p, a, b in zip(self.params, self.offsets, self.offsets[1:])]
+
+    def _adopt(self, state: dict) -> None:
+        """Copy loaded state in, then point ``state`` at the arena's buffers."""
+        m = self.m
+        first = state[self.params[0]]
+        for key, rows in (("history_s", self.ring[:m]), ("history_y", self.ring[m : 2 * m])):
+            if key in first:
+                _copy_checked(rows, first[key], key)
+            first[key] = rows
+        for key, flat in (("direction", self.d), ("prev_grad", self.prev)):
+            for p, view in zip(self.params, self.views(flat)):
+                if key in state[p]:
+                    _copy_checked(view, state[p][key], key)
+                state[p][key] = view
+
+    def save_point(self) -> None:
+        if self.saved is None:
+            self.saved = torch.empty_like(self.g)
+        torch._foreach_copy_(self.views(self.saved), self.params)
+
+
+def _copy_checked(dst: Tensor, src: Tensor, key: str) -> None:
+    if tuple(src.shape) != tuple(dst.shape):
+        raise ValueError(f"loaded state '{key}' has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+# -- the per-iteration passes ------------------------------------------------------------
+# Everything an iteration does to vectors goes through the functions below (gather,
+# dots against the ring, the direction from coefficients, the in-place move of the
+# parameters, the per-evaluation statistics), so a fused backend can replace them
+# one by one; the rest of the step is host logic on a few scalars and tiny float64
+# tensors on the first parameter's device.
+
+
+def _gather(dst: Tensor, arena: _Arena) -> None:
+    """``dst <- grad`` over the arena (zero where a parameter has no gradient)."""
+    present = [(view, p.grad) for view, p in zip(arena.views(dst), arena.params) if p.grad is not None]
+    if len(present) < len(arena.params):
+        dst.zero_()
+    if present:
+        torch._foreach_copy_([v for v, _ in present], [g for _, g in present])
+
+
+def _load_gradient(arena: _Arena, where: str, maximize: bool) -> None:
+    """Put the gradient at the current point into ``arena.g`` (negated under ``maximize``)."""
+    if where == "grads":
+        _gather(arena.g, arena)
+    elif where == "prev":
+        arena.g.copy_(arena.prev)  # the line search came back to its start: prev is already signed
+        return
+    # "kept": the line search already copied it into arena.g.
+    if maximize:
+        arena.g.neg_()
+
+
+def _gradient_stats(arena: _Arena, want_gtd: bool, want_l1: bool) -> list[Tensor]:
+    """``max |grad|``, then ``grad . d`` and ``|grad|_1`` when asked, on the user's gradients
+    (no copy); float64 0-dim tensors on the arena's device."""
+    pairs = [(p.grad, view) for p, view in zip(arena.params, arena.views(arena.d)) if p.grad is not None]
+    zero = torch.zeros((), dtype=torch.float64, device=arena.device)
+    grads = [g for g, _ in pairs]
+    if not grads:
+        return [zero] * (1 + want_gtd + want_l1)
+    out = [torch.stack(torch._foreach_norm(grads, math.inf)).max().double()]
+    if want_gtd:
+        out.append(torch.stack([torch.dot(g.reshape(-1), v.reshape(-1)) for g, v in pairs]).sum().double())
+    if want_l1:
+        out.append(torch.stack(torch._foreach_norm(grads, 1)).double().sum())
+    return out
+
+
+def _direction_stats(arena: _Arena) -> list[Tensor]:
+    """``g . d`` and ``max |d|`` of the new direction."""
+    return [torch.dot(arena.g, arena.d), torch.linalg.vector_norm(arena.d, math.inf)]
+
+
+def _stage_step(arenas: list[_Arena], t: float) -> None:
+    """``d <- alpha d``: the direction becomes the step ``s`` of the next pair (torch's ``d.mul(t)``)."""
+    for arena in arenas:
+        arena.d.mul_(t * arena.scale)
+
+
+def _move(arena: _Arena, alpha: float, from_saved: bool) -> None:
+    """Parameters ``<- saved + alpha d`` (or ``+= alpha d``), in place."""
+    if from_saved:
+        torch._foreach_copy_(arena.params, arena.views(arena.saved))
+    torch._foreach_add_(arena.params, arena.views(arena.d), alpha=alpha)
+
+
+def _update_model_and_direction(arenas: list[_Arena], state: dict, m: int) -> None:
+    """Store the pair of the last step (when ``s.y > 1e-10``) and write ``d = -H g``.
+
+    One pass over each ring gives the dots of every held pair with ``g``, ``s`` and
+    ``y`` (``S [g s y]``, ``Y [g s y]``); the new Gram row and column and the
+    two-loop coefficients follow on scalars; a second pass forms ``d``. The pair
+    decision stays on the device.
+    """
+    gram, pair_count = state["gram"], state["pair_count"]
+    home = gram.device
+    ring_dots = torch.zeros(2 * m, 3, dtype=torch.float64, device=home)
+    work_dots = torch.zeros(3, 3, dtype=torch.float64, device=home)
+    for arena in arenas:
+        torch.sub(arena.g, arena.prev, out=arena.prev)  # y = g - g_prev
+        ring_dots += (arena.ring[: 2 * m] @ arena.work.T).to(home, torch.float64)
+        work_dots += (arena.work @ arena.work.T).to(home, torch.float64)
+    ys = work_dots[1, 2]
+    accept = torch.isfinite(work_dots).all() & (ys > _CURVATURE_MIN)
+    slot = torch.remainder(pair_count, m)
+    rows = torch.where(accept, torch.stack([slot, slot + m]), torch.tensor([2 * m, 2 * m + 1], device=home))
+    for arena in arenas:
+        arena.ring.index_copy_(0, rows.to(arena.device), arena.work[1:3])
+        arena.prev.copy_(arena.g)
+    new_gram = _gram_with_pair(gram, slot, ring_dots, work_dots, m)
+    gram.copy_(torch.where(accept, new_gram, gram))
+    Sg = torch.where(accept, ring_dots[:m, 0].index_put((slot,), work_dots[1, 0]), ring_dots[:m, 0])
+    Yg = torch.where(accept, ring_dots[m:, 0].index_put((slot,), work_dots[2, 0]), ring_dots[m:, 0])
+    pair_count += accept
+    c_g, c_s, c_y, _ = two_loop_coefficients(gram[None], Sg[None], Yg[None], work_dots[0, 0][None], pair_count[None])
+    coef = torch.cat([c_s[0], c_y[0]]).neg()
+    for arena in arenas:
+        torch.mv(arena.ring[: 2 * m].T, coef.to(arena.device, arena.dtype), out=arena.d)
+        arena.d.addcmul_(arena.g, c_g.neg().to(arena.device, arena.dtype))
+
+
+def _gram_with_pair(gram: Tensor, slot: Tensor, ring_dots: Tensor, work_dots: Tensor, m: int) -> Tensor:
+    """The Gram matrices with slot ``slot`` replaced by the staged pair ``(s, y)``.
+
+    ``ring_dots[i] = s_i . [g, s, y]``, ``ring_dots[m + i] = y_i . [g, s, y]``;
+    ``work_dots`` is the Gram matrix of ``[g, s, y]``."""
+    ss_row = ring_dots[:m, 1].index_put((slot,), work_dots[1, 1])  # s_i . s
+    sy_col = ring_dots[:m, 2].index_put((slot,), work_dots[1, 2])  # s_i . y  -> SY[i, slot]
+    ys_row = ring_dots[m:, 1].index_put((slot,), work_dots[1, 2])  # y_j . s  -> SY[slot, j]
+    yy_row = ring_dots[m:, 2].index_put((slot,), work_dots[2, 2])  # y_i . y
+
+    def set_row_col(mat: Tensor, row: Tensor, col: Tensor) -> Tensor:
+        j = slot.view(1)
+        return mat.index_copy(0, j, row.unsqueeze(0)).index_copy(1, j, col.unsqueeze(1))
+
+    return torch.stack(
+        [set_row_col(gram[0], ss_row, ss_row), set_row_col(gram[1], ys_row, sy_col), set_row_col(gram[2], yy_row, yy_row)]
+    )
