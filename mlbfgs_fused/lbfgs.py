@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 
 from . import backends
 from ._line_search import Point, _strong_wolfe
-from ._math import two_loop_coefficients
+from ._math import newest_first_slots
 
 __all__ = ["LBFGS"]
 
@@ -508,11 +508,47 @@ def _update_model_and_direction(arenas: list[_Arena], state: dict, m: int) -> No
     Sg = torch.where(accept, ring_dots[:m, 0].index_put((slot,), work_dots[1, 0]), ring_dots[:m, 0])
     Yg = torch.where(accept, ring_dots[m:, 0].index_put((slot,), work_dots[2, 0]), ring_dots[m:, 0])
     pair_count += accept
-    c_g, c_s, c_y, _ = two_loop_coefficients(gram[None], Sg[None], Yg[None], work_dots[0, 0][None], pair_count[None])
-    coef = torch.cat([c_s[0], c_y[0]]).neg()
+    c_g, c_s, c_y = two_loop_by_solves(gram, Sg, Yg, pair_count)
+    coef = torch.cat([c_s, c_y]).neg()
     for arena in arenas:
         torch.mv(arena.ring[: 2 * m].T, coef.to(arena.device, arena.dtype), out=arena.d)
         arena.d.addcmul_(arena.g, c_g.neg().to(arena.device, arena.dtype))
+
+
+def two_loop_by_solves(gram: Tensor, Sg: Tensor, Yg: Tensor, pair_count: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The coefficients of ``H g`` over ``{g, s_i, y_i}`` for one model, as
+    :func:`mlbfgs_fused._math.two_loop_coefficients` computes them, in a fixed
+    number of operations whatever ``m``.
+
+    Each loop of the two-loop recursion is a triangular solve on the Gram matrix
+    (newest pair first, index ``k``): the first loop's ``alpha_k = (s_k.g -
+    sum_{j<k} (s_k.y_j) alpha_j) / (s_k.y_k)`` is forward substitution with
+    ``tril(S Y^T)``; with ``H0 = gamma I`` and ``u = alpha - beta``, the second
+    loop's ``(s_k.y_k) u_k + sum_{j>k} (s_j.y_k) u_j = (s_k.y_k) alpha_k -
+    gamma (y_k.g - sum_j (y_k.y_j) alpha_j)`` is back substitution with
+    ``triu(Y S^T)``. Then ``H g = gamma g - gamma sum_k alpha_k y_k + sum_k u_k s_k``.
+    Substitution performs the recursion's own arithmetic, so this is the
+    recursion; it replaces ``4 m`` tiny operations by two LAPACK calls.
+
+    ``gram`` ``[3, m, m]``, ``Sg``, ``Yg`` ``[m]`` in slot order; ``pair_count`` 0-dim.
+    Returns ``(c_g [1], c_s [m], c_y [m])`` in slot order.
+    """
+    m = gram.shape[-1]
+    slots, held = (x[0] for x in newest_first_slots(pair_count.view(1), m))
+    both = held.unsqueeze(0) & held.unsqueeze(1)
+    eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
+    # Unheld slots get a unit diagonal and zero right-hand sides: their coefficients are 0.
+    SY = torch.where(both, gram[1][slots][:, slots], eye)
+    YY = torch.where(both, gram[2][slots][:, slots], 0.0)
+    Sg_k = torch.where(held, Sg[slots], 0.0)
+    Yg_k = torch.where(held, Yg[slots], 0.0)
+    gamma = torch.where(held[0], SY[0, 0] / torch.where(held[0], YY[0, 0], 1.0), 1.0)
+    alpha = torch.linalg.solve_triangular(SY.tril(), Sg_k.unsqueeze(1), upper=False).squeeze(1)
+    rhs = SY.diagonal() * alpha - gamma * (Yg_k - YY @ alpha)
+    u = torch.linalg.solve_triangular(SY.T.triu(), rhs.unsqueeze(1), upper=True).squeeze(1)
+    c_s = torch.zeros_like(u).scatter_(0, slots, torch.where(held, u, 0.0))
+    c_y = torch.zeros_like(u).scatter_(0, slots, torch.where(held, -gamma * alpha, 0.0))
+    return gamma.view(1), c_s, c_y
 
 
 def _gram_with_pair(gram: Tensor, slot: Tensor, ring_dots: Tensor, work_dots: Tensor, m: int) -> Tensor:
