@@ -147,12 +147,14 @@ class LBFGS(Optimizer):
         self._arenas = None
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # torch casts floating state to the parameter's dtype; the Gram matrix stays float64.
-        gram = next((s["gram"] for s in state_dict["state"].values() if "gram" in s), None)
+        # torch casts all state to the parameter's dtype; the model's Gram matrix stays
+        # float64 and its pair counter int64.
+        model = next((s for s in state_dict["state"].values() if "gram" in s), None)
         super().load_state_dict(state_dict)
-        if gram is not None:
+        if model is not None:
             first = self.state[self._first_param()]
-            first["gram"] = gram.to(device=first["gram"].device, dtype=torch.float64).clone()
+            for key in ("gram", "pair_count"):
+                first[key] = model[key].to(first[key].device).clone()
         self._arenas = None
 
     # -- state ------------------------------------------------------------------

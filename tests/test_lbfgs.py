@@ -64,3 +64,202 @@ def test_matches_torch_lbfgs(problem, line_search_fn, history_size, setting):
         p_ulp, _, l_ulp, _ = run(_OneUlpLater, problem, steps, **kwargs)
         assert diff <= 10 * _relative_difference(p_torch, p_ulp)
         assert loss_diff <= max(1e-10, 10 * max(abs(a - b) / abs(a) for a, b in zip(l_torch, l_ulp)))
+
+
+# -- extensions -----------------------------------------------------------------------------
+def _split_least_squares(dtypes=(torch.float64, torch.float64), seed=0):
+    """Least squares over x = [a; b] held as two parameters."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(40, 12, generator=g, dtype=torch.float64)
+    rhs = torch.randn(40, generator=g, dtype=torch.float64)
+    x0 = torch.randn(12, generator=g, dtype=torch.float64)
+    a = x0[:5].clone().to(dtypes[0]).requires_grad_()
+    b = x0[5:].clone().to(dtypes[1]).requires_grad_()
+
+    def loss_of(x):
+        return 0.5 * ((A @ x - rhs) ** 2).sum()
+
+    def fg(x):
+        x = x.detach().requires_grad_()
+        with torch.enable_grad():
+            f = loss_of(x)
+            f.backward()
+        return f.detach(), x.grad
+
+    return a, b, x0, loss_of, fg
+
+
+def _step_all(opt, params, loss_of, steps, sign=1.0):
+    def closure():
+        opt.zero_grad()
+        loss = sign * loss_of(torch.cat([p.double() for p in params]))
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        opt.step(closure)
+    return torch.cat([p.detach().double() for p in params])
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_two_groups_equal_one_group(line_search_fn):
+    kwargs = dict(line_search_fn=line_search_fn, history_size=4, max_iter=15, max_eval=30)
+    a, b, _, loss_of, _ = _split_least_squares()
+    one = LBFGS([a, b], lr=0.5, **kwargs)
+    x_one = _step_all(one, [a, b], loss_of, 3)
+    a2, b2, _, _, _ = _split_least_squares()
+    two = LBFGS([{"params": [a2]}, {"params": [b2]}], lr=0.5, **kwargs)
+    x_two = _step_all(two, [a2, b2], loss_of, 3)
+    assert (two.state[a2]["func_evals"], two.state[a2]["n_iter"]) == (one.state[a]["func_evals"], one.state[a]["n_iter"])
+    # Dots are summed per group instead of over one flat vector: equal up to rounding.
+    torch.testing.assert_close(x_two, x_one, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_group_lr_scales_its_part_of_the_step(line_search_fn):
+    kwargs = dict(line_search_fn=line_search_fn, history_size=4, max_iter=10, max_eval=25)
+    a, b, x0, loss_of, fg = _split_least_squares()
+    opt = LBFGS([{"params": [a], "lr": 0.8}, {"params": [b], "lr": 0.2}], **kwargs)
+    x = _step_all(opt, [a, b], loss_of, 3)
+    scale = torch.cat([torch.full((5,), 1.0), torch.full((7,), 0.25)]).double()
+    ref = ReferenceLBFGS(lr=0.8, scale=scale, **kwargs)
+    x_ref = x0.clone()
+    for _ in range(3):
+        x_ref = ref.step(x_ref, fg)
+    assert (opt.state[a]["func_evals"], opt.state[a]["n_iter"]) == (ref.func_evals, ref.n_iter)
+    torch.testing.assert_close(x, x_ref, rtol=1e-10, atol=1e-12)
+
+    a, b, x0, loss_of, _ = _split_least_squares()
+    frozen = LBFGS([{"params": [a]}, {"params": [b], "lr": 0.0}], **kwargs)
+    _step_all(frozen, [a, b], loss_of, 2)
+    assert torch.equal(b.detach(), x0[5:]) and not torch.equal(a.detach(), x0[:5])
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_maximize_is_minimizing_the_negation(line_search_fn):
+    kwargs = dict(line_search_fn=line_search_fn, history_size=3, max_iter=10)
+    a, b, _, loss_of, _ = _split_least_squares()
+    x_min = _step_all(LBFGS([a, b], **kwargs), [a, b], loss_of, 3)
+    a, b, _, loss_of, _ = _split_least_squares()
+    x_max = _step_all(LBFGS([a, b], maximize=True, **kwargs), [a, b], loss_of, 3, sign=-1.0)
+    assert torch.equal(x_max, x_min)
+
+
+def test_mixed_dtypes_follow_the_float64_reference():
+    kwargs = dict(line_search_fn="strong_wolfe", history_size=4, max_iter=10)
+    a, b, x0, loss_of, fg = _split_least_squares(dtypes=(torch.float32, torch.float64))
+    opt = LBFGS([a, b], **kwargs)
+    x = _step_all(opt, [a, b], loss_of, 2)
+    ref = ReferenceLBFGS(**kwargs)
+    x_ref = x0.clone()
+    for _ in range(2):
+        x_ref = ref.step(x_ref, fg)
+    assert a.dtype == torch.float32 and b.dtype == torch.float64
+    torch.testing.assert_close(x, x_ref, rtol=1e-4, atol=1e-5)
+
+
+def _walled_quadratic(wall: float):
+    """sum((x - c)^2), NaN once any |x| exceeds ``wall``: big steps land on NaN."""
+    c = torch.tensor([1.0, -2.0, 0.5, 1.5], dtype=torch.float64)
+
+    def loss_of(x):
+        f = ((x - c) ** 2).sum()
+        return f * torch.where(x.abs().max() > wall, math.nan, 1.0)
+
+    def fg(x):
+        x = x.detach().requires_grad_()
+        with torch.enable_grad():
+            f = loss_of(x)
+            f.backward()
+        return f.detach(), x.grad
+
+    return loss_of, fg
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_non_finite_trial_point_backs_off_and_never_enters_the_history(line_search_fn):
+    loss_of, fg = _walled_quadratic(wall=3.0)
+    kwargs = dict(lr=4.0, line_search_fn=line_search_fn, history_size=3, max_iter=10, max_eval=30)
+    x = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    opt = LBFGS([x], **kwargs)
+    _step_all(opt, [x], loss_of, 2)
+    state = opt.state[x]
+    assert torch.isfinite(x).all()
+    assert torch.isfinite(state["history_s"]).all() and torch.isfinite(state["history_y"]).all()
+    assert torch.isfinite(state["gram"]).all() and int(state["pair_count"]) > 0
+    assert float(loss_of(x.detach())) < 1e-6
+    ref = ReferenceLBFGS(**kwargs)
+    x_ref = torch.zeros(4, dtype=torch.float64)
+    for _ in range(2):
+        x_ref = ref.step(x_ref, fg)
+    assert (state["func_evals"], state["n_iter"]) == (ref.func_evals, ref.n_iter)
+    torch.testing.assert_close(x.detach(), x_ref, rtol=1e-10, atol=1e-12)
+
+    # torch.optim.LBFGS walks into the wall on the same problem.
+    y = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    ours_kwargs = {k: v for k, v in kwargs.items()}
+    _step_all(torch.optim.LBFGS([y], **ours_kwargs), [y], loss_of, 2)
+    assert not torch.isfinite(y).all()
+
+
+def test_max_eval_holds_inside_the_line_search():
+    kwargs = dict(line_search_fn="strong_wolfe", history_size=5, max_iter=5, max_eval=6)
+    overrun = False
+    for cls in (LBFGS, torch.optim.LBFGS):
+        params, loss_fn = PROBLEMS["rosenbrock"]()
+        opt = cls(params, **kwargs)
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            return loss
+
+        for _ in range(8):
+            before = opt.state[params[0]].get("func_evals", 0)
+            opt.step(closure)
+            used = opt.state[params[0]]["func_evals"] - before
+            if cls is LBFGS:
+                assert used <= kwargs["max_eval"]
+            overrun |= used > kwargs["max_eval"]
+    assert overrun  # torch's line search takes one more on this problem
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_state_dict_resumes_bit_exactly(dtype, line_search_fn):
+    kwargs = dict(line_search_fn=line_search_fn, history_size=3, max_iter=6)
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 4, dtype=dtype), torch.randn(64, 1, dtype=dtype)
+
+    def make():
+        torch.manual_seed(1)
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(dtype)
+
+    def steps(model, opt, n):
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(X), y)
+            loss.backward()
+            return loss
+
+        for _ in range(n):
+            opt.step(closure)
+
+    model = make()
+    opt = LBFGS(model.parameters(), **kwargs)
+    steps(model, opt, 2)
+    saved_state = copy.deepcopy(opt.state_dict())
+    saved_model = copy.deepcopy(model.state_dict())
+    steps(model, opt, 2)
+
+    resumed = make()
+    resumed.load_state_dict(saved_model)
+    opt2 = LBFGS(resumed.parameters(), **kwargs)
+    opt2.load_state_dict(saved_state)
+    steps(resumed, opt2, 2)
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    first, first2 = opt.state[next(model.parameters())], opt2.state[next(resumed.parameters())]
+    assert first2["gram"].dtype == torch.float64 and first2["pair_count"].dtype == torch.int64
+    assert (first2["func_evals"], first2["n_iter"]) == (first["func_evals"], first["n_iter"])
