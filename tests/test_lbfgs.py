@@ -263,3 +263,58 @@ def test_state_dict_resumes_bit_exactly(dtype, line_search_fn):
     first, first2 = opt.state[next(model.parameters())], opt2.state[next(resumed.parameters())]
     assert first2["gram"].dtype == torch.float64 and first2["pair_count"].dtype == torch.int64
     assert (first2["func_evals"], first2["n_iter"]) == (first["func_evals"], first["n_iter"])
+
+
+# -- host synchronisations --------------------------------------------------------------------
+class _HostReads(TorchDispatchMode):
+    """Counts ``aten._local_scalar_dense`` (``.item()``, ``float()``, ``bool()`` of a tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count_host_reads(cls, line_search_fn, monkeypatch):
+    params, loss_fn = PROBLEMS["logistic"]()
+    opt = cls(params, line_search_fn=line_search_fn, history_size=10, max_iter=15,
+              tolerance_grad=0.0, tolerance_change=0.0)
+    tolist_calls = []
+    original = torch.Tensor.tolist
+
+    def counting_tolist(self):
+        tolist_calls.append(self.numel())
+        return original(self)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # the first step builds the state
+    before = dict(opt.state[params[0]])
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    with _HostReads() as reads:
+        opt.step(closure)
+    monkeypatch.undo()
+    state = opt.state[params[0]]
+    iterations = state["n_iter"] - before["n_iter"]
+    evaluations = state["func_evals"] - before["func_evals"]
+    return reads.count, len(tolist_calls), iterations, evaluations
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_host_reads_one_copy_per_evaluation_and_per_direction(line_search_fn, monkeypatch):
+    scalar_reads, copies, iterations, evaluations = _count_host_reads(LBFGS, line_search_fn, monkeypatch)
+    assert scalar_reads == 0
+    assert iterations == 15
+    assert copies == evaluations + iterations
+    torch_reads, _, torch_iterations, _ = _count_host_reads(torch.optim.LBFGS, line_search_fn, monkeypatch)
+    assert torch_iterations == iterations
+    # torch.optim.LBFGS reads about 2 m + 8 scalars per iteration (m = 10 here).
+    assert torch_reads / torch_iterations > 10 * copies / iterations
