@@ -59,10 +59,13 @@ def finish(arenas: list[Arena], group: dict, ok: dict, amp) -> None:
         pair_step = group["capturable"] or arena.counter_probe.pair_update_possible(T)
         pair_steps.append(pair_step)
         if released and pair_step:
+            # A masked-off product must never meet a NaN: zero g of a non-finite step.
+            arena.grad_flat.masked_fill_(ok_here.logical_not(), 0.0)
             update_averages(step, group, ok_here)
             t_new = arena.counters["step"] + ok_here  # this step's t (the counter moves later)
             push_pairs(arena, group, ok_here, t_new)  # uses g's scratch: gather g again
             gather_gradient(step, group["weight_decay"], group["maximize"], _grad_scale(amp, arena))
+            arena.grad_flat.masked_fill_(ok_here.logical_not(), 0.0)
             reset_grad_average(step, ok_here & (torch.remainder(t_new[0], T) == 0))
             dots = _gradient_dots(arena)  # with the pair just pushed
         d_dot_d.append(direction(arena, ok_here, dots))
