@@ -17,8 +17,6 @@ Per block, a dict in ``state[first_param]["blocks"]`` (blocks in arena order):
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -67,11 +65,15 @@ class Arena:
         self.grad_flat = flat()
         self.fused = None
         self.counter_probe = None  # the foreach backend's host-side view of the step counter
+        self._work = None
 
-    @functools.cached_property
+    @property
     def work(self) -> Tensor:
-        """A scratch vector of the foreach backend, allocated on first use."""
-        return torch.zeros(self.layout.numel, dtype=self.dtype, device=self.device)
+        """A scratch vector of the foreach backend, allocated on first use (not a
+        ``functools.cached_property``: its lock stops torch.compile)."""
+        if self._work is None:
+            self._work = torch.zeros(self.layout.numel, dtype=self.dtype, device=self.device)
+        return self._work
 
     # -- geometry -------------------------------------------------------------
     def param_slice(self, i: int) -> slice:
