@@ -17,8 +17,6 @@ Per block, a dict in ``state[first_param]["blocks"]`` (blocks in arena order):
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -64,16 +62,23 @@ class Arena:
         }
         self.fused = None  # the fused backend's plan
         self.counter_probe = None  # the foreach backend's host-side view of the step counter
+        self._work = None
+        self._grad_flat = None
 
-    @functools.cached_property
+    @property
     def grad_flat(self) -> Tensor:
         """The foreach backend's gathered gradient (scratch, not state), allocated on first use."""
-        return torch.zeros(self.layout.numel, dtype=self.dtype, device=self.device)
+        if self._grad_flat is None:
+            self._grad_flat = torch.zeros(self.layout.numel, dtype=self.dtype, device=self.device)
+        return self._grad_flat
 
-    @functools.cached_property
+    @property
     def work(self) -> Tensor:
-        """A scratch vector of the foreach backend, allocated on first use."""
-        return torch.zeros(self.layout.numel, dtype=self.dtype, device=self.device)
+        """A scratch vector of the foreach backend, allocated on first use (not a
+        ``functools.cached_property``: its lock stops torch.compile)."""
+        if self._work is None:
+            self._work = torch.zeros(self.layout.numel, dtype=self.dtype, device=self.device)
+        return self._work
 
     # -- geometry -------------------------------------------------------------
     def param_slice(self, i: int) -> slice:
