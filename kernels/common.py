@@ -48,10 +48,11 @@ STATS_COLUMNS = tl.constexpr(3)  # g.g, d.d, held
 DECISION_COLUMNS = tl.constexpr(2)  # phi, accepted: the block's pair, decided once
 
 # Indices into the hyperparameter vector.
-NUM_HYPER = 10
+NUM_HYPER = 12
 (
     H_LR, H_MOMENTUM, H_WEIGHT_DECAY, H_W_PARAM, H_W_GRAD,  # W_*: 1 - beta
     H_PAIR_MOMENTUM, H_DAMPING, H_SIGMA_LOW, H_SIGMA_HIGH, H_EPS,
+    H_BETA_PARAM, H_BETA_GRAD,  # beta itself, for variant="released"
 ) = (tl.constexpr(i) for i in range(NUM_HYPER))
 
 SUM_ROWS = 16  # rows per iteration of the fixed-order partial sums
@@ -153,6 +154,25 @@ def effective_gradient(grad, theta, weight_decay, grad_scale,
     if MAXIMIZE:
         g = -g
     return g
+
+
+@triton.jit
+def averages(P, G, theta, g, live, first, hyper_ptr, CDT: tl.constexpr, RELEASED: tl.constexpr):
+    """The averages after this step (docs/design.md, "The step", 6): ``P`` toward
+    ``theta`` (before the update), ``G`` toward ``g``, where a gradient exists; at the
+    first step ``P = theta``, ``G = g``. ``RELEASED`` (E1): ``P = beta_p P + theta``,
+    ``G = beta_g G + g``, without the ``(1 - beta)`` factor."""
+    if RELEASED:
+        a_p = tl.where(first, 0.0, tl.load(hyper_ptr + H_BETA_PARAM)).to(CDT)
+        a_g = tl.where(first, 0.0, tl.load(hyper_ptr + H_BETA_GRAD)).to(CDT)
+        P_new = a_p * P + theta
+        G_new = a_g * G + g
+    else:
+        w_p = tl.where(first, 1.0, tl.load(hyper_ptr + H_W_PARAM)).to(CDT)
+        w_g = tl.where(first, 1.0, tl.load(hyper_ptr + H_W_GRAD)).to(CDT)
+        P_new = lerp(P, theta, w_p)
+        G_new = lerp(G, g, w_g)
+    return tl.where(live, P_new, P), tl.where(live, G_new, G)
 
 
 @triton.jit

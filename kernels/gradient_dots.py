@@ -32,14 +32,12 @@ from torch.library import wrap_triton
 
 from .common import (
     H_PAIR_MOMENTUM,
-    H_W_GRAD,
-    H_W_PARAM,
     H_WEIGHT_DECAY,
     TILE_COLUMNS,
     WORKER_COLUMNS,
     Launcher,
+    averages,
     effective_gradient,
-    lerp,
     padded,
     pair_candidate,
     tile_geometry,
@@ -54,8 +52,8 @@ def gradient_dots_kernel(
     param_ema_ptr, grad_ema_ptr, param_snap_ptr, grad_snap_ptr, step_ptr, pair_count_ptr,
     hyper_ptr, scale_ptr, dot_partials_ptr, pair_partials_ptr, period,
     M: tl.constexpr, MP: tl.constexpr, HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    HAS_SCALE: tl.constexpr, F64: tl.constexpr, TILE: tl.constexpr, ALIGNED: tl.constexpr,
-    TCOL: tl.constexpr, WCOL: tl.constexpr,
+    HAS_SCALE: tl.constexpr, RELEASED: tl.constexpr, F64: tl.constexpr, TILE: tl.constexpr,
+    ALIGNED: tl.constexpr, TCOL: tl.constexpr, WCOL: tl.constexpr,
 ):
     CDT = tl.float64 if F64 else tl.float32  # arithmetic type of the arena
     DT = param_ema_ptr.dtype.element_ty  # the parameters' dtype
@@ -66,8 +64,6 @@ def gradient_dots_kernel(
     pair_count = tl.load(pair_count_ptr + b)
     newest = ring_origin + ((pair_count - 1 + M) % M) * ring_stride
     r = tl.where(pair_count > 0, tl.load(hyper_ptr + H_PAIR_MOMENTUM), 0.0).to(CDT)
-    w_param = tl.load(hyper_ptr + H_W_PARAM).to(CDT)  # t > T: never the first step
-    w_grad = tl.load(hyper_ptr + H_W_GRAD).to(CDT)
     weight_decay = tl.load(hyper_ptr + H_WEIGHT_DECAY).to(CDT)
     grad_scale = tl.load(hyper_ptr).to(CDT)  # unused unless HAS_SCALE
     if HAS_SCALE:
@@ -108,8 +104,7 @@ def gradient_dots_kernel(
             inside = lane < count
             P = tl.load(param_ema_ptr + start + lane, mask=inside, other=0.0).to(CDT)
             G = tl.load(grad_ema_ptr + start + lane, mask=inside, other=0.0).to(CDT)
-            P = tl.where(live, lerp(P, theta, w_param), P)
-            G = tl.where(live, lerp(G, g, w_grad), G)
+            P, G = averages(P, G, theta, g, live, t == 1, hyper_ptr, CDT, RELEASED)
             s, y = pair_candidate(
                 P,
                 tl.load(param_snap_ptr + start + lane, mask=inside, other=0.0).to(CDT),
@@ -138,13 +133,14 @@ def _gradient_dots(
     addresses: Tensor, tiles: Tensor, workers: Tensor, hist_s: Tensor, hist_y: Tensor,
     param_ema: Tensor, grad_ema: Tensor, param_snap: Tensor, grad_snap: Tensor, step: Tensor,
     pair_count: Tensor, hyper: Tensor, scale: Tensor, dot_partials: Tensor, pair_partials: Tensor,
-    period: int, m: int, has_wd: bool, maximize: bool, has_scale: bool, tile: int, aligned: bool,
+    period: int, m: int, has_wd: bool, maximize: bool, has_scale: bool, released: bool,
+    tile: int, aligned: bool,
 ) -> None:
     wrap_triton(gradient_dots_kernel)[(workers.shape[0],)](
         addresses, tiles, workers, hist_s, hist_y, param_ema, grad_ema, param_snap, grad_snap,
         step, pair_count, hyper, scale, dot_partials, pair_partials, period,
         M=m, MP=padded(m), HAS_WD=has_wd, MAXIMIZE=maximize, HAS_SCALE=has_scale,
-        F64=param_ema.dtype == torch.float64, TILE=tile, ALIGNED=aligned,
+        RELEASED=released, F64=param_ema.dtype == torch.float64, TILE=tile, ALIGNED=aligned,
         TCOL=TILE_COLUMNS, WCOL=WORKER_COLUMNS,
     )
 

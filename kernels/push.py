@@ -36,15 +36,19 @@ from .common import (
     BLOCK_COLUMNS,
     DECISION_COLUMNS,
     H_PAIR_MOMENTUM,
+    H_WEIGHT_DECAY,
     SUM_ROWS,
     TILE_COLUMNS,
     WORKER_COLUMNS,
     Launcher,
+    averages,
+    effective_gradient,
     lerp,
     padded,
     pair_candidate,
     sum_rows,
     tile_geometry,
+    user_tensor,
     worker_geometry,
 )
 
@@ -53,11 +57,14 @@ from .common import (
 def push_kernel(
     param_ema_ptr, grad_ema_ptr, param_snap_ptr, grad_snap_ptr, hist_s_ptr, hist_y_ptr,
     tiles_ptr, workers_ptr, decision_ptr, gram_partials_ptr, hyper_ptr, step_ptr,
-    pair_count_ptr, ok_ptr, period,
+    pair_count_ptr, ok_ptr, period, addresses_ptr, scale_ptr, dot_partials_ptr,
     M: tl.constexpr, MP: tl.constexpr, F64: tl.constexpr, TILE: tl.constexpr,
     ALIGNED: tl.constexpr, TCOL: tl.constexpr, WCOL: tl.constexpr,
+    RELEASED: tl.constexpr, HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
     CDT = tl.float64 if F64 else tl.float32  # arithmetic type of the arena
+    DT = param_ema_ptr.dtype.element_ty  # the parameters' dtype
     w = tl.program_id(0).to(tl.int64)
     b, tile_lo, tile_hi, tile_step, ring_origin, ring_stride = worker_geometry(workers_ptr, w, WCOL, ALIGNED)
     t = tl.load(step_ptr + b) + 1
@@ -77,16 +84,32 @@ def push_kernel(
     sy_col = tl.zeros([MP], dtype=tl.float64)  # S Y^T [j, slot]
     ys_row = tl.zeros([MP], dtype=tl.float64)  # S Y^T [slot, j]
     yy_row = tl.zeros([MP], dtype=tl.float64)  # Y Y^T [slot, j]
+    s_dot_g = tl.full([], 0.0, tl.float64)  # released: the new pair's dots with g
+    y_dot_g = tl.full([], 0.0, tl.float64)
+    weight_decay = tl.load(hyper_ptr + H_WEIGHT_DECAY).to(CDT)
+    grad_scale = tl.load(hyper_ptr).to(CDT)  # unused unless HAS_SCALE
+    if HAS_SCALE:
+        grad_scale = tl.load(scale_ptr).to(CDT)
     for k in range(tile_lo, tile_hi, tile_step):
-        start, count, _, _ = tile_geometry(tiles_ptr, k, TCOL, ALIGNED)
+        start, count, param, local = tile_geometry(tiles_ptr, k, TCOL, ALIGNED)
         inside = lane < count
-        P = tl.load(param_ema_ptr + start + lane, mask=inside, other=0.0)
-        G = tl.load(grad_ema_ptr + start + lane, mask=inside, other=0.0)
+        P = tl.load(param_ema_ptr + start + lane, mask=inside, other=0.0).to(CDT)
+        G = tl.load(grad_ema_ptr + start + lane, mask=inside, other=0.0).to(CDT)
+        g = tl.zeros([TILE], dtype=CDT)
+        if RELEASED:  # E4: the pair is pushed before the update: this step's averages here
+            theta_base, _ = user_tensor(addresses_ptr, param, 0, DT, ALIGNED)
+            grad_base, present = user_tensor(addresses_ptr, param, 1, DT, ALIGNED)
+            live = lane < tl.where(present, count, 0)
+            theta = tl.load(theta_base + local + lane, mask=live, other=0.0).to(CDT)
+            grad = tl.load(grad_base + local + lane, mask=live, other=0.0).to(CDT)
+            g = effective_gradient(grad, theta, weight_decay, grad_scale, HAS_WD, MAXIMIZE, HAS_SCALE)
+            g = tl.where(live, g, 0.0)
+            P, G = averages(P, G, theta, g, live, t == 1, hyper_ptr, CDT, RELEASED)
         if accepted:
             s, y = pair_candidate(
-                P.to(CDT),
+                P,
                 tl.load(param_snap_ptr + start + lane, mask=inside, other=0.0).to(CDT),
-                G.to(CDT),
+                G,
                 tl.load(grad_snap_ptr + start + lane, mask=inside, other=0.0).to(CDT),
                 tl.load(hist_s_ptr + newest + start + lane, mask=inside, other=0.0).to(CDT),
                 tl.load(hist_y_ptr + newest + start + lane, mask=inside, other=0.0).to(CDT),
@@ -100,6 +123,9 @@ def push_kernel(
             # Inner products of the rows as stored with every row of the ring.
             s = s_row.to(CDT)
             yhat = yhat_row.to(CDT)
+            if RELEASED:
+                s_dot_g += tl.sum(s * g, axis=0).to(tl.float64)
+                y_dot_g += tl.sum(yhat * g, axis=0).to(tl.float64)
             for i in range(M):
                 ring_i = ring_origin + i * ring_stride + start
                 other = lane < tl.where(i == slot, 0, count)  # the slot itself: the new rows
@@ -112,8 +138,8 @@ def push_kernel(
                 sy_col += tl.where(here, tl.sum(s_i * yhat, axis=0).to(tl.float64), 0.0)
                 ys_row += tl.where(here, tl.sum(y_i * s, axis=0).to(tl.float64), 0.0)
                 yy_row += tl.where(here, tl.sum(y_i * yhat, axis=0).to(tl.float64), 0.0)
-        tl.store(param_snap_ptr + start + lane, P, mask=inside)
-        tl.store(grad_snap_ptr + start + lane, G, mask=inside)
+        tl.store(param_snap_ptr + start + lane, P.to(DT), mask=inside)
+        tl.store(grad_snap_ptr + start + lane, G.to(DT), mask=inside)
     if accepted:
         out = gram_partials_ptr + w * 4 * M
         valid = j < M
@@ -121,6 +147,10 @@ def push_kernel(
         tl.store(out + M + j, sy_col, mask=valid)
         tl.store(out + 2 * M + j, ys_row, mask=valid)
         tl.store(out + 3 * M + j, yy_row, mask=valid)
+        if RELEASED:  # pass 1 ran on the old ring: the slot's dots are the new pair's now
+            dots = dot_partials_ptr + w * (2 * M + 1)
+            tl.store(dots + slot, s_dot_g)
+            tl.store(dots + M + slot, y_dot_g)
 
 
 @triton.jit
@@ -128,69 +158,74 @@ def commit_kernel(
     blocks_ptr, decision_ptr, gram_partials_ptr, gram_ptr, step_ptr, pair_count_ptr,
     skipped_pairs_ptr, skipped_steps_ptr, ok_ptr, period,
     M: tl.constexpr, MP: tl.constexpr, ROWS: tl.constexpr, BCOL: tl.constexpr,
+    PAIR: tl.constexpr, STEP: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     ok = tl.load(ok_ptr).to(tl.int64)
     t = tl.load(step_ptr + b) + ok
-    tl.store(step_ptr + b, t)
-    tl.store(skipped_steps_ptr + b, tl.load(skipped_steps_ptr + b) + (1 - ok))
-    if (ok == 0) | (t % period != 0) | (t <= period):
-        return  # no pair formed
-
-    accepted = tl.load(decision_ptr + b * DECISION_COLUMNS + 1) != 0
-    pair_count = tl.load(pair_count_ptr + b)
-    if accepted:
-        row_lo = tl.load(blocks_ptr + b * BCOL + 2)
-        row_hi = tl.load(blocks_ptr + b * BCOL + 3)
-        slot = pair_count % M
-        j = tl.arange(0, MP)
-        valid = j < M
-        width = 4 * M
-        ss_row = sum_rows(gram_partials_ptr, width, j, valid, row_lo, row_hi, ROWS)
-        sy_col = sum_rows(gram_partials_ptr, width, M + j, valid, row_lo, row_hi, ROWS)
-        ys_row = sum_rows(gram_partials_ptr, width, 2 * M + j, valid, row_lo, row_hi, ROWS)
-        yy_row = sum_rows(gram_partials_ptr, width, 3 * M + j, valid, row_lo, row_hi, ROWS)
-        gram = gram_ptr + b * 3 * M * M
-        mm = M * M
-        tl.store(gram + slot * M + j, ss_row, mask=valid)
-        tl.store(gram + j * M + slot, ss_row, mask=valid)
-        tl.store(gram + mm + slot * M + j, ys_row, mask=valid)  # [slot, j] = s . y_j
-        tl.store(gram + mm + j * M + slot, sy_col, mask=valid)  # [j, slot] = s_j . yhat
-        tl.store(gram + 2 * mm + slot * M + j, yy_row, mask=valid)
-        tl.store(gram + 2 * mm + j * M + slot, yy_row, mask=valid)
-    tl.store(pair_count_ptr + b, pair_count + accepted.to(tl.int64))
-    tl.store(skipped_pairs_ptr + b, tl.load(skipped_pairs_ptr + b) + (1 - accepted.to(tl.int64)))
+    if PAIR:
+        if (ok != 0) & (t % period == 0) & (t > period):  # a pair formed
+            accepted = tl.load(decision_ptr + b * DECISION_COLUMNS + 1) != 0
+            pair_count = tl.load(pair_count_ptr + b)
+            if accepted:
+                row_lo = tl.load(blocks_ptr + b * BCOL + 2)
+                row_hi = tl.load(blocks_ptr + b * BCOL + 3)
+                slot = pair_count % M
+                j = tl.arange(0, MP)
+                valid = j < M
+                width = 4 * M
+                ss_row = sum_rows(gram_partials_ptr, width, j, valid, row_lo, row_hi, ROWS)
+                sy_col = sum_rows(gram_partials_ptr, width, M + j, valid, row_lo, row_hi, ROWS)
+                ys_row = sum_rows(gram_partials_ptr, width, 2 * M + j, valid, row_lo, row_hi, ROWS)
+                yy_row = sum_rows(gram_partials_ptr, width, 3 * M + j, valid, row_lo, row_hi, ROWS)
+                gram = gram_ptr + b * 3 * M * M
+                mm = M * M
+                tl.store(gram + slot * M + j, ss_row, mask=valid)
+                tl.store(gram + j * M + slot, ss_row, mask=valid)
+                tl.store(gram + mm + slot * M + j, ys_row, mask=valid)  # [slot, j] = s . y_j
+                tl.store(gram + mm + j * M + slot, sy_col, mask=valid)  # [j, slot] = s_j . yhat
+                tl.store(gram + 2 * mm + slot * M + j, yy_row, mask=valid)
+                tl.store(gram + 2 * mm + j * M + slot, yy_row, mask=valid)
+            tl.store(pair_count_ptr + b, pair_count + accepted.to(tl.int64))
+            skipped = 1 - accepted.to(tl.int64)
+            tl.store(skipped_pairs_ptr + b, tl.load(skipped_pairs_ptr + b) + skipped)
+    if STEP:  # last: every other kernel reads the step counter
+        tl.store(step_ptr + b, t)
+        tl.store(skipped_steps_ptr + b, tl.load(skipped_steps_ptr + b) + (1 - ok))
 
 
 def _push(
     param_ema: Tensor, grad_ema: Tensor, param_snap: Tensor, grad_snap: Tensor,
     hist_s: Tensor, hist_y: Tensor, tiles: Tensor, workers: Tensor, decision: Tensor,
     gram_partials: Tensor, hyper: Tensor, step: Tensor, pair_count: Tensor, ok: Tensor,
+    addresses: Tensor, scale: Tensor, dot_partials: Tensor,
     period: int, m: int, tile: int, aligned: bool,
+    released: bool, has_wd: bool, maximize: bool, has_scale: bool,
 ) -> None:
     wrap_triton(push_kernel)[(workers.shape[0],)](
         param_ema, grad_ema, param_snap, grad_snap, hist_s, hist_y, tiles, workers, decision,
-        gram_partials, hyper, step, pair_count, ok, period,
+        gram_partials, hyper, step, pair_count, ok, period, addresses, scale, dot_partials,
         M=m, MP=padded(m), F64=param_ema.dtype == torch.float64, TILE=tile, ALIGNED=aligned,
-        TCOL=TILE_COLUMNS, WCOL=WORKER_COLUMNS,
+        TCOL=TILE_COLUMNS, WCOL=WORKER_COLUMNS, RELEASED=released, HAS_WD=has_wd,
+        MAXIMIZE=maximize, HAS_SCALE=has_scale,
     )
 
 
 def _commit(
     blocks: Tensor, decision: Tensor, gram_partials: Tensor, gram: Tensor, step: Tensor,
     pair_count: Tensor, skipped_pairs: Tensor, skipped_steps: Tensor, ok: Tensor,
-    period: int, m: int,
+    period: int, m: int, pair: bool, counters: bool,
 ) -> None:
     wrap_triton(commit_kernel)[(blocks.shape[0],)](
         blocks, decision, gram_partials, gram, step, pair_count, skipped_pairs, skipped_steps,
         ok, period,
-        M=m, MP=padded(m), ROWS=SUM_ROWS, BCOL=BLOCK_COLUMNS,
+        M=m, MP=padded(m), ROWS=SUM_ROWS, BCOL=BLOCK_COLUMNS, PAIR=pair, STEP=counters,
     )
 
 
 push = Launcher(
     "push", _push, push_kernel,
-    ("param_snap", "grad_snap", "hist_s", "hist_y", "gram_partials"),
+    ("param_snap", "grad_snap", "hist_s", "hist_y", "gram_partials", "dot_partials"),
 )
 commit = Launcher(
     "commit", _commit, commit_kernel,

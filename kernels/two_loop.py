@@ -7,7 +7,8 @@ and ``||d||^2`` as a quadratic form of the Gram matrix of ``{g, s_i, y_i}``. Wit
 pair held it gives ``c_g = 1`` (the SGD warm-up). Unheld slots are masked, never
 branched on.
 
-Launches: one per arena, one program per block. Bytes: none per element; per
+Launches: one per arena, one program per block (``variant="released"``: two, the
+decision and probe before the step's verdict, the coefficients after the pair push). Bytes: none per element; per
 block it reads ``W_b (2m + 4)`` partial sums (``W_b <= cap`` workers, whatever
 ``N``) and the ``3 m^2`` Gram entries, and writes ``2m + 1`` coefficients and
 5 scalars; program 0 also reads the ``g.g`` column of all ``W`` worker rows.
@@ -78,25 +79,28 @@ def two_loop_kernel(
     partials_ptr, pair_partials_ptr, blocks_ptr, gram_ptr, step_ptr, pair_count_ptr, hyper_ptr,
     coef_ptr, stats_ptr, decision_ptr, probe_ptr, block_offset, n_workers, period,
     M: tl.constexpr, MP: tl.constexpr, ROWS: tl.constexpr, NCOL: tl.constexpr,
+    DECIDE: tl.constexpr, COEF: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     prog_lo = tl.load(blocks_ptr + b * NCOL + 2)
     prog_hi = tl.load(blocks_ptr + b * NCOL + 3)
     pair_count = tl.load(pair_count_ptr + b)
     width = 2 * M + 1
-    if b == 0:  # the arena's finiteness probe: g.g over every worker row, fixed order
-        k = tl.arange(0, 2)
-        gg_all = sum_rows(partials_ptr, width, 2 * M + k, k < 1, 0, n_workers, ROWS)
-        tl.store(probe_ptr, tl.sum(gg_all, axis=0))
-
-    # The pair this step forms, if any: damping and acceptance, once per block.
-    t = tl.load(step_ptr + b) + 1
-    forms_pair = (t % period == 0) & (t > period)
-    phi, accepted = pair_decision(pair_partials_ptr, prog_lo, prog_hi, hyper_ptr, ROWS)
-    accepted = forms_pair & accepted
-    decision = decision_ptr + b * DECISION_COLUMNS
-    tl.store(decision, tl.where(accepted, phi, 0.0))
-    tl.store(decision + 1, accepted.to(tl.float64))
+    if DECIDE:
+        if b == 0:  # the arena's finiteness probe: g.g over every worker row, fixed order
+            k = tl.arange(0, 2)
+            gg_all = sum_rows(partials_ptr, width, 2 * M + k, k < 1, 0, n_workers, ROWS)
+            tl.store(probe_ptr, tl.sum(gg_all, axis=0))
+        # The pair this step forms, if any: damping and acceptance, once per block.
+        t = tl.load(step_ptr + b) + 1
+        forms_pair = (t % period == 0) & (t > period)
+        phi, accepted = pair_decision(pair_partials_ptr, prog_lo, prog_hi, hyper_ptr, ROWS)
+        accepted = forms_pair & accepted
+        decision = decision_ptr + b * DECISION_COLUMNS
+        tl.store(decision, tl.where(accepted, phi, 0.0))
+        tl.store(decision + 1, accepted.to(tl.float64))
+    if not COEF:
+        return
 
     # Everything stays in slot order; the k-th newest pair sits in slot
     # (pair_count - 1 - k) mod m, and k < min(pair_count, m) are held.
@@ -180,12 +184,12 @@ def two_loop_kernel(
 def _two_loop(
     partials: Tensor, pair_partials: Tensor, blocks: Tensor, gram: Tensor, step: Tensor,
     pair_count: Tensor, hyper: Tensor, coef: Tensor, stats: Tensor, decision: Tensor,
-    probe: Tensor, block_offset: int, period: int, m: int,
+    probe: Tensor, block_offset: int, period: int, m: int, decide: bool, coefficients: bool,
 ) -> None:
     wrap_triton(two_loop_kernel)[(blocks.shape[0],)](
         partials, pair_partials, blocks, gram, step, pair_count, hyper, coef, stats, decision,
         probe, block_offset, partials.shape[0], period,
-        M=m, MP=padded(m), ROWS=SUM_ROWS, NCOL=BLOCK_COLUMNS,
+        M=m, MP=padded(m), ROWS=SUM_ROWS, NCOL=BLOCK_COLUMNS, DECIDE=decide, COEF=coefficients,
     )
 
 

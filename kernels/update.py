@@ -4,7 +4,8 @@ Per element, with ``g`` recomputed as in pass 1 (docs/design.md, "The step", 3-6
 ``d = scale * (c_g g + sum_i c_s[i] s_i + c_y[i] y_i)`` with ``scale = 1 / ||d||``
 over the group once it holds a pair (``normalize``); ``buf = momentum * buf + d``;
 ``theta -= lr * buf``; ``P``, ``G`` move toward ``theta`` (before the update) and
-``g`` (weight 1 at the first step). Nothing is written unless the step's global
+``g`` (weight 1 at the first step; ``variant="released"``: E1's averages, and E2's
+``G = g`` on a step with ``t % T == 0``). Nothing is written unless the step's global
 verdict ``ok`` holds, and the entries of a parameter without a gradient are left
 alone. ``theta`` and ``grad`` are the user's tensors (the address table).
 
@@ -24,16 +25,14 @@ from torch.library import wrap_triton
 
 from .common import (
     H_MOMENTUM,
-    H_W_GRAD,
-    H_W_PARAM,
     H_WEIGHT_DECAY,
     SUM_ROWS,
     TILE_COLUMNS,
     WORKER_COLUMNS,
     Launcher,
+    averages,
     effective_gradient,
     group_status,
-    lerp,
     tile_geometry,
     user_tensor,
     worker_geometry,
@@ -44,9 +43,9 @@ from .common import (
 def update_kernel(
     addresses_ptr, tiles_ptr, workers_ptr, hist_s_ptr, hist_y_ptr,
     param_ema_ptr, grad_ema_ptr, buf_ptr, coef_ptr, step_ptr, stats_ptr, n_group_blocks,
-    hyper_ptr, lr_ptr, scale_ptr, ok_ptr,
+    hyper_ptr, lr_ptr, scale_ptr, ok_ptr, period,
     M: tl.constexpr, HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr, NORMALIZE: tl.constexpr,
-    HAS_SCALE: tl.constexpr, F64: tl.constexpr, TILE: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_SCALE: tl.constexpr, RELEASED: tl.constexpr, F64: tl.constexpr, TILE: tl.constexpr, ALIGNED: tl.constexpr,
     ROWS: tl.constexpr, TCOL: tl.constexpr, WCOL: tl.constexpr,
 ):
     if tl.load(ok_ptr) == 0:
@@ -57,7 +56,8 @@ def update_kernel(
 
     w = tl.program_id(0).to(tl.int64)
     b, tile_lo, tile_hi, tile_step, ring_origin, ring_stride = worker_geometry(workers_ptr, w, WCOL, ALIGNED)
-    first = tl.load(step_ptr + b) == 0
+    t = tl.load(step_ptr + b) + 1
+    first = t == 1
 
     # 1 / ||d|| over the group in float64, as the foreach backend does, then narrowed.
     scale = tl.full([], 1.0, tl.float64)
@@ -67,8 +67,6 @@ def update_kernel(
     scale = scale.to(CDT)
     momentum = tl.load(hyper_ptr + H_MOMENTUM).to(CDT)
     weight_decay = tl.load(hyper_ptr + H_WEIGHT_DECAY).to(CDT)
-    w_param = tl.where(first, 1.0, tl.load(hyper_ptr + H_W_PARAM)).to(CDT)
-    w_grad = tl.where(first, 1.0, tl.load(hyper_ptr + H_W_GRAD)).to(CDT)
     neg_lr = -(tl.load(lr_ptr).to(CDT))
     grad_scale = tl.load(hyper_ptr).to(CDT)  # unused unless HAS_SCALE
     if HAS_SCALE:
@@ -88,9 +86,12 @@ def update_kernel(
         g = tl.where(live, g, 0.0)
         P = tl.load(param_ema_ptr + start + lane, mask=live, other=0.0).to(CDT)
         G = tl.load(grad_ema_ptr + start + lane, mask=live, other=0.0).to(CDT)
+        P, G = averages(P, G, theta, g, live, first, hyper_ptr, CDT, RELEASED)
+        if RELEASED:  # E2: G = g at a step with t % T == 0, after the push took G0
+            G = tl.where(t % period == 0, g, G)
         # Written now, so they need no registers through the ring loop.
-        tl.store(param_ema_ptr + start + lane, lerp(P, theta, w_param).to(DT), mask=live)
-        tl.store(grad_ema_ptr + start + lane, lerp(G, g, w_grad).to(DT), mask=live)
+        tl.store(param_ema_ptr + start + lane, P.to(DT), mask=live)
+        tl.store(grad_ema_ptr + start + lane, G.to(DT), mask=live)
 
         d = g * c_g
         for i in range(M):
@@ -109,14 +110,15 @@ def update_kernel(
 def _update(
     addresses: Tensor, tiles: Tensor, workers: Tensor, hist_s: Tensor, hist_y: Tensor,
     param_ema: Tensor, grad_ema: Tensor, buf: Tensor, coef: Tensor, step: Tensor, stats: Tensor,
-    hyper: Tensor, lr: Tensor, scale: Tensor, ok: Tensor,
-    m: int, has_wd: bool, maximize: bool, normalize: bool, has_scale: bool, tile: int,
-    aligned: bool,
+    hyper: Tensor, lr: Tensor, scale: Tensor, ok: Tensor, period: int,
+    m: int, has_wd: bool, maximize: bool, normalize: bool, has_scale: bool, released: bool,
+    tile: int, aligned: bool,
 ) -> None:
     wrap_triton(update_kernel)[(workers.shape[0],)](
         addresses, tiles, workers, hist_s, hist_y, param_ema, grad_ema, buf, coef, step,
-        stats, stats.shape[0], hyper, lr, scale, ok,
+        stats, stats.shape[0], hyper, lr, scale, ok, period,
         M=m, HAS_WD=has_wd, MAXIMIZE=maximize, NORMALIZE=normalize, HAS_SCALE=has_scale,
+        RELEASED=released,
         F64=param_ema.dtype == torch.float64, TILE=tile, ALIGNED=aligned, ROWS=SUM_ROWS,
         TCOL=TILE_COLUMNS, WCOL=WORKER_COLUMNS,
     )

@@ -276,7 +276,7 @@ def _run_push(f, ok=True):
     before = {k: v.clone() for k, v in a.counters.items()}
     snaps = (a.flat_state["param_ema"].clone(), a.flat_state["grad_ema"].clone())
     f.ap.two_loop(f.group)  # decides (phi, accepted) per block
-    f.ap.push(f.group, _ok(ok))
+    f.ap.push(f.group, _ok(ok), None)
     f.ap.commit(f.group, _ok(ok))
     return before, snaps
 

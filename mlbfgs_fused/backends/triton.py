@@ -82,11 +82,6 @@ def worker_cap(device: torch.device) -> int:
 
 # -- entry points (see mlbfgs_fused.backends) --------------------------------------
 def check_gradients(group: dict) -> None:
-    if group["variant"] != "paper":
-        raise NotImplementedError(
-            f"variant={group['variant']!r} is not implemented on the fused Triton backend; "
-            "use backend='foreach'"
-        )
     _checks.check_gradients(group)
 
 
@@ -104,15 +99,24 @@ def prepare(arenas: list[Arena], group: dict) -> bool:
 def gradient_dots(arenas: list[Arena], group: dict, amp) -> list[Tensor]:
     plan = arenas[0].fused
     plan.gradient_dots(group, amp)
-    plan.two_loop(group)
+    # variant="released" uses a pair at the step it forms (E4): its coefficients wait
+    # for the push, in finish.
+    plan.two_loop(group, decide=True, coefficients=group["variant"] == "paper")
     return [p.probe for p in plan.arenas]
 
 
 def finish(arenas: list[Arena], group: dict, ok: dict, amp) -> None:
     plan = arenas[0].fused
-    plan.update(group, ok, amp)
-    plan.push(group, ok)
-    plan.commit(group, ok)
+    if group["variant"] == "paper":
+        plan.update(group, ok, amp)
+        plan.push(group, ok, amp)
+        plan.commit(group, ok, pair=True, counters=True)
+    else:  # the pair first (E4), then the direction with it
+        plan.push(group, ok, amp)
+        plan.commit(group, ok, pair=True, counters=False)
+        plan.two_loop(group, decide=False, coefficients=True)
+        plan.update(group, ok, amp)
+        plan.commit(group, ok, pair=False, counters=True)
 
 
 # -- plans ------------------------------------------------------------------------
@@ -283,17 +287,17 @@ class ArenaPlan:
                 f["param_ema"], f["grad_ema"], f["param_snapshot"], f["grad_snapshot"],
                 c["step"], c["pair_count"], self.hyper, self.hyper if scale is None else scale,
                 self.dot_partials, self.pair_partials, group["update_period"], a.m,
-                group["weight_decay"] != 0, group["maximize"], scale is not None, self.tile,
-                self.aligned,
+                group["weight_decay"] != 0, group["maximize"], scale is not None,
+                group["variant"] == "released", self.tile, self.aligned,
             )
 
-    def two_loop(self, group: dict) -> None:
+    def two_loop(self, group: dict, decide: bool = True, coefficients: bool = True) -> None:
         a, c = self.arena, self.arena.counters
         with self.guard:
             self.kernels.two_loop.two_loop(
                 self.dot_partials, self.pair_partials, self.blocks, a.gram, c["step"],
                 c["pair_count"], self.hyper, self.coef, self.stats, self.decision, self.probe,
-                self.block_offset, group["update_period"], a.m,
+                self.block_offset, group["update_period"], a.m, decide, coefficients,
             )
 
     def update(self, group: dict, ok: Tensor, scale: Tensor | None) -> None:
@@ -303,27 +307,31 @@ class ArenaPlan:
                 self.addresses, self.tiles, self.workers, a.history_s, a.history_y,
                 f["param_ema"], f["grad_ema"], f["momentum_buffer"], self.coef, c["step"],
                 self.stats, self.hyper, self.group.lr[a.device],
-                self.hyper if scale is None else scale, ok, a.m, group["weight_decay"] != 0,
-                group["maximize"], group["normalize"], scale is not None, self.tile, self.aligned,
+                self.hyper if scale is None else scale, ok, group["update_period"], a.m,
+                group["weight_decay"] != 0, group["maximize"], group["normalize"],
+                scale is not None, group["variant"] == "released", self.tile, self.aligned,
             )
 
-    def push(self, group: dict, ok: Tensor) -> None:
+    def push(self, group: dict, ok: Tensor, scale: Tensor | None) -> None:
         a, c, f = self.arena, self.arena.counters, self.arena.flat_state
         with self.guard:
             self.kernels.push.push(
                 f["param_ema"], f["grad_ema"], f["param_snapshot"], f["grad_snapshot"],
                 a.history_s, a.history_y, self.tiles, self.workers, self.decision,
                 self.gram_partials, self.hyper, c["step"], c["pair_count"], ok,
+                self.addresses, self.hyper if scale is None else scale, self.dot_partials,
                 group["update_period"], a.m, self.tile, self.aligned,
+                group["variant"] == "released", group["weight_decay"] != 0, group["maximize"],
+                scale is not None,
             )
 
-    def commit(self, group: dict, ok: Tensor) -> None:
+    def commit(self, group: dict, ok: Tensor, pair: bool = True, counters: bool = True) -> None:
         a, c = self.arena, self.arena.counters
         with self.guard:
             self.kernels.push.commit(
                 self.blocks, self.decision, self.gram_partials, a.gram, c["step"],
                 c["pair_count"], c["skipped_pairs"], c["skipped_steps"], ok,
-                group["update_period"], a.m,
+                group["update_period"], a.m, pair, counters,
             )
 
 
@@ -388,7 +396,7 @@ class GroupPlan:
             0.0 if isinstance(lr, Tensor) else float(lr),
             group["momentum"], group["weight_decay"], 1 - beta_p, 1 - beta_g,
             group["pair_momentum"], group["damping"], group["sigma_low"], group["sigma_high"],
-            group["eps"],
+            group["eps"], beta_p, beta_g,
         )
         old = self.hyper_values
         if values != old:
@@ -439,23 +447,20 @@ class GroupPlan:
         """The step's launch sequence for this group alone (its own probes decide
         ``ok``): no host reads, no branch on a device value. Each pass covers every
         arena before the next starts, since the direction's norm is group-wide."""
-        self.gradient_dots(group, amp)
-        self.two_loop(group)
-        ok = torch.stack([p.probe.to(self.devices[0]) for p in self.arenas]).sum().isfinite()
-        ok = {d: ok.to(d) for d in self.devices}
-        self.update(group, ok, amp)
-        self.push(group, ok)
-        self.commit(group, ok)
+        arenas = [plan.arena for plan in self.arenas]
+        probes = gradient_dots(arenas, group, amp)
+        ok = torch.stack([p.to(self.devices[0]) for p in probes]).sum().isfinite()
+        finish(arenas, group, {d: ok.to(d) for d in self.devices}, amp)
 
     def gradient_dots(self, group: dict, amp=None) -> None:
         scales = self._scales(amp)
         for plan in self.arenas:
             plan.gradient_dots(group, scales[plan.arena.device])
 
-    def two_loop(self, group: dict) -> None:
+    def two_loop(self, group: dict, decide: bool = True, coefficients: bool = True) -> None:
         for plan in self.arenas:
-            plan.two_loop(group)
-        if len(self.devices) > 1:
+            plan.two_loop(group, decide, coefficients)
+        if coefficients and len(self.devices) > 1:
             self._share_stats()
 
     def update(self, group: dict, ok: dict, amp=None) -> None:
@@ -463,13 +468,14 @@ class GroupPlan:
         for plan in self.arenas:
             plan.update(group, ok[plan.arena.device], scales[plan.arena.device])
 
-    def push(self, group: dict, ok: dict) -> None:
+    def push(self, group: dict, ok: dict, amp=None) -> None:
+        scales = self._scales(amp)
         for plan in self.arenas:
-            plan.push(group, ok[plan.arena.device])
+            plan.push(group, ok[plan.arena.device], scales[plan.arena.device])
 
-    def commit(self, group: dict, ok: dict) -> None:
+    def commit(self, group: dict, ok: dict, pair: bool = True, counters: bool = True) -> None:
         for plan in self.arenas:
-            plan.commit(group, ok[plan.arena.device])
+            plan.commit(group, ok[plan.arena.device], pair, counters)
 
     def _share_stats(self) -> None:
         """A group spread over devices: each device gets every arena's stats rows."""
