@@ -8,7 +8,9 @@ pair held it gives ``c_g = 1`` (the SGD warm-up). Unheld slots are masked, never
 branched on.
 
 Launches: one per arena, one program per block (``variant="released"``: two, the
-decision and probe before the step's verdict, the coefficients after the pair push). Bytes: none per element; per
+decision and probe before the step's verdict, the coefficients after the pair push);
+then :func:`direction_scale_kernel`, one program per group and device, turns the
+group's stats rows into the scale of ``d`` that pass 2 reads (one load per program). Bytes: none per element; per
 block it reads ``W_b (2m + 4)`` partial sums (``W_b <= cap`` workers, whatever
 ``N``) and the ``3 m^2`` Gram entries, and writes ``2m + 1`` coefficients and
 5 scalars; program 0 also reads the ``g.g`` column of all ``W`` worker rows.
@@ -42,6 +44,7 @@ from .common import (
     STATS_COLUMNS,
     SUM_ROWS,
     Launcher,
+    group_status,
     is_finite,
     padded,
     sum_rows,
@@ -181,6 +184,25 @@ def two_loop_kernel(
     tl.store(stats + 2, any_held.to(tl.float64))
 
 
+@triton.jit
+def direction_scale_kernel(stats_ptr, n_blocks, scale_ptr, NORMALIZE: tl.constexpr, ROWS: tl.constexpr):
+    """``1 / ||d||`` over the whole group once some block holds a pair (docs/design.md,
+    "The step", 4), else 1 (1 as well when ``||d|| = 0``): one program per group and
+    device, from the stats rows of every block of the group, fixed order."""
+    scale = tl.full([], 1.0, tl.float64)
+    if NORMALIZE:
+        d_dot_d, any_held = group_status(stats_ptr, n_blocks, ROWS)
+        norm = tl.sqrt(d_dot_d)
+        scale = tl.where(any_held & (norm > 0), 1.0 / tl.where(norm > 0, norm, 1.0), 1.0)
+    tl.store(scale_ptr, scale)
+
+
+def _direction_scale(stats: Tensor, scale: Tensor, normalize: bool) -> None:
+    wrap_triton(direction_scale_kernel)[(1,)](
+        stats, stats.shape[0], scale, NORMALIZE=normalize, ROWS=SUM_ROWS
+    )
+
+
 def _two_loop(
     partials: Tensor, pair_partials: Tensor, blocks: Tensor, gram: Tensor, step: Tensor,
     pair_count: Tensor, hyper: Tensor, coef: Tensor, stats: Tensor, decision: Tensor,
@@ -195,4 +217,7 @@ def _two_loop(
 
 two_loop = Launcher(
     "two_loop", _two_loop, two_loop_kernel, ("coef", "stats", "decision", "probe")
+)
+direction_scale = Launcher(
+    "direction_scale", _direction_scale, direction_scale_kernel, ("scale",)
 )

@@ -11,8 +11,8 @@ alone. ``theta`` and ``grad`` are the user's tensors (the address table).
 
 Launches: one per arena, one program per worker, looping over its tiles.
 Bytes per element: reads ``5 E`` (grad, theta, P, G, buf) ``+ 2 m H``; writes ``4 E``
-(theta, P, G, buf). float32: ``(8m + 36) N``. Per program it reads the group's
-stats rows (``2 B_group`` floats) for the norm of ``d``.
+(theta, P, G, buf). float32: ``(8m + 36) N``. The group's scale of ``d`` is one
+float64 each program reads (:func:`.two_loop.direction_scale_kernel`).
 """
 
 from __future__ import annotations
@@ -26,13 +26,11 @@ from torch.library import wrap_triton
 from .common import (
     H_MOMENTUM,
     H_WEIGHT_DECAY,
-    SUM_ROWS,
     TILE_COLUMNS,
     WORKER_COLUMNS,
     Launcher,
     averages,
     effective_gradient,
-    group_status,
     tile_geometry,
     user_tensor,
     worker_geometry,
@@ -42,29 +40,24 @@ from .common import (
 @triton.jit
 def update_kernel(
     addresses_ptr, tiles_ptr, workers_ptr, hist_s_ptr, hist_y_ptr,
-    param_ema_ptr, grad_ema_ptr, buf_ptr, coef_ptr, step_ptr, stats_ptr, n_group_blocks,
+    param_ema_ptr, grad_ema_ptr, buf_ptr, coef_ptr, step_ptr, d_scale_ptr,
     hyper_ptr, lr_ptr, scale_ptr, ok_ptr, period,
-    M: tl.constexpr, HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr, NORMALIZE: tl.constexpr,
+    M: tl.constexpr, HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_SCALE: tl.constexpr, RELEASED: tl.constexpr, F64: tl.constexpr, TILE: tl.constexpr, ALIGNED: tl.constexpr,
-    ROWS: tl.constexpr, TCOL: tl.constexpr, WCOL: tl.constexpr,
+    TCOL: tl.constexpr, WCOL: tl.constexpr,
 ):
     if tl.load(ok_ptr) == 0:
         return  # a skipped step changes nothing (the commit kernel counts it)
     CDT = tl.float64 if F64 else tl.float32  # arithmetic type of the arena
     DT = param_ema_ptr.dtype.element_ty  # the parameters' dtype
-    d_dot_d, any_held = group_status(stats_ptr, n_group_blocks, ROWS)
 
     w = tl.program_id(0).to(tl.int64)
     b, tile_lo, tile_hi, tile_step, ring_origin, ring_stride = worker_geometry(workers_ptr, w, WCOL, ALIGNED)
     t = tl.load(step_ptr + b) + 1
     first = t == 1
 
-    # 1 / ||d|| over the group in float64, as the foreach backend does, then narrowed.
-    scale = tl.full([], 1.0, tl.float64)
-    if NORMALIZE:
-        norm = tl.sqrt(d_dot_d)
-        scale = tl.where(any_held & (norm > 0), 1.0 / tl.where(norm > 0, norm, 1.0), 1.0)
-    scale = scale.to(CDT)
+    # 1 / ||d|| over the group, found in float64 once per group (direction_scale_kernel).
+    scale = tl.load(d_scale_ptr).to(CDT)
     momentum = tl.load(hyper_ptr + H_MOMENTUM).to(CDT)
     weight_decay = tl.load(hyper_ptr + H_WEIGHT_DECAY).to(CDT)
     neg_lr = -(tl.load(lr_ptr).to(CDT))
@@ -109,17 +102,17 @@ def update_kernel(
 
 def _update(
     addresses: Tensor, tiles: Tensor, workers: Tensor, hist_s: Tensor, hist_y: Tensor,
-    param_ema: Tensor, grad_ema: Tensor, buf: Tensor, coef: Tensor, step: Tensor, stats: Tensor,
-    hyper: Tensor, lr: Tensor, scale: Tensor, ok: Tensor, period: int,
-    m: int, has_wd: bool, maximize: bool, normalize: bool, has_scale: bool, released: bool,
+    param_ema: Tensor, grad_ema: Tensor, buf: Tensor, coef: Tensor, step: Tensor,
+    d_scale: Tensor, hyper: Tensor, lr: Tensor, scale: Tensor, ok: Tensor, period: int,
+    m: int, has_wd: bool, maximize: bool, has_scale: bool, released: bool,
     tile: int, aligned: bool,
 ) -> None:
     wrap_triton(update_kernel)[(workers.shape[0],)](
         addresses, tiles, workers, hist_s, hist_y, param_ema, grad_ema, buf, coef, step,
-        stats, stats.shape[0], hyper, lr, scale, ok, period,
-        M=m, HAS_WD=has_wd, MAXIMIZE=maximize, NORMALIZE=normalize, HAS_SCALE=has_scale,
+        d_scale, hyper, lr, scale, ok, period,
+        M=m, HAS_WD=has_wd, MAXIMIZE=maximize, HAS_SCALE=has_scale,
         RELEASED=released,
-        F64=param_ema.dtype == torch.float64, TILE=tile, ALIGNED=aligned, ROWS=SUM_ROWS,
+        F64=param_ema.dtype == torch.float64, TILE=tile, ALIGNED=aligned,
         TCOL=TILE_COLUMNS, WCOL=WORKER_COLUMNS,
     )
 

@@ -118,7 +118,7 @@ def test_every_launch_compiles_for_sm90():
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [line.split(",") for line in result.stdout.splitlines() if line.startswith("compiled")]
     names = [row[1] for row in rows]  # compiled, name, ALIGNED, F64, vector, registers, M
-    kernels = ("gradient_dots", "two_loop", "update", "push", "commit")
+    kernels = ("gradient_dots", "two_loop", "direction_scale", "update", "push", "commit")
     assert {f"{name}_kernel" for name in kernels} <= set(names), result.stdout
     for name in ("gradient_dots", "update", "push"):  # specialised per dtype and flags
         assert names.count(f"{name}_kernel") >= len(CONFIGS) - 1, result.stdout

@@ -154,6 +154,12 @@ def _ok(value=True):
     return torch.tensor(value, device=_device())
 
 
+def _direction_scale(f):
+    """The group's scale of d from the stats rows, as the step computes it before pass 2."""
+    dev = f.arena.device
+    f.plan.kernels.two_loop.direction_scale(f.plan.stats[dev], f.plan.d_scale[dev], f.group["normalize"])
+
+
 def _random_state(f, step):
     a = f.arena
     for key in ("param_ema", "grad_ema", "momentum_buffer", "param_snapshot", "grad_snapshot"):
@@ -216,6 +222,7 @@ def test_pass2_update(monkeypatch, step):
             s = torch.lerp(P[sl] - snap_p[sl].double(), S[newest], r_eff)
             y = torch.lerp(G[sl] - snap_g[sl].double(), Y[newest], r_eff)
             torch.testing.assert_close(sums[b], torch.stack([s @ s, s @ y, y @ y]), rtol=1e-4, atol=1e-4)
+    _direction_scale(f)
     f.ap.update(f.group, _ok(), None)
 
     flat_theta = torch.cat([p.detach().reshape(-1) for p in f.params]).double()

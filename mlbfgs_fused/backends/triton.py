@@ -7,19 +7,33 @@ kernel (the two-loop on the Gram matrices, the pair's damping and acceptance, th
 arena's finiteness probe); in :func:`finish`, pass 2 (direction, averages, momentum,
 parameters), the pair push (its programs return at once unless a pair is due) and
 the commit (counters and, after a push, the new Gram row; one program per block).
+``variant="released"`` pushes the pair before the direction (E4): the finish is
+push, commit of the pair, coefficients, pass 2, commit of the counters (seven launches).
 Every decision that depends on a device value is taken on the device: the kernels
 that write read the step's global verdict ``ok``. A steady-state step allocates
 nothing and never reads a device value on the host.
+
+Budget, float32 parameters and history, ``m`` slots, ``N`` elements, no weight
+decay: pass 1 reads ``(8m + 4) N`` bytes, pass 2 reads ``(8m + 20) N`` and writes
+``16 N``: ``(16m + 40) N`` a step; every ``T`` steps pass 1 adds ``28 N`` and the
+push ``(8m + 40) N`` (``+ 8 N`` for the released variant). Per-element launches
+run at most ``cap + B`` programs (``cap`` = 4 per SM, ``B`` blocks), each looping
+over tiles of ``TILE`` elements; a block has at most ``cap`` partial rows, whatever
+``N``, so every per-block reduction is bounded (two stages, fixed order).
 
 The user's tensors, in place. The optimizer's own state is flat per arena, but the
 parameters and gradients stay the user's tensors: the kernels reach them through an
 address table (``data_ptr`` of each parameter and of its gradient), as torch's fused
 AdamW takes tensor lists. The host compares the ``data_ptr``\\ s each step and uploads
-the table again only when one changed (from pinned memory, asynchronously). Each
-parameter's slice of the flat state follows the parameter's memory order, so a
-channels_last parameter is read and written as it lies. A gradient whose strides
-differ from its parameter's is staged (copied into a buffer laid out like the
-parameter) before the kernels read it.
+the table again only when one changed (from pinned memory, asynchronously; during
+CUDA graph capture, by fills baked into the graph). Each parameter's slice of the
+flat state follows the parameter's memory order, so a channels_last parameter is
+read and written as it lies. A gradient whose strides differ from its parameter's
+is staged (copied into a buffer laid out like the parameter) before the kernels read
+it. A parameter that changes memory format after its first step raises.
+
+Each arena launches under its own device (``torch.cuda.device``) on that device's
+current stream.
 """
 
 from __future__ import annotations
@@ -233,13 +247,6 @@ class ArenaPlan:
 
     def _rebuild(self, params, grads, param_ptrs, grad_ptrs) -> None:
         device = self.arena.device
-        if _capturing(device):
-            raise RuntimeError(
-                "MLBFGS (fused): a parameter or gradient tensor changed since the last step, "
-                "so its address table must be uploaded, which cannot happen during CUDA graph "
-                "capture; run one step outside capture first and keep the gradients in place "
-                "(zero_grad(set_to_none=False)) while capturing"
-            )
         for p, (shape, stride, dtype, dev) in zip(params, self.layouts):
             if p.dtype != dtype or p.shape != shape or p.device != dev:
                 raise RuntimeError(
@@ -270,10 +277,16 @@ class ArenaPlan:
                     address = stage.data_ptr()
             table += (p.data_ptr(), address)
         self.staged = staged
-        host = torch.tensor(table, dtype=torch.int64).view(-1, 2)
-        if device.type == "cuda":
-            host = host.pin_memory()  # the caching host allocator keeps it until the copy ran
-        self.addresses.copy_(host, non_blocking=True)
+        if _capturing(device):
+            # No host memory may be read in a captured graph: one fill per entry, its
+            # value baked into the graph (the tensors captured there keep their addresses).
+            for entry, address in zip(self.addresses.view(-1), table):
+                entry.fill_(address)
+        else:
+            host = torch.tensor(table, dtype=torch.int64).view(-1, 2)
+            if device.type == "cuda":
+                host = host.pin_memory()  # the caching host allocator keeps it until the copy ran
+            self.addresses.copy_(host, non_blocking=True)
         self.param_ptrs, self.grad_ptrs = param_ptrs, grad_ptrs
         self.has_grad = any(grad_ptrs)
         self.aligned = self.tiles_aligned and all(address % 16 == 0 for address in table)
@@ -306,10 +319,9 @@ class ArenaPlan:
             self.kernels.update.update(
                 self.addresses, self.tiles, self.workers, a.history_s, a.history_y,
                 f["param_ema"], f["grad_ema"], f["momentum_buffer"], self.coef, c["step"],
-                self.stats, self.hyper, self.group.lr[a.device],
+                self.group.d_scale[a.device], self.hyper, self.group.lr[a.device],
                 self.hyper if scale is None else scale, ok, group["update_period"], a.m,
-                group["weight_decay"] != 0, group["maximize"], group["normalize"],
-                scale is not None, group["variant"] == "released", self.tile, self.aligned,
+                group["weight_decay"] != 0, group["maximize"], scale is not None, group["variant"] == "released", self.tile, self.aligned,
             )
 
     def push(self, group: dict, ok: Tensor, scale: Tensor | None) -> None:
@@ -366,6 +378,11 @@ class GroupPlan:
         }
         self.hyper = {
             d: torch.zeros(common.NUM_HYPER, dtype=torch.float64, device=d) for d in self.devices
+        }
+        self.d_scale = {d: torch.ones((), dtype=torch.float64, device=d) for d in self.devices}
+        self.guards = {
+            d: torch.cuda.device(d) if d.type == "cuda" else contextlib.nullcontext()
+            for d in self.devices
         }
         self.hyper_slots = {d: h.unbind(0) for d, h in self.hyper.items()}
         self.hyper_values: tuple | None = None
@@ -460,8 +477,13 @@ class GroupPlan:
     def two_loop(self, group: dict, decide: bool = True, coefficients: bool = True) -> None:
         for plan in self.arenas:
             plan.two_loop(group, decide, coefficients)
-        if coefficients and len(self.devices) > 1:
+        if not coefficients:
+            return
+        if len(self.devices) > 1:
             self._share_stats()
+        for d in self.devices:  # the group's scale of d, once per device
+            with self.guards[d]:
+                self.kernels.two_loop.direction_scale(self.stats[d], self.d_scale[d], group["normalize"])
 
     def update(self, group: dict, ok: dict, amp=None) -> None:
         scales = self._scales(amp)
