@@ -24,7 +24,7 @@ CONFIGS = [
     dict(dtype="float32", history_dtype="bfloat16", weight_decay=0.1, maximize=True, blocks=7),
     dict(dtype="float64", history_size=1, normalize=False),
     dict(dtype="bfloat16", history_size=4, blocks="tensor", grad_scale=1024.0),
-    dict(dtype="float16", weight_decay=0.1),
+    dict(dtype="float16", weight_decay=0.1, variant="released"),
     # Sizes that are multiples of 16 elements: the ALIGNED specialization (vector loads).
     dict(dtype="float32", shapes=[[16, 8], [32]], blocks="tensor"),
 ]
