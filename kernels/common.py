@@ -25,10 +25,11 @@ partial sums, and a per-block program adds that block's rows in a fixed order
 (:func:`sum_rows`), at most ``cap`` rows whatever ``N`` is.
 
 Group status. The coefficient kernel writes, per block, ``(g.g, d.d, any pair
-held)`` into a group-wide float64 ``[B_group, 3]`` matrix; the update sums its
-last two columns (:func:`group_status`) for the norm of ``d`` over the group. The
-step's finiteness is not read from it: every kernel that writes reads the step's
-global verdict ``ok`` (a bool on the arena's device) instead.
+held)`` into a group-wide float64 ``[B_group, 3]`` matrix; one program per group and
+device sums its last two columns (:func:`group_status`) into the scale of ``d`` that
+pass 2 reads. The step's finiteness is not read from it: every kernel that writes
+reads the step's global verdict ``ok`` (a bool on the arena's device) instead, and
+the optimizer forms ``ok`` from each arena's probe (``g.g`` over the arena).
 
 Hyperparameters live in a float64 device vector (indices ``H_*``), so changing
 one needs no recompilation and a captured CUDA graph reads the current values.
