@@ -61,7 +61,11 @@ class Backend:
 
     @property
     def module(self):
-        return importlib.import_module(self.module_path, __name__)
+        # A dict lookup once imported, which torch.compile traces (importlib it does not).
+        module = _MODULES.get(self.name)
+        if module is None:
+            module = _MODULES[self.name] = importlib.import_module(self.module_path, __name__)
+        return module
 
     def available(self) -> bool:
         return self.module.available()
@@ -69,6 +73,8 @@ class Backend:
     def supported_devices(self) -> list[str]:
         return self.module.supported_devices()
 
+
+_MODULES: dict[str, object] = {}  # backend name -> its imported module
 
 REGISTRY: dict[str, Backend] = {
     backend.name: backend
