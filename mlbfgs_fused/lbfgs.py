@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -11,7 +12,6 @@ from torch.optim import Optimizer
 
 from . import backends
 from ._line_search import Point, _strong_wolfe
-from ._math import newest_first_slots
 
 __all__ = ["LBFGS"]
 
@@ -31,7 +31,7 @@ class LBFGS(Optimizer):
     ``n_iter`` and ``func_evals`` in ``state[first_param]``. Underneath, the state
     is flat (per group, device and dtype: the history ring, the direction and the
     previous gradient), the two-loop recursion runs on the Gram matrix of the
-    history (docs/design.md, "The step"): two passes over the ring per
+    history (docs/design.md, "LBFGS" and "The vector-free two-loop"): two passes over the ring per
     iteration and no host synchronisation inside it; trial points are written
     into the parameters in place. The host reads one small vector per closure
     evaluation (the loss and the line-search scalars) and one per direction.
@@ -529,7 +529,8 @@ def _update_model_and_direction(arenas: list[_Arena], state: dict, m: int) -> No
     ys = work_dots[1, 2]
     accept = torch.isfinite(work_dots).all() & (ys > _CURVATURE_MIN)
     slot = torch.remainder(pair_count, m)
-    rows = torch.where(accept, torch.stack([slot, slot + m]), torch.tensor([2 * m, 2 * m + 1], device=home))
+    consts = _constants(m, home)
+    rows = torch.where(accept, slot + consts["pair_rows"], consts["discard_rows"])
     for arena in arenas:
         arena.ring.index_copy_(0, rows.to(arena.device), arena.work[1:3])
         arena.prev.copy_(arena.g)
@@ -538,14 +539,28 @@ def _update_model_and_direction(arenas: list[_Arena], state: dict, m: int) -> No
     Sg = torch.where(accept, ring_dots[:m, 0].index_put((slot,), work_dots[1, 0]), ring_dots[:m, 0])
     Yg = torch.where(accept, ring_dots[m:, 0].index_put((slot,), work_dots[2, 0]), ring_dots[m:, 0])
     pair_count += accept
-    c_g, c_s, c_y = two_loop_by_solves(gram, Sg, Yg, pair_count)
+    c_g, c_s, c_y = two_loop_by_solves(gram, Sg, Yg, pair_count, consts)
     coef = torch.cat([c_s, c_y]).neg()
     for arena in arenas:
         torch.mv(arena.ring[: 2 * m].T, coef.to(arena.device, arena.dtype), out=arena.d)
         arena.d.addcmul_(arena.g, c_g.neg().to(arena.device, arena.dtype))
 
 
-def two_loop_by_solves(gram: Tensor, Sg: Tensor, Yg: Tensor, pair_count: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+@functools.lru_cache(maxsize=8)
+def _constants(m: int, device: torch.device) -> dict[str, Tensor]:
+    """Index and identity tensors of the model's small algebra, made once per (m, device)."""
+    k = torch.arange(m, device=device)
+    return {
+        "k": k,
+        "eye": torch.eye(m, dtype=torch.float64, device=device),
+        "pair_rows": torch.tensor([0, m], device=device),  # + slot: the rows of s and y
+        "discard_rows": torch.tensor([2 * m, 2 * m + 1], device=device),
+    }
+
+
+def two_loop_by_solves(
+    gram: Tensor, Sg: Tensor, Yg: Tensor, pair_count: Tensor, consts: dict | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """The coefficients of ``H g`` over ``{g, s_i, y_i}`` for one model, as
     :func:`mlbfgs_fused._math.two_loop_coefficients` computes them, in a fixed
     number of operations whatever ``m``.
@@ -564,9 +579,11 @@ def two_loop_by_solves(gram: Tensor, Sg: Tensor, Yg: Tensor, pair_count: Tensor)
     Returns ``(c_g [1], c_s [m], c_y [m])`` in slot order.
     """
     m = gram.shape[-1]
-    slots, held = (x[0] for x in newest_first_slots(pair_count.view(1), m))
+    consts = consts or _constants(m, gram.device)
+    k, eye = consts["k"], consts["eye"]
+    slots = torch.remainder(pair_count - 1 - k, m)  # the ring convention of _math
+    held = k < pair_count.clamp(max=m)
     both = held.unsqueeze(0) & held.unsqueeze(1)
-    eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
     # Unheld slots get a unit diagonal and zero right-hand sides: their coefficients are 0.
     SY = torch.where(both, gram[1][slots][:, slots], eye)
     YY = torch.where(both, gram[2][slots][:, slots], 0.0)
