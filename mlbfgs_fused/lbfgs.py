@@ -153,8 +153,9 @@ class LBFGS(Optimizer):
         super().load_state_dict(state_dict)
         if model is not None:
             first = self.state[self._first_param()]
-            for key in ("gram", "pair_count"):
-                first[key] = model[key].to(first[key].device).clone()
+            for key in ("gram", "pair_count", "ring_grad_dots", "direction_coefficients"):
+                if key in model:
+                    first[key] = model[key].to(first[key].device).clone()
         self._arenas = None
 
     # -- state ------------------------------------------------------------------
@@ -177,7 +178,9 @@ class LBFGS(Optimizer):
             first["pair_count"] = torch.zeros((), dtype=torch.int64, device=home)
         if tuple(first["gram"].shape) != (3, m, m):
             raise ValueError(f"loaded state 'gram' has shape {tuple(first['gram'].shape)}, expected {(3, m, m)}")
-        first["pair_count"] = first["pair_count"].to(home)
+        for key in ("pair_count", "ring_grad_dots", "direction_coefficients"):
+            if key in first:
+                first[key] = first[key].to(home)
         return arenas
 
     # -- host reads -------------------------------------------------------------
@@ -263,9 +266,7 @@ class LBFGS(Optimizer):
             for arena in arenas:
                 _load_gradient(arena, gradient_at, maximize)
             if state["n_iter"] == 1:
-                for arena in arenas:
-                    torch.neg(arena.g, out=arena.d)
-                    arena.prev.copy_(arena.g)
+                _first_direction(arenas, state, m)
             else:
                 _update_model_and_direction(arenas, state, m)
             stats = [x for arena in arenas for x in _direction_stats(arena)]
@@ -276,7 +277,7 @@ class LBFGS(Optimizer):
 
             t = min(1.0, 1.0 / g_l1 if g_l1 > 0 else math.inf) * lr if state["n_iter"] == 1 else lr
             if gtd > -tolerance_change:
-                _stage_step(arenas, t)
+                _stage_step(arenas, t, state)
                 break
 
             # -- step length ------------------------------------------------------
@@ -316,7 +317,7 @@ class LBFGS(Optimizer):
 
             current_evals += ls_func_evals
             state["func_evals"] += ls_func_evals
-            _stage_step(arenas, t)
+            _stage_step(arenas, t, state)
 
             # -- termination ------------------------------------------------------
             if stop or n_iter == max_iter or current_evals >= max_eval or opt_cond:
@@ -481,25 +482,37 @@ def _abs_max(x: Tensor) -> Tensor:
 _DOT_CHUNK = 16384
 
 
-def _ring_dots(arena: _Arena, m: int) -> tuple[Tensor, Tensor]:
-    """``[S; Y] [g s y]`` (``[2m, 3]``) and ``[g s y]^T [g s y]`` (``[3, 3]``) in one pass
-    over the ring, in the arena's dtype."""
+def _ring_dots(arena: _Arena, m: int) -> Tensor:
+    """``[S; Y] [g s y]`` (``[2m, 3]``) in one pass over the ring, in the arena's dtype."""
     ring, work = arena.ring[: 2 * m], arena.work
     n = work.shape[1]
-    ring_part = torch.zeros(2 * m, 3, dtype=arena.dtype, device=arena.device)
-    work_part = torch.zeros(3, 3, dtype=arena.dtype, device=arena.device)
+    out = torch.zeros(2 * m, 3, dtype=arena.dtype, device=arena.device)
     chunk = n if arena.device.type != "cpu" else _DOT_CHUNK
     for a in range(0, n, chunk):
-        w = work[:, a : a + chunk]
-        ring_part.addmm_(ring[:, a : a + chunk], w.T)
-        work_part.addmm_(w, w.T)
-    return ring_part, work_part
+        out.addmm_(ring[:, a : a + chunk], work[:, a : a + chunk].T)
+    return out
 
 
-def _stage_step(arenas: list[_Arena], t: float) -> None:
-    """``d <- alpha d``: the direction becomes the step ``s`` of the next pair (torch's ``d.mul(t)``)."""
+def _ring_grad_dots(arena: _Arena, m: int) -> Tensor:
+    """``[S; Y] g`` (``[2m]``): one matrix-vector product over the ring."""
+    return torch.mv(arena.ring[: 2 * m], arena.g)
+
+
+def _work_dots(arena: _Arena, consts: dict) -> Tensor:
+    """The float64 Gram matrix of ``[g, s, y]`` (six dots)."""
+    g, s, y = arena.work.unbind(0)
+    pairs = ((g, g), (g, s), (g, y), (s, s), (s, y), (y, y))
+    six = torch.stack([torch.dot(a, b) for a, b in pairs]).double()
+    return six[consts["sym3"].to(six.device)]
+
+
+def _stage_step(arenas: list[_Arena], t: float, state: dict) -> None:
+    """``d <- alpha d``: the direction becomes the step ``s`` of the next pair (torch's
+    ``d.mul(t)``). ``state["staged_alpha"]``: the common ``alpha`` (None when groups differ)."""
+    alphas = {t * arena.scale for arena in arenas}
     for arena in arenas:
         arena.d.mul_(t * arena.scale)
+    state["staged_alpha"] = alphas.pop() if len(alphas) == 1 else None
 
 
 def _move(arena: _Arena, alpha: float, from_saved: bool) -> None:
@@ -512,24 +525,39 @@ def _move(arena: _Arena, alpha: float, from_saved: bool) -> None:
 def _update_model_and_direction(arenas: list[_Arena], state: dict, m: int) -> None:
     """Store the pair of the last step (when ``s.y > 1e-10``) and write ``d = -H g``.
 
-    One pass over each ring gives the dots of every held pair with ``g``, ``s`` and
-    ``y`` (``S [g s y]``, ``Y [g s y]``); the new Gram row and column and the
-    two-loop coefficients follow on scalars; a second pass forms ``d``. The pair
-    decision stays on the device.
+    The Gram matrix needs the dots of every held pair with the new ``s`` and ``y``,
+    and the two-loop needs them with ``g``. Only ``[S; Y] g`` needs a pass over the
+    ring (one matrix-vector product); the rest follows on scalars (Chen, Wang, Zhou):
+    ``[S; Y] y = [S; Y] g - [S; Y] g_prev`` (the previous iteration's dots) and
+    ``[S; Y] s = alpha [S; Y] d_prev``, with ``d_prev`` the previous direction, whose
+    coefficients over the ring and ``g_prev`` are known:
+    ``[S; Y] d_prev = Gram [c_s; c_y] + c_g [S; Y] g_prev``. (When groups took steps of
+    different lengths, ``s`` is no multiple of ``d_prev`` and the dots with ``s`` and
+    ``y`` are taken directly, in one more pass.) The two-loop coefficients follow
+    on scalars; a second pass forms ``d``. The pair decision stays on the device.
     """
     gram, pair_count = state["gram"], state["pair_count"]
     home = gram.device
-    ring_dots = torch.zeros(2 * m, 3, dtype=torch.float64, device=home)
+    consts = _constants(m, home)
+    alpha = state.get("staged_alpha")
     work_dots = torch.zeros(3, 3, dtype=torch.float64, device=home)
     for arena in arenas:
         torch.sub(arena.g, arena.prev, out=arena.prev)  # y = g - g_prev
-        ring_part, work_part = _ring_dots(arena, m)
-        ring_dots += ring_part.to(home, torch.float64)
-        work_dots += work_part.to(home, torch.float64)
+        work_dots += _work_dots(arena, consts).to(home)
+    if alpha is not None and "ring_grad_dots" in state:
+        ring_g = torch.zeros(2 * m, dtype=torch.float64, device=home)
+        for arena in arenas:
+            ring_g += _ring_grad_dots(arena, m).to(home, torch.float64)
+        prev_dots, prev_coef = state["ring_grad_dots"], state["direction_coefficients"]
+        ring_d = torch.mv(_full_gram(gram), prev_coef[:-1]) + prev_coef[-1] * prev_dots
+        ring_dots = torch.stack([ring_g, alpha * ring_d, ring_g - prev_dots], dim=1)
+    else:
+        ring_dots = torch.zeros(2 * m, 3, dtype=torch.float64, device=home)
+        for arena in arenas:
+            ring_dots += _ring_dots(arena, m).to(home, torch.float64)
     ys = work_dots[1, 2]
     accept = torch.isfinite(work_dots).all() & (ys > _CURVATURE_MIN)
     slot = torch.remainder(pair_count, m)
-    consts = _constants(m, home)
     rows = torch.where(accept, slot + consts["pair_rows"], consts["discard_rows"])
     for arena in arenas:
         arena.ring.index_copy_(0, rows.to(arena.device), arena.work[1:3])
@@ -540,10 +568,36 @@ def _update_model_and_direction(arenas: list[_Arena], state: dict, m: int) -> No
     Yg = torch.where(accept, ring_dots[m:, 0].index_put((slot,), work_dots[2, 0]), ring_dots[m:, 0])
     pair_count += accept
     c_g, c_s, c_y = two_loop_by_solves(gram, Sg, Yg, pair_count, consts)
-    coef = torch.cat([c_s, c_y]).neg()
+    coef = torch.cat([c_s, c_y, c_g]).neg()  # d = -H g over [S; Y; g]
+    _set_direction(arenas, coef, m)
+    state["ring_grad_dots"] = torch.cat([Sg, Yg])
+    state["direction_coefficients"] = coef
+
+
+def _first_direction(arenas: list[_Arena], state: dict, m: int) -> None:
+    """``d = -g`` (torch's ``flat_grad.neg()``), with the dots the next iteration starts from."""
     for arena in arenas:
-        torch.mv(arena.ring[: 2 * m].T, coef.to(arena.device, arena.dtype), out=arena.d)
-        arena.d.addcmul_(arena.g, c_g.neg().to(arena.device, arena.dtype))
+        torch.neg(arena.g, out=arena.d)
+        arena.prev.copy_(arena.g)
+    home = state["gram"].device
+    coef = torch.zeros(2 * m + 1, dtype=torch.float64, device=home)
+    coef[-1] = -1.0
+    state["direction_coefficients"] = coef
+    # The ring is empty at the first iteration; its dots with g are 0.
+    state["ring_grad_dots"] = torch.zeros(2 * m, dtype=torch.float64, device=home)
+
+
+def _set_direction(arenas: list[_Arena], coef: Tensor, m: int) -> None:
+    """``d = [S; Y]^T coef[:2m] + coef[2m] g``: one pass over each ring."""
+    for arena in arenas:
+        c = coef.to(arena.device, arena.dtype)
+        torch.mv(arena.ring[: 2 * m].T, c[:-1], out=arena.d)
+        arena.d.addcmul_(arena.g, c[-1])
+
+
+def _full_gram(gram: Tensor) -> Tensor:
+    """The ``[2m, 2m]`` Gram matrix of ``[S; Y]`` from its three blocks."""
+    return torch.cat([torch.cat([gram[0], gram[1]], 1), torch.cat([gram[1].T, gram[2]], 1)], 0)
 
 
 @functools.lru_cache(maxsize=8)
@@ -555,6 +609,7 @@ def _constants(m: int, device: torch.device) -> dict[str, Tensor]:
         "eye": torch.eye(m, dtype=torch.float64, device=device),
         "pair_rows": torch.tensor([0, m], device=device),  # + slot: the rows of s and y
         "discard_rows": torch.tensor([2 * m, 2 * m + 1], device=device),
+        "sym3": torch.tensor([[0, 1, 2], [1, 3, 4], [2, 4, 5]], device=device),
     }
 
 
