@@ -318,3 +318,27 @@ def test_host_reads_one_copy_per_evaluation_and_per_direction(line_search_fn, mo
     assert torch_iterations == iterations
     # torch.optim.LBFGS reads about 2 m + 8 scalars per iteration (m = 10 here).
     assert torch_reads / torch_iterations > 10 * copies / iterations
+
+
+# -- arguments and the bench ------------------------------------------------------------------
+def test_arguments_in_torchs_wording():
+    x = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        LBFGS([x], lr=-1)
+    with pytest.raises(RuntimeError, match="only 'strong_wolfe' is supported"):
+        LBFGS([x], line_search_fn="armijo")
+    with pytest.raises(ValueError, match="max_iter"):
+        LBFGS([{"params": [x]}, {"params": [torch.zeros(2, requires_grad=True)], "max_iter": 3}])
+    with pytest.raises(NotImplementedError, match="foreach"):
+        LBFGS([x], fused=True)
+    with pytest.raises(ValueError, match="float32 and float64"):
+        LBFGS([torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)])
+    opt = LBFGS([x])
+    assert opt.defaults["max_eval"] == 25 and opt.defaults["history_size"] == 100
+
+
+def test_bench_runs_at_tiny_sizes():
+    from bench import lbfgs as bench_lbfgs
+
+    (row,) = bench_lbfgs.main(["--smoke"])
+    assert row["mlbfgs_fused.LBFGS"]["iter_s"] > 0 and row["torch.optim.LBFGS"]["iter_s"] > 0
