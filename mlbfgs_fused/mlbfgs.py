@@ -62,10 +62,13 @@ class MLBFGS(Optimizer):
     gradient holds a NaN or Inf changes nothing and is counted in
     ``state[...]["blocks"][...]["skipped_steps"]``.
 
+    ``zero_grad``, ``state_dict``, ``load_state_dict``, hooks, named parameters and
+    LR schedulers behave as in ``torch.optim`` (schedulers that cycle momentum
+    cycle ``momentum``). The state follows a parameter moved to another dtype or
+    device after stepping (``model.to(torch.float64)``).
+
     On the fused backend, the first step re-points the parameters of each group
-    and (device, dtype) at slices of one flat buffer (``param.data``, as FSDP does)
-    and makes their gradients views of another, which ``zero_grad`` zeroes in
-    place; a gradient set to None or replaced is copied in at the next step.
+    and (device, dtype) at slices of one flat buffer (``param.data``, as FSDP does).
     """
 
     def __init__(
@@ -270,35 +273,6 @@ class MLBFGS(Optimizer):
         if grad_scale is None and found_inf is None:
             return None
         return backends.AmpScaling(grad_scale, found_inf)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset the gradients.
-
-        Gradients the fused backend keeps as views of its flat gradient buffer are
-        zeroed in place, one fill per arena, whatever ``set_to_none`` says: dropping
-        them would cost a gather at the next step. The others follow
-        ``torch.optim.Optimizer.zero_grad``."""
-        in_place: set[int] = set()
-        for _, arenas in self._arenas.values():
-            if getattr(arenas[0].fused, "zero_grad", None) is not None:
-                in_place.update(map(id, arenas[0].fused.zero_grad()))
-        if not in_place:
-            super().zero_grad(set_to_none)
-            return
-        if len(in_place) == sum(len(group["params"]) for group in self.param_groups):
-            return
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None or id(p) in in_place:
-                    continue
-                if set_to_none:
-                    p.grad = None
-                else:
-                    if p.grad.grad_fn is not None:
-                        p.grad.detach_()
-                    else:
-                        p.grad.requires_grad_(False)
-                    p.grad.zero_()
 
     def _group_arenas(self, index: int, group: dict) -> list[Arena]:
         """The group's arenas, one per (device, dtype)."""
