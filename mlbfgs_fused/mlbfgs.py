@@ -224,6 +224,10 @@ class MLBFGS(Optimizer):
             post_hook(self)
 
     # -- the step ---------------------------------------------------------------
+    # GradScaler.step hands its scale and inf checks over (``grad_scale``, ``found_inf``)
+    # instead of unscaling the gradients and synchronising: see _amp_scaling.
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """Perform a single optimisation step.
