@@ -68,7 +68,9 @@ class MLBFGS(Optimizer):
     device after stepping (``model.to(torch.float64)``).
 
     On the fused backend, the first step re-points the parameters of each group
-    and (device, dtype) at slices of one flat buffer (``param.data``, as FSDP does).
+    and (device, dtype) at slices of one flat buffer (``param.data``, as FSDP does)
+    and makes their gradients views of another, which ``zero_grad`` zeroes in
+    place; a gradient set to None or replaced is copied in at the next step.
     """
 
     def __init__(
@@ -97,20 +99,6 @@ class MLBFGS(Optimizer):
         history_dtype: torch.dtype | None = None,
         variant: str = "paper",
     ):
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        if fused and differentiable:
-            raise RuntimeError("`fused` does not support `differentiable`")
-        if differentiable:
-            raise RuntimeError("MLBFGS does not support `differentiable`")
-        if backend is not None:
-            backends.get(backend)  # raises, naming the registered backends
-        if backend == "foreach" and fused:
-            raise RuntimeError("`fused=True` contradicts `backend='foreach'`")
-        if backend == "triton" and foreach:
-            raise RuntimeError("`foreach=True` contradicts `backend='triton'`")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -134,7 +122,7 @@ class MLBFGS(Optimizer):
             history_dtype=history_dtype,
             variant=variant,
         )
-        validate_hyperparameters(defaults)
+        _validate_group(defaults)
         self._arenas: dict[int, tuple[tuple, list[Arena]]] = {}
         super().__init__(params, defaults)
 
@@ -155,7 +143,7 @@ class MLBFGS(Optimizer):
                 group["blocks"] = blocks_as_indices(
                     group["blocks"], group["params"], explicit_blocks, group.get("param_names")
                 )
-            validate_hyperparameters(group)
+            _validate_group(group)
             backend = backends.select(group)
             if backend.fused:
                 backends.check_fused_supported(group["params"], backend)
@@ -192,7 +180,7 @@ class MLBFGS(Optimizer):
         for saved in state_dict["param_groups"]:
             group = {key: value for key, value in saved.items() if key != "params"}
             _fill_group_defaults(group)
-            validate_hyperparameters(group)
+            _validate_group(group)
         blocks = {}
         state = {}
         for key, value in state_dict["state"].items():
@@ -278,6 +266,39 @@ class MLBFGS(Optimizer):
             return None
         return backends.AmpScaling(grad_scale, found_inf)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients (``torch.optim.Optimizer.zero_grad``).
+
+        While the fused backend keeps gradients as views of its flat gradient
+        buffer, those are zeroed in place, one fill per arena, whatever
+        ``set_to_none`` says (dropping them would cost a gather at the next step).
+        A gradient whose data no longer lies in that buffer (``model.to(...)``
+        replaced it) is reset as torch resets it."""
+        in_place: set[int] = set()
+        for _, arenas in self._arenas.values():
+            plan = arenas[0].fused
+            if getattr(plan, "zero_grad", None) is None:
+                continue
+            buffers = {arena.grad_flat.untyped_storage().data_ptr() for arena in arenas}
+            for p in plan.zero_grad():
+                if p.grad is None or p.grad.untyped_storage().data_ptr() in buffers:
+                    in_place.add(id(p))
+        if not in_place:
+            super().zero_grad(set_to_none)
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or id(p) in in_place:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
+
     def _group_arenas(self, index: int, group: dict) -> list[Arena]:
         """The group's arenas, one per (device, dtype)."""
         self._init_group(index, group)
@@ -333,6 +354,19 @@ class MLBFGS(Optimizer):
             arena.adopt(self.state)
             arenas.append(arena)
         self._arenas[index] = (key, arenas)
+
+
+def _validate_group(group: dict) -> None:
+    """Raise PyTorch's error for a bad hyperparameter or flag of a group (or of the
+    defaults), before anything is written."""
+    validate_hyperparameters(group)
+    backend, fused, foreach = group["backend"], group["fused"], group["foreach"]
+    if backend is not None:
+        backends.get(backend)  # raises, naming the registered backends
+        if backends.get(backend).fused and foreach:
+            raise RuntimeError(f"`foreach=True` contradicts `backend={backend!r}`")
+        if not backends.get(backend).fused and fused:
+            raise RuntimeError(f"`fused=True` contradicts `backend={backend!r}`")
 
 
 # What the arena cache notices of a parameter besides its identity.
