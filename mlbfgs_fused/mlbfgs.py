@@ -325,7 +325,7 @@ class MLBFGS(Optimizer):
         if cached is not None and cached[0] == key:
             return
         if cached is not None and cached[0][0] == key[0]:
-            for p, (_, _, shape), (_, _, old_shape) in zip(params, kinds, cached[0][1]):
+            for (_, _, shape), (_, _, old_shape) in zip(kinds, cached[0][1]):
                 if shape != old_shape:
                     raise RuntimeError(
                         f"a parameter of group {index} changed shape from {tuple(old_shape)} "
