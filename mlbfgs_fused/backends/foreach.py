@@ -430,7 +430,7 @@ def _add_ring_combination(x: Tensor, R: Tensor, c: Tensor) -> None:
         return
     wide = _wide(x.dtype)
     for ch in _chunks(x.numel()):
-        x[ch] += R[:, ch].to(wide).t() @ c.to(wide)
+        x[ch].add_(R[:, ch].to(wide).t() @ c.to(wide))
 
 
 def _combine(d: Tensor, g: Tensor, S: Tensor, Y: Tensor, c_g: Tensor, c_s: Tensor, c_y: Tensor) -> None:
