@@ -66,11 +66,6 @@ class MLBFGS(Optimizer):
     LR schedulers behave as in ``torch.optim`` (schedulers that cycle momentum
     cycle ``momentum``). The state follows a parameter moved to another dtype or
     device after stepping (``model.to(torch.float64)``).
-
-    On the fused backend, the first step re-points the parameters of each group
-    and (device, dtype) at slices of one flat buffer (``param.data``, as FSDP does)
-    and makes their gradients views of another, which ``zero_grad`` zeroes in
-    place; a gradient set to None or replaced is copied in at the next step.
     """
 
     def __init__(
@@ -265,39 +260,6 @@ class MLBFGS(Optimizer):
         if grad_scale is None and found_inf is None:
             return None
         return backends.AmpScaling(grad_scale, found_inf)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset the gradients (``torch.optim.Optimizer.zero_grad``).
-
-        While the fused backend keeps gradients as views of its flat gradient
-        buffer, those are zeroed in place, one fill per arena, whatever
-        ``set_to_none`` says (dropping them would cost a gather at the next step).
-        A gradient whose data no longer lies in that buffer (``model.to(...)``
-        replaced it) is reset as torch resets it."""
-        in_place: set[int] = set()
-        for _, arenas in self._arenas.values():
-            plan = arenas[0].fused
-            if getattr(plan, "zero_grad", None) is None:
-                continue
-            buffers = {arena.grad_flat.untyped_storage().data_ptr() for arena in arenas}
-            for p in plan.zero_grad():
-                if p.grad is None or p.grad.untyped_storage().data_ptr() in buffers:
-                    in_place.add(id(p))
-        if not in_place:
-            super().zero_grad(set_to_none)
-            return
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None or id(p) in in_place:
-                    continue
-                if set_to_none:
-                    p.grad = None
-                else:
-                    if p.grad.grad_fn is not None:
-                        p.grad.detach_()
-                    else:
-                        p.grad.requires_grad_(False)
-                    p.grad.zero_()
 
     def _group_arenas(self, index: int, group: dict) -> list[Arena]:
         """The group's arenas, one per (device, dtype)."""

@@ -267,12 +267,8 @@ def test_non_empty_state():
 
 
 # -- zero_grad -----------------------------------------------------------------------
-# While the fused backend keeps gradients as views of its gradient buffer, its
-# zero_grad zeroes them in place whatever set_to_none says.
-@pytest.mark.parametrize(
-    "backend,set_to_none",
-    [("foreach", True), ("foreach", False), pytest.param("triton", False, marks=_NEEDS_TRITON)],
-)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("set_to_none", [True, False])
 def test_zero_grad_follows_torch(backend, set_to_none):
     model = torch.nn.Linear(4, 3).to(_device(backend))
     opt = MLBFGS(model.parameters(), backend=backend)
