@@ -606,3 +606,30 @@ def test_cuda_graph_capture_and_replay():
     torch.cuda.synchronize()
     for p_eager, p_graph in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p_eager, p_graph, rtol=1e-5, atol=1e-6)
+
+
+@needs_cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_parameters_on_another_gpu_launch_under_their_device():
+    """A model on cuda:1 while cuda:0 is current: every launch runs under cuda:1."""
+    if _triton.interpreting():
+        pytest.skip("TRITON_INTERPRET=1: the kernels run on the CPU")
+    sc = _scenario("tensor", steps=10)
+    with torch.cuda.device(0):
+        opt, groups, _, errors = run_against_reference(sc, torch.float32, "cuda:1", backend="triton")
+    assert max(errors) < 1e-4
+    assert opt.state[groups[0][0]]["momentum_buffer"].device == torch.device("cuda:1")
+
+
+@needs_cuda
+def test_cuda_graph_capture_with_a_cpu_lr_raises():
+    if _triton.interpreting():
+        pytest.skip("TRITON_INTERPRET=1: the kernels run on the CPU")
+    p = torch.nn.Parameter(torch.randn(8, device="cuda"))
+    opt = MLBFGS([p], lr=torch.tensor(0.1), fused=True)
+    p.grad = torch.randn(8, device="cuda")
+    opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="CPU tensor lr"):
+        with torch.cuda.graph(graph):
+            opt.step()
