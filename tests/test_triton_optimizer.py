@@ -317,7 +317,7 @@ def test_half_float_round_trip_after_a_step_keeps_training():
 def test_replaced_parameter_data_is_read_in_place():
     dev = _device()
     a, b = torch.nn.Parameter(torch.ones(5, device=dev)), torch.nn.Parameter(torch.ones(3, device=dev))
-    opt = MLBFGS([a, b], lr=0.1, momentum=0.0, backend="triton")
+    opt = MLBFGS([a, b], lr=0.1, momentum=0.0, blocks="tensor", backend="triton")
     a.grad, b.grad = torch.ones(5, device=dev), torch.ones(3, device=dev)
     opt.step()
     a.data = torch.full((5,), 2.0, device=dev)  # the user re-points a parameter
