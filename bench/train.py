@@ -214,6 +214,7 @@ def main(argv=None):
     parser.add_argument("--dataset", choices=("fashion-mnist", "digits"), default="fashion-mnist")
     parser.add_argument("--epochs", type=positive_int, default=None)
     parser.add_argument("--seeds", type=positive_int, default=3)
+    parser.add_argument("--models", default="cnn,mlp", help=f"comma-separated, of {tuple(MODELS)}")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                         help=f"comma-separated, of {tuple(HYPERPARAMETERS)} (default {','.join(OPTIMIZERS)})")
     parser.add_argument("--train-subset", type=positive_int, default=None, help="use the first K training images")
@@ -224,17 +225,20 @@ def main(argv=None):
     unknown = sorted(set(optimizers) - set(HYPERPARAMETERS))
     if unknown or not optimizers:
         parser.error(f"unknown optimizers {unknown} (expected some of {tuple(HYPERPARAMETERS)})")
+    models = tuple(name.strip() for name in args.models.split(",") if name.strip())
+    if not models or set(models) - set(MODELS):
+        parser.error(f"unknown models {sorted(set(models) - set(MODELS))} (expected some of {tuple(MODELS)})")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = default_device()
     out = args.out or results_dir(device)
     out.mkdir(parents=True, exist_ok=True)
     if args.smoke:
-        result = run_training(device, dataset="digits", optimizers=optimizers, seeds=(0, 1), epochs=1,
-                              train_subset=512, verbose=False)
+        result = run_training(device, dataset="digits", models=models, optimizers=optimizers, seeds=(0, 1),
+                              epochs=1, train_subset=512, verbose=False)
     else:
-        result = run_training(device, dataset=args.dataset, optimizers=optimizers, seeds=tuple(range(args.seeds)),
-                              epochs=args.epochs, train_subset=args.train_subset)
+        result = run_training(device, dataset=args.dataset, models=models, optimizers=optimizers,
+                              seeds=tuple(range(args.seeds)), epochs=args.epochs, train_subset=args.train_subset)
     result["machine"] = machine_stamp(device)
     (out / "training.json").write_text(json.dumps(result, indent=1))
     from .report import plot_training
