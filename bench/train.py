@@ -8,7 +8,8 @@ scikit-learn's bundled digits. Every optimizer gets the same runs: the same seed
 (model initialisation and batch order), data, epochs and learning-rate schedule.
 It writes ``training.json`` (loss and test accuracy against steps and wall-clock,
 per seed) into the machine's results folder; ``bench.report`` plots it. MLBFGS
-runs fused (Triton) on CUDA and on the foreach backend on the CPU.
+runs on the fastest backend that works on the device (Triton, else CUDA C++, on a
+GPU; the C++ kernels, else foreach, on the CPU).
 
 Optimizers (``--optimizers``): ``mlbfgs`` (``variant="paper"``), ``mlbfgs-released``
 (``variant="released"``, docs/design.md, "The released variant"), ``sgd-momentum``,
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mlbfgs_fused import MLBFGS
+from mlbfgs_fused import MLBFGS, backends
 from mlbfgs_fused.demo import (
     FASHION_MNIST_HINT, Dataset, evaluate, fashion_mnist_present, mlp, positive_int, small_cnn,
 )
@@ -68,8 +69,16 @@ def load_dataset(prefer: str = "fashion-mnist") -> Dataset:
     return demo_load_dataset(prefer)
 
 
+# MLBFGS backends to try per device type, fastest first; foreach runs everywhere.
+BACKEND_PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}
+
+
 def mlbfgs_backend(device: torch.device) -> str:
-    return "triton" if device.type == "cuda" and mlbfgs_backend_works("triton", device) else "foreach"
+    """The first registered backend that runs on ``device`` (found by trying), else foreach."""
+    for name in BACKEND_PREFERENCE.get(device.type, ()):
+        if name in backends.names() and mlbfgs_backend_works(name, device):
+            return name
+    return "foreach"
 
 
 def variant_runs(variant: str, backend: str, device: torch.device) -> str | None:
