@@ -342,3 +342,25 @@ def test_bench_runs_at_tiny_sizes():
 
     (row,) = bench_lbfgs.main(["--smoke"])
     assert row["mlbfgs_fused.LBFGS"]["iter_s"] > 0 and row["torch.optim.LBFGS"]["iter_s"] > 0
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_pair_dots_from_the_previous_direction_equal_direct_dots(line_search_fn, monkeypatch):
+    """The new pair's dots with the ring come from the previous direction's coefficients
+    (one pass over the ring); taken directly instead (the path of groups that stepped
+    differently) they give the same run up to rounding."""
+    import mlbfgs_fused.lbfgs as lbfgs_module
+
+    kwargs = dict(line_search_fn=line_search_fn, history_size=4, max_iter=12, max_eval=30)
+    p_fast, s_fast, _, _ = run(LBFGS, "mlp", 2, **kwargs)
+    original = lbfgs_module._stage_step
+
+    def direct_dots(arenas, t, state):
+        original(arenas, t, state)
+        state["staged_alpha"] = None
+
+    monkeypatch.setattr(lbfgs_module, "_stage_step", direct_dots)
+    p_direct, s_direct, _, _ = run(LBFGS, "mlp", 2, **kwargs)
+    assert (s_fast["func_evals"], s_fast["n_iter"]) == (s_direct["func_evals"], s_direct["n_iter"])
+    assert "ring_grad_dots" in s_fast and s_direct["staged_alpha"] is None
+    assert _relative_difference(p_direct, p_fast) < 1e-12
