@@ -364,3 +364,37 @@ def test_pair_dots_from_the_previous_direction_equal_direct_dots(line_search_fn,
     assert (s_fast["func_evals"], s_fast["n_iter"]) == (s_direct["func_evals"], s_direct["n_iter"])
     assert "ring_grad_dots" in s_fast and s_direct["staged_alpha"] is None
     assert _relative_difference(p_direct, p_fast) < 1e-12
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_parameters_on_cuda_and_cpu_form_one_model(line_search_fn):
+    """Part of x on the GPU, part on the CPU: the same run as all on the CPU, no scalar reads."""
+    kwargs = dict(line_search_fn=line_search_fn, history_size=4, max_iter=10)
+    results = []
+    for device in ("cpu", "cuda"):
+        a, b, _, _, _ = _split_least_squares(seed=3)
+        g = torch.Generator().manual_seed(4)
+        A = torch.randn(40, 12, generator=g, dtype=torch.float64)
+        rhs = torch.randn(40, generator=g, dtype=torch.float64)
+        a = a.detach().to(device).requires_grad_()
+        A_a = A[:, :5].to(device)
+        opt = LBFGS([a, b], **kwargs)
+
+        def closure():
+            opt.zero_grad()
+            residual = (A_a @ a).cpu() + A[:, 5:] @ b - rhs
+            loss = 0.5 * residual.dot(residual)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with _HostReads() as reads:
+            opt.step(closure)
+        if device == "cuda":
+            assert reads.count == 0
+        results.append((torch.cat([a.detach().cpu(), b.detach()]), opt.state[a]["func_evals"]))
+    (x_cpu, evals_cpu), (x_cuda, evals_cuda) = results
+    assert evals_cpu == evals_cuda
+    torch.testing.assert_close(x_cuda, x_cpu, rtol=1e-10, atol=1e-12)
