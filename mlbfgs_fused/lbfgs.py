@@ -31,10 +31,19 @@ class LBFGS(Optimizer):
     ``n_iter`` and ``func_evals`` in ``state[first_param]``. Underneath, the state
     is flat (per group, device and dtype: the history ring, the direction and the
     previous gradient), the two-loop recursion runs on the Gram matrix of the
-    history (docs/design.md, "LBFGS" and "The vector-free two-loop"): two passes over the ring per
-    iteration and no host synchronisation inside it; trial points are written
-    into the parameters in place. The host reads one small vector per closure
-    evaluation (the loss and the line-search scalars) and one per direction.
+    history (docs/design.md, "LBFGS" and "The vector-free two-loop"): two passes
+    over the ring per iteration and no host synchronisation inside it; trial
+    points are written into the parameters in place. The host reads one small
+    vector per closure evaluation (the loss and the line-search scalars) and one
+    per direction.
+
+    ``state[first_param]`` holds ``func_evals``, ``n_iter``, ``t``, ``prev_loss`` as torch
+    does, and the model (``gram``, ``pair_count``, ``ring_grad_dots``,
+    ``direction_coefficients``, ``staged_alpha``); the first parameter of each
+    (group, device, dtype) holds its slice of the ring (``history_s``,
+    ``history_y``, ``[m, n]``), every parameter its slice of ``direction`` and
+    ``prev_grad``. torch's own keys (``d``, ``old_dirs``, ...) are not kept, so
+    checkpoints do not move between the two classes.
 
     Beyond torch:
 
