@@ -173,17 +173,21 @@ def _run_scaled(sc, scale, found_inf_at=(), **kwargs):
 
 
 def test_amp_grad_scale_is_divided_out_and_found_inf_skips():
-    sc = _scenario("tensor", steps=10)
+    sc = _scenario("tensor", steps=9)  # the first pair forms at the last step
     opt, groups = run_scenario(sc, torch.float32, _device(), backend="triton")
     opt_s, groups_s = _run_scaled(sc, 1024.0)  # a power of two: dividing it out is exact
     for g1, g2 in zip(groups, groups_s):
         assert torch.equal(flat(g1), flat(g2))
     assert _counters(opt, groups) == _counters(opt_s, groups_s)
+    assert max(c["pair_count"] for c in _counters(opt, groups)) > 0
     # found_inf (a float sum over devices, here 2) skips the step: one more skipped step.
-    _, groups_i = _run_scaled(sc, 1024.0, found_inf_at=(9,))
-    opt_9, groups_9 = run_scenario(sc, torch.float32, _device(), stop=9, backend="triton")
-    for g1, g2 in zip(groups_9, groups_i):
+    opt_i, groups_i = _run_scaled(sc, 1024.0, found_inf_at=(8,))
+    opt_8, groups_8 = run_scenario(sc, torch.float32, _device(), stop=8, backend="triton")
+    for g1, g2 in zip(groups_8, groups_i):
         assert torch.equal(flat(g1), flat(g2))
+    assert [c["skipped_steps"] for c in _counters(opt_i, groups_i)] == [
+        c["skipped_steps"] + 1 for c in _counters(opt_8, groups_8)
+    ]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 5e-2)], ids=str)
