@@ -291,6 +291,23 @@ def test_training_loop_with_gradients_none_and_replaced(set_to_none):
     assert all(p.grad is not None and p.grad._base is None for p in models[0].parameters())
 
 
+def test_address_table_uploaded_only_when_a_pointer_changes(monkeypatch):
+    builds = []
+    rebuild = _triton.ArenaPlan._rebuild
+    monkeypatch.setattr(_triton.ArenaPlan, "_rebuild", lambda self, *a: (builds.append(1), rebuild(self, *a)))
+    model = _mlp(7)
+    opt = MLBFGS(model.parameters(), lr=0.05, backend="triton")
+    x = torch.randn(4, 6, device=_device())
+    for _ in range(3):  # gradients zeroed in place: the same tensors every step
+        opt.zero_grad(set_to_none=False)
+        model(x).sum().backward()
+        opt.step()
+    assert len(builds) == 1
+    model[0].weight.grad = model[0].weight.grad.clone()  # a new gradient tensor
+    opt.step()
+    assert len(builds) == 2
+
+
 def test_zero_grad_follows_torch_optim():
     dev = _device()
     a, b = torch.nn.Parameter(torch.ones(4, device=dev)), torch.nn.Parameter(torch.ones(2, device=dev))
