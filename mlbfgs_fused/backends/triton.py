@@ -16,7 +16,7 @@ nothing and never reads a device value on the host.
 Budget, float32 parameters and history, ``m`` slots, ``N`` elements, no weight
 decay: pass 1 reads ``(8m + 4) N`` bytes, pass 2 reads ``(8m + 20) N`` and writes
 ``16 N``: ``(16m + 40) N`` a step; every ``T`` steps pass 1 adds ``28 N`` and the
-push ``(8m + 40) N`` (``+ 8 N`` for the released variant). Per-element launches
+push ``(8m + 32) N`` (``+ 8 N`` for the released variant). Per-element launches
 run at most ``cap + B`` programs (``cap`` = 4 per SM, ``B`` blocks), each looping
 over tiles of ``TILE`` elements; a block has at most ``cap`` partial rows, whatever
 ``N``, so every per-block reduction is bounded (two stages, fixed order).
