@@ -129,7 +129,8 @@ def test_nan_gradient_in_one_group_skips_every_group(other):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 in the interpreter
-def test_parameter_groups_of_two_dtypes_share_the_step():
+@pytest.mark.parametrize("variant", ["paper", "released"])
+def test_parameter_groups_of_two_dtypes_share_the_step(variant):
     """One group with float32 and float64 parameters: two arenas whose finiteness
     and direction norm are group-wide."""
     dev = _device()
@@ -139,7 +140,8 @@ def test_parameter_groups_of_two_dtypes_share_the_step():
     runs = []
     for backend in ("triton", "foreach"):
         params = [torch.nn.Parameter(t.clone().to(dev)) for t in init]
-        opt = MLBFGS(params, lr=0.05, history_size=2, update_period=3, blocks="tensor", backend=backend)
+        opt = MLBFGS(params, lr=0.05, history_size=2, update_period=3, blocks="tensor",
+                     backend=backend, variant=variant)
         for step in range(16):
             for p, t in zip(params, targets):
                 p.grad = (p.detach() - t.to(dev)) * (1 + 0.1 * step)
