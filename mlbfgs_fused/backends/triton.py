@@ -321,7 +321,8 @@ class ArenaPlan:
                 f["param_ema"], f["grad_ema"], f["momentum_buffer"], self.coef, c["step"],
                 self.group.d_scale[a.device], self.hyper, self.group.lr[a.device],
                 self.hyper if scale is None else scale, ok, group["update_period"], a.m,
-                group["weight_decay"] != 0, group["maximize"], scale is not None, group["variant"] == "released", self.tile, self.aligned,
+                group["weight_decay"] != 0, group["maximize"], scale is not None,
+                group["variant"] == "released", self.tile, self.aligned,
             )
 
     def push(self, group: dict, ok: Tensor, scale: Tensor | None) -> None:
