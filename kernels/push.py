@@ -15,10 +15,15 @@ vector-free ``||d||`` depends on it). Every due step then rolls the snapshots
 (``P0 = P``, ``G0 = G``).
 Bytes per element on a due step with a pair accepted: reads ``4 E`` (P, P0, G, G0)
 ``+ 2 m H`` (the ring, newest pair included); writes ``2 H`` (the slot) ``+ 2 E``
-(snapshots). float32: ``(8m + 32) N`` every ``T`` steps; nothing per element otherwise.
+(snapshots). float32: ``(8m + 32) N`` every ``T`` steps (the newest pair, read twice, is
+the same tile: the second read hits the cache); nothing per element otherwise.
+``variant="released"`` runs the push before pass 2 (E4): it forms this step's
+averages itself (``+ 2 E``: theta and grad) and replaces each worker's pass-1 ``S g``,
+``Y g`` entries of the slot with the new pair's, so the coefficients use it at once.
 
 :func:`commit_kernel`, one program per block, is the only writer of the counters
-(every other kernel reads them, so the commit runs last): ``step += ok``,
+(every other kernel reads them, so the commit runs last; the released variant
+commits the pair before its coefficients and the counters last): ``step += ok``,
 ``skipped_steps += not ok`` and, on a pair-forming step, row and column ``slot`` of
 ``S S^T``, ``S Y^T``, ``Y Y^T`` from the push kernel's partials (at most ``cap``
 rows per block, fixed order), ``pair_count`` or ``skipped_pairs``. Bytes: none per element.

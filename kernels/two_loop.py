@@ -10,8 +10,8 @@ branched on.
 Launches: one per arena, one program per block (``variant="released"``: two, the
 decision and probe before the step's verdict, the coefficients after the pair push);
 then :func:`direction_scale_kernel`, one program per group and device, turns the
-group's stats rows into the scale of ``d`` that pass 2 reads (one load per program). Bytes: none per element; per
-block it reads ``W_b (2m + 4)`` partial sums (``W_b <= cap`` workers, whatever
+group's stats rows into the scale of ``d`` that pass 2 reads (one load per program).
+Bytes: none per element; per block it reads ``W_b (2m + 4)`` partial sums (``W_b <= cap`` workers, whatever
 ``N``) and the ``3 m^2`` Gram entries, and writes ``2m + 1`` coefficients and
 5 scalars; program 0 also reads the ``g.g`` column of all ``W`` worker rows.
 

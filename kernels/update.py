@@ -42,8 +42,8 @@ def update_kernel(
     addresses_ptr, tiles_ptr, workers_ptr, hist_s_ptr, hist_y_ptr,
     param_ema_ptr, grad_ema_ptr, buf_ptr, coef_ptr, step_ptr, d_scale_ptr,
     hyper_ptr, lr_ptr, scale_ptr, ok_ptr, period,
-    M: tl.constexpr, HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    HAS_SCALE: tl.constexpr, RELEASED: tl.constexpr, F64: tl.constexpr, TILE: tl.constexpr, ALIGNED: tl.constexpr,
+    M: tl.constexpr, HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
+    RELEASED: tl.constexpr, F64: tl.constexpr, TILE: tl.constexpr, ALIGNED: tl.constexpr,
     TCOL: tl.constexpr, WCOL: tl.constexpr,
 ):
     if tl.load(ok_ptr) == 0:

@@ -129,7 +129,8 @@ def test_nan_gradient_in_one_group_skips_every_group(other):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 in the interpreter
-def test_parameter_groups_of_two_dtypes_share_the_step():
+@pytest.mark.parametrize("variant", ["paper", "released"])
+def test_parameter_groups_of_two_dtypes_share_the_step(variant):
     """One group with float32 and float64 parameters: two arenas whose finiteness
     and direction norm are group-wide."""
     dev = _device()
@@ -139,7 +140,8 @@ def test_parameter_groups_of_two_dtypes_share_the_step():
     runs = []
     for backend in ("triton", "foreach"):
         params = [torch.nn.Parameter(t.clone().to(dev)) for t in init]
-        opt = MLBFGS(params, lr=0.05, history_size=2, update_period=3, blocks="tensor", backend=backend)
+        opt = MLBFGS(params, lr=0.05, history_size=2, update_period=3, blocks="tensor",
+                     backend=backend, variant=variant)
         for step in range(16):
             for p, t in zip(params, targets):
                 p.grad = (p.detach() - t.to(dev)) * (1 + 0.1 * step)
@@ -173,17 +175,21 @@ def _run_scaled(sc, scale, found_inf_at=(), **kwargs):
 
 
 def test_amp_grad_scale_is_divided_out_and_found_inf_skips():
-    sc = _scenario("tensor", steps=10)
+    sc = _scenario("tensor", steps=9)  # the first pair forms at the last step
     opt, groups = run_scenario(sc, torch.float32, _device(), backend="triton")
     opt_s, groups_s = _run_scaled(sc, 1024.0)  # a power of two: dividing it out is exact
     for g1, g2 in zip(groups, groups_s):
         assert torch.equal(flat(g1), flat(g2))
     assert _counters(opt, groups) == _counters(opt_s, groups_s)
+    assert max(c["pair_count"] for c in _counters(opt, groups)) > 0
     # found_inf (a float sum over devices, here 2) skips the step: one more skipped step.
-    _, groups_i = _run_scaled(sc, 1024.0, found_inf_at=(9,))
-    opt_9, groups_9 = run_scenario(sc, torch.float32, _device(), stop=9, backend="triton")
-    for g1, g2 in zip(groups_9, groups_i):
+    opt_i, groups_i = _run_scaled(sc, 1024.0, found_inf_at=(8,))
+    opt_8, groups_8 = run_scenario(sc, torch.float32, _device(), stop=8, backend="triton")
+    for g1, g2 in zip(groups_8, groups_i):
         assert torch.equal(flat(g1), flat(g2))
+    assert [c["skipped_steps"] for c in _counters(opt_i, groups_i)] == [
+        c["skipped_steps"] + 1 for c in _counters(opt_8, groups_8)
+    ]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 5e-2)], ids=str)
@@ -285,6 +291,23 @@ def test_training_loop_with_gradients_none_and_replaced(set_to_none):
     models, opts = _train_side_by_side(12, tamper, set_to_none)
     assert [p.data_ptr() for p in models[0].parameters()] == models[0].initial_pointers
     assert all(p.grad is not None and p.grad._base is None for p in models[0].parameters())
+
+
+def test_address_table_uploaded_only_when_a_pointer_changes(monkeypatch):
+    builds = []
+    rebuild = _triton.ArenaPlan._rebuild
+    monkeypatch.setattr(_triton.ArenaPlan, "_rebuild", lambda self, *a: (builds.append(1), rebuild(self, *a)))
+    model = _mlp(7)
+    opt = MLBFGS(model.parameters(), lr=0.05, backend="triton")
+    x = torch.randn(4, 6, device=_device())
+    for _ in range(3):  # gradients zeroed in place: the same tensors every step
+        opt.zero_grad(set_to_none=False)
+        model(x).sum().backward()
+        opt.step()
+    assert len(builds) == 1
+    model[0].weight.grad = model[0].weight.grad.clone()  # a new gradient tensor
+    opt.step()
+    assert len(builds) == 2
 
 
 def test_zero_grad_follows_torch_optim():

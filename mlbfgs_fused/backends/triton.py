@@ -16,7 +16,7 @@ nothing and never reads a device value on the host.
 Budget, float32 parameters and history, ``m`` slots, ``N`` elements, no weight
 decay: pass 1 reads ``(8m + 4) N`` bytes, pass 2 reads ``(8m + 20) N`` and writes
 ``16 N``: ``(16m + 40) N`` a step; every ``T`` steps pass 1 adds ``28 N`` and the
-push ``(8m + 40) N`` (``+ 8 N`` for the released variant). Per-element launches
+push ``(8m + 32) N`` (``+ 8 N`` for the released variant). Per-element launches
 run at most ``cap + B`` programs (``cap`` = 4 per SM, ``B`` blocks), each looping
 over tiles of ``TILE`` elements; a block has at most ``cap`` partial rows, whatever
 ``N``, so every per-block reduction is bounded (two stages, fixed order).
@@ -321,7 +321,8 @@ class ArenaPlan:
                 f["param_ema"], f["grad_ema"], f["momentum_buffer"], self.coef, c["step"],
                 self.group.d_scale[a.device], self.hyper, self.group.lr[a.device],
                 self.hyper if scale is None else scale, ok, group["update_period"], a.m,
-                group["weight_decay"] != 0, group["maximize"], scale is not None, group["variant"] == "released", self.tile, self.aligned,
+                group["weight_decay"] != 0, group["maximize"], scale is not None,
+                group["variant"] == "released", self.tile, self.aligned,
             )
 
     def push(self, group: dict, ok: Tensor, scale: Tensor | None) -> None:
