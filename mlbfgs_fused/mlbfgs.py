@@ -298,24 +298,62 @@ class MLBFGS(Optimizer):
         by_kind: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             by_kind.setdefault((p.device, p.dtype), []).append(i)
-        arenas = []
+        layouts = []
         for indices in by_kind.values():
-            arena_params = [params[i] for i in indices]
             blocks = group["blocks"]
             if isinstance(blocks, list):
                 local = {g: l for l, g in enumerate(indices)}
                 blocks = [[local[i] for i in blk if i in local] for blk in blocks]
                 blocks = [blk for blk in blocks if blk]
-                if sum(len(b) for b in blocks) != len(arena_params):
+                if sum(len(b) for b in blocks) != len(indices):
                     raise ValueError("a block may not mix parameters of different devices or dtypes")
-            layout = arena_layout([p.numel() for p in arena_params], blocks)
-            arena = Arena(arena_params, layout, group["history_size"], group["history_dtype"])
+            layout = arena_layout([params[i].numel() for i in indices], blocks)
+            layouts.append((indices, layout))
+        if cached is not None and cached[0][0] == key[0]:
+            position = {id(p): i for i, p in enumerate(params)}
+            before = sorted(
+                piece
+                for arena in cached[1]
+                for piece in _block_pieces(arena.layout, [position[id(p)] for p in arena.params], params)
+            )
+            after = sorted(
+                piece
+                for indices, layout in layouts
+                for piece in _block_pieces(layout, [indices[i] for i in layout.order], params)
+            )
+            if before != after:
+                raise RuntimeError(
+                    f"parameters of group {index} moved to other dtypes or devices after the "
+                    "optimizer stepped them, splitting or merging its blocks (a block lives on "
+                    "one dtype and device); the state of those blocks cannot follow. Convert "
+                    "every parameter of a block alike (model.to(...) on the whole model), or "
+                    "use blocks='tensor', or build a new optimizer"
+                )
+        arenas = []
+        for indices, layout in layouts:
+            arena = Arena([params[i] for i in indices], layout, group["history_size"], group["history_dtype"])
             # Adopting copies what the state holds (a loaded checkpoint, or views of
             # the arena this one replaces) into the new buffers, converting dtype
             # and device: the state follows its parameter.
             arena.adopt(self.state)
             arenas.append(arena)
         self._arenas[index] = (key, arenas)
+
+
+def _block_pieces(layout, group_indices: list[int], params: list[Tensor]) -> list[tuple]:
+    """Each block of an arena as the pieces of the group's parameters it covers,
+    ``((param index in the group, first element, end), ...)``; ``group_indices``
+    lists the group index of each parameter in arena order."""
+    blocks = []
+    for b in range(layout.num_blocks):
+        lo, hi = layout.block_bounds[b], layout.block_bounds[b + 1]
+        pieces = []
+        for start, i in zip(layout.param_offsets, group_indices):
+            stop = start + params[i].numel()
+            if start < hi and lo < stop:
+                pieces.append((i, max(lo, start) - start, min(hi, stop) - start))
+        blocks.append(tuple(pieces))
+    return blocks
 
 
 def _validate_group(group: dict) -> None:

@@ -763,6 +763,31 @@ def test_model_converted_after_stepping_keeps_training(to, backend):
     assert int(state["blocks"][0]["step"]) == 6 and int(state["blocks"][0]["pair_count"]) == 2
 
 
+def test_converting_part_of_a_block_raises_a_clear_error_and_changes_nothing():
+    """A block lives on one dtype and device: converting some of its parameters would
+    split it, and its history cannot be split. The error says so; undoing the
+    conversion resumes the run where it was."""
+    a, b = Parameter(torch.randn(5)), Parameter(torch.randn(3))
+    opt = MLBFGS([a, b], **FAST)  # blocks="group": one block over a and b
+    for step in range(5):
+        _random_grads([a, b], step)
+        opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    a.data = a.data.double()
+    _random_grads([a, b], 5)
+    with pytest.raises(RuntimeError, match="splitting or merging its blocks"):
+        opt.step()
+    a.data = a.data.float()
+    _random_grads([a, b], 5)
+    opt.step()
+    assert int(opt.state[a]["blocks"][0]["step"]) == int(before["state"][0]["blocks"][0]["step"]) + 1
+    # Converting the whole block at once is fine.
+    a.data, b.data = a.data.double(), b.data.double()
+    _random_grads([a, b], 6)
+    opt.step()
+    assert opt.state[a]["blocks"][0]["history_s"].dtype == torch.float64
+
+
 def test_parameter_that_changed_shape_raises_a_clear_error():
     param, opt = _stepped_optimizer()
     with torch.no_grad():
