@@ -32,7 +32,7 @@ STEADY_STEP = 10 * HYPER["update_period"] + 1
 
 
 def mlbfgs_floor_bytes(n: int, m: int) -> int:
-    """DESIGN.md section 3: theta, g, P, G, buf and the 2m history rows."""
+    """docs/design.md, "Byte budget": theta, g, P, G, buf and the 2m history rows."""
     return (16 * m + 44) * n
 
 

@@ -280,7 +280,7 @@ def write_results_md(folder: Path, notes: list[str] | None = None) -> Path:
         lines += ["", "## 1. Kernel microbenchmarks (pytest-benchmark)", "",
                   f"Copy bandwidth measured in the same run: {bw / 1e9:.1f} GB/s (bytes read + written). "
                   "Floor bytes: each tensor the kernel must touch, read or written once (float32); "
-                  "the whole step's floor is (16 m + 44) N (DESIGN.md section 3). Raw data: `kernels.json`.",
+                  "the whole step's floor is (16 m + 44) N (docs/design.md, \"Byte budget\"). Raw data: `kernels.json`.",
                   "", "![kernels](kernels_bandwidth.png)", "", kernels_table(rows)]
     if compare:
         lines += ["", "## 2. Whole step, side by side", "",

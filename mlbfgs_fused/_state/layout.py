@@ -1,4 +1,4 @@
-"""Block-diagonal layout of a parameter group (DESIGN.md section 4).
+"""Block-diagonal layout of a parameter group (docs/design.md, "Blocks").
 
 A group's parameters on one (device, dtype) are laid end to end in one flat
 "arena". Every block is a contiguous range of that arena: the layout is a
@@ -49,7 +49,7 @@ class ArenaLayout:
 
 
 def validate_blocks_spec(blocks) -> None:
-    """Raise ValueError unless ``blocks`` is a spelling DESIGN.md section 4 allows."""
+    """Raise ValueError unless ``blocks`` is a spelling docs/design.md, "Blocks", allows."""
     if isinstance(blocks, str):
         if blocks not in ("group", "tensor"):
             raise ValueError(
