@@ -2,9 +2,65 @@
 
 The top-level ``kernels/`` folder (Triton kernels) installs as the subpackage
 ``mlbfgs_fused.kernels``; nothing named plain ``kernels`` lands in site-packages.
+
+The C++ CPU kernels in ``csrc/`` build as the extension ``mlbfgs_fused._C``
+against the torch already installed (install with ``--no-build-isolation``: an
+isolated build would fetch its own torch). Without torch or a working compiler
+the package still installs, without the extension; the ``"cpp"`` backend then
+reports itself unavailable. ``MLBFGS_NO_EXTENSION=1`` skips the build.
 """
 
+import os
+import sys
+
 from setuptools import find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/passes.cpp"]
+
+
+def extensions():
+    if os.environ.get("MLBFGS_NO_EXTENSION") == "1":
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        print("mlbfgs_fused: torch is not importable; installing without the C++ kernels", file=sys.stderr)
+        return [], {}
+
+    class OptionalBuildExtension(BuildExtension):
+        """Build with ninja; if the compiler fails, install without the extension."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as error:  # no compiler, missing headers, ...
+                print(
+                    f"mlbfgs_fused: the C++ kernels did not build ({error}); installing without them",
+                    file=sys.stderr,
+                )
+                self.extensions = []
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as error:
+                print(
+                    f"mlbfgs_fused: the C++ kernels did not build ({error}); installing without them",
+                    file=sys.stderr,
+                )
+
+    ext = CppExtension(
+        "mlbfgs_fused._C",
+        CPU_SOURCES,
+        include_dirs=[os.path.abspath("csrc")],
+        define_macros=[("MLBFGS_PYTHON_MODULE", None)],
+        extra_compile_args=["-O3", "-std=c++17"],
+    )
+    return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
 
 setup(
     name="mlbfgs_fused",
@@ -15,6 +71,8 @@ setup(
     python_requires=">=3.10",
     packages=[*find_packages(include=["mlbfgs_fused", "mlbfgs_fused.*"]), "mlbfgs_fused.kernels"],
     package_dir={"mlbfgs_fused": "mlbfgs_fused", "mlbfgs_fused.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=["torch"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "triton", "numpy"],

@@ -1,0 +1,504 @@
+// The fused mL-BFGS passes on the CPU (schemas and order in csrc/ops.cpp).
+//
+// Each pass runs at::parallel_for over the chunks of csrc/ops.h: a chunk works in
+// stack buffers of CHUNK elements in the arithmetic type C (float for float32 and
+// 16-bit parameters, double for float64), so every array is read from memory once
+// per pass and the inner loops are at::vec::Vectorized over L1-resident data with a
+// scalar tail. Reductions go to a per-chunk float64 row and are added per block in
+// chunk order: the same bits for any thread count. Nothing is allocated per step
+// but O(blocks) host vectors on pair steps.
+//
+// Bytes per element (E parameter bytes, H history bytes, m slots; float32, m = 10):
+//   gradient_dots  reads E (grad) [+ E theta with weight decay] + 2 m H
+//   update         reads 5 E + 2 m H, writes 4 E; a pair-forming step reads 2 E + 2 H more
+//   push           a due step reads 4 E + 2 m H, writes 2 H + 2 E; nothing otherwise
+// so (16 m + 44) N a step, (8 m + 44) N with a 16-bit history.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <c10/util/irange.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../ops.h"
+
+namespace mlbfgs_fused {
+namespace {
+
+using at::Tensor;
+
+// -- chunk-local helpers --------------------------------------------------------------
+// A chunk of a T array as C values: the array itself when T is C, else converted
+// into `buffer`.
+template <typename C, typename T>
+inline const C* as_compute(const T* src, int64_t n, C* buffer) {
+  if constexpr (std::is_same_v<C, T>) {
+    return src;
+  } else {
+    for (int64_t x = 0; x < n; ++x) buffer[x] = static_cast<C>(src[x]);
+    return buffer;
+  }
+}
+
+template <typename T, typename C>
+inline void store(T* dst, const C* src, int64_t n) {
+  if constexpr (std::is_same_v<C, T>) {
+    if (dst != src) std::copy(src, src + n, dst);
+  } else {
+    for (int64_t x = 0; x < n; ++x) dst[x] = static_cast<T>(src[x]);
+  }
+}
+
+// sum a[x] b[x] over the chunk: Vectorized partial sums in C, then float64 in lane order.
+template <typename C>
+inline double dot(const C* a, const C* b, int64_t n) {
+  using Vec = at::vec::Vectorized<C>;
+  constexpr int64_t W = Vec::size();
+  Vec acc0(C(0)), acc1(C(0));
+  int64_t x = 0;
+  for (; x + 2 * W <= n; x += 2 * W) {
+    acc0 = at::vec::fmadd(Vec::loadu(a + x), Vec::loadu(b + x), acc0);
+    acc1 = at::vec::fmadd(Vec::loadu(a + x + W), Vec::loadu(b + x + W), acc1);
+  }
+  for (; x + W <= n; x += W) acc0 = at::vec::fmadd(Vec::loadu(a + x), Vec::loadu(b + x), acc0);
+  C lanes[W];
+  (acc0 + acc1).store(lanes);
+  double total = 0.0;
+  for (int64_t l = 0; l < W; ++l) total += static_cast<double>(lanes[l]);
+  for (; x < n; ++x) total += static_cast<double>(a[x] * b[x]);
+  return total;
+}
+
+// y[x] += alpha x[x]
+template <typename C>
+inline void axpy(C* y, C alpha, const C* x_, int64_t n) {
+  using Vec = at::vec::Vectorized<C>;
+  constexpr int64_t W = Vec::size();
+  const Vec a(alpha);
+  int64_t x = 0;
+  for (; x + W <= n; x += W) at::vec::fmadd(a, Vec::loadu(x_ + x), Vec::loadu(y + x)).store(y + x);
+  for (; x < n; ++x) y[x] += alpha * x_[x];
+}
+
+// g = grad * inv_scale + weight_decay * theta, negated under maximize (docs/design.md,
+// "The step", 1; AMP's unscaling folded in). Returns g.g in float64: finite exactly
+// when every entry of g is.
+template <typename C, typename T>
+inline double effective_gradient(const T* grad, const T* theta, int64_t n, C inv_scale,
+                                 C weight_decay, bool maximize, C* g, C* theta_buf) {
+  const C* gr = as_compute(grad, n, g);
+  if (weight_decay != C(0)) {
+    const C* th = as_compute(theta, n, theta_buf);
+    for (int64_t x = 0; x < n; ++x) g[x] = gr[x] * inv_scale + weight_decay * th[x];
+  } else {
+    for (int64_t x = 0; x < n; ++x) g[x] = gr[x] * inv_scale;
+  }
+  if (maximize) {
+    for (int64_t x = 0; x < n; ++x) g[x] = -g[x];
+  }
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t x = 0;
+  for (; x + 4 <= n; x += 4) {
+    for (int l = 0; l < 4; ++l) acc[l] += static_cast<double>(g[x + l]) * g[x + l];
+  }
+  for (; x < n; ++x) acc[0] += static_cast<double>(g[x]) * g[x];
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+struct ChunkRow {
+  int64_t start, end, block, param, local, ring_origin, ring_stride;
+  explicit ChunkRow(const int64_t* row)
+      : start(row[C_START]), end(row[C_END]), block(row[C_BLOCK]), param(row[C_PARAM]),
+        local(row[C_START] - row[C_PARAM_START]), ring_origin(row[C_RING_ORIGIN]),
+        ring_stride(row[C_RING_STRIDE]) {}
+  int64_t count() const { return end - start; }
+  int64_t ring(int64_t i) const { return ring_origin + i * ring_stride + start; }
+};
+
+void check_chunks(const Tensor& chunks) {
+  TORCH_CHECK(chunks.dtype() == at::kLong && chunks.is_contiguous() && chunks.dim() == 2 &&
+                  chunks.size(1) == CHUNK_COLUMNS,
+              "mlbfgs_fused: malformed chunk table");
+}
+
+void check_params(at::TensorList params, at::ArrayRef<std::optional<Tensor>> grads) {
+  TORCH_CHECK(params.size() == grads.size(), "mlbfgs_fused: ", params.size(), " parameters but ",
+              grads.size(), " gradients");
+  for (const auto i : c10::irange(params.size())) {
+    TORCH_CHECK(params[i].is_contiguous(), "mlbfgs_fused: parameters must be contiguous");
+    if (grads[i].has_value() && grads[i]->defined()) {
+      TORCH_CHECK(grads[i]->is_contiguous() && grads[i]->dtype() == params[i].dtype() &&
+                      grads[i]->numel() == params[i].numel(),
+                  "mlbfgs_fused: a gradient must be contiguous and match its parameter");
+    }
+  }
+}
+
+template <typename T>
+std::vector<T*> data_ptrs(at::TensorList tensors) {
+  std::vector<T*> out;
+  out.reserve(tensors.size());
+  for (const auto& t : tensors) out.push_back(t.data_ptr<T>());
+  return out;
+}
+
+template <typename T>
+std::vector<const T*> grad_ptrs(at::ArrayRef<std::optional<Tensor>> grads) {
+  std::vector<const T*> out;
+  out.reserve(grads.size());
+  for (const auto& g : grads) {
+    out.push_back(g.has_value() && g->defined() ? g->const_data_ptr<T>() : nullptr);
+  }
+  return out;
+}
+
+template <typename C>
+C inverse_scale(const std::optional<Tensor>& grad_scale) {
+  if (!grad_scale.has_value() || !grad_scale->defined()) return C(1);
+  return static_cast<C>(1.0 / grad_scale->item<double>());
+}
+
+#define MLBFGS_DISPATCH_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+// -- gradient_dots ------------------------------------------------------------------------
+void gradient_dots(at::TensorList params, at::ArrayRef<std::optional<Tensor>> grads,
+                   const Tensor& history_s, const Tensor& history_y, const Tensor& chunks,
+                   const Tensor& partials, const std::optional<Tensor>& grad_scale,
+                   double weight_decay, bool maximize, int64_t m) {
+  check_chunks(chunks);
+  check_params(params, grads);
+  const int64_t width = 2 * m + 1;
+  const int64_t P = chunks.size(0);
+  TORCH_CHECK(partials.dtype() == at::kDouble && partials.numel() >= P * width);
+  MLBFGS_DISPATCH_TYPES(params[0].scalar_type(), "mlbfgs_fused::gradient_dots", [&] {
+    using T = scalar_t;
+    using C = at::opmath_type<T>;
+    const auto param_ptr = data_ptrs<T>(params);
+    const auto grad_ptr = grad_ptrs<T>(grads);
+    const C inv_scale = inverse_scale<C>(grad_scale);
+    MLBFGS_DISPATCH_TYPES(history_s.scalar_type(), "mlbfgs_fused::gradient_dots", [&] {
+      using H = scalar_t;
+      const H* hs = history_s.const_data_ptr<H>();
+      const H* hy = history_y.const_data_ptr<H>();
+      const int64_t* table = chunks.const_data_ptr<int64_t>();
+      double* out_all = partials.data_ptr<double>();
+      at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+        alignas(64) C g[CHUNK], theta[CHUNK], row[CHUNK];
+        for (int64_t k = begin; k < end; ++k) {
+          const ChunkRow c(table + k * CHUNK_COLUMNS);
+          double* out = out_all + k * width;
+          const T* grad = grad_ptr[c.param];
+          const int64_t n = c.count();
+          if (grad == nullptr || n == 0) {  // no gradient: zero in every dot
+            std::fill(out, out + width, 0.0);
+            continue;
+          }
+          out[2 * m] = effective_gradient<C, T>(grad + c.local, param_ptr[c.param] + c.local, n,
+                                                inv_scale, static_cast<C>(weight_decay), maximize,
+                                                g, theta);
+          for (int64_t i = 0; i < m; ++i) {
+            out[i] = dot<C>(g, as_compute<C, H>(hs + c.ring(i), n, row), n);
+            out[m + i] = dot<C>(g, as_compute<C, H>(hy + c.ring(i), n, row), n);
+          }
+        }
+      });
+    });
+  });
+}
+
+// -- two_loop -----------------------------------------------------------------------------
+void two_loop(const Tensor& partials, const Tensor& blocks, const Tensor& gram,
+              const Tensor& pair_count, const Tensor& coef, const Tensor& stats,
+              const Tensor& probe, int64_t block_offset, int64_t m) {
+  const int64_t width = 2 * m + 1;
+  const int64_t B = blocks.size(0);
+  const double* part = partials.const_data_ptr<double>();
+  const int64_t* btab = blocks.const_data_ptr<int64_t>();
+  const double* gram_ptr = gram.const_data_ptr<double>();
+  const int64_t* count = pair_count.const_data_ptr<int64_t>();
+  double* coef_ptr = coef.data_ptr<double>();
+  double* stats_ptr = stats.data_ptr<double>() + block_offset * STATS_COLUMNS;
+  std::vector<double> sums(width), alpha(m);
+  double total_gg = 0.0;
+  for (int64_t b = 0; b < B; ++b) {
+    std::fill(sums.begin(), sums.end(), 0.0);
+    for (int64_t k = btab[b * BLOCK_COLUMNS + B_FIRST]; k < btab[b * BLOCK_COLUMNS + B_END]; ++k) {
+      for (int64_t j = 0; j < width; ++j) sums[j] += part[k * width + j];
+    }
+    const double gg = sums[2 * m];
+    const double dd = two_loop_block(gram_ptr + b * 3 * m * m, sums.data(), sums.data() + m, gg,
+                                     count[b], m, coef_ptr + b * width, alpha.data());
+    stats_ptr[b * STATS_COLUMNS + S_GG] = gg;
+    stats_ptr[b * STATS_COLUMNS + S_DD] = dd;
+    stats_ptr[b * STATS_COLUMNS + S_HELD] = count[b] > 0 ? 1.0 : 0.0;
+    total_gg += gg;
+  }
+  *probe.data_ptr<double>() = total_gg;
+}
+
+// -- update -------------------------------------------------------------------------------
+void update(at::TensorList params, at::ArrayRef<std::optional<Tensor>> grads,
+            const Tensor& history_s, const Tensor& history_y, const Tensor& param_ema,
+            const Tensor& grad_ema, const Tensor& momentum_buffer, const Tensor& param_snapshot,
+            const Tensor& grad_snapshot, const Tensor& chunks, const Tensor& coef,
+            const Tensor& step, const Tensor& pair_count, const Tensor& stats, const Tensor& ok,
+            const std::optional<Tensor>& grad_scale, const Tensor& pair_partials,
+            const Tensor& lr, double momentum, double weight_decay, double beta_p, double beta_g,
+            double pair_momentum, int64_t period, int64_t m, bool maximize, bool normalize) {
+  check_chunks(chunks);
+  check_params(params, grads);
+  if (!ok.item<bool>()) return;  // a non-finite step changes nothing (push counts it)
+  // 1 / ||d|| over the group once any block holds a pair (docs/design.md, "The step", 4).
+  double scale = 1.0;
+  if (normalize) {
+    const double* st = stats.const_data_ptr<double>();
+    double dd = 0.0;
+    bool held = false;
+    for (int64_t r = 0; r < stats.size(0); ++r) {
+      dd += st[r * STATS_COLUMNS + S_DD];
+      held = held || st[r * STATS_COLUMNS + S_HELD] > 0;
+    }
+    const double norm = std::sqrt(dd);
+    if (held && norm > 0) scale = 1.0 / norm;
+  }
+  const double lr_value = lr.item<double>();
+  const int64_t width = 2 * m + 1;
+  const int64_t P = chunks.size(0);
+  MLBFGS_DISPATCH_TYPES(params[0].scalar_type(), "mlbfgs_fused::update", [&] {
+    using T = scalar_t;
+    using C = at::opmath_type<T>;
+    const auto param_ptr = data_ptrs<T>(params);
+    const auto grad_ptr = grad_ptrs<T>(grads);
+    const C inv_scale = inverse_scale<C>(grad_scale);
+    MLBFGS_DISPATCH_TYPES(history_s.scalar_type(), "mlbfgs_fused::update", [&] {
+      using H = scalar_t;
+      const H* hs = history_s.const_data_ptr<H>();
+      const H* hy = history_y.const_data_ptr<H>();
+      T* P_all = param_ema.data_ptr<T>();
+      T* G_all = grad_ema.data_ptr<T>();
+      T* buf_all = momentum_buffer.data_ptr<T>();
+      const T* P0_all = param_snapshot.const_data_ptr<T>();
+      const T* G0_all = grad_snapshot.const_data_ptr<T>();
+      const int64_t* table = chunks.const_data_ptr<int64_t>();
+      const double* coef_all = coef.const_data_ptr<double>();
+      const int64_t* step_ptr = step.const_data_ptr<int64_t>();
+      const int64_t* count = pair_count.const_data_ptr<int64_t>();
+      double* pair_out = pair_partials.data_ptr<double>();
+      const C c_scale = static_cast<C>(scale), c_momentum = static_cast<C>(momentum);
+      const C neg_lr = -static_cast<C>(lr_value), c_wd = static_cast<C>(weight_decay);
+      at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+        alignas(64) C g[CHUNK], theta[CHUNK], d[CHUNK], row[CHUNK];
+        for (int64_t k = begin; k < end; ++k) {
+          const ChunkRow c(table + k * CHUNK_COLUMNS);
+          const int64_t n = c.count();
+          const int64_t b = c.block;
+          const bool first = step_ptr[b] == 0;
+          const bool pair = forms_pair(step_ptr[b], period);
+          const C w_param = first ? C(1) : static_cast<C>(1 - beta_p);
+          const C w_grad = first ? C(1) : static_cast<C>(1 - beta_g);
+          T* Pp = P_all + c.start;
+          T* Gp = G_all + c.start;
+          const T* grad = grad_ptr[c.param];
+          if (grad != nullptr && n > 0) {
+            T* th_ptr = param_ptr[c.param] + c.local;
+            const C* th = as_compute<C, T>(th_ptr, n, theta);  // theta before the update
+            effective_gradient<C, T>(grad + c.local, th_ptr, n, inv_scale, c_wd, maximize, g, d);
+            // d = c_g g + sum_i c_s[i] s_i + c_y[i] y_i
+            const double* cf = coef_all + b * width;
+            const C c_g = static_cast<C>(cf[0]);
+            for (int64_t x = 0; x < n; ++x) d[x] = c_g * g[x];
+            for (int64_t i = 0; i < m; ++i) {
+              if (cf[1 + i] != 0.0) axpy<C>(d, static_cast<C>(cf[1 + i]), as_compute<C, H>(hs + c.ring(i), n, row), n);
+            }
+            for (int64_t i = 0; i < m; ++i) {
+              if (cf[1 + m + i] != 0.0) axpy<C>(d, static_cast<C>(cf[1 + m + i]), as_compute<C, H>(hy + c.ring(i), n, row), n);
+            }
+            T* bp = buf_all + c.start;
+            for (int64_t x = 0; x < n; ++x) {
+              // EMAs with the parameters before the update.
+              const C t = th[x];  // th may be th_ptr itself: read before the write
+              Pp[x] = static_cast<T>(lerp<C>(static_cast<C>(Pp[x]), t, w_param));
+              Gp[x] = static_cast<T>(lerp<C>(static_cast<C>(Gp[x]), g[x], w_grad));
+              const C buf = static_cast<C>(bp[x]) * c_momentum + d[x] * c_scale;
+              bp[x] = static_cast<T>(buf);
+              th_ptr[x] = static_cast<T>(t + buf * neg_lr);
+            }
+          }
+          if (pair) {
+            // The candidate's s.s, s.y, y.y over the whole block, gradient or not; the
+            // push needs these block-wide sums for the damping before it writes the pair.
+            const int64_t pc = count[b];
+            const C r = pc > 0 ? static_cast<C>(pair_momentum) : C(0);
+            const int64_t newest = c.ring((pc - 1 + m) % m);
+            const T* P0 = P0_all + c.start;
+            const T* G0 = G0_all + c.start;
+            double ss = 0.0, sy = 0.0, yy = 0.0;
+            for (int64_t x = 0; x < n; ++x) {
+              const C s = lerp<C>(static_cast<C>(Pp[x]) - static_cast<C>(P0[x]), static_cast<C>(hs[newest + x]), r);
+              const C y = lerp<C>(static_cast<C>(Gp[x]) - static_cast<C>(G0[x]), static_cast<C>(hy[newest + x]), r);
+              ss += static_cast<double>(s) * s;
+              sy += static_cast<double>(s) * y;
+              yy += static_cast<double>(y) * y;
+            }
+            double* out = pair_out + k * PAIR_COLUMNS;
+            out[P_SS] = ss;
+            out[P_SY] = sy;
+            out[P_YY] = yy;
+          }
+        }
+      });
+    });
+  });
+}
+
+// -- push ---------------------------------------------------------------------------------
+struct PairDecision {
+  bool due = false, forms = false, accepted = false;
+  double phi = 0.0;
+  int64_t slot = 0;
+};
+
+void push(const Tensor& param_ema, const Tensor& grad_ema, const Tensor& param_snapshot,
+          const Tensor& grad_snapshot, const Tensor& history_s, const Tensor& history_y,
+          const Tensor& gram, const Tensor& chunks, const Tensor& blocks,
+          const Tensor& pair_partials, const Tensor& gram_partials, const Tensor& ok,
+          const Tensor& step, const Tensor& pair_count, const Tensor& skipped_pairs,
+          const Tensor& skipped_steps, double pair_momentum, double damping, double sigma_low,
+          double sigma_high, double eps, int64_t period, int64_t m) {
+  check_chunks(chunks);
+  const int64_t B = blocks.size(0);
+  int64_t* step_ptr = step.data_ptr<int64_t>();
+  int64_t* count = pair_count.data_ptr<int64_t>();
+  int64_t* skipped_p = skipped_pairs.data_ptr<int64_t>();
+  int64_t* skipped_s = skipped_steps.data_ptr<int64_t>();
+  if (!ok.item<bool>()) {
+    for (int64_t b = 0; b < B; ++b) skipped_s[b] += 1;
+    return;
+  }
+  // The per-block decisions, from the update pass's partial sums in chunk order.
+  const int64_t* btab = blocks.const_data_ptr<int64_t>();
+  const double* pp = pair_partials.const_data_ptr<double>();
+  std::vector<PairDecision> decision(B);
+  bool any_due = false;
+  for (int64_t b = 0; b < B; ++b) {
+    PairDecision& dec = decision[b];
+    dec.due = pair_due(step_ptr[b], period);
+    dec.forms = forms_pair(step_ptr[b], period);
+    dec.slot = count[b] % m;
+    any_due = any_due || dec.due;
+    if (!dec.forms) continue;
+    double ss = 0.0, sy = 0.0;
+    for (int64_t k = btab[b * BLOCK_COLUMNS + B_FIRST]; k < btab[b * BLOCK_COLUMNS + B_END]; ++k) {
+      ss += pp[k * PAIR_COLUMNS + P_SS];
+      sy += pp[k * PAIR_COLUMNS + P_SY];
+    }
+    dec.phi = damping_factor(sy, ss, sigma_low, sigma_high, damping, eps);
+    const double curvature = dec.phi * sy + (1.0 - dec.phi) * ss;  // s.yhat
+    dec.accepted = std::isfinite(curvature) && curvature > eps;
+  }
+  if (any_due) {
+    const int64_t P = chunks.size(0);
+    const int64_t gw = 4 * m;
+    MLBFGS_DISPATCH_TYPES(param_ema.scalar_type(), "mlbfgs_fused::push", [&] {
+      using T = scalar_t;
+      using C = at::opmath_type<T>;
+      MLBFGS_DISPATCH_TYPES(history_s.scalar_type(), "mlbfgs_fused::push", [&] {
+        using H = scalar_t;
+        H* hs = history_s.data_ptr<H>();
+        H* hy = history_y.data_ptr<H>();
+        const T* P_all = param_ema.const_data_ptr<T>();
+        const T* G_all = grad_ema.const_data_ptr<T>();
+        T* P0_all = param_snapshot.data_ptr<T>();
+        T* G0_all = grad_snapshot.data_ptr<T>();
+        const int64_t* table = chunks.const_data_ptr<int64_t>();
+        double* gram_out = gram_partials.data_ptr<double>();
+        at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+          alignas(64) C s[CHUNK], yhat[CHUNK], row[CHUNK];
+          for (int64_t k = begin; k < end; ++k) {
+            const ChunkRow c(table + k * CHUNK_COLUMNS);
+            const PairDecision& dec = decision[c.block];
+            if (!dec.due) continue;
+            const int64_t n = c.count();
+            const T* Pp = P_all + c.start;
+            const T* Gp = G_all + c.start;
+            T* P0 = P0_all + c.start;
+            T* G0 = G0_all + c.start;
+            if (dec.accepted) {
+              const int64_t pc = count[c.block];
+              const C r = pc > 0 ? static_cast<C>(pair_momentum) : C(0);
+              const C phi = static_cast<C>(dec.phi);
+              const int64_t newest = c.ring((pc - 1 + m) % m);
+              H* s_row = hs + c.ring(dec.slot);
+              H* y_row = hy + c.ring(dec.slot);
+              for (int64_t x = 0; x < n; ++x) {
+                const C sx = lerp<C>(static_cast<C>(Pp[x]) - static_cast<C>(P0[x]), static_cast<C>(hs[newest + x]), r);
+                const C yx = lerp<C>(static_cast<C>(Gp[x]) - static_cast<C>(G0[x]), static_cast<C>(hy[newest + x]), r);
+                // The rows as stored: the Gram matrices stay those of the ring.
+                s_row[x] = static_cast<H>(sx);
+                y_row[x] = static_cast<H>(lerp<C>(sx, yx, phi));
+                s[x] = static_cast<C>(s_row[x]);
+                yhat[x] = static_cast<C>(y_row[x]);
+              }
+              double* out = gram_out + k * gw;
+              for (int64_t j = 0; j < m; ++j) {
+                const C* s_j = j == dec.slot ? s : as_compute<C, H>(hs + c.ring(j), n, row);
+                out[j] = dot<C>(s_j, s, n);            // S S^T [slot, j]
+                out[m + j] = dot<C>(s_j, yhat, n);     // S Y^T [j, slot]
+                const C* y_j = j == dec.slot ? yhat : as_compute<C, H>(hy + c.ring(j), n, row);
+                out[2 * m + j] = dot<C>(y_j, s, n);    // S Y^T [slot, j]
+                out[3 * m + j] = dot<C>(y_j, yhat, n); // Y Y^T [slot, j]
+              }
+            }
+            std::copy(Pp, Pp + n, P0);
+            std::copy(Gp, Gp + n, G0);
+          }
+        });
+      });
+    });
+  }
+  // Counters, and the accepted pairs' Gram rows from the chunk sums in chunk order.
+  const double* gp = gram_partials.const_data_ptr<double>();
+  double* gram_ptr = gram.data_ptr<double>();
+  std::vector<double> rows(4 * m);
+  for (int64_t b = 0; b < B; ++b) {
+    const PairDecision& dec = decision[b];
+    step_ptr[b] += 1;
+    if (!dec.forms) continue;
+    if (!dec.accepted) {
+      skipped_p[b] += 1;
+      continue;
+    }
+    std::fill(rows.begin(), rows.end(), 0.0);
+    for (int64_t k = btab[b * BLOCK_COLUMNS + B_FIRST]; k < btab[b * BLOCK_COLUMNS + B_END]; ++k) {
+      for (int64_t j = 0; j < 4 * m; ++j) rows[j] += gp[k * 4 * m + j];
+    }
+    double* SS = gram_ptr + b * 3 * m * m;
+    double* SY = SS + m * m;
+    double* YY = SY + m * m;
+    const int64_t slot = dec.slot;
+    for (int64_t j = 0; j < m; ++j) {
+      SS[slot * m + j] = SS[j * m + slot] = rows[j];
+      SY[j * m + slot] = rows[m + j];
+      SY[slot * m + j] = rows[2 * m + j];
+      YY[slot * m + j] = YY[j * m + slot] = rows[3 * m + j];
+    }
+    count[b] += 1;
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mlbfgs_fused_native, CPU, m) {
+  m.impl("gradient_dots", &gradient_dots);
+  m.impl("two_loop", &two_loop);
+  m.impl("update", &update);
+  m.impl("push", &push);
+}
+
+}  // namespace mlbfgs_fused
