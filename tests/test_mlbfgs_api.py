@@ -37,7 +37,7 @@ def _param(*shape):
         (dict(blocks=[[]]), "non-empty lists"),
         (dict(history_dtype=torch.int32), "Invalid history_dtype"),
         (dict(lr=torch.tensor([0.1, 0.2])), "Tensor lr must be 1-element"),
-        (dict(backend="cuda"), "Invalid backend"),
+        (dict(backend="opencl"), "Invalid backend"),
     ],
 )
 def test_invalid_arguments_raise_value_error(kwargs, message):

@@ -88,7 +88,7 @@ REGISTRY: dict[str, Backend] = {
 # What ``fused=True`` means per device type, in order of preference (the first
 # available one): on the CPU the C++ kernels, as for torch's fused AdamW; on CUDA
 # Triton where it imports, else the CUDA C++ kernels.
-FUSED_PREFERENCE = {"cpu": ("cpp", "triton"), "cuda": ("triton", "cuda")}
+FUSED_PREFERENCE = {"cpu": ("cpp",), "cuda": ("triton", "cuda")}
 
 # What ``fused=None`` (and ``foreach`` not set) picks per device type: the fastest
 # available backend as measured by ``python -m bench.run --only compare`` (one CPU
