@@ -13,7 +13,6 @@
 //   update         reads 5 E + 2 m H, writes 4 E; a pair-forming step reads 2 E + 2 H more
 //   push           a due step reads 4 E + 2 m H, writes 2 H + 2 E; nothing otherwise
 // so (16 m + 44) N a step, (8 m + 44) N with a 16-bit history.
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
@@ -163,8 +162,31 @@ C inverse_scale(const std::optional<Tensor>& grad_scale) {
   return static_cast<C>(1.0 / grad_scale->item<double>());
 }
 
-#define MLBFGS_DISPATCH_TYPES(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+// Calls f(Type<T>{}, Type<H>{}) for the (parameter, history) dtypes the backend
+// takes: a history as wide as the parameters, or a 16-bit one (float32 with 16-bit
+// parameters, float32 with float64). Fewer pairs than all sixteen keep the build short.
+template <typename F>
+void dispatch_types(at::ScalarType param, at::ScalarType history, const char* name, F&& f) {
+  using at::BFloat16;
+  using at::Half;
+  using S = at::ScalarType;
+  if (param == S::Float && history == S::Float) return f(Type<float>{}, Type<float>{});
+  if (param == S::Float && history == S::BFloat16) return f(Type<float>{}, Type<BFloat16>{});
+  if (param == S::Float && history == S::Half) return f(Type<float>{}, Type<Half>{});
+  if (param == S::Double && history == S::Double) return f(Type<double>{}, Type<double>{});
+  if (param == S::Double && history == S::Float) return f(Type<double>{}, Type<float>{});
+  if (param == S::BFloat16 && history == S::BFloat16) return f(Type<BFloat16>{}, Type<BFloat16>{});
+  if (param == S::BFloat16 && history == S::Float) return f(Type<BFloat16>{}, Type<float>{});
+  if (param == S::Half && history == S::Half) return f(Type<Half>{}, Type<Half>{});
+  if (param == S::Half && history == S::Float) return f(Type<Half>{}, Type<float>{});
+  TORCH_CHECK(false, name, ": parameters of dtype ", param, " with a history of dtype ", history,
+              " are not supported");
+}
 
 // -- gradient_dots ------------------------------------------------------------------------
 void gradient_dots(at::TensorList params, at::ArrayRef<std::optional<Tensor>> grads,
@@ -176,38 +198,36 @@ void gradient_dots(at::TensorList params, at::ArrayRef<std::optional<Tensor>> gr
   const int64_t width = 2 * m + 1;
   const int64_t P = chunks.size(0);
   TORCH_CHECK(partials.dtype() == at::kDouble && partials.numel() >= P * width);
-  MLBFGS_DISPATCH_TYPES(params[0].scalar_type(), "mlbfgs_fused::gradient_dots", [&] {
-    using T = scalar_t;
+  dispatch_types(params[0].scalar_type(), history_s.scalar_type(), "mlbfgs_fused::gradient_dots", [&](auto t_tag, auto h_tag) {
+    using T = typename decltype(t_tag)::type;
+    using H = typename decltype(h_tag)::type;
     using C = at::opmath_type<T>;
     const auto param_ptr = data_ptrs<T>(params);
     const auto grad_ptr = grad_ptrs<T>(grads);
     const C inv_scale = inverse_scale<C>(grad_scale);
-    MLBFGS_DISPATCH_TYPES(history_s.scalar_type(), "mlbfgs_fused::gradient_dots", [&] {
-      using H = scalar_t;
-      const H* hs = history_s.const_data_ptr<H>();
-      const H* hy = history_y.const_data_ptr<H>();
-      const int64_t* table = chunks.const_data_ptr<int64_t>();
-      double* out_all = partials.data_ptr<double>();
-      at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-        alignas(64) C g[CHUNK], theta[CHUNK], row[CHUNK];
-        for (int64_t k = begin; k < end; ++k) {
-          const ChunkRow c(table + k * CHUNK_COLUMNS);
-          double* out = out_all + k * width;
-          const T* grad = grad_ptr[c.param];
-          const int64_t n = c.count();
-          if (grad == nullptr || n == 0) {  // no gradient: zero in every dot
-            std::fill(out, out + width, 0.0);
-            continue;
-          }
-          out[2 * m] = effective_gradient<C, T>(grad + c.local, param_ptr[c.param] + c.local, n,
-                                                inv_scale, static_cast<C>(weight_decay), maximize,
-                                                g, theta);
-          for (int64_t i = 0; i < m; ++i) {
-            out[i] = dot<C>(g, as_compute<C, H>(hs + c.ring(i), n, row), n);
-            out[m + i] = dot<C>(g, as_compute<C, H>(hy + c.ring(i), n, row), n);
-          }
+    const H* hs = history_s.const_data_ptr<H>();
+    const H* hy = history_y.const_data_ptr<H>();
+    const int64_t* table = chunks.const_data_ptr<int64_t>();
+    double* out_all = partials.data_ptr<double>();
+    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+      alignas(64) C g[CHUNK], theta[CHUNK], row[CHUNK];
+      for (int64_t k = begin; k < end; ++k) {
+        const ChunkRow c(table + k * CHUNK_COLUMNS);
+        double* out = out_all + k * width;
+        const T* grad = grad_ptr[c.param];
+        const int64_t n = c.count();
+        if (grad == nullptr || n == 0) {  // no gradient: zero in every dot
+          std::fill(out, out + width, 0.0);
+          continue;
         }
-      });
+        out[2 * m] = effective_gradient<C, T>(grad + c.local, param_ptr[c.param] + c.local, n,
+                                              inv_scale, static_cast<C>(weight_decay), maximize,
+                                              g, theta);
+        for (int64_t i = 0; i < m; ++i) {
+          out[i] = dot<C>(g, as_compute<C, H>(hs + c.ring(i), n, row), n);
+          out[m + i] = dot<C>(g, as_compute<C, H>(hy + c.ring(i), n, row), n);
+        }
+      }
     });
   });
 }
@@ -270,89 +290,87 @@ void update(at::TensorList params, at::ArrayRef<std::optional<Tensor>> grads,
   const double lr_value = lr.item<double>();
   const int64_t width = 2 * m + 1;
   const int64_t P = chunks.size(0);
-  MLBFGS_DISPATCH_TYPES(params[0].scalar_type(), "mlbfgs_fused::update", [&] {
-    using T = scalar_t;
+  dispatch_types(params[0].scalar_type(), history_s.scalar_type(), "mlbfgs_fused::update", [&](auto t_tag, auto h_tag) {
+    using T = typename decltype(t_tag)::type;
+    using H = typename decltype(h_tag)::type;
     using C = at::opmath_type<T>;
     const auto param_ptr = data_ptrs<T>(params);
     const auto grad_ptr = grad_ptrs<T>(grads);
     const C inv_scale = inverse_scale<C>(grad_scale);
-    MLBFGS_DISPATCH_TYPES(history_s.scalar_type(), "mlbfgs_fused::update", [&] {
-      using H = scalar_t;
-      const H* hs = history_s.const_data_ptr<H>();
-      const H* hy = history_y.const_data_ptr<H>();
-      T* P_all = param_ema.data_ptr<T>();
-      T* G_all = grad_ema.data_ptr<T>();
-      T* buf_all = momentum_buffer.data_ptr<T>();
-      const T* P0_all = param_snapshot.const_data_ptr<T>();
-      const T* G0_all = grad_snapshot.const_data_ptr<T>();
-      const int64_t* table = chunks.const_data_ptr<int64_t>();
-      const double* coef_all = coef.const_data_ptr<double>();
-      const int64_t* step_ptr = step.const_data_ptr<int64_t>();
-      const int64_t* count = pair_count.const_data_ptr<int64_t>();
-      double* pair_out = pair_partials.data_ptr<double>();
-      const C c_scale = static_cast<C>(scale), c_momentum = static_cast<C>(momentum);
-      const C neg_lr = -static_cast<C>(lr_value), c_wd = static_cast<C>(weight_decay);
-      at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-        alignas(64) C g[CHUNK], theta[CHUNK], d[CHUNK], row[CHUNK];
-        for (int64_t k = begin; k < end; ++k) {
-          const ChunkRow c(table + k * CHUNK_COLUMNS);
-          const int64_t n = c.count();
-          const int64_t b = c.block;
-          const bool first = step_ptr[b] == 0;
-          const bool pair = forms_pair(step_ptr[b], period);
-          const C w_param = first ? C(1) : static_cast<C>(1 - beta_p);
-          const C w_grad = first ? C(1) : static_cast<C>(1 - beta_g);
-          T* Pp = P_all + c.start;
-          T* Gp = G_all + c.start;
-          const T* grad = grad_ptr[c.param];
-          if (grad != nullptr && n > 0) {
-            T* th_ptr = param_ptr[c.param] + c.local;
-            const C* th = as_compute<C, T>(th_ptr, n, theta);  // theta before the update
-            effective_gradient<C, T>(grad + c.local, th_ptr, n, inv_scale, c_wd, maximize, g, d);
-            // d = c_g g + sum_i c_s[i] s_i + c_y[i] y_i
-            const double* cf = coef_all + b * width;
-            const C c_g = static_cast<C>(cf[0]);
-            for (int64_t x = 0; x < n; ++x) d[x] = c_g * g[x];
-            for (int64_t i = 0; i < m; ++i) {
-              if (cf[1 + i] != 0.0) axpy<C>(d, static_cast<C>(cf[1 + i]), as_compute<C, H>(hs + c.ring(i), n, row), n);
-            }
-            for (int64_t i = 0; i < m; ++i) {
-              if (cf[1 + m + i] != 0.0) axpy<C>(d, static_cast<C>(cf[1 + m + i]), as_compute<C, H>(hy + c.ring(i), n, row), n);
-            }
-            T* bp = buf_all + c.start;
-            for (int64_t x = 0; x < n; ++x) {
-              // EMAs with the parameters before the update.
-              const C t = th[x];  // th may be th_ptr itself: read before the write
-              Pp[x] = static_cast<T>(lerp<C>(static_cast<C>(Pp[x]), t, w_param));
-              Gp[x] = static_cast<T>(lerp<C>(static_cast<C>(Gp[x]), g[x], w_grad));
-              const C buf = static_cast<C>(bp[x]) * c_momentum + d[x] * c_scale;
-              bp[x] = static_cast<T>(buf);
-              th_ptr[x] = static_cast<T>(t + buf * neg_lr);
-            }
+    const H* hs = history_s.const_data_ptr<H>();
+    const H* hy = history_y.const_data_ptr<H>();
+    T* P_all = param_ema.data_ptr<T>();
+    T* G_all = grad_ema.data_ptr<T>();
+    T* buf_all = momentum_buffer.data_ptr<T>();
+    const T* P0_all = param_snapshot.const_data_ptr<T>();
+    const T* G0_all = grad_snapshot.const_data_ptr<T>();
+    const int64_t* table = chunks.const_data_ptr<int64_t>();
+    const double* coef_all = coef.const_data_ptr<double>();
+    const int64_t* step_ptr = step.const_data_ptr<int64_t>();
+    const int64_t* count = pair_count.const_data_ptr<int64_t>();
+    double* pair_out = pair_partials.data_ptr<double>();
+    const C c_scale = static_cast<C>(scale), c_momentum = static_cast<C>(momentum);
+    const C neg_lr = -static_cast<C>(lr_value), c_wd = static_cast<C>(weight_decay);
+    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+      alignas(64) C g[CHUNK], theta[CHUNK], d[CHUNK], row[CHUNK];
+      for (int64_t k = begin; k < end; ++k) {
+        const ChunkRow c(table + k * CHUNK_COLUMNS);
+        const int64_t n = c.count();
+        const int64_t b = c.block;
+        const bool first = step_ptr[b] == 0;
+        const bool pair = forms_pair(step_ptr[b], period);
+        const C w_param = first ? C(1) : static_cast<C>(1 - beta_p);
+        const C w_grad = first ? C(1) : static_cast<C>(1 - beta_g);
+        T* Pp = P_all + c.start;
+        T* Gp = G_all + c.start;
+        const T* grad = grad_ptr[c.param];
+        if (grad != nullptr && n > 0) {
+          T* th_ptr = param_ptr[c.param] + c.local;
+          const C* th = as_compute<C, T>(th_ptr, n, theta);  // theta before the update
+          effective_gradient<C, T>(grad + c.local, th_ptr, n, inv_scale, c_wd, maximize, g, d);
+          // d = c_g g + sum_i c_s[i] s_i + c_y[i] y_i
+          const double* cf = coef_all + b * width;
+          const C c_g = static_cast<C>(cf[0]);
+          for (int64_t x = 0; x < n; ++x) d[x] = c_g * g[x];
+          for (int64_t i = 0; i < m; ++i) {
+            if (cf[1 + i] != 0.0) axpy<C>(d, static_cast<C>(cf[1 + i]), as_compute<C, H>(hs + c.ring(i), n, row), n);
           }
-          if (pair) {
-            // The candidate's s.s, s.y, y.y over the whole block, gradient or not; the
-            // push needs these block-wide sums for the damping before it writes the pair.
-            const int64_t pc = count[b];
-            const C r = pc > 0 ? static_cast<C>(pair_momentum) : C(0);
-            const int64_t newest = c.ring((pc - 1 + m) % m);
-            const T* P0 = P0_all + c.start;
-            const T* G0 = G0_all + c.start;
-            double ss = 0.0, sy = 0.0, yy = 0.0;
-            for (int64_t x = 0; x < n; ++x) {
-              const C s = lerp<C>(static_cast<C>(Pp[x]) - static_cast<C>(P0[x]), static_cast<C>(hs[newest + x]), r);
-              const C y = lerp<C>(static_cast<C>(Gp[x]) - static_cast<C>(G0[x]), static_cast<C>(hy[newest + x]), r);
-              ss += static_cast<double>(s) * s;
-              sy += static_cast<double>(s) * y;
-              yy += static_cast<double>(y) * y;
-            }
-            double* out = pair_out + k * PAIR_COLUMNS;
-            out[P_SS] = ss;
-            out[P_SY] = sy;
-            out[P_YY] = yy;
+          for (int64_t i = 0; i < m; ++i) {
+            if (cf[1 + m + i] != 0.0) axpy<C>(d, static_cast<C>(cf[1 + m + i]), as_compute<C, H>(hy + c.ring(i), n, row), n);
+          }
+          T* bp = buf_all + c.start;
+          for (int64_t x = 0; x < n; ++x) {
+            // EMAs with the parameters before the update.
+            const C t = th[x];  // th may be th_ptr itself: read before the write
+            Pp[x] = static_cast<T>(lerp<C>(static_cast<C>(Pp[x]), t, w_param));
+            Gp[x] = static_cast<T>(lerp<C>(static_cast<C>(Gp[x]), g[x], w_grad));
+            const C buf = static_cast<C>(bp[x]) * c_momentum + d[x] * c_scale;
+            bp[x] = static_cast<T>(buf);
+            th_ptr[x] = static_cast<T>(t + buf * neg_lr);
           }
         }
-      });
+        if (pair) {
+          // The candidate's s.s, s.y, y.y over the whole block, gradient or not; the
+          // push needs these block-wide sums for the damping before it writes the pair.
+          const int64_t pc = count[b];
+          const C r = pc > 0 ? static_cast<C>(pair_momentum) : C(0);
+          const int64_t newest = c.ring((pc - 1 + m) % m);
+          const T* P0 = P0_all + c.start;
+          const T* G0 = G0_all + c.start;
+          double ss = 0.0, sy = 0.0, yy = 0.0;
+          for (int64_t x = 0; x < n; ++x) {
+            const C s = lerp<C>(static_cast<C>(Pp[x]) - static_cast<C>(P0[x]), static_cast<C>(hs[newest + x]), r);
+            const C y = lerp<C>(static_cast<C>(Gp[x]) - static_cast<C>(G0[x]), static_cast<C>(hy[newest + x]), r);
+            ss += static_cast<double>(s) * s;
+            sy += static_cast<double>(s) * y;
+            yy += static_cast<double>(y) * y;
+          }
+          double* out = pair_out + k * PAIR_COLUMNS;
+          out[P_SS] = ss;
+          out[P_SY] = sy;
+          out[P_YY] = yy;
+        }
+      }
     });
   });
 }
@@ -405,60 +423,58 @@ void push(const Tensor& param_ema, const Tensor& grad_ema, const Tensor& param_s
   if (any_due) {
     const int64_t P = chunks.size(0);
     const int64_t gw = 4 * m;
-    MLBFGS_DISPATCH_TYPES(param_ema.scalar_type(), "mlbfgs_fused::push", [&] {
-      using T = scalar_t;
+    dispatch_types(param_ema.scalar_type(), history_s.scalar_type(), "mlbfgs_fused::push", [&](auto t_tag, auto h_tag) {
+      using T = typename decltype(t_tag)::type;
+      using H = typename decltype(h_tag)::type;
       using C = at::opmath_type<T>;
-      MLBFGS_DISPATCH_TYPES(history_s.scalar_type(), "mlbfgs_fused::push", [&] {
-        using H = scalar_t;
-        H* hs = history_s.data_ptr<H>();
-        H* hy = history_y.data_ptr<H>();
-        const T* P_all = param_ema.const_data_ptr<T>();
-        const T* G_all = grad_ema.const_data_ptr<T>();
-        T* P0_all = param_snapshot.data_ptr<T>();
-        T* G0_all = grad_snapshot.data_ptr<T>();
-        const int64_t* table = chunks.const_data_ptr<int64_t>();
-        double* gram_out = gram_partials.data_ptr<double>();
-        at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-          alignas(64) C s[CHUNK], yhat[CHUNK], row[CHUNK];
-          for (int64_t k = begin; k < end; ++k) {
-            const ChunkRow c(table + k * CHUNK_COLUMNS);
-            const PairDecision& dec = decision[c.block];
-            if (!dec.due) continue;
-            const int64_t n = c.count();
-            const T* Pp = P_all + c.start;
-            const T* Gp = G_all + c.start;
-            T* P0 = P0_all + c.start;
-            T* G0 = G0_all + c.start;
-            if (dec.accepted) {
-              const int64_t pc = count[c.block];
-              const C r = pc > 0 ? static_cast<C>(pair_momentum) : C(0);
-              const C phi = static_cast<C>(dec.phi);
-              const int64_t newest = c.ring((pc - 1 + m) % m);
-              H* s_row = hs + c.ring(dec.slot);
-              H* y_row = hy + c.ring(dec.slot);
-              for (int64_t x = 0; x < n; ++x) {
-                const C sx = lerp<C>(static_cast<C>(Pp[x]) - static_cast<C>(P0[x]), static_cast<C>(hs[newest + x]), r);
-                const C yx = lerp<C>(static_cast<C>(Gp[x]) - static_cast<C>(G0[x]), static_cast<C>(hy[newest + x]), r);
-                // The rows as stored: the Gram matrices stay those of the ring.
-                s_row[x] = static_cast<H>(sx);
-                y_row[x] = static_cast<H>(lerp<C>(sx, yx, phi));
-                s[x] = static_cast<C>(s_row[x]);
-                yhat[x] = static_cast<C>(y_row[x]);
-              }
-              double* out = gram_out + k * gw;
-              for (int64_t j = 0; j < m; ++j) {
-                const C* s_j = j == dec.slot ? s : as_compute<C, H>(hs + c.ring(j), n, row);
-                out[j] = dot<C>(s_j, s, n);            // S S^T [slot, j]
-                out[m + j] = dot<C>(s_j, yhat, n);     // S Y^T [j, slot]
-                const C* y_j = j == dec.slot ? yhat : as_compute<C, H>(hy + c.ring(j), n, row);
-                out[2 * m + j] = dot<C>(y_j, s, n);    // S Y^T [slot, j]
-                out[3 * m + j] = dot<C>(y_j, yhat, n); // Y Y^T [slot, j]
-              }
+      H* hs = history_s.data_ptr<H>();
+      H* hy = history_y.data_ptr<H>();
+      const T* P_all = param_ema.const_data_ptr<T>();
+      const T* G_all = grad_ema.const_data_ptr<T>();
+      T* P0_all = param_snapshot.data_ptr<T>();
+      T* G0_all = grad_snapshot.data_ptr<T>();
+      const int64_t* table = chunks.const_data_ptr<int64_t>();
+      double* gram_out = gram_partials.data_ptr<double>();
+      at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+        alignas(64) C s[CHUNK], yhat[CHUNK], row[CHUNK];
+        for (int64_t k = begin; k < end; ++k) {
+          const ChunkRow c(table + k * CHUNK_COLUMNS);
+          const PairDecision& dec = decision[c.block];
+          if (!dec.due) continue;
+          const int64_t n = c.count();
+          const T* Pp = P_all + c.start;
+          const T* Gp = G_all + c.start;
+          T* P0 = P0_all + c.start;
+          T* G0 = G0_all + c.start;
+          if (dec.accepted) {
+            const int64_t pc = count[c.block];
+            const C r = pc > 0 ? static_cast<C>(pair_momentum) : C(0);
+            const C phi = static_cast<C>(dec.phi);
+            const int64_t newest = c.ring((pc - 1 + m) % m);
+            H* s_row = hs + c.ring(dec.slot);
+            H* y_row = hy + c.ring(dec.slot);
+            for (int64_t x = 0; x < n; ++x) {
+              const C sx = lerp<C>(static_cast<C>(Pp[x]) - static_cast<C>(P0[x]), static_cast<C>(hs[newest + x]), r);
+              const C yx = lerp<C>(static_cast<C>(Gp[x]) - static_cast<C>(G0[x]), static_cast<C>(hy[newest + x]), r);
+              // The rows as stored: the Gram matrices stay those of the ring.
+              s_row[x] = static_cast<H>(sx);
+              y_row[x] = static_cast<H>(lerp<C>(sx, yx, phi));
+              s[x] = static_cast<C>(s_row[x]);
+              yhat[x] = static_cast<C>(y_row[x]);
             }
-            std::copy(Pp, Pp + n, P0);
-            std::copy(Gp, Gp + n, G0);
+            double* out = gram_out + k * gw;
+            for (int64_t j = 0; j < m; ++j) {
+              const C* s_j = j == dec.slot ? s : as_compute<C, H>(hs + c.ring(j), n, row);
+              out[j] = dot<C>(s_j, s, n);            // S S^T [slot, j]
+              out[m + j] = dot<C>(s_j, yhat, n);     // S Y^T [j, slot]
+              const C* y_j = j == dec.slot ? yhat : as_compute<C, H>(hy + c.ring(j), n, row);
+              out[2 * m + j] = dot<C>(y_j, s, n);    // S Y^T [slot, j]
+              out[3 * m + j] = dot<C>(y_j, yhat, n); // Y Y^T [slot, j]
+            }
           }
-        });
+          std::copy(Pp, Pp + n, P0);
+          std::copy(Gp, Gp + n, G0);
+        }
       });
     });
   }

@@ -33,16 +33,36 @@ PAIR_COLUMNS = 3  # s.s, s.y, y.y
 
 _grad_of = attrgetter("grad")
 
+# History dtypes other than the parameters' own that the kernels take (csrc/cpu/passes.cpp,
+# dispatch_types).
+NARROW_HISTORY = {
+    torch.float32: (torch.bfloat16, torch.float16),
+    torch.float64: (torch.float32,),
+    torch.bfloat16: (torch.float32,),
+    torch.float16: (torch.float32,),
+}
+
 
 @functools.cache
 def load_error() -> str | None:
-    """Why the C++ ops are not loaded, or None when they are."""
-    try:
-        from .. import _C  # noqa: F401 -- registers torch.ops.mlbfgs_fused_native
-    except ImportError as error:
-        return f"the C++ extension mlbfgs_fused._C is not built ({error})"
+    """Why the C++ ops are not loaded, or None when they are. Ops already registered
+    (the CMake library loaded with ``torch.ops.load_library``) are used as they are."""
+    if not _registered("CPU"):
+        try:
+            from .. import _C  # noqa: F401 -- registers torch.ops.mlbfgs_fused_native
+        except ImportError as error:
+            return f"the C++ extension mlbfgs_fused._C is not built ({error})"
     _register_fakes()
     return None
+
+
+def _registered(dispatch_key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(
+            "mlbfgs_fused_native::update", dispatch_key
+        )
+    except RuntimeError:  # no such op
+        return False
 
 
 def ops():
@@ -62,9 +82,7 @@ def _no_op(*args, **kwargs) -> None:
 
 def has_cuda_kernels() -> bool:
     """Whether the loaded extension registered CUDA kernels."""
-    return load_error() is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "mlbfgs_fused_native::update", "CUDA"
-    )
+    return load_error() is None and _registered("CUDA")
 
 
 class NativeBackend:
@@ -95,7 +113,13 @@ class NativeBackend:
                 f"variant={group['variant']!r} is not implemented on the native backends; "
                 "use backend='foreach'"
             )
+        history = group["history_dtype"]
         for p in group["params"]:
+            if history is not None and history != p.dtype and history not in NARROW_HISTORY[p.dtype]:
+                raise RuntimeError(
+                    f"the {self.device!r} backend does not take history_dtype={history} with "
+                    f"{p.dtype} parameters (it takes {p.dtype} or one of {NARROW_HISTORY[p.dtype]})"
+                )
             if p.device.type != self.device:
                 raise RuntimeError(
                     f"the {self.device!r} backend takes {self.device} tensors, got {p.device}"
