@@ -17,6 +17,7 @@ from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/passes.cpp"]
+CUDA_SOURCES = [f"csrc/cuda/{name}.cu" for name in ("gradient_dots", "two_loop", "update", "push")]
 
 
 def extensions():
@@ -50,14 +51,32 @@ def extensions():
                     file=sys.stderr,
                 )
 
-    ext = CppExtension(
-        "mlbfgs_fused._C",
-        CPU_SOURCES,
+    common = dict(
         include_dirs=[os.path.abspath("csrc")],
         define_macros=[("MLBFGS_PYTHON_MODULE", None)],
-        extra_compile_args=["-O3", "-std=c++17"],
     )
+    if _with_cuda():
+        from torch.utils.cpp_extension import CUDAExtension
+
+        ext = CUDAExtension(
+            "mlbfgs_fused._C",
+            CPU_SOURCES + CUDA_SOURCES,
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            **common,
+        )
+    else:
+        ext = CppExtension("mlbfgs_fused._C", CPU_SOURCES, extra_compile_args=["-O3"], **common)
     return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+
+
+def _with_cuda() -> bool:
+    """The CUDA kernels build with a CUDA torch and nvcc (MLBFGS_NO_CUDA=1 skips them)."""
+    if os.environ.get("MLBFGS_NO_CUDA") == "1":
+        return False
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and CUDA_HOME is not None
 
 
 ext_modules, cmdclass = extensions()

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../dispatch.h"
 #include "../ops.h"
 
 namespace mlbfgs_fused {
@@ -160,32 +161,6 @@ template <typename C>
 C inverse_scale(const std::optional<Tensor>& grad_scale) {
   if (!grad_scale.has_value() || !grad_scale->defined()) return C(1);
   return static_cast<C>(1.0 / grad_scale->item<double>());
-}
-
-template <typename T>
-struct Type {
-  using type = T;
-};
-
-// Calls f(Type<T>{}, Type<H>{}) for the (parameter, history) dtypes the backend
-// takes: a history as wide as the parameters, or a 16-bit one (float32 with 16-bit
-// parameters, float32 with float64). Fewer pairs than all sixteen keep the build short.
-template <typename F>
-void dispatch_types(at::ScalarType param, at::ScalarType history, const char* name, F&& f) {
-  using at::BFloat16;
-  using at::Half;
-  using S = at::ScalarType;
-  if (param == S::Float && history == S::Float) return f(Type<float>{}, Type<float>{});
-  if (param == S::Float && history == S::BFloat16) return f(Type<float>{}, Type<BFloat16>{});
-  if (param == S::Float && history == S::Half) return f(Type<float>{}, Type<Half>{});
-  if (param == S::Double && history == S::Double) return f(Type<double>{}, Type<double>{});
-  if (param == S::Double && history == S::Float) return f(Type<double>{}, Type<float>{});
-  if (param == S::BFloat16 && history == S::BFloat16) return f(Type<BFloat16>{}, Type<BFloat16>{});
-  if (param == S::BFloat16 && history == S::Float) return f(Type<BFloat16>{}, Type<float>{});
-  if (param == S::Half && history == S::Half) return f(Type<Half>{}, Type<Half>{});
-  if (param == S::Half && history == S::Float) return f(Type<Half>{}, Type<float>{});
-  TORCH_CHECK(false, name, ": parameters of dtype ", param, " with a history of dtype ", history,
-              " are not supported");
 }
 
 // -- gradient_dots ------------------------------------------------------------------------

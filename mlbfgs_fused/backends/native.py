@@ -241,7 +241,7 @@ class GroupPlan:
             for d in self.devices
         }
         self.lr_buffers = {d: torch.zeros((), dtype=torch.float64, device=d) for d in self.devices}
-        self.lr: dict[torch.device, Tensor] = dict(self.lr_buffers)
+        self.lr: dict[torch.device, Tensor] = dict(self.lr_buffers)  # what the ops read
         self.lr_value: float | None = None
         self.arenas = []
         offset = 0
@@ -256,13 +256,15 @@ class GroupPlan:
         a float through a buffer filled when it changes."""
         lr = group["lr"]
         if isinstance(lr, Tensor):
-            self.lr = {d: lr.reshape(()) if lr.device == d else lr.to(d).reshape(()) for d in self.devices}
+            self.lr_value = None
+            for d, buffer in self.lr_buffers.items():
+                self.lr[d] = lr.view(()) if lr.device == d and lr.dtype == torch.float64 else buffer.copy_(lr.view(()))
             return
         if lr != self.lr_value:
             for buffer in self.lr_buffers.values():
                 buffer.fill_(lr)
             self.lr_value = lr
-        self.lr = self.lr_buffers
+        self.lr = dict(self.lr_buffers)
 
 
 def chunk_tables(layout, m: int) -> tuple[list[int], list[int]]:
