@@ -9,10 +9,13 @@ STAMP := $(VENV)/.mlbfgs-installed
 
 .PHONY: test demo bench env clean
 
-$(STAMP): setup.py pyproject.toml
+$(STAMP): setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[test,demo]"
+	$(PY) -m pip install setuptools wheel ninja
+	# --no-build-isolation: the C++ kernels build against the torch installed above
+	# (an isolated build would fetch its own torch).
+	$(PY) -m pip install --no-build-isolation -e ".[test,demo]"
 	touch $@
 
 env: $(STAMP)
