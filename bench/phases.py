@@ -4,10 +4,10 @@
 backend ``opt`` runs on; each callable is one phase of a step on the
 optimizer's current state, and the floor counts each tensor the phase reads or
 writes once (float32, per DESIGN.md section 3). Only the foreach backend's
-phases are exposed today; the Triton backend is timed as a whole step until it
-names its kernels.
+phases and the native backends' are exposed; the Triton backend is timed as a whole step until it
+names its kernels. The native backends ("cpp", "cuda") expose their ops.
 
-This reaches into ``mlbfgs_fused.backends.foreach``: if that module is reorganised,
+This reaches into ``mlbfgs_fused.backends.foreach`` and ``.native``: if that module is reorganised,
 ``make test`` (which runs every benchmark once) fails here first.
 """
 
@@ -53,8 +53,50 @@ def foreach_phases(opt: MLBFGS, m: int) -> dict[str, tuple[Callable[[], object],
     }
 
 
+def native_phases(opt: MLBFGS, m: int) -> dict[str, tuple[Callable[[], object], Callable[[int], int]]]:
+    """The passes of the native backends ("cpp", "cuda"): the ops a step calls."""
+    (group,) = opt.param_groups
+    (arena,) = opt._group_arenas(0, group)
+    plan = arena.native.arenas[0]
+    ok = torch.ones((), dtype=torch.bool, device=arena.device)
+    step, period = arena.counters["step"], group["update_period"]
+    due = step.clone().fill_(11 * period - 1)  # the counter of a step that forms a pair
+
+    def push_due():
+        step.copy_(due)  # every call pushes a pair (and rolls the snapshots)
+        plan.update(group, ok, None)  # the candidate's partial sums the push needs
+        plan.push(group, ok)
+
+    def update():
+        step.copy_(due + 1)  # a plain step: no pair
+        plan.update(group, ok, None)
+
+    return {
+        # pass 1 (grad, S, Y read once) and the two-loop on the Gram matrices
+        "gradient_dots": (lambda: plan.gradient_dots(group, None), lambda n: (8 * m + 4) * n),
+        # pass 2: grad, theta, P, G, buf and S, Y read; theta, P, G, buf written
+        "update": (update, lambda n: (8 * m + 36) * n),
+        # a pair-forming step's pass 2 (with the candidate's sums: P0, G0 and the newest pair
+        # read too) and the push (P, P0, G, G0, the newest pair and S, Y read; a pair, P0, G0
+        # written)
+        "update_and_push": (push_due, lambda n: (8 * m + 44 + 8 * m + 40) * n),
+    }
+
+
+PHASE_NAMES = {
+    "foreach": ("gather_gradient", "gradient_dots", "direction", "apply_update", "push_pairs"),
+    "cpp": ("gradient_dots", "update", "update_and_push"),
+    "cuda": ("gradient_dots", "update", "update_and_push"),
+}
+
+
 def backend_phases(opt: MLBFGS, backend: str, m: int):
-    phases = foreach_phases(opt, m) if backend == "foreach" else {}
+    if backend == "foreach":
+        phases = foreach_phases(opt, m)
+    elif backend in ("cpp", "cuda"):
+        phases = native_phases(opt, m)
+    else:
+        phases = {}
     return {name: (_no_grad(fn), floor) for name, (fn, floor) in phases.items()}
 
 
