@@ -291,3 +291,23 @@ def test_fake_kernels_trace_under_fake_tensors():
             [mode.from_tensor(plan_params[0].detach())], [mode.from_tensor(plan_params[0].grad)],
             *fake[:3], fake[3], None, 0.0, False, arena.m,
         )
+
+
+def test_group_over_two_dtypes_normalises_over_the_whole_group():
+    """A group with float32 and float64 parameters has two arenas; ||d|| is the group's."""
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(50, generator=gen), torch.randn(7, 3, generator=gen, dtype=torch.float64)]
+    runs = {}
+    for name in ("foreach", "cpp"):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = MLBFGS(params, lr=0.05, history_size=2, update_period=3, ema_decay=(0.9, 0.9),
+                     blocks="tensor", backend=name)
+        noise = torch.Generator().manual_seed(4)
+        for _ in range(14):
+            for p in params:
+                p.grad = (2 * p.detach() + 0.1 * torch.randn(p.shape, generator=noise, dtype=p.dtype))
+            opt.step()
+        runs[name] = params
+    for a, b in zip(runs["foreach"], runs["cpp"]):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6)
+    assert len(opt._arenas[0][1]) == 2
