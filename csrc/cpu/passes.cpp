@@ -22,6 +22,7 @@
 #include <c10/util/irange.h>
 
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "../dispatch.h"
@@ -54,35 +55,52 @@ inline void store(T* dst, const C* src, int64_t n) {
   }
 }
 
-// sum a[x] b[x] over the chunk: Vectorized partial sums in C, then float64 in lane order.
+// Horizontal sum of a vector's lanes in float64, in lane order.
 template <typename C>
-inline double dot(const C* a, const C* b, int64_t n) {
-  using Vec = at::vec::Vectorized<C>;
-  constexpr int64_t W = Vec::size();
-  Vec acc0(C(0)), acc1(C(0));
-  int64_t x = 0;
-  for (; x + 2 * W <= n; x += 2 * W) {
-    acc0 = at::vec::fmadd(Vec::loadu(a + x), Vec::loadu(b + x), acc0);
-    acc1 = at::vec::fmadd(Vec::loadu(a + x + W), Vec::loadu(b + x + W), acc1);
-  }
-  for (; x + W <= n; x += W) acc0 = at::vec::fmadd(Vec::loadu(a + x), Vec::loadu(b + x), acc0);
+inline double lane_sum(const at::vec::Vectorized<C>& v) {
+  constexpr int64_t W = at::vec::Vectorized<C>::size();
   C lanes[W];
-  (acc0 + acc1).store(lanes);
+  v.store(lanes);
   double total = 0.0;
   for (int64_t l = 0; l < W; ++l) total += static_cast<double>(lanes[l]);
-  for (; x < n; ++x) total += static_cast<double>(a[x] * b[x]);
   return total;
 }
 
-// y[x] += alpha x[x]
+// (a.u, a.v) over the chunk with one read of a: Vectorized partial sums in C (two
+// accumulators per dot so consecutive FMAs do not wait on each other), then float64.
 template <typename C>
-inline void axpy(C* y, C alpha, const C* x_, int64_t n) {
+inline std::pair<double, double> dot2(const C* a, const C* u, const C* v, int64_t n) {
   using Vec = at::vec::Vectorized<C>;
   constexpr int64_t W = Vec::size();
-  const Vec a(alpha);
+  Vec u0(C(0)), u1(C(0)), v0(C(0)), v1(C(0));
   int64_t x = 0;
-  for (; x + W <= n; x += W) at::vec::fmadd(a, Vec::loadu(x_ + x), Vec::loadu(y + x)).store(y + x);
-  for (; x < n; ++x) y[x] += alpha * x_[x];
+  for (; x + 2 * W <= n; x += 2 * W) {
+    const Vec a0 = Vec::loadu(a + x), a1 = Vec::loadu(a + x + W);
+    u0 = at::vec::fmadd(a0, Vec::loadu(u + x), u0);
+    u1 = at::vec::fmadd(a1, Vec::loadu(u + x + W), u1);
+    v0 = at::vec::fmadd(a0, Vec::loadu(v + x), v0);
+    v1 = at::vec::fmadd(a1, Vec::loadu(v + x + W), v1);
+  }
+  double su = lane_sum<C>(u0 + u1), sv = lane_sum<C>(v0 + v1);
+  for (; x < n; ++x) {
+    su += static_cast<double>(a[x] * u[x]);
+    sv += static_cast<double>(a[x] * v[x]);
+  }
+  return {su, sv};
+}
+
+// y[x] += alpha u[x] + beta v[x]
+template <typename C>
+inline void axpy2(C* y, C alpha, const C* u, C beta, const C* v, int64_t n) {
+  using Vec = at::vec::Vectorized<C>;
+  constexpr int64_t W = Vec::size();
+  const Vec va(alpha), vb(beta);
+  int64_t x = 0;
+  for (; x + W <= n; x += W) {
+    const Vec acc = at::vec::fmadd(va, Vec::loadu(u + x), Vec::loadu(y + x));
+    at::vec::fmadd(vb, Vec::loadu(v + x), acc).store(y + x);
+  }
+  for (; x < n; ++x) y[x] += alpha * u[x] + beta * v[x];
 }
 
 // g = grad * inv_scale + weight_decay * theta, negated under maximize (docs/design.md,
@@ -185,7 +203,7 @@ void gradient_dots(at::TensorList params, at::ArrayRef<std::optional<Tensor>> gr
     const int64_t* table = chunks.const_data_ptr<int64_t>();
     double* out_all = partials.data_ptr<double>();
     at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-      alignas(64) C g[CHUNK], theta[CHUNK], row[CHUNK];
+      alignas(64) C g[CHUNK], theta[CHUNK], row[CHUNK], row2[CHUNK];
       for (int64_t k = begin; k < end; ++k) {
         const ChunkRow c(table + k * CHUNK_COLUMNS);
         double* out = out_all + k * width;
@@ -199,8 +217,10 @@ void gradient_dots(at::TensorList params, at::ArrayRef<std::optional<Tensor>> gr
                                               inv_scale, static_cast<C>(weight_decay), maximize,
                                               g, theta);
         for (int64_t i = 0; i < m; ++i) {
-          out[i] = dot<C>(g, as_compute<C, H>(hs + c.ring(i), n, row), n);
-          out[m + i] = dot<C>(g, as_compute<C, H>(hy + c.ring(i), n, row), n);
+          const auto [sg, yg] = dot2<C>(g, as_compute<C, H>(hs + c.ring(i), n, row),
+                                        as_compute<C, H>(hy + c.ring(i), n, row2), n);
+          out[i] = sg;
+          out[m + i] = yg;
         }
       }
     });
@@ -287,7 +307,7 @@ void update(at::TensorList params, at::ArrayRef<std::optional<Tensor>> grads,
     const C c_scale = static_cast<C>(scale), c_momentum = static_cast<C>(momentum);
     const C neg_lr = -static_cast<C>(lr_value), c_wd = static_cast<C>(weight_decay);
     at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-      alignas(64) C g[CHUNK], theta[CHUNK], d[CHUNK], row[CHUNK];
+      alignas(64) C g[CHUNK], theta[CHUNK], d[CHUNK], row[CHUNK], row2[CHUNK];
       for (int64_t k = begin; k < end; ++k) {
         const ChunkRow c(table + k * CHUNK_COLUMNS);
         const int64_t n = c.count();
@@ -308,10 +328,9 @@ void update(at::TensorList params, at::ArrayRef<std::optional<Tensor>> grads,
           const C c_g = static_cast<C>(cf[0]);
           for (int64_t x = 0; x < n; ++x) d[x] = c_g * g[x];
           for (int64_t i = 0; i < m; ++i) {
-            if (cf[1 + i] != 0.0) axpy<C>(d, static_cast<C>(cf[1 + i]), as_compute<C, H>(hs + c.ring(i), n, row), n);
-          }
-          for (int64_t i = 0; i < m; ++i) {
-            if (cf[1 + m + i] != 0.0) axpy<C>(d, static_cast<C>(cf[1 + m + i]), as_compute<C, H>(hy + c.ring(i), n, row), n);
+            if (cf[1 + i] == 0.0 && cf[1 + m + i] == 0.0) continue;  // an unheld slot
+            axpy2<C>(d, static_cast<C>(cf[1 + i]), as_compute<C, H>(hs + c.ring(i), n, row),
+                     static_cast<C>(cf[1 + m + i]), as_compute<C, H>(hy + c.ring(i), n, row2), n);
           }
           T* bp = buf_all + c.start;
           for (int64_t x = 0; x < n; ++x) {
@@ -411,7 +430,7 @@ void push(const Tensor& param_ema, const Tensor& grad_ema, const Tensor& param_s
       const int64_t* table = chunks.const_data_ptr<int64_t>();
       double* gram_out = gram_partials.data_ptr<double>();
       at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-        alignas(64) C s[CHUNK], yhat[CHUNK], row[CHUNK];
+        alignas(64) C s[CHUNK], yhat[CHUNK], row[CHUNK], row2[CHUNK];
         for (int64_t k = begin; k < end; ++k) {
           const ChunkRow c(table + k * CHUNK_COLUMNS);
           const PairDecision& dec = decision[c.block];
@@ -439,12 +458,15 @@ void push(const Tensor& param_ema, const Tensor& grad_ema, const Tensor& param_s
             }
             double* out = gram_out + k * gw;
             for (int64_t j = 0; j < m; ++j) {
-              const C* s_j = j == dec.slot ? s : as_compute<C, H>(hs + c.ring(j), n, row);
-              out[j] = dot<C>(s_j, s, n);            // S S^T [slot, j]
-              out[m + j] = dot<C>(s_j, yhat, n);     // S Y^T [j, slot]
-              const C* y_j = j == dec.slot ? yhat : as_compute<C, H>(hy + c.ring(j), n, row);
-              out[2 * m + j] = dot<C>(y_j, s, n);    // S Y^T [slot, j]
-              out[3 * m + j] = dot<C>(y_j, yhat, n); // Y Y^T [slot, j]
+              const bool new_row = j == dec.slot;
+              const C* s_j = new_row ? s : as_compute<C, H>(hs + c.ring(j), n, row);
+              const C* y_j = new_row ? yhat : as_compute<C, H>(hy + c.ring(j), n, row2);
+              const auto [ss, sy_col] = dot2<C>(s_j, s, yhat, n);  // S S^T [slot, j], S Y^T [j, slot]
+              const auto [sy_row, yy] = dot2<C>(y_j, s, yhat, n);  // S Y^T [slot, j], Y Y^T [slot, j]
+              out[j] = ss;
+              out[m + j] = sy_col;
+              out[2 * m + j] = sy_row;
+              out[3 * m + j] = yy;
             }
           }
           std::copy(Pp, Pp + n, P0);
