@@ -1,29 +1,51 @@
-# Each target sets up everything it needs on a fresh machine: a virtual
-# environment in .venv, torch only if it is not importable there
-# (`pip install torch==2.13.0` takes the CPU build on machines without a GPU),
-# then this package with its test and demo extras.
+# Each target sets up what it needs in a virtual environment in .venv, made with
+# --system-site-packages so that what the machine already has is used:
+#
+# - when torch and the test and demo requirements already import (a GPU machine
+#   with its own torch, or a prepared dev machine), this package is installed
+#   with --no-deps --no-build-isolation and nothing is downloaded: it works offline;
+# - otherwise (a fresh machine), torch is installed if it does not import
+#   (`pip install torch==2.13.0`: the CPU build where there is no GPU), then the
+#   build requirements, then this package with its test and demo extras.
+#
+# The build never runs in an isolated environment: setup.py builds the C++
+# extension against the torch already installed (an isolated build would fetch
+# another torch). A .venv made by an older Makefile without system packages is
+# used as it is; `make clean` removes it.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mlbfgs-installed
+# Import names of the requirements (setup.py: install_requires and the test and demo extras).
+REQUIRED_IMPORTS := torch,triton,pytest,pytest_benchmark,numpy,sklearn,matplotlib,tqdm
+BUILD_IMPORTS := setuptools,wheel
+# Sources whose change means a rebuild (the C++ extension, when there is one).
+BUILD_INPUTS := setup.py pyproject.toml $(wildcard CMakeLists.txt csrc/*.* csrc/*/*.*)
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+VALIDATE_ARGS ?=
 
-.PHONY: test demo bench env clean
+.PHONY: test demo bench gpu-validate env clean
 
-$(STAMP): setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install setuptools wheel ninja
-	# --no-build-isolation: the C++ kernels build against the torch installed above
-	# (an isolated build would fetch its own torch).
-	$(PY) -m pip install --no-build-isolation -e ".[test,demo]"
+$(STAMP): $(BUILD_INPUTS)
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	if $(PY) -c "import $(REQUIRED_IMPORTS),$(BUILD_IMPORTS)" 2>/dev/null; then \
+	  echo "requirements already importable: installing this package only, offline"; \
+	  $(PY) -m pip install --no-deps --no-build-isolation -e .; \
+	else \
+	  $(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0; \
+	  $(PY) -c "import $(BUILD_IMPORTS)" 2>/dev/null || $(PY) -m pip install setuptools wheel ninja; \
+	  $(PY) -m pip install --no-build-isolation -e ".[test,demo]"; \
+	fi
 	touch $@
 
 env: $(STAMP)
 
 # Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 so the Triton kernels
 # run on the CPU through the interpreter; with one, they run on the GPU.
+# PYTEST_ARGS: extra pytest options, e.g. PYTEST_ARGS="-x -k foreach".
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m mlbfgs_fused.demo
@@ -31,6 +53,11 @@ demo: $(STAMP)
 # BENCH_ARGS: options of bench.run, e.g. BENCH_ARGS="--only compare,memory --max-n 1e6".
 bench: $(STAMP)
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# A whole GPU validation in one call (tests, CUDA-only tests, compute-sanitizer,
+# benchmarks), e.g. VALIDATE_ARGS="--out /tmp/h100 --budget 540"; see bench/gpu_validate.py.
+gpu-validate: $(STAMP)
+	$(PY) -m bench.gpu_validate $(VALIDATE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

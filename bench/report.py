@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from .audit import format_audit  # noqa: E402
 
 STYLE = {  # one colour per contender across every plot
-    "mlbfgs-triton": "tab:red", "mlbfgs-foreach": "tab:orange", "mlbfgs": "tab:red",
+    "mlbfgs-triton": "tab:red", "mlbfgs-foreach": "tab:orange", "mlbfgs": "tab:red", "mlbfgs-released": "tab:pink",
     "authors-style": "tab:blue", "torch-lbfgs-direction": "tab:purple", "reference-fp32": "tab:brown",
     "adamw-foreach": "tab:green", "adamw-fused": "tab:olive", "adamw": "tab:green",
     "sgd-momentum": "tab:gray",
@@ -309,6 +309,7 @@ def write_results_md(folder: Path, notes: list[str] | None = None) -> Path:
                   "optimizer step); the median step time is the steadier comparison on a shared machine.", "",
                   "Hyperparameters:", ""]
         lines += [f"- {name}: {json.dumps(h)}" for name, h in training["hyperparameters"].items()]
+        lines += [f"- {name}: left out, {why}" for name, why in training.get("left_out", {}).items()]
         lines += ["", training_table(training), ""]
         lines += [f"![training {m}](training_{m}.png)" for m in dict.fromkeys(r["model"] for r in training["runs"])]
     path = folder / "RESULTS.md"

@@ -6,6 +6,9 @@ gradient never leaves an optimizer half-updated.
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -16,39 +19,60 @@ from ._state.layout import validate_blocks_spec
 VARIANTS = ("paper", "released")
 
 
+def _number(group: dict, key: str, what: str, integer: bool = False, expected: str | None = None):
+    """``group[key]`` if it is a real number (an int when ``integer``); a bool is not one."""
+    value = group[key]
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        expected = expected or ("an int" if integer else "a float")
+        raise TypeError(f"{what}: {value!r} ({key} must be {expected}, got {type(value).__name__})")
+    return value
+
+
 def validate_hyperparameters(group: dict) -> None:
+    """Raise PyTorch's error for a bad hyperparameter: ``TypeError`` for a value of
+    the wrong type (a string, a bool where a number is expected), ``ValueError``
+    for one out of range. Both name the key."""
     lr = group["lr"]
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
-    elif not 0.0 <= lr:
+        if not lr.is_floating_point():
+            raise TypeError(f"Invalid learning rate: {lr!r} (a Tensor lr must be floating point)")
+    elif not 0.0 <= _number(group, "lr", "Invalid learning rate", expected="a float or a 1-element Tensor"):
         raise ValueError(f"Invalid learning rate: {lr}")
     checks = [
-        ("momentum", 0.0 <= group["momentum"] < 1.0, "Invalid momentum value"),
-        ("weight_decay", 0.0 <= group["weight_decay"], "Invalid weight_decay value"),
-        ("pair_momentum", 0.0 <= group["pair_momentum"] < 1.0, "Invalid pair_momentum value"),
-        ("damping", 0.0 <= group["damping"] < 1.0, "Invalid damping value"),
-        ("sigma_low", 0.0 <= group["sigma_low"] < 1.0, "Invalid sigma_low value"),
-        ("sigma_high", group["sigma_high"] > 1.0, "Invalid sigma_high value"),
-        ("eps", 0.0 <= group["eps"], "Invalid epsilon value"),
+        ("momentum", "Invalid momentum value", lambda v: 0.0 <= v < 1.0),
+        ("weight_decay", "Invalid weight_decay value", lambda v: 0.0 <= v),
+        ("pair_momentum", "Invalid pair_momentum value", lambda v: 0.0 <= v < 1.0),
+        ("damping", "Invalid damping value", lambda v: 0.0 <= v < 1.0),
+        ("sigma_low", "Invalid sigma_low value", lambda v: 0.0 <= v < 1.0),
+        ("sigma_high", "Invalid sigma_high value", lambda v: v > 1.0),
+        ("eps", "Invalid epsilon value", lambda v: 0.0 <= v),
     ]
-    for key, valid, message in checks:
-        if not valid:
+    for key, message, valid in checks:
+        if not valid(_number(group, key, message)):
             raise ValueError(f"{message}: {group[key]}")
     for key in ("history_size", "update_period"):
-        value = group[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"Invalid {key} value: {value}")
+        if _number(group, key, f"Invalid {key} value", integer=True) < 1:
+            raise ValueError(f"Invalid {key} value: {group[key]}")
     ema_decay = group["ema_decay"]
+    if isinstance(ema_decay, (str, bytes)) or not isinstance(ema_decay, Sequence):
+        raise TypeError(f"Invalid ema_decay: {ema_decay!r} (expected a pair of floats)")
     if len(ema_decay) != 2:
         raise ValueError(f"Invalid ema_decay: {ema_decay} (expected two values)")
     for i, beta in enumerate(ema_decay):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid ema_decay value at index {i}: {beta}")
+        message = f"Invalid ema_decay value at index {i}"
+        if not 0.0 <= _number({"ema_decay": beta}, "ema_decay", message) < 1.0:
+            raise ValueError(f"{message}: {beta}")
     if group["variant"] not in VARIANTS:
         raise ValueError(f"Invalid variant: {group['variant']!r} (expected one of {VARIANTS})")
-    if not isinstance(group["normalize"], bool):
-        raise ValueError(f"Invalid normalize value: {group['normalize']}")
+    for key in ("normalize", "maximize", "capturable", "differentiable"):
+        if not isinstance(group[key], bool):
+            raise TypeError(f"Invalid {key} value: {group[key]!r} ({key} must be a bool)")
+    for key in ("foreach", "fused"):
+        if group[key] is not None and not isinstance(group[key], bool):
+            raise TypeError(f"Invalid {key} value: {group[key]!r} ({key} must be a bool or None)")
     history_dtype = group["history_dtype"]
     if history_dtype is not None and not (
         isinstance(history_dtype, torch.dtype) and history_dtype.is_floating_point
@@ -62,21 +86,35 @@ def validate_hyperparameters(group: dict) -> None:
             raise ValueError("MLBFGS does not support complex parameters")
 
 
-def blocks_as_indices(blocks, params: list[Tensor], explicit: bool) -> list[list[int]]:
+def blocks_as_indices(
+    blocks, params: list[Tensor], explicit: bool, names: list[str] | None = None
+) -> list[list[int]]:
     """Turn a list of lists of parameters into lists of indices into ``params``.
 
-    The constructor's ``blocks`` may name parameters of every group; each group
-    keeps the lists' members that belong to it. A group's own ``blocks`` must
+    A block names its parameters by the tensors themselves, by index (a group
+    restored from a state_dict), or, in a group built from ``named_parameters()``,
+    by name. The constructor's ``blocks`` may name parameters of every group; each
+    group keeps the lists' members that belong to it. A group's own ``blocks`` must
     name its parameters exactly."""
     position = {id(p): i for i, p in enumerate(params)}
+    by_name = {name: i for i, name in enumerate(names or ())}
     result = []
     for block in blocks:
-        if not isinstance(block, (list, tuple)):
+        if isinstance(block, (str, bytes)) or not isinstance(block, (list, tuple)):
             raise ValueError("blocks given as a list must be a list of lists of parameters")
         indices = []
         for p in block:
-            if isinstance(p, int) and not isinstance(p, bool):
-                indices.append(p)  # already an index (a group restored from a state_dict)
+            if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str):
+                p = p[1]  # a (name, parameter) pair, as named_parameters() yields
+            if isinstance(p, bool):
+                raise ValueError(f"blocks name a parameter by {p!r}")
+            if isinstance(p, int):
+                indices.append(p)
+            elif isinstance(p, str):
+                if p in by_name:
+                    indices.append(by_name[p])
+                elif explicit or names is None:
+                    raise ValueError(f"blocks name a parameter {p!r} that is not in the group")
             elif id(p) in position:
                 indices.append(position[id(p)])
             elif explicit:

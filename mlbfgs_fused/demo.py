@@ -6,7 +6,8 @@ Data: Fashion-MNIST when its idx files are present (Debian's package
 ``dataset-fashion-mnist`` puts them in /usr/share/datasets/fashion-mnist/;
 ``apt-get install -y dataset-fashion-mnist`` as root), else scikit-learn's bundled
 digits. Runs on CUDA with the fused backend when one is available, on the CPU
-with the foreach backend otherwise. Prints a table and writes a PNG of the curves.
+with the foreach backend otherwise. Prints a table and writes a PNG of the
+training loss against steps and against wall-clock time.
 """
 
 from __future__ import annotations
@@ -47,24 +48,43 @@ def _read_idx(path: Path) -> torch.Tensor:
     return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).reshape(dims)
 
 
+FASHION_MNIST_INSTALL = "apt-get install -y dataset-fashion-mnist"
 FASHION_MNIST_HINT = (
     "Fashion-MNIST is not in /usr/share/datasets/fashion-mnist/: using scikit-learn's digits. "
-    "To train on it: apt-get install -y dataset-fashion-mnist (as root)"
+    f"To train on it: {FASHION_MNIST_INSTALL} (as root)"
 )
 
 
-def fashion_mnist_present(directory: Path = FASHION_MNIST_DIR) -> bool:
-    return (directory / "train-images-idx3-ubyte.gz").exists()
+def fashion_mnist_missing(directory: Path) -> str:
+    return (
+        f"Fashion-MNIST is not in {directory}/. Install it with `{FASHION_MNIST_INSTALL}` "
+        "(as root; Debian's package), or use --dataset digits (scikit-learn's bundled digits)."
+    )
 
 
-def load_dataset(name: str = "auto", directory: Path = FASHION_MNIST_DIR) -> Dataset:
+def fashion_mnist_present(directory: Path | None = None) -> bool:
+    directory = FASHION_MNIST_DIR if directory is None else directory
+    return all(
+        (directory / f"{split}-{kind}-idx{dim}-ubyte.gz").exists()
+        for split in ("train", "t10k")
+        for kind, dim in (("images", 3), ("labels", 1))
+    )
+
+
+def load_dataset(name: str = "auto", directory: Path | None = None) -> Dataset:
     """``"fashion-mnist"`` (60k/10k 28x28), ``"digits"`` (1797 8x8, 80/20 split) or
-    ``"auto"`` (the first when its files are present)."""
+    ``"auto"`` (the first when its files are present).
+
+    Raises FileNotFoundError, saying how to install it, when Fashion-MNIST is asked
+    for and absent."""
+    directory = FASHION_MNIST_DIR if directory is None else directory
     if name == "auto":
         name = "fashion-mnist" if fashion_mnist_present(directory) else "digits"
         if name == "digits":
             print(FASHION_MNIST_HINT)
     if name == "fashion-mnist":
+        if not fashion_mnist_present(directory):
+            raise FileNotFoundError(fashion_mnist_missing(directory))
         parts = [
             _read_idx(directory / f"{split}-{kind}-idx{dim}-ubyte.gz")
             for split in ("train", "t10k")
@@ -156,19 +176,21 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 20
 
 
 def train(name, data, device, epochs, batch_size, seed, model_fn, update_period, progress=None):
-    """Train one model; returns per-step losses, final test metrics and timings."""
+    """Train one model; returns per-step losses and wall-clock times, final test
+    metrics and timings."""
     torch.manual_seed(seed)
     model = model_fn(data).to(device)
     optimizer = make_optimizer(name, model, device, update_period)
     steps_per_epoch = math.ceil(len(data.y_train) / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-    losses, step_time = [], 0.0
+    losses, times, step_time, wall = [], [], 0.0, 0.0
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         perm = torch.randperm(len(y_train), generator=gen).to(device)
         for i in range(0, len(perm), batch_size):
             idx = perm[i : i + batch_size]
+            started = time.perf_counter()
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
             loss.backward()
@@ -180,34 +202,87 @@ def train(name, data, device, epochs, batch_size, seed, model_fn, update_period,
                 torch.cuda.synchronize()
             step_time += time.perf_counter() - start
             scheduler.step()
-            losses.append(loss.item())
+            losses.append(loss.item())  # waits for the device: the iteration is over
+            wall += time.perf_counter() - started
+            times.append(wall)
             if progress is not None:
                 progress.update(1)
     test_loss, test_acc = evaluate(model, data.x_test.to(device), data.y_test.to(device))
     return dict(
-        optimizer=name, losses=losses, test_loss=test_loss, test_acc=test_acc,
-        ms_per_step=1e3 * step_time / len(losses), state_bytes=state_bytes(optimizer),
+        optimizer=name, losses=losses, times=times, test_loss=test_loss, test_acc=test_acc,
+        ms_per_step=1e3 * step_time / len(losses), train_s=wall, state_bytes=state_bytes(optimizer),
         params=sum(p.numel() for p in model.parameters()),
     )
+
+
+def smoothing_window(steps: int) -> int:
+    """Steps per moving-average window of the plotted loss: about 2% of the run."""
+    return max(1, steps // 50)
+
+
+def plot_curves(results: list[dict], path: Path, title: str):
+    """Training loss (moving average) against steps and against wall-clock time,
+    two panels side by side; the window is in the axis label. Returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    window = smoothing_window(min(len(r["losses"]) for r in results))
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for r in results:
+        losses = torch.tensor(r["losses"])
+        smooth = losses.unfold(0, window, 1).mean(1) if window > 1 else losses
+        steps = range(window, len(losses) + 1)  # a window ends at its last step
+        times = r["times"][window - 1 :]
+        label = f"{r['optimizer']} ({100 * r['test_acc']:.1f}% test)"
+        by_step.plot(steps, smooth, label=label)
+        by_time.plot(times, smooth, label=label)
+    averaged = f"training loss, moving average over {window} step{'s' if window > 1 else ''}"
+    by_step.set_xlabel("step")
+    by_step.set_ylabel(averaged)
+    by_step.set_yscale("log")
+    by_time.set_xlabel("wall-clock training time (s): forward, backward, step")
+    by_step.legend(title=f"smoothing: {window}-step window")
+    for ax in (by_step, by_time):
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="auto", choices=["auto", "digits", "fashion-mnist"])
     parser.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
-    parser.add_argument("--epochs", type=int, default=None, help="default: 5 (Fashion-MNIST) or 40 (digits)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--train-subset", type=int, default=None, help="use the first N training images")
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help="default: 5 (Fashion-MNIST) or 40 (digits)")
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--train-subset", type=positive_int, default=None,
+                        help="use the first N training images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="demo_output", help="folder for the PNG")
     args = parser.parse_args(argv)
+    if args.dataset == "fashion-mnist" and not fashion_mnist_present():
+        parser.error(fashion_mnist_missing(FASHION_MNIST_DIR))
 
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data = load_dataset(args.dataset)
     if args.train_subset:
         data.x_train, data.y_train = data.x_train[: args.train_subset], data.y_train[: args.train_subset]
@@ -228,37 +303,24 @@ def main(argv=None) -> None:
             bar.close()
 
     print()
-    print("| optimizer | final train loss | test loss | test accuracy | ms / step | state bytes | bytes / param |")
-    print("|---|---|---|---|---|---|---|")
+    print("| optimizer | final train loss | test loss | test accuracy | ms / step | train s | state bytes | bytes / param |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         tail = sum(r["losses"][-20:]) / len(r["losses"][-20:])
         print(f"| {r['optimizer']} | {tail:.4f} | {r['test_loss']:.4f} | {100 * r['test_acc']:.2f}% | "
-              f"{r['ms_per_step']:.3f} | {r['state_bytes']:,} | {r['state_bytes'] / r['params']:.1f} |")
+              f"{r['ms_per_step']:.3f} | {r['train_s']:.1f} | {r['state_bytes']:,} | "
+              f"{r['state_bytes'] / r['params']:.1f} |")
+    print("(ms / step: optimizer.step alone; train s: forward, backward and step over the run)")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:  # pragma: no cover
         print("matplotlib is not installed: no plot written")
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in results:
-        losses = torch.tensor(r["losses"])
-        window = max(1, len(losses) // 50)
-        smooth = losses.unfold(0, window, 1).mean(1) if window > 1 else losses
-        ax.plot(range(window - 1, len(losses)), smooth, label=f"{r['optimizer']} ({100 * r['test_acc']:.1f}% test)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (moving average)")
-    ax.set_yscale("log")
-    ax.set_title(f"{data.name}, {args.model}, {device.type}")
-    ax.legend()
-    fig.tight_layout()
     path = out / f"loss_{data.name}_{args.model}.png"
-    fig.savefig(path, dpi=120)
+    plot_curves(results, path, f"{data.name}, {args.model}, {device.type}")
     print(f"\nloss curves written to {path}")
 
 

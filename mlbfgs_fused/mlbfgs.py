@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
+from operator import attrgetter
 
 import torch
 from torch import Tensor
@@ -112,7 +114,7 @@ class MLBFGS(Optimizer):
             weight_decay=weight_decay,
             history_size=history_size,
             update_period=update_period,
-            ema_decay=tuple(ema_decay),
+            ema_decay=tuple(ema_decay) if isinstance(ema_decay, list) else ema_decay,
             pair_momentum=pair_momentum,
             damping=damping,
             sigma_low=sigma_low,
@@ -135,48 +137,94 @@ class MLBFGS(Optimizer):
 
     # -- groups -----------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
-        param_group = dict(param_group)
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        param_group["params"] = params
-        blocks = param_group.get("blocks", self.defaults["blocks"])
-        if isinstance(blocks, (list, tuple)):
-            param_group["blocks"] = blocks_as_indices(blocks, params, "blocks" in param_group)
-        # Validate before the group is appended, so a bad group leaves no trace.
-        merged = {**self.defaults, **param_group}
-        validate_hyperparameters(merged)
-        backend = backends.select(merged)
-        if backend.fused:
-            backends.check_fused_supported(params, backend)
+        """Add a parameter group (``torch.optim.Optimizer.add_param_group``): its
+        ``params`` may be tensors or ``(name, tensor)`` pairs, as ``named_parameters()``
+        yields, and its ``blocks`` lists may name parameters by tensor, index or name."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        param_group = dict(param_group)  # the caller's dict is left as it was
+        explicit_blocks = "blocks" in param_group
+        # torch extracts names, fills defaults, raises its own errors and warnings, appends.
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            if isinstance(group["blocks"], (list, tuple)):
+                group["blocks"] = blocks_as_indices(
+                    group["blocks"], group["params"], explicit_blocks, group.get("param_names")
+                )
+            validate_hyperparameters(group)
+            backend = backends.select(group)
+            if backend.fused:
+                backends.check_fused_supported(group["params"], backend)
+            backend.module  # imported now: a step compiled with fullgraph=True cannot import
+        except BaseException:
+            self.param_groups.pop()  # a bad group leaves no trace
+            raise
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._arenas = {}
+        _fill_group_defaults(self.defaults)
         for group in self.param_groups:
-            group.setdefault("backend", None)
-            group.setdefault("history_dtype", None)
-            group.setdefault("variant", "paper")
+            _fill_group_defaults(group)
 
     # -- checkpoints ------------------------------------------------------------
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict) -> None:
-        # torch casts every floating state tensor to the parameter's dtype; block
-        # data (int64 counters, float64 Gram matrices, bfloat16 rings) keeps its own.
-        saved_blocks = {
-            pid: s["blocks"] for pid, s in state_dict["state"].items() if "blocks" in s
-        }
-        super().load_state_dict(state_dict)
+        """Load the optimizer state (``torch.optim.Optimizer.load_state_dict``).
+
+        Block state keeps its own dtypes (int64 counters, float64 Gram matrices, the
+        history in ``history_dtype``) where torch would cast every floating tensor to
+        the parameter's dtype; only its device follows the parameter. A checkpoint
+        whose groups lack keys added since (``fused``, ``foreach``, ``maximize``,
+        ``capturable``, ``differentiable``, ``ema_decay``, ...) loads with their
+        defaults; one saved with ``betas`` has them read as ``ema_decay``."""
+        state_dict = state_dict.copy()  # shallow, like torch: hooks may edit it
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        # Check the groups before anything is loaded, with defaults filled in as
+        # __setstate__ will fill them.
+        for saved in state_dict["param_groups"]:
+            group = {key: value for key, value in saved.items() if key != "params"}
+            _fill_group_defaults(group)
+            validate_hyperparameters(group)
+        blocks = {}
+        state = {}
+        for key, value in state_dict["state"].items():
+            if isinstance(value, dict) and "blocks" in value:
+                blocks[key] = value["blocks"]
+                value = {k: v for k, v in value.items() if k != "blocks"}
+            state[key] = value
+        # torch's loader does the rest (validation, id mapping, casting, param_names),
+        # with the hooks run here instead, around the block state too.
+        pre_hooks = self._optimizer_load_state_dict_pre_hooks
+        post_hooks = self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            super().load_state_dict({**state_dict, "state": state})
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
-            if pid in saved_blocks:
+            if pid in blocks:
                 self.state[p]["blocks"] = [
-                    {key: block[key].to(device=p.device) for key in BLOCK_STATE_KEYS}
-                    for block in saved_blocks[pid]
+                    {key: torch.as_tensor(block[key]).to(device=p.device) for key in BLOCK_STATE_KEYS}
+                    for block in blocks[pid]
                 ]
         self._arenas = {}
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     # -- the step ---------------------------------------------------------------
+    # GradScaler.step hands its scale and inf checks over (``grad_scale``, ``found_inf``)
+    # instead of unscaling the gradients and synchronising: see _amp_scaling.
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """Perform a single optimisation step.
@@ -257,35 +305,84 @@ class MLBFGS(Optimizer):
                     p.grad.zero_()
 
     def _group_arenas(self, index: int, group: dict) -> list[Arena]:
-        """The group's arenas, one per (device, dtype), built on first use and
-        after a checkpoint is loaded."""
+        """The group's arenas, one per (device, dtype)."""
+        self._init_group(index, group)
+        return self._arenas[index][1]
+
+    def _init_group(self, index: int, group: dict) -> None:
+        """Build the group's arenas on first use, after a checkpoint is loaded, and
+        after a parameter moved to another dtype or device (its state follows it).
+
+        Named as torch's optimizers name their lazy state initialisation: under
+        ``torch.compile`` Dynamo runs ``_init_group`` eagerly instead of tracing it
+        and guards on the state it made, so even a compiled first step is one graph.
+        """
+        params = group["params"]
+        kinds = tuple(map(_kind, params))
         key = (
-            tuple(map(id, group["params"])),
+            tuple(map(id, params)),
+            kinds,
             group["history_size"],
             group["history_dtype"],
             repr(group["blocks"]),
         )
         cached = self._arenas.get(index)
         if cached is not None and cached[0] == key:
-            return cached[1]
+            return
+        if cached is not None and cached[0][0] == key[0]:
+            for p, (_, _, shape), (_, _, old_shape) in zip(params, kinds, cached[0][1]):
+                if shape != old_shape:
+                    raise RuntimeError(
+                        f"a parameter of group {index} changed shape from {tuple(old_shape)} "
+                        f"to {tuple(shape)} after the optimizer stepped it; its optimizer state "
+                        "cannot follow. Restore its shape, or build a new optimizer for the "
+                        "reshaped model"
+                    )
         by_kind: dict[tuple, list[int]] = {}
-        for i, p in enumerate(group["params"]):
+        for i, p in enumerate(params):
             by_kind.setdefault((p.device, p.dtype), []).append(i)
         arenas = []
         for indices in by_kind.values():
-            params = [group["params"][i] for i in indices]
+            arena_params = [params[i] for i in indices]
             blocks = group["blocks"]
             if isinstance(blocks, list):
                 local = {g: l for l, g in enumerate(indices)}
                 blocks = [[local[i] for i in blk if i in local] for blk in blocks]
                 blocks = [blk for blk in blocks if blk]
-                if sum(len(b) for b in blocks) != len(params):
+                if sum(len(b) for b in blocks) != len(arena_params):
                     raise ValueError("a block may not mix parameters of different devices or dtypes")
-            layout = arena_layout([p.numel() for p in params], blocks)
-            arena = Arena(params, layout, group["history_size"], group["history_dtype"])
+            layout = arena_layout([p.numel() for p in arena_params], blocks)
+            arena = Arena(arena_params, layout, group["history_size"], group["history_dtype"])
+            # Adopting copies what the state holds (a loaded checkpoint, or views of
+            # the arena this one replaces) into the new buffers, converting dtype
+            # and device: the state follows its parameter.
             arena.adopt(self.state)
             arenas.append(arena)
         self._arenas[index] = (key, arenas)
-        return arenas
 
 
+# What the arena cache notices of a parameter besides its identity.
+_kind = attrgetter("device", "dtype", "shape")
+
+# Keys added to the groups since the first release, with the value an older
+# checkpoint or pickled optimizer gets.
+_GROUP_DEFAULTS = {
+    "maximize": False,
+    "foreach": None,
+    "fused": None,
+    "capturable": False,
+    "differentiable": False,
+    "backend": None,
+    "history_dtype": None,
+    "variant": "paper",
+    "ema_decay": (0.999, 0.999),
+}
+
+
+def _fill_group_defaults(group: dict) -> None:
+    """Fill what an older checkpoint's group lacks, as torch's optimizers do in
+    ``__setstate__``; the EMA decays once saved as ``betas`` become ``ema_decay``."""
+    if "betas" in group:
+        group.setdefault("ema_decay", tuple(group.pop("betas")))
+    for key, value in _GROUP_DEFAULTS.items():
+        group.setdefault(key, value)

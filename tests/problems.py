@@ -28,8 +28,9 @@ class Scenario:
     seed: int = 0
     # (group, param index) -> steps at which that parameter has no gradient
     absent: dict[tuple[int, int], range] = field(default_factory=dict)
-    # steps at which every gradient holds a NaN
+    # steps at which a gradient holds a NaN: every group's, or only those of ``nan_groups``
     nan_steps: tuple[int, ...] = ()
+    nan_groups: tuple[int, ...] | None = None
     noise: float = 0.3
 
     def __post_init__(self):
@@ -49,7 +50,7 @@ class Scenario:
     def grad(self, group: int, theta: torch.Tensor, step: int) -> torch.Tensor:
         """Gradient at ``theta`` (natural order, float64) at ``step``."""
         g = self.A[group] @ (theta.double() - self.theta_star[group]) + self.noise_seq[group][step]
-        if step in self.nan_steps:
+        if step in self.nan_steps and (self.nan_groups is None or group in self.nan_groups):
             g = g.clone()
             g[len(g) // 2] = float("nan")
         return g
@@ -135,13 +136,22 @@ class ReferenceRun:
 
     def run(self, start: int = 0, stop: int | None = None) -> None:
         for step in range(start, self.sc.steps if stop is None else stop):
+            grads, masks = [], []
             for gi, ref in enumerate(self.groups):
                 g = self.sc.grad(gi, self.natural(gi), step)
                 numels = [_numel(s) for s in self.sc.shapes[gi]]
                 mask = torch.cat(
                     [torch.full((n,), here) for n, here in zip(numels, self.sc.has_grad(gi, step))]
                 )
-                ref.step(g[self.perms[gi]], mask[self.perms[gi]])
+                grads.append(g[self.perms[gi]])
+                masks.append(mask[self.perms[gi]])
+            # One non-finite effective gradient anywhere skips every group's step.
+            finite = all(
+                torch.isfinite(ref.effective_gradient(g, mask)).all()
+                for ref, g, mask in zip(self.groups, grads, masks)
+            )
+            for ref, g, mask in zip(self.groups, grads, masks):
+                ref.step(g, mask, skip=not finite)
 
 
 def run_against_reference(sc: Scenario, dtype=torch.float32, device="cpu", **opt_kwargs):

@@ -1,6 +1,8 @@
-"""The demo runs end to end (tiny budget) and writes its table and plot."""
+"""The demo runs end to end (tiny budget), plots against steps and time, and
+rejects bad input with a clear message instead of a traceback."""
 
 import pytest
+import torch
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -16,9 +18,50 @@ def test_demo_runs_on_digits(tmp_path, capsys):
     assert (tmp_path / "loss_digits_mlp.png").stat().st_size > 10_000
 
 
-def test_state_bytes_counts_shared_storage_once():
-    import torch
+def test_plot_has_a_step_panel_and_a_time_panel_and_names_the_window(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    steps = 200
+    results = [
+        dict(optimizer=name, losses=(1 + torch.rand(steps, generator=gen)).tolist(),
+             times=torch.linspace(0.01, scale, steps).tolist(), test_acc=0.5)
+        for name, scale in (("MLBFGS", 3.0), ("SGD", 1.0))
+    ]
+    fig = demo.plot_curves(results, tmp_path / "curves.png", "title")
+    by_step, by_time = fig.axes
+    assert by_step.get_xlabel() == "step" and "wall-clock" in by_time.get_xlabel()
+    window = demo.smoothing_window(steps)
+    assert window == 4
+    assert f"moving average over {window} steps" in by_step.get_ylabel()
+    assert f"{window}-step window" in by_step.get_legend().get_title().get_text()
+    # The time panel plots each optimizer against its own clock, window-aligned.
+    mlbfgs_line = by_time.get_lines()[0]
+    assert mlbfgs_line.get_xdata()[-1] == pytest.approx(3.0)
+    assert len(mlbfgs_line.get_xdata()) == steps - window + 1
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
 
+
+@pytest.mark.parametrize("option", ["--epochs", "--batch-size", "--train-subset"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_non_positive_counts_are_rejected(option, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--dataset", "digits", option, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: must be a positive integer, got {int(value)}" in err
+
+
+def test_missing_fashion_mnist_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "FASHION_MNIST_DIR", tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--dataset", "fashion-mnist", "--epochs", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "apt-get install -y dataset-fashion-mnist" in err and "Traceback" not in err
+    with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
+        demo.load_dataset("fashion-mnist")
+
+
+def test_state_bytes_counts_shared_storage_once():
     model = torch.nn.Linear(4, 4)
     opt = demo.make_optimizer("MLBFGS", model, torch.device("cpu"))
     model(torch.randn(2, 4)).sum().backward()

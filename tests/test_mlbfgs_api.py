@@ -1,6 +1,7 @@
 """MLBFGS as a torch.optim.Optimizer: arguments, groups, schedulers, closures, bad input."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -22,7 +23,6 @@ def _param(*shape):
         (dict(momentum=1.0), "Invalid momentum value: 1.0"),
         (dict(weight_decay=-1e-4), "Invalid weight_decay value: -0.0001"),
         (dict(history_size=0), "Invalid history_size value: 0"),
-        (dict(history_size=2.5), "Invalid history_size value: 2.5"),
         (dict(update_period=0), "Invalid update_period value: 0"),
         (dict(ema_decay=(1.0, 0.9)), "Invalid ema_decay value at index 0: 1.0"),
         (dict(ema_decay=(0.9, -0.1)), "Invalid ema_decay value at index 1: -0.1"),
@@ -31,7 +31,6 @@ def _param(*shape):
         (dict(sigma_low=-0.01), "Invalid sigma_low value: -0.01"),
         (dict(sigma_high=0.9), "Invalid sigma_high value: 0.9"),
         (dict(eps=-1.0), "Invalid epsilon value: -1.0"),
-        (dict(normalize="yes"), "Invalid normalize value: yes"),
         (dict(blocks="layer"), "Invalid blocks value"),
         (dict(blocks=0), "Invalid blocks value: 0"),
         (dict(blocks=[[]]), "non-empty lists"),
@@ -43,6 +42,48 @@ def _param(*shape):
 def test_invalid_arguments_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         MLBFGS([_param(3)], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(lr="0.1"), "Invalid learning rate: '0.1' (lr must be a float or a 1-element Tensor, got str)"),
+        (dict(lr=True), "Invalid learning rate: True (lr must be a float or a 1-element Tensor, got bool)"),
+        (dict(lr=None), "Invalid learning rate: None"),
+        (dict(lr=torch.tensor(1)), "Invalid learning rate: tensor(1) (a Tensor lr must be floating point)"),
+        (dict(momentum=True), "Invalid momentum value: True (momentum must be a float, got bool)"),
+        (dict(momentum="0.9"), "Invalid momentum value: '0.9'"),
+        (dict(weight_decay=False), "Invalid weight_decay value: False"),
+        (dict(pair_momentum="0"), "Invalid pair_momentum value: '0'"),
+        (dict(damping=[0.01]), "Invalid damping value: [0.01]"),
+        (dict(sigma_low=True), "Invalid sigma_low value: True"),
+        (dict(sigma_high="2"), "Invalid sigma_high value: '2'"),
+        (dict(eps=False), "Invalid epsilon value: False (eps must be a float, got bool)"),
+        (dict(history_size=2.5), "Invalid history_size value: 2.5 (history_size must be an int, got float)"),
+        (dict(history_size=True), "Invalid history_size value: True"),
+        (dict(update_period="50"), "Invalid update_period value: '50'"),
+        (dict(ema_decay=0.9), "Invalid ema_decay: 0.9 (expected a pair of floats)"),
+        (dict(ema_decay="ab"), "Invalid ema_decay: 'ab'"),
+        (dict(ema_decay=(0.9, True)), "Invalid ema_decay value at index 1: True"),
+        (dict(normalize="yes"), "Invalid normalize value: 'yes' (normalize must be a bool)"),
+        (dict(maximize=1), "Invalid maximize value: 1"),
+        (dict(foreach="no"), "Invalid foreach value: 'no' (foreach must be a bool or None)"),
+    ],
+)
+def test_hyperparameters_of_the_wrong_type_raise_type_error_naming_them(kwargs, message):
+    """A string or a bool where a number is expected is a TypeError naming the key, in
+    torch's wording ("Invalid learning rate: ..."), never a bare comparison error."""
+    with pytest.raises(TypeError, match=re.escape(message)):
+        MLBFGS([_param(3)], **kwargs)
+    with pytest.raises(TypeError, match=re.escape(message)):  # a group's own value too
+        MLBFGS([{"params": [_param(3)], **kwargs}])
+
+
+def test_numbers_of_other_types_are_accepted():
+    import numpy as np
+
+    MLBFGS([_param(3)], lr=np.float32(0.1), momentum=0, history_size=np.int64(3), ema_decay=[0.9, 0.99])
+    MLBFGS([_param(3)], lr=torch.tensor(0.1), eps=0)
 
 
 def test_flag_conflicts_use_torch_wording():

@@ -150,3 +150,94 @@ def test_two_loop_coefficients_match_vector_two_loop():
 def test_arena_layout(numels, spec, order, bounds):
     layout = arena_layout(numels, spec)
     assert layout.order == order and layout.block_bounds == bounds
+
+
+# -- variant="released" ---------------------------------------------------------------
+_HAND = dict(lr=0.25, momentum=0.0, normalize=False, update_period=2, ema_decay=(0.5, 0.5),
+             pair_momentum=0.0, damping=0.0, sigma_low=0.0, sigma_high=1e9)
+
+
+def _one_d(variant, steps):
+    """f = theta^2 (grad 2 theta) from theta = 1; returns the group and theta after each step."""
+    ref = ReferenceGroup(torch.tensor([1.0], dtype=torch.float64), [0, 1], variant=variant, **_HAND)
+    thetas = []
+    for _ in range(steps):
+        ref.step(2 * ref.theta)
+        thetas.append(ref.theta.item())
+    return ref, thetas
+
+
+def test_released_variant_by_hand_one_dimension():
+    """Derived on paper, T = 2, beta = 0.5, no momentum, no normalisation. In 1-D the
+    two-loop gives d = (s / yhat) g for the newest pair.
+
+    t  g      P (E1)          G (E1)            due: pair, snapshots, reset (E2)      d (E4)
+    1  2      1               2                                                        2
+    2  1      .5*1+.5  = 1    .5*2+1   = 2      P0=1 G0=2, G=g=1                       1
+    3  .5     .5*1+.25 = .75  .5*1+.5  = 1                                             .5
+    4  .25    .375+.125= .5   .5+.25   = .75    s=-.5 y=-1.25; P0=.5 G0=.75, G=.25     .4*.25=.1
+    5  .2     .25+.1   = .35  .125+.2  = .325                                          .4*.2=.08
+    6  .16    .175+.08 = .255 .1625+.16= .3225  s=-.245 y=-.4275                       .16*.245/.4275
+    """
+    ref, thetas = _one_d("released", 4)
+    assert thetas == pytest.approx([0.5, 0.25, 0.125, 0.1], abs=1e-15)
+    (s, y), = ref.blocks[0].pairs
+    assert (s.item(), y.item()) == pytest.approx((-0.5, -1.25), abs=1e-15)
+    assert ref.param_ema.item() == pytest.approx(0.5) and ref.grad_ema.item() == pytest.approx(0.25)
+    assert ref.blocks[0].param_snapshot.item() == pytest.approx(0.5)
+    assert ref.blocks[0].grad_snapshot.item() == pytest.approx(0.75)  # taken before the reset
+    ref, thetas = _one_d("released", 6)
+    expected_6 = 0.08 - 0.25 * 0.16 * 0.245 / 0.4275
+    assert thetas == pytest.approx([0.5, 0.25, 0.125, 0.1, 0.08, expected_6], abs=1e-15)
+    assert [(s.item(), y.item()) for s, y in ref.blocks[0].pairs] == pytest.approx(
+        [(-0.5, -1.25), (-0.245, -0.4275)], abs=1e-15
+    )
+
+
+def test_paper_variant_uses_the_pair_one_step_later():
+    """The same problem under the paper's math: averages with (1 - beta), the pair of
+    step 4 (s = .5 - 1 ... of the averages) first used at step 5."""
+    ref, thetas = _one_d("paper", 4)
+    assert thetas == pytest.approx([0.5, 0.25, 0.125, 0.0625], abs=1e-15)  # d = g at step 4
+    assert len(ref.blocks[0].pairs) == 1
+    # P: 1, .75, .5, .3125 (snapshot at 2: .75); G: 2, 1.5, 1, .625 (snapshot: 1.5) -> y = 2 s
+    (s, y), = ref.blocks[0].pairs
+    assert (s.item(), y.item()) == pytest.approx((-0.4375, -0.875), abs=1e-15)
+
+
+def test_released_variant_update_period_one():
+    """T = 1: a snapshot at step 1, the first pair at step 2, used at step 2 (see the
+    reference's docstring; the released code would wait until step 3)."""
+    hyper = {**_HAND, "update_period": 1, "ema_decay": (0.0, 0.0)}  # P = theta, G = g
+    ref = ReferenceGroup(torch.tensor([1.0], dtype=torch.float64), [0, 1], variant="released", **hyper)
+    ref.step(2 * ref.theta)  # g = 2, d = 2, theta = .5
+    assert not ref.blocks[0].pairs and ref.blocks[0].param_snapshot.item() == 1.0
+    ref.step(2 * ref.theta)  # g = 1: s = .5 - 1, y = 1 - 2, d = (s / y) g = .5
+    (s, y), = ref.blocks[0].pairs
+    assert (s.item(), y.item()) == (-0.5, -1.0)
+    assert ref.theta.item() == 0.5 - 0.25 * 0.5
+
+
+def test_released_variant_leaves_entries_without_gradient_alone():
+    gen = torch.Generator().manual_seed(7)
+    theta0 = torch.randn(6, generator=gen, dtype=torch.float64)
+    ref = ReferenceGroup(theta0, [0, 3, 6], variant="released", update_period=2, history_size=2)
+    mask = torch.tensor([True] * 4 + [False] * 2)
+    for _ in range(9):
+        ref.step(torch.randn(6, generator=gen, dtype=torch.float64), mask)
+    assert torch.equal(ref.theta[4:], theta0[4:])
+    assert torch.equal(ref.grad_ema[4:], torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(ref.param_ema[4:], theta0[4:])
+    assert ref.blocks[0].pairs and not torch.equal(ref.theta[:4], theta0[:4])
+
+
+def test_skip_flag_changes_nothing_but_the_counter():
+    gen = torch.Generator().manual_seed(8)
+    ref = ReferenceGroup(torch.randn(5, generator=gen, dtype=torch.float64), [0, 5], update_period=2)
+    for _ in range(5):
+        ref.step(torch.randn(5, generator=gen, dtype=torch.float64))
+    before = (ref.theta.clone(), ref.buf.clone(), ref.param_ema.clone(), ref.grad_ema.clone(), ref.t)
+    ref.step(torch.randn(5, generator=gen, dtype=torch.float64), skip=True)
+    after = (ref.theta, ref.buf, ref.param_ema, ref.grad_ema, ref.t)
+    assert all(torch.equal(a, b) for a, b in zip(before[:4], after[:4])) and before[4] == after[4]
+    assert ref.skipped_steps == 1

@@ -1,13 +1,27 @@
 """A re-implementation of the authors' released mL-BFGS step (Niu et al., TMLR 2023).
 
-Written from this description of their code, not copied from it: every step,
-per block, the parameters and (cloned) gradients are flattened with
-``torch.cat``; the curvature pairs live in Python lists; the two-loop recursion
-reads each scalar back to the host (one device-to-host sync per iteration);
-the direction is copied back into ``.grad`` and a ``torch.optim.SGD`` with
-momentum takes the step. The math is DESIGN.md section 2 (the test
-``tests/test_bench_baselines.py`` checks it against ``mlbfgs_fused.reference``),
-so timing and memory differences with ``MLBFGS`` come from the implementation alone.
+Written from a reading of their released optimizer (``BlockSlimQN``), not copied
+from it. Its implementation style is theirs: every step, per block, the
+parameters and (cloned) gradients are flattened with ``torch.cat``; the
+curvature pairs live in Python lists; the two-loop recursion and the damping
+read scalars back to the host (a device-to-host sync per iteration); the
+direction is copied back into ``.grad`` and a ``torch.optim.SGD`` with momentum
+takes the step.
+
+Its math is that of ``MLBFGS(variant="released")`` (docs/design.md, "The released
+variant"), which differs from the paper's in three ways:
+
+- E1: the averages carry no ``(1 - beta)`` factor: ``P = beta_p P + theta``,
+  ``G = beta_g G + g`` (``P = theta``, ``G = g`` at the first step);
+- E2: at every step with ``t % T == 0``, after the pair is formed and the
+  snapshots taken, the gradient average restarts from the current ``g``;
+- E4: a pair formed at step ``t`` is already used for the direction at step ``t``.
+
+Their code's weight-decay slip in the gradient average (``wd * grad`` for
+``wd * theta``) is not reproduced, and a pair with ``s.yhat <= eps`` is skipped,
+as in ``MLBFGS``. ``tests/test_bench_baselines.py`` checks the trajectory against
+a float64 expectation, so timing and memory differences with ``MLBFGS`` come from
+the implementation alone.
 """
 
 from __future__ import annotations
@@ -72,6 +86,7 @@ class AuthorsStyleMLBFGS:
     @torch.no_grad()
     def step(self) -> None:
         self.t += 1
+        due = self.t % self.update_period == 0
         beta_p, beta_g = self.ema_decay
         directions = []
         for blk in self.blocks:
@@ -79,12 +94,16 @@ class AuthorsStyleMLBFGS:
             g = torch.cat([p.grad.clone().view(-1) for p in blk.params])
             if self.weight_decay != 0:
                 g.add_(theta, alpha=self.weight_decay)
-            directions.append(self._two_loop(blk, g))
+            # E1: sums, not averages; with the parameters before this step's update.
             if blk.param_ema is None:
                 blk.param_ema, blk.grad_ema = theta.clone(), g.clone()
             else:
-                blk.param_ema.mul_(beta_p).add_(theta, alpha=1 - beta_p)
-                blk.grad_ema.mul_(beta_g).add_(g, alpha=1 - beta_g)
+                blk.param_ema.mul_(beta_p).add_(theta)
+                blk.grad_ema.mul_(beta_g).add_(g)
+            if due:
+                self._update_pairs(blk)
+                blk.grad_ema.copy_(g)  # E2
+            directions.append(self._two_loop(blk, g))  # E4: after this step's pair
         if any(blk.s_hist for blk in self.blocks):
             norm = math.sqrt(sum(d.dot(d).item() for d in directions))
             if norm > 0:
@@ -97,9 +116,6 @@ class AuthorsStyleMLBFGS:
                 p.grad.copy_(d[offset : offset + n].view_as(p))
                 offset += n
         self.sgd.step()
-        if self.t % self.update_period == 0:
-            for blk in self.blocks:
-                self._update_pairs(blk)
 
     def _two_loop(self, blk: _Block, g: Tensor) -> Tensor:
         if not blk.s_hist:

@@ -64,9 +64,13 @@ class Backend:
 
     @property
     def module(self):
-        path, _, attribute = self.module_path.partition(":")
-        module = importlib.import_module(path, __name__)
-        return getattr(module, attribute) if attribute else module
+        # A dict lookup once imported, which torch.compile traces (importlib it does not).
+        module = _MODULES.get(self.name)
+        if module is None:
+            path, _, attribute = self.module_path.partition(":")
+            module = importlib.import_module(path, __name__)
+            module = _MODULES[self.name] = getattr(module, attribute) if attribute else module
+        return module
 
     def available(self) -> bool:
         return self.module.available()
@@ -74,6 +78,8 @@ class Backend:
     def supported_devices(self) -> list[str]:
         return self.module.supported_devices()
 
+
+_MODULES: dict[str, object] = {}  # backend name -> its imported module
 
 REGISTRY: dict[str, Backend] = {
     backend.name: backend

@@ -36,7 +36,7 @@ def gradient_dots(arenas: list[Arena], group: dict, amp) -> list[Tensor]:
     probes = []
     for arena in arenas:
         step = GroupStep(arena)
-        gather_gradient(step, group["weight_decay"], group["maximize"])
+        gather_gradient(step, group["weight_decay"], group["maximize"], _grad_scale(amp, arena))
         dots = _gradient_dots(arena)
         arena.pending_step = (step, dots)
         probes.append(dots[2].sum())
@@ -44,21 +44,41 @@ def gradient_dots(arenas: list[Arena], group: dict, amp) -> list[Tensor]:
 
 
 def finish(arenas: list[Arena], group: dict, ok: dict, amp) -> None:
-    pending = [arena.pending_step for arena in arenas]
-    d_dot_d = [
-        direction(arena, ok[arena.device], dots) for arena, (_, dots) in zip(arenas, pending)
-    ]
-    home = arenas[0].device
-    d_scale = group_direction_scale(arenas, d_dot_d, group["normalize"], home)
-    for (step, _), arena in zip(pending, arenas):
-        arena.pending_step = None
+    """The rest of the step in the order of the reference (mlbfgs_fused/reference/mlbfgs.py):
+    under ``variant="released"`` a due step updates the averages and pushes the pair
+    before the direction is formed (E4); otherwise after the parameter write."""
+    released = group["variant"] == "released"
+    T = group["update_period"]
+    coefficients, pair_steps = [], []
+    for arena in arenas:
+        step, dots = arena.pending_step
         ok_here = ok[arena.device]
-        apply_update(step, group, ok_here, d_scale.to(arena.device, arena.dtype))
         if arena.counter_probe is None:
             arena.counter_probe = CounterProbe(arena.device)
         # Under capture the host's knowledge would be frozen into the graph.
-        if group["capturable"] or arena.counter_probe.pair_update_possible(group["update_period"]):
-            push_pairs(arena, group, ok_here)
+        pair_step = group["capturable"] or arena.counter_probe.pair_update_possible(T)
+        pair_steps.append(pair_step)
+        if released and pair_step:
+            # A masked-off product must never meet a NaN: zero g of a non-finite step.
+            arena.grad_flat.masked_fill_(ok_here.logical_not(), 0.0)
+            update_averages(step, group, ok_here)
+            t_new = arena.counters["step"] + ok_here  # this step's t (the counter moves later)
+            push_pairs(arena, group, ok_here, t_new)  # uses g's scratch: gather g again
+            gather_gradient(step, group["weight_decay"], group["maximize"], _grad_scale(amp, arena))
+            arena.grad_flat.masked_fill_(ok_here.logical_not(), 0.0)
+            reset_grad_average(step, ok_here & (torch.remainder(t_new[0], T) == 0))
+            dots = _gradient_dots(arena)  # with the pair just pushed
+        coefficients.append(direction(arena, ok_here, dots))
+    home = arenas[0].device
+    d_scale = group_direction_scale(arenas, [c[3] for c in coefficients], group["normalize"], home)
+    for arena, pair_step, coeffs in zip(arenas, pair_steps, coefficients):
+        step, _ = arena.pending_step
+        arena.pending_step = None
+        ok_here = ok[arena.device]
+        write_direction(arena, coeffs, torch.where(ok_here, d_scale.to(arena.device), 0.0))
+        apply_update(step, group, ok_here, averages=not (released and pair_step))
+        if pair_step and not released:
+            push_pairs(arena, group, ok_here, arena.counters["step"])
         if not group["capturable"]:
             arena.counter_probe.record(arena.counters["step"][0])
 
@@ -97,14 +117,26 @@ class GroupStep:
         return [self.arena.param_view(flat, i) for i in self.present]
 
 
-def gather_gradient(step: GroupStep, weight_decay: float, maximize: bool) -> None:
-    """``g = grad + weight_decay * theta`` (negated under ``maximize``) into the
-    arena's flat scratch, zero where a parameter has no gradient."""
+def _grad_scale(amp, arena: Arena) -> Tensor | None:
+    """The scale the gradients still carry (``GradScaler``), on the arena's device."""
+    if amp is None or amp.grad_scale is None:
+        return None
+    return amp.grad_scale.to(arena.device, non_blocking=True)
+
+
+def gather_gradient(
+    step: GroupStep, weight_decay: float, maximize: bool, grad_scale: Tensor | None = None
+) -> None:
+    """``g = grad / grad_scale + weight_decay * theta`` (negated under ``maximize``) into
+    the arena's flat scratch, zero where a parameter has no gradient. ``.grad`` is
+    only read: a ``GradScaler``'s scale is divided out here, never in place."""
     g = step.arena.grad_flat
     if not step.all_present:
         g.zero_()
     g_views = step.shaped_views(g)
     torch._foreach_copy_(g_views, step.grads)
+    if grad_scale is not None:
+        torch._foreach_div_(g_views, grad_scale)
     if weight_decay != 0:
         torch._foreach_add_(g_views, step.params, alpha=weight_decay)
     if maximize:
@@ -113,7 +145,8 @@ def gather_gradient(step: GroupStep, weight_decay: float, maximize: bool) -> Non
 
 def _gradient_dots(arena: Arena) -> tuple[Tensor, Tensor, Tensor]:
     """``S g``, ``Y g`` (``[B, m]``) and ``g.g`` (``[B]``) per block, in float64.
-    ``g.g`` doubles as the finiteness flag: it is finite iff ``g`` is (barring overflow)."""
+    ``g.g`` doubles as the finiteness flag: it is finite iff ``g`` is (accumulated in
+    float32 or wider, so a finite half-precision gradient never overflows it)."""
     g = arena.grad_flat
     B, m = arena.layout.num_blocks, arena.m
     Sg = torch.empty(B, m, dtype=torch.float64, device=arena.device)
@@ -121,58 +154,85 @@ def _gradient_dots(arena: Arena) -> tuple[Tensor, Tensor, Tensor]:
     gg = torch.empty(B, dtype=torch.float64, device=arena.device)
     for b in range(B):
         g_b = g[arena.block_slice(b)]
-        S, Y = _history(arena, b)
-        Sg[b] = S @ g_b
-        Yg[b] = Y @ g_b
-        gg[b] = g_b.dot(g_b)
+        S, Y = _rings(arena, b)
+        Sg[b] = _ring_dots(S, g_b)
+        Yg[b] = _ring_dots(Y, g_b)
+        gg[b] = _dot(g_b, g_b)
     return Sg, Yg, gg
 
 
-def direction(arena: Arena, ok: Tensor, dots: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-    """Write ``d = H g`` per block into ``arena.work``; return ``||d_b||^2`` per block.
+def direction(arena: Arena, ok: Tensor, dots: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, ...]:
+    """The coefficients of ``d = H g`` per block (``c_g``, ``c_s``, ``c_y``) and ``||d_b||^2``,
+    found on scalars from the Gram matrices (vector-free): ``d`` is written only once
+    its group scale is known (:func:`write_direction`), so a 16-bit ``d`` is stored
+    normalised and never overflows on the way.
 
     A non-finite step has its gradient and dots zeroed first, so it produces
     ``d = 0`` and no NaN reaches any state through a masked product.
     """
-    g, d = arena.grad_flat, arena.work
     not_ok = ok.logical_not()
-    g.masked_fill_(not_ok, 0.0)
+    arena.grad_flat.masked_fill_(not_ok, 0.0)
     Sg, Yg, gg = (x.masked_fill(not_ok, 0.0) for x in dots)
-    c_g, c_s, c_y, _ = two_loop_coefficients(arena.gram, Sg, Yg, gg, arena.counters["pair_count"])
-    c_g, c_s, c_y = c_g.to(arena.dtype), c_s.to(arena.dtype), c_y.to(arena.dtype)
-    B = arena.layout.num_blocks
-    d_dot_d = torch.empty(B, dtype=torch.float64, device=arena.device)
-    for b in range(B):
+    c_g, c_s, c_y, d_dot_d = two_loop_coefficients(arena.gram, Sg, Yg, gg, arena.counters["pair_count"])
+    return c_g, c_s, c_y, d_dot_d.clamp(min=0.0)  # rounding must not make a norm NaN
+
+
+def write_direction(arena: Arena, coefficients: tuple[Tensor, ...], scale: Tensor) -> None:
+    """``work = scale * (c_g g + S^T c_s + Y^T c_y)`` per block; ``scale`` is 0 on a
+    skipped step."""
+    c_g, c_s, c_y, _ = coefficients
+    c_g, c_s, c_y = c_g * scale, c_s * scale, c_y * scale
+    g, d = arena.grad_flat, arena.work
+    for b in range(arena.layout.num_blocks):
         sl = arena.block_slice(b)
-        S, Y = _history(arena, b)
-        d_b = d[sl]
-        torch.mul(g[sl], c_g[b], out=d_b)
-        d_b.addmv_(S.t(), c_s[b]).addmv_(Y.t(), c_y[b])
-        d_dot_d[b] = d_b.dot(d_b)
-    return d_dot_d
+        S, Y = _rings(arena, b)
+        _combine(d[sl], g[sl], S, Y, c_g[b], c_s[b], c_y[b])
 
 
-def apply_update(step: GroupStep, group: dict, ok: Tensor, d_scale: Tensor) -> None:
-    """EMAs, heavy ball and the parameter write, each an identity when ``ok`` is False."""
+def update_averages(step: GroupStep, group: dict, ok: Tensor) -> None:
+    """The averages of the parameters and gradients, with the parameters before this
+    step's write; an identity when ``ok`` is False. ``variant="paper"``:
+    ``P = beta_p P + (1 - beta_p) theta`` (a lerp); ``"released"``: ``P = beta_p P + theta``.
+    Both start at their first sample."""
     arena = step.arena
     flat = arena.flat_state
-    beta_p, beta_g = group["ema_decay"]
     first = arena.counters["step"][0] == 0
     one = torch.ones((), dtype=arena.dtype, device=arena.device)
     zero = torch.zeros((), dtype=arena.dtype, device=arena.device)
-    # The EMAs start at their first sample: weight 1 at the first step, 0 on a skipped one.
-    w_param = torch.where(ok, torch.where(first, one, 1 - beta_p), zero)
-    w_grad = torch.where(ok, torch.where(first, one, 1 - beta_g), zero)
+    p_ema = step.shaped_views(flat["param_ema"])
+    g_ema = step.views(flat["grad_ema"])
+    g = step.views(arena.grad_flat)
+    for beta, average, sample in zip(group["ema_decay"], (p_ema, g_ema), (step.params, g)):
+        if group["variant"] == "released":
+            decay = torch.where(ok, torch.where(first, zero, beta), one)
+            torch._foreach_mul_(average, decay)
+            torch._foreach_addcmul_(average, sample, [torch.where(ok, one, zero)] * len(average))
+        else:
+            weight = torch.where(ok, torch.where(first, one, 1 - beta), zero)
+            torch._foreach_lerp_(average, sample, [weight] * len(average))
+
+
+def reset_grad_average(step: GroupStep, due: Tensor) -> None:
+    """``variant="released"`` (E2): ``G = g`` at a pair step, after the snapshots."""
+    weight = due.to(step.arena.dtype)
+    g_ema = step.views(step.arena.flat_state["grad_ema"])
+    torch._foreach_lerp_(g_ema, step.views(step.arena.grad_flat), [weight] * len(g_ema))
+
+
+def apply_update(step: GroupStep, group: dict, ok: Tensor, averages: bool = True) -> None:
+    """Averages (unless already done), heavy ball with the direction in ``work`` and the
+    parameter write, each an identity when ``ok`` is False."""
+    arena = step.arena
+    flat = arena.flat_state
+    one = torch.ones((), dtype=arena.dtype, device=arena.device)
+    zero = torch.zeros((), dtype=arena.dtype, device=arena.device)
     momentum = torch.where(ok, group["momentum"], one)
     lr = _scalar(group["lr"], arena)
     neg_lr = torch.where(ok, -lr, zero)
 
     d = arena.work
-    d.mul_(torch.where(ok, d_scale, zero))
-    p_ema = step.shaped_views(flat["param_ema"])
-    torch._foreach_lerp_(p_ema, step.params, [w_param] * len(p_ema))
-    g_ema = step.views(flat["grad_ema"])
-    torch._foreach_lerp_(g_ema, step.views(arena.grad_flat), [w_grad] * len(g_ema))
+    if averages:
+        update_averages(step, group, ok)
     buf = step.views(flat["momentum_buffer"])
     torch._foreach_mul_(buf, momentum)
     torch._foreach_add_(buf, step.views(d))
@@ -183,51 +243,62 @@ def apply_update(step: GroupStep, group: dict, ok: Tensor, d_scale: Tensor) -> N
     arena.counters["skipped_steps"].add_(ok.logical_not())
 
 
-def push_pairs(arena: Arena, group: dict, ok: Tensor) -> None:
-    """DESIGN.md section 2 step 7 for every block, applied where due (masked)."""
+def push_pairs(arena: Arena, group: dict, ok: Tensor, t: Tensor | None = None) -> None:
+    """The pair update of docs/design.md (the step, 7) for every block, applied where
+    due (masked), ``t`` being this step's index per block. ``s`` and ``y`` are formed in
+    the two scratch vectors (``work`` and the gathered gradient, which this overwrites);
+    the ring rows are read at device-side slots through one-hot matrix-vector products,
+    so no parameter-sized temporary is allocated (one per block in the history dtype
+    when ``history_dtype`` differs from the parameters', to round the new row)."""
     T, r, eps = group["update_period"], group["pair_momentum"], group["eps"]
     m = arena.m
     flat = arena.flat_state
-    t = arena.counters["step"]
     pair_count = arena.counters["pair_count"]
+    t = arena.counters["step"] if t is None else t
     due = ok & (torch.remainder(t, T) == 0)
     forms_pair = due & (t > T)  # snapshots exist from the first update on
-    r_value = _scalar(r, arena)
     s_all, y_all = arena.work, arena.grad_flat
     torch.sub(flat["param_ema"], flat["param_snapshot"], out=s_all)
     torch.sub(flat["grad_ema"], flat["grad_snapshot"], out=y_all)
+    slots = torch.arange(m, device=arena.device)
+    r_value = torch.full((), r, dtype=torch.float64, device=arena.device)  # where() on floats is float32
     for b in range(arena.layout.num_blocks):
         sl = arena.block_slice(b)
         s, y = s_all[sl], y_all[sl]
-        S, Y = _history(arena, b)
-        newest = torch.remainder(pair_count[b] - 1, m).view(1)
+        S, Y = _rings(arena, b)
+        # Pair momentum with the newest held pair: x = (1 - r) x + r x_newest.
         r_eff = torch.where(pair_count[b] > 0, r_value, 0.0)
-        s.lerp_(S.index_select(0, newest)[0], r_eff)
-        y.lerp_(Y.index_select(0, newest)[0], r_eff)
-        s_dot_y, s_dot_s = s.dot(y).double(), s.dot(s).double()
+        newest = (slots == torch.remainder(pair_count[b] - 1, m)) * r_eff  # [m] float64
+        for x, R in ((s, S), (y, Y)):
+            x.mul_((1 - r_eff).to(arena.dtype))
+            _add_ring_combination(x, R, newest)
+        s_dot_y, s_dot_s = _dot(s, y), _dot(s, s)
         phi = damping_factor(
             s_dot_y, s_dot_s, group["sigma_low"], group["sigma_high"], group["damping"], eps
         )
         torch.lerp(s, y, phi.to(arena.dtype), out=y)  # y <- yhat = phi y + (1 - phi) s
-        curvature = s.dot(y).double()
+        curvature = _dot(s, y)
         accept = forms_pair[b] & torch.isfinite(curvature) & (curvature > eps)
 
-        slot = torch.remainder(pair_count[b], m).view(1)
-        s_row = torch.where(accept, s, S.index_select(0, slot)[0].to(arena.dtype))
-        y_row = torch.where(accept, y, Y.index_select(0, slot)[0].to(arena.dtype))
-        arena.history_view(arena.history_s, b).index_copy_(0, slot, s_row.unsqueeze(0).to(arena.history_dtype))
-        arena.history_view(arena.history_y, b).index_copy_(0, slot, y_row.unsqueeze(0).to(arena.history_dtype))
-        S, Y = _history(arena, b)  # re-read: the rows as stored (rounded when narrower)
-        rows = torch.stack([S.index_select(0, slot)[0], Y.index_select(0, slot)[0]], dim=1)
+        # The slot's row becomes the new pair if accepted, else stays: x = accept ? x : R[slot].
+        slot = torch.remainder(pair_count[b], m)
+        keep = (slots == slot) & accept.logical_not()
+        for x, R, ring in ((s, S, arena.history_s), (y, Y, arena.history_y)):
+            x.masked_fill_(accept.logical_not(), 0.0)
+            _add_ring_combination(x, R, keep.double())
+            stored = x.unsqueeze(0)
+            if arena.history_dtype != arena.dtype:
+                stored = stored.to(arena.history_dtype)
+                x.copy_(stored[0])  # the row as stored (rounded), for the Gram rows
+            arena.history_view(ring, b).index_copy_(0, slot.view(1), stored)
         gram = arena.gram[b]
-        # One read of each ring gives the new row and column of all three Gram matrices.
-        ss_row, sy_col = (S @ rows).double().unbind(1)
-        ys_row, yy_row = (Y @ rows).double().unbind(1)
+        ss_row, sy_col = _ring_dots(S, s), _ring_dots(S, y)
+        ys_row, yy_row = _ring_dots(Y, s), _ring_dots(Y, y)
         new = torch.stack(
             [
-                _set_row_col(gram[0], slot, ss_row, ss_row),
-                _set_row_col(gram[1], slot, ys_row, sy_col),  # [j, :] = s_j.y_i ; [:, j] = s_i.y_j
-                _set_row_col(gram[2], slot, yy_row, yy_row),
+                _set_row_col(gram[0], slot.view(1), ss_row, ss_row),
+                _set_row_col(gram[1], slot.view(1), ys_row, sy_col),  # [j, :] = s_j.y_i ; [:, j] = s_i.y_j
+                _set_row_col(gram[2], slot.view(1), yy_row, yy_row),
             ]
         )
         gram.copy_(torch.where(accept, new, gram))
@@ -292,13 +363,77 @@ def _scalar(value: float | Tensor, arena: Arena) -> Tensor:
     return torch.full((), value, dtype=arena.dtype, device=arena.device)
 
 
-def _history(arena: Arena, b: int) -> tuple[Tensor, Tensor]:
-    """The block's rings in the compute dtype (a copy when the history is stored narrower)."""
-    S = arena.history_view(arena.history_s, b)
-    Y = arena.history_view(arena.history_y, b)
-    if S.dtype != arena.dtype:
-        S, Y = S.to(arena.dtype), Y.to(arena.dtype)
-    return S, Y
+def _rings(arena: Arena, b: int) -> tuple[Tensor, Tensor]:
+    """The block's history rings ``[m, n_b]`` as stored."""
+    return arena.history_view(arena.history_s, b), arena.history_view(arena.history_y, b)
+
+
+# Note [reductions in float32 or wider]
+# Float32 and float64 vectors meet rings of their own dtype in one BLAS call each.
+# Anything narrower (float16/bfloat16 parameters, or a ring stored narrower than the
+# parameters) goes through the helpers below in column chunks of _CHUNK elements,
+# each chunk widened to float32 (float64 for float64 parameters): the sums never
+# overflow or accumulate in 16 bits, and the widened copies stay bounded by
+# m * _CHUNK elements whatever N is.
+_CHUNK = 1 << 16
+
+
+def _direct(R: Tensor, x: Tensor) -> bool:
+    return R.dtype == x.dtype and x.dtype in (torch.float32, torch.float64)
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _chunks(n: int):
+    for lo in range(0, n, _CHUNK):
+        yield slice(lo, min(n, lo + _CHUNK))
+
+
+def _dot(x: Tensor, y: Tensor) -> Tensor:
+    """``x.y`` as a 0-dim float64 tensor."""
+    if x.dtype in (torch.float32, torch.float64):
+        return x.dot(y).double()
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for ch in _chunks(x.numel()):
+        total += x[ch].float().dot(y[ch].float()).double()
+    return total
+
+
+def _ring_dots(R: Tensor, x: Tensor) -> Tensor:
+    """``R x`` (``[m]`` float64) for a ring ``R`` ``[m, n]``."""
+    if _direct(R, x):
+        return (R @ x).double()
+    wide = _wide(x.dtype)
+    total = torch.zeros(R.shape[0], dtype=torch.float64, device=x.device)
+    for ch in _chunks(x.numel()):
+        total += (R[:, ch].to(wide) @ x[ch].to(wide)).double()
+    return total
+
+
+def _add_ring_combination(x: Tensor, R: Tensor, c: Tensor) -> None:
+    """``x += R^T c`` in place (``c`` ``[m]``, float64)."""
+    if _direct(R, x):
+        x.addmv_(R.t(), c.to(x.dtype))
+        return
+    wide = _wide(x.dtype)
+    for ch in _chunks(x.numel()):
+        x[ch] += R[:, ch].to(wide).t() @ c.to(wide)
+
+
+def _combine(d: Tensor, g: Tensor, S: Tensor, Y: Tensor, c_g: Tensor, c_s: Tensor, c_y: Tensor) -> None:
+    """``d = c_g g + S^T c_s + Y^T c_y``, in float32 or wider, rounded once on store."""
+    if _direct(S, g):
+        torch.mul(g, c_g.to(g.dtype), out=d)
+        d.addmv_(S.t(), c_s.to(g.dtype)).addmv_(Y.t(), c_y.to(g.dtype))
+        return
+    wide = _wide(g.dtype)
+    c_g, c_s, c_y = c_g.to(wide), c_s.to(wide), c_y.to(wide)
+    for ch in _chunks(g.numel()):
+        part = g[ch].to(wide) * c_g
+        part.addmv_(S[:, ch].to(wide).t(), c_s).addmv_(Y[:, ch].to(wide).t(), c_y)
+        d[ch].copy_(part)
 
 
 def _set_row_col(mat: Tensor, j: Tensor, row: Tensor, col: Tensor) -> Tensor:
