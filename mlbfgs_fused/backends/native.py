@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_gradients as _check_gradients
-from .._state.arena import Arena
+from .._state.arena import Arena, is_dense
 
 # Elements per chunk: csrc/ops.h CHUNK. Chunks never depend on the thread count, so
 # reductions (added per chunk, then in chunk order) are reproducible to the bit.
@@ -175,18 +175,32 @@ class ArenaPlan:
         self.params = arena.params
 
     def _tensors(self):
-        """The parameters and gradients as the ops take them: contiguous (a parameter
-        in another memory format is stepped through a contiguous copy)."""
+        """The parameters and gradients as the ops take them: contiguous, in the
+        arena's element order. A dense parameter in another memory order (channels_last,
+        a transpose) is passed as a flat view of its memory, which is the arena's order
+        for it (``Arena.param_view``), with its gradient in the same order (staged when
+        its strides differ); any other layout is stepped through a contiguous copy.
+        Returns ``(params, grads, staged)``; ``staged`` pairs copies to write back."""
         params = self.params
         grads = list(map(_grad_of, params))
-        if all(p.is_contiguous() for p in params) and all(
-            g is None or g.is_contiguous() for g in grads
-        ):
+        if all(map(Tensor.is_contiguous, params)) and all(g is None or g.is_contiguous() for g in grads):
             return params, grads, None
-        staged = [p if p.is_contiguous() else p.contiguous() for p in params]
-        grads = [g if g is None or g.is_contiguous() else g.contiguous() for g in grads]
-        return staged, grads, staged
-
+        out_params, out_grads, staged = [], [], []
+        for p, g in zip(params, grads):
+            if p.is_contiguous():
+                out_params.append(p)
+                out_grads.append(g if g is None or g.is_contiguous() else g.contiguous())
+            elif is_dense(p):
+                out_params.append(_memory_order(p))
+                if g is not None and g.stride() != p.stride():
+                    g = torch.empty_like(p).copy_(g)  # the parameter's strides
+                out_grads.append(None if g is None else _memory_order(g))
+            else:
+                copy = p.contiguous()
+                staged.append((p, copy))
+                out_params.append(copy)
+                out_grads.append(None if g is None else g.contiguous())
+        return out_params, out_grads, staged or None
     def gradient_dots(self, group: dict, grad_scale: Tensor | None) -> None:
         a = self.arena
         params, grads, _ = self._tensors()
@@ -213,9 +227,8 @@ class ArenaPlan:
             group["update_period"], a.m, group["maximize"], group["normalize"],
         )
         if staged is not None:
-            for p, s in zip(self.params, staged):
-                if s is not p:
-                    p.copy_(s)
+            for p, copy in staged:
+                p.copy_(copy)
 
     def push(self, group: dict, ok: Tensor) -> None:
         a = self.arena
@@ -265,6 +278,11 @@ class GroupPlan:
                 buffer.fill_(lr)
             self.lr_value = lr
         self.lr = dict(self.lr_buffers)
+
+
+def _memory_order(t: Tensor) -> Tensor:
+    """A dense tensor's elements as a 1-D view, in memory order."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
 def chunk_tables(layout, m: int) -> tuple[list[int], list[int]]:
