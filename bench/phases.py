@@ -67,12 +67,12 @@ def native_phases(opt: MLBFGS, m: int) -> dict[str, tuple[Callable[[], object], 
 
     def push_due():
         step.copy_(due)  # every call pushes a pair (and rolls the snapshots)
-        plan.update(group, ok, None)  # the candidate's partial sums the push needs
+        plan.update(group, ok, None, 0)  # the candidate's partial sums the push needs
         plan.push(group, ok)
 
     def update():
         step.copy_(due + 1)  # a plain step: no pair
-        plan.update(group, ok, None)
+        plan.update(group, ok, None, 0)
 
     return {
         # pass 1 (grad, S, Y read once) and the two-loop on the Gram matrices

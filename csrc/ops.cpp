@@ -7,7 +7,8 @@
 //   two_loop       per block: the coefficients of d from the Gram matrices, and the
 //                  group status row (g.g, ||d||^2, pair held); the arena's probe;
 //   update         d, EMAs, momentum, parameters; candidate s.s, s.y, y.y on a
-//                  pair-forming step; nothing unless `ok`;
+//                  pair-forming step; nothing unless `ok`; `mode` (csrc/ops.h
+//                  UpdateMode) picks the variant's order;
 //   push           on a due step the pair (ring slot, Gram row from the ring as
 //                  stored) and the snapshots; the counters every step.
 #include <torch/library.h>
@@ -29,7 +30,7 @@ TORCH_LIBRARY(mlbfgs_fused_native, m) {
       "Tensor pair_count, Tensor stats, Tensor ok, Tensor? grad_scale, "
       "Tensor(e!) pair_partials, Tensor lr, float momentum, float weight_decay, "
       "float beta_p, float beta_g, float pair_momentum, int period, int m, bool maximize, "
-      "bool normalize) -> ()");
+      "bool normalize, int mode) -> ()");
   m.def(
       "push(Tensor param_ema, Tensor grad_ema, Tensor(a!) param_snapshot, "
       "Tensor(b!) grad_snapshot, Tensor(c!) history_s, Tensor(d!) history_y, Tensor(e!) gram, "

@@ -27,6 +27,16 @@ enum ChunkColumn : int64_t {
 enum BlockColumn : int64_t { B_LO, B_HI, B_FIRST, B_END, BLOCK_COLUMNS };
 // Group-wide status rows, one per block of the group: g.g, ||d||^2, any pair held.
 enum StatsColumn : int64_t { S_GG, S_DD, S_HELD, STATS_COLUMNS };
+// What an update pass does (docs/design.md, "The step" and "variant='released'"):
+//   UPDATE_PAPER                EMAs (1 - beta weights) and the direction's writes;
+//   UPDATE_RELEASED             EMAs without the (1 - beta) factor (E1) and the direction;
+//   UPDATE_RELEASED_AVERAGES    a released due step before its push: E1 EMAs and the
+//                               candidate's sums, no direction;
+//   UPDATE_RELEASED_AFTER_PUSH  a released due step after its push: G = g (E2) and the
+//                               direction with the pair just pushed (E4).
+enum UpdateMode : int64_t {
+  UPDATE_PAPER, UPDATE_RELEASED, UPDATE_RELEASED_AVERAGES, UPDATE_RELEASED_AFTER_PUSH
+};
 // Per-chunk partial sums of a pair-forming step's candidate: s.s, s.y, y.y.
 enum PairColumn : int64_t { P_SS, P_SY, P_YY, PAIR_COLUMNS };
 

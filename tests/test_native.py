@@ -258,12 +258,27 @@ def test_parameters_in_other_memory_orders(layout):
         torch.testing.assert_close(o2.state[p2][key], o1.state[p1][key], rtol=1e-5, atol=1e-6)
 
 
-def test_released_variant_not_implemented():
-    p = torch.nn.Parameter(torch.randn(3))
-    opt = MLBFGS([p], backend="cpp", variant="released")
-    p.grad = torch.randn(3)
-    with pytest.raises(NotImplementedError, match="released"):
-        opt.step()
+@pytest.mark.parametrize("blocks", ["group", "tensor", 13], ids=str)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
+def test_released_variant_matches_reference(blocks, dtype, tol):
+    sc = standard_scenario(blocks, steps=40, seed=11, variant="released")
+    sc.nan_steps = (6, 23)
+    opt, groups, ref, errors = run_against_reference(sc, dtype, backend="cpp")
+    assert max(errors) < tol
+    ref_counts = [
+        (g.t // g.h["update_period"] - 1 - b.skipped_pairs, b.skipped_pairs)
+        for g in ref.groups
+        for b in g.blocks
+    ]
+    assert _counters(opt, groups) == ref_counts
+    assert max(c for c, _ in ref_counts) > 3
+
+
+def test_released_variant_resumes_across_backends():
+    sc = standard_scenario("tensor", steps=30, seed=5, variant="released")
+    (opt, groups), (opt2, groups2) = resume_from_checkpoint(sc, 12, "cpp", "foreach")
+    for g1, g2 in zip(groups, groups2):
+        torch.testing.assert_close(flat(g2), flat(g1), rtol=1e-4, atol=1e-5)
 
 
 def test_fused_dispatch_on_the_cpu():

@@ -265,9 +265,11 @@ void update(at::TensorList params, at::ArrayRef<std::optional<Tensor>> grads,
             const Tensor& step, const Tensor& pair_count, const Tensor& stats, const Tensor& ok,
             const std::optional<Tensor>& grad_scale, const Tensor& pair_partials,
             const Tensor& lr, double momentum, double weight_decay, double beta_p, double beta_g,
-            double pair_momentum, int64_t period, int64_t m, bool maximize, bool normalize) {
+            double pair_momentum, int64_t period, int64_t m, bool maximize, bool normalize,
+            int64_t mode) {
   check_chunks(chunks);
   check_params(params, grads);
+  TORCH_CHECK(mode >= UPDATE_PAPER && mode <= UPDATE_RELEASED_AFTER_PUSH, "mlbfgs_fused::update: bad mode");
   if (!ok.item<bool>()) return;  // a non-finite step changes nothing (push counts it)
   // 1 / ||d|| over the group once any block holds a pair (docs/design.md, "The step", 4).
   double scale = 1.0;
@@ -283,6 +285,8 @@ void update(at::TensorList params, at::ArrayRef<std::optional<Tensor>> grads,
     if (held && norm > 0) scale = 1.0 / norm;
   }
   const double lr_value = lr.item<double>();
+  const bool released = mode != UPDATE_PAPER;
+  const bool direction = mode != UPDATE_RELEASED_AVERAGES;
   const int64_t width = 2 * m + 1;
   const int64_t P = chunks.size(0);
   dispatch_types(params[0].scalar_type(), history_s.scalar_type(), "mlbfgs_fused::update", [&](auto t_tag, auto h_tag) {
@@ -313,9 +317,16 @@ void update(at::TensorList params, at::ArrayRef<std::optional<Tensor>> grads,
         const int64_t n = c.count();
         const int64_t b = c.block;
         const bool first = step_ptr[b] == 0;
-        const bool pair = forms_pair(step_ptr[b], period);
-        const C w_param = first ? C(1) : static_cast<C>(1 - beta_p);
-        const C w_grad = first ? C(1) : static_cast<C>(1 - beta_g);
+        // The candidate's sums where the push follows this pass (after the push the
+        // counter already names the next step).
+        const bool pair = forms_pair(step_ptr[b], period) &&
+                          (mode == UPDATE_PAPER || mode == UPDATE_RELEASED_AVERAGES);
+        // paper: P = lerp(P, theta, 1 - beta); released (E1): P = beta P + theta. Both
+        // start at their first sample.
+        const C w_param = first ? C(1) : static_cast<C>(released ? 1.0 : 1 - beta_p);
+        const C w_grad = first ? C(1) : static_cast<C>(released ? 1.0 : 1 - beta_g);
+        const C decay_param = first ? C(0) : static_cast<C>(beta_p);
+        const C decay_grad = first ? C(0) : static_cast<C>(beta_g);
         T* Pp = P_all + c.start;
         T* Gp = G_all + c.start;
         const T* grad = grad_ptr[c.param];
@@ -327,7 +338,7 @@ void update(at::TensorList params, at::ArrayRef<std::optional<Tensor>> grads,
           const double* cf = coef_all + b * width;
           const C c_g = static_cast<C>(cf[0]);
           for (int64_t x = 0; x < n; ++x) d[x] = c_g * g[x];
-          for (int64_t i = 0; i < m; ++i) {
+          for (int64_t i = 0; i < m && direction; ++i) {
             if (cf[1 + i] == 0.0 && cf[1 + m + i] == 0.0) continue;  // an unheld slot
             axpy2<C>(d, static_cast<C>(cf[1 + i]), as_compute<C, H>(hs + c.ring(i), n, row),
                      static_cast<C>(cf[1 + m + i]), as_compute<C, H>(hy + c.ring(i), n, row2), n);
@@ -336,8 +347,16 @@ void update(at::TensorList params, at::ArrayRef<std::optional<Tensor>> grads,
           for (int64_t x = 0; x < n; ++x) {
             // EMAs with the parameters before the update.
             const C t = th[x];  // th may be th_ptr itself: read before the write
-            Pp[x] = static_cast<T>(lerp<C>(static_cast<C>(Pp[x]), t, w_param));
-            Gp[x] = static_cast<T>(lerp<C>(static_cast<C>(Gp[x]), g[x], w_grad));
+            if (mode == UPDATE_PAPER) {
+              Pp[x] = static_cast<T>(lerp<C>(static_cast<C>(Pp[x]), t, w_param));
+              Gp[x] = static_cast<T>(lerp<C>(static_cast<C>(Gp[x]), g[x], w_grad));
+            } else if (mode == UPDATE_RELEASED_AFTER_PUSH) {
+              Gp[x] = static_cast<T>(g[x]);  // E2: the gradient average restarts at g
+            } else {
+              Pp[x] = static_cast<T>(static_cast<C>(Pp[x]) * decay_param + t * w_param);
+              Gp[x] = static_cast<T>(static_cast<C>(Gp[x]) * decay_grad + g[x] * w_grad);
+            }
+            if (!direction) continue;
             const C buf = static_cast<C>(bp[x]) * c_momentum + d[x] * c_scale;
             bp[x] = static_cast<T>(buf);
             th_ptr[x] = static_cast<T>(t + buf * neg_lr);

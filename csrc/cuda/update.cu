@@ -142,7 +142,8 @@ void update(at::TensorList params, at::ArrayRef<std::optional<at::Tensor>> grads
             const std::optional<at::Tensor>& grad_scale, const at::Tensor& pair_partials,
             const at::Tensor& lr, double momentum, double weight_decay, double beta_p,
             double beta_g, double pair_momentum, int64_t period, int64_t m, bool maximize,
-            bool normalize) {
+            bool normalize, int64_t mode) {
+  TORCH_CHECK(mode == UPDATE_PAPER, "mlbfgs_fused::update: variant='released' is not implemented on CUDA");
   const c10::cuda::CUDAGuard guard(history_s.device());
   const int64_t P = chunks.size(0);
   if (P == 0) return;

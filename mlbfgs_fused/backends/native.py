@@ -30,6 +30,8 @@ CHUNK = 4096
 CHUNK_COLUMNS = 7  # start, end, block, param, param_start, ring_origin, ring_stride
 STATS_COLUMNS = 3  # g.g, ||d||^2, any pair held
 PAIR_COLUMNS = 3  # s.s, s.y, y.y
+# What an update pass does (csrc/ops.h UpdateMode).
+UPDATE_PAPER, UPDATE_RELEASED, UPDATE_RELEASED_AVERAGES, UPDATE_RELEASED_AFTER_PUSH = range(4)
 
 _grad_of = attrgetter("grad")
 
@@ -108,9 +110,9 @@ class NativeBackend:
 
     def check_gradients(self, group: dict) -> None:
         _check_gradients(group)
-        if group["variant"] != "paper":
+        if group["variant"] != "paper" and self.device != "cpu":
             raise NotImplementedError(
-                f"variant={group['variant']!r} is not implemented on the native backends; "
+                f"variant={group['variant']!r} is not implemented on the {self.device!r} backend; "
                 "use backend='foreach'"
             )
         history = group["history_dtype"]
@@ -140,10 +142,27 @@ class NativeBackend:
         return [a.probe for a in plan.arenas]
 
     def finish(self, arenas: list[Arena], group: dict, ok: dict, amp) -> None:
+        """The rest of the step in the reference's order: under ``variant="released"`` a
+        due step updates the averages and pushes the pair before the direction (E4),
+        which then needs the dots against the new pair (a second pass 1)."""
         plan = arenas[0].native
         grad_scale = None if amp is None else amp.grad_scale
+        mode = UPDATE_PAPER
+        if group["variant"] == "released":
+            mode = UPDATE_RELEASED
+            # Every block of a group steps together; on the CPU the counter is host memory.
+            if (int(arenas[0].counters["step"][0]) + 1) % group["update_period"] == 0:
+                for a in plan.arenas:
+                    a.update(group, ok[a.arena.device], grad_scale, UPDATE_RELEASED_AVERAGES)
+                for a in plan.arenas:
+                    a.push(group, ok[a.arena.device])
+                for a in plan.arenas:
+                    a.gradient_dots(group, grad_scale)
+                for a in plan.arenas:
+                    a.update(group, ok[a.arena.device], grad_scale, UPDATE_RELEASED_AFTER_PUSH)
+                return
         for a in plan.arenas:
-            a.update(group, ok[a.arena.device], grad_scale)
+            a.update(group, ok[a.arena.device], grad_scale, mode)
         for a in plan.arenas:
             a.push(group, ok[a.arena.device])
 
@@ -213,7 +232,7 @@ class ArenaPlan:
             self.probe, self.block_offset, a.m,
         )
 
-    def update(self, group: dict, ok: Tensor, grad_scale: Tensor | None) -> None:
+    def update(self, group: dict, ok: Tensor, grad_scale: Tensor | None, mode: int = 0) -> None:
         a = self.arena
         f, c = a.flat_state, a.counters
         beta_p, beta_g = group["ema_decay"]
@@ -224,7 +243,7 @@ class ArenaPlan:
             self.coef, c["step"], c["pair_count"], self.stats, ok, grad_scale,
             self.pair_partials, self.group.lr[a.device], group["momentum"],
             group["weight_decay"], beta_p, beta_g, group["pair_momentum"],
-            group["update_period"], a.m, group["maximize"], group["normalize"],
+            group["update_period"], a.m, group["maximize"], group["normalize"], mode,
         )
         if staged is not None:
             for p, copy in staged:
