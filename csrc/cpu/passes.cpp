@@ -103,6 +103,31 @@ inline void axpy2(C* y, C alpha, const C* u, C beta, const C* v, int64_t n) {
   for (; x < n; ++x) y[x] += alpha * u[x] + beta * v[x];
 }
 
+// average = lerp(average, sample, w) (torch.lerp's formula), the branch on w hoisted.
+template <typename T, typename C>
+inline void ema_lerp(T* average, const C* sample, C w, int64_t n) {
+  if (w < C(0.5)) {
+    for (int64_t x = 0; x < n; ++x) {
+      const C a = static_cast<C>(average[x]);
+      average[x] = static_cast<T>(a + w * (sample[x] - a));
+    }
+  } else {
+    const C v = C(1) - w;
+    for (int64_t x = 0; x < n; ++x) {
+      const C a = static_cast<C>(average[x]);
+      average[x] = static_cast<T>(sample[x] - (sample[x] - a) * v);
+    }
+  }
+}
+
+// average = decay * average + w * sample
+template <typename T, typename C>
+inline void ema_decay(T* average, const C* sample, C decay, C w, int64_t n) {
+  for (int64_t x = 0; x < n; ++x) {
+    average[x] = static_cast<T>(static_cast<C>(average[x]) * decay + sample[x] * w);
+  }
+}
+
 // g = grad * inv_scale + weight_decay * theta, negated under maximize (docs/design.md,
 // "The step", 1; AMP's unscaling folded in). Returns g.g in float64: finite exactly
 // when every entry of g is.
@@ -343,23 +368,24 @@ void update(at::TensorList params, at::ArrayRef<std::optional<Tensor>> grads,
             axpy2<C>(d, static_cast<C>(cf[1 + i]), as_compute<C, H>(hs + c.ring(i), n, row),
                      static_cast<C>(cf[1 + m + i]), as_compute<C, H>(hy + c.ring(i), n, row2), n);
           }
-          T* bp = buf_all + c.start;
-          for (int64_t x = 0; x < n; ++x) {
-            // EMAs with the parameters before the update.
-            const C t = th[x];  // th may be th_ptr itself: read before the write
-            if (mode == UPDATE_PAPER) {
-              Pp[x] = static_cast<T>(lerp<C>(static_cast<C>(Pp[x]), t, w_param));
-              Gp[x] = static_cast<T>(lerp<C>(static_cast<C>(Gp[x]), g[x], w_grad));
-            } else if (mode == UPDATE_RELEASED_AFTER_PUSH) {
-              Gp[x] = static_cast<T>(g[x]);  // E2: the gradient average restarts at g
-            } else {
-              Pp[x] = static_cast<T>(static_cast<C>(Pp[x]) * decay_param + t * w_param);
-              Gp[x] = static_cast<T>(static_cast<C>(Gp[x]) * decay_grad + g[x] * w_grad);
+          // EMAs with the parameters before the update, then momentum and parameters:
+          // loops without branches inside, so the compiler vectorizes them.
+          if (mode == UPDATE_PAPER) {
+            ema_lerp<T, C>(Pp, th, w_param, n);
+            ema_lerp<T, C>(Gp, g, w_grad, n);
+          } else if (mode == UPDATE_RELEASED_AFTER_PUSH) {
+            store<T, C>(Gp, g, n);  // E2: the gradient average restarts at g
+          } else {
+            ema_decay<T, C>(Pp, th, decay_param, w_param, n);
+            ema_decay<T, C>(Gp, g, decay_grad, w_grad, n);
+          }
+          if (direction) {
+            T* bp = buf_all + c.start;
+            for (int64_t x = 0; x < n; ++x) {
+              const C buf = static_cast<C>(bp[x]) * c_momentum + d[x] * c_scale;
+              bp[x] = static_cast<T>(buf);
+              th_ptr[x] = static_cast<T>(th[x] + buf * neg_lr);  // th may be th_ptr: same x
             }
-            if (!direction) continue;
-            const C buf = static_cast<C>(bp[x]) * c_momentum + d[x] * c_scale;
-            bp[x] = static_cast<T>(buf);
-            th_ptr[x] = static_cast<T>(t + buf * neg_lr);
           }
         }
         if (pair) {
