@@ -1,6 +1,6 @@
 // The (parameter, history) dtype pairs the kernels take, on every device: a history
-// as wide as the parameters, or a 16-bit one with float32 parameters, or float32 with
-// 16-bit or float64 parameters. Fewer pairs than all sixteen keep the build short;
+// as wide as the parameters, a 16-bit one with float32 or 16-bit parameters, or float32
+// with 16-bit or float64 parameters. Fewer pairs than all sixteen keep the build short;
 // mlbfgs_fused/backends/native.py NARROW_HISTORY lists the same pairs.
 #pragma once
 
@@ -31,6 +31,8 @@ void dispatch_types(c10::ScalarType param, c10::ScalarType history, const char* 
   if (param == S::BFloat16 && history == S::Float) return f(Type<BFloat16>{}, Type<float>{});
   if (param == S::Half && history == S::Half) return f(Type<Half>{}, Type<Half>{});
   if (param == S::Half && history == S::Float) return f(Type<Half>{}, Type<float>{});
+  if (param == S::Half && history == S::BFloat16) return f(Type<Half>{}, Type<BFloat16>{});
+  if (param == S::BFloat16 && history == S::Half) return f(Type<BFloat16>{}, Type<Half>{});
   TORCH_CHECK(false, name, ": parameters of dtype ", param, " with a history of dtype ", history,
               " are not supported");
 }

@@ -15,6 +15,7 @@
 // so (16 m + 44) N a step, (8 m + 44) N with a 16-bit history.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -40,6 +41,19 @@ template <typename C, typename T>
 inline const C* as_compute(const T* src, int64_t n, C* buffer) {
   if constexpr (std::is_same_v<C, T>) {
     return src;
+  } else if constexpr (std::is_same_v<C, float> &&
+                       (std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>)) {
+    // A 16-bit ring or parameter: widened a vector at a time.
+    using Vec = at::vec::Vectorized<T>;
+    constexpr int64_t W = at::vec::Vectorized<float>::size();
+    int64_t x = 0;
+    for (; x + Vec::size() <= n; x += Vec::size()) {
+      const auto [lo, hi] = at::vec::convert_to_float<T>(Vec::loadu(src + x));
+      lo.store(buffer + x);
+      hi.store(buffer + x + W);
+    }
+    for (; x < n; ++x) buffer[x] = static_cast<float>(src[x]);
+    return buffer;
   } else {
     for (int64_t x = 0; x < n; ++x) buffer[x] = static_cast<C>(src[x]);
     return buffer;

@@ -40,8 +40,8 @@ _grad_of = attrgetter("grad")
 NARROW_HISTORY = {
     torch.float32: (torch.bfloat16, torch.float16),
     torch.float64: (torch.float32,),
-    torch.bfloat16: (torch.float32,),
-    torch.float16: (torch.float32,),
+    torch.bfloat16: (torch.float32, torch.float16),
+    torch.float16: (torch.float32, torch.bfloat16),
 }
 
 
@@ -90,8 +90,8 @@ def has_cuda_kernels() -> bool:
 class NativeBackend:
     """The entry points of mlbfgs_fused.backends for one device type."""
 
-    def __init__(self, device: str):
-        self.device = device
+    def __init__(self, name: str, device: str):
+        self.name, self.device = name, device
 
     def available(self) -> bool:
         if self.device == "cuda":
@@ -112,19 +112,19 @@ class NativeBackend:
         _check_gradients(group)
         if group["variant"] != "paper" and self.device != "cpu":
             raise NotImplementedError(
-                f"variant={group['variant']!r} is not implemented on the {self.device!r} backend; "
+                f"variant={group['variant']!r} is not implemented on the {self.name!r} backend; "
                 "use backend='foreach'"
             )
         history = group["history_dtype"]
         for p in group["params"]:
             if history is not None and history != p.dtype and history not in NARROW_HISTORY[p.dtype]:
                 raise RuntimeError(
-                    f"the {self.device!r} backend does not take history_dtype={history} with "
+                    f"the {self.name!r} backend does not take history_dtype={history} with "
                     f"{p.dtype} parameters (it takes {p.dtype} or one of {NARROW_HISTORY[p.dtype]})"
                 )
             if p.device.type != self.device:
                 raise RuntimeError(
-                    f"the {self.device!r} backend takes {self.device} tensors, got {p.device}"
+                    f"the {self.name!r} backend takes {self.device} tensors, got {p.device}"
                 )
 
     def prepare(self, arenas: list[Arena], group: dict) -> bool:
@@ -167,8 +167,8 @@ class NativeBackend:
             a.push(group, ok[a.arena.device])
 
 
-cpp = NativeBackend("cpu")
-cuda = NativeBackend("cuda")
+cpp = NativeBackend("cpp", "cpu")
+cuda = NativeBackend("cuda", "cuda")
 
 
 class ArenaPlan:
