@@ -23,6 +23,7 @@
 #include <c10/util/irange.h>
 
 #include <cmath>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -177,6 +178,91 @@ struct ChunkRow {
   int64_t ring(int64_t i) const { return ring_origin + i * ring_stride + start; }
 };
 
+// NOTE [interleaved ring streams]: the passes read the 2m ring rows of a chunk a
+// sub-block (SB elements) of every row in turn, not one row after another. A thread's
+// consecutive chunks continue each row where the last one stopped, so the memory system
+// sees 2m long sequential streams, which its prefetchers follow; one row at a time would
+// restart every stream at every chunk. Past MAX_INTERLEAVED slots, one row at a time.
+constexpr int64_t SB = 64;
+constexpr int64_t MAX_INTERLEAVED = 32;
+
+// out[i] = g . s_i and out[m + i] = g . y_i over the chunk (see note above).
+template <typename C, typename H>
+inline void ring_dots(const C* g, const H* hs, const H* hy, const ChunkRow& c, int64_t m,
+                      int64_t n, double* out, C* row, C* row2) {
+  using Vec = at::vec::Vectorized<C>;
+  constexpr int64_t W = Vec::size();
+  static_assert(SB % W == 0, "a sub-block is whole vectors");
+  if (m > MAX_INTERLEAVED) {
+    for (int64_t i = 0; i < m; ++i) {
+      std::tie(out[i], out[m + i]) = dot2<C>(g, as_compute<C, H>(hs + c.ring(i), n, row),
+                                             as_compute<C, H>(hy + c.ring(i), n, row2), n);
+    }
+    return;
+  }
+  Vec acc[2 * MAX_INTERLEAVED];
+  for (int64_t i = 0; i < 2 * m; ++i) acc[i] = Vec(C(0));
+  int64_t x0 = 0;
+  for (; x0 + SB <= n; x0 += SB) {
+    for (int64_t i = 0; i < 2 * m; ++i) {
+      const H* src = (i < m ? hs + c.ring(i) : hy + c.ring(i - m)) + x0;
+      const C* r = as_compute<C, H>(src, SB, row);
+      Vec a = acc[i];
+      for (int64_t x = 0; x < SB; x += W) a = at::vec::fmadd(Vec::loadu(g + x0 + x), Vec::loadu(r + x), a);
+      acc[i] = a;
+    }
+  }
+  for (int64_t i = 0; i < 2 * m; ++i) {
+    const H* src = i < m ? hs + c.ring(i) : hy + c.ring(i - m);
+    double total = lane_sum<C>(acc[i]);
+    for (int64_t x = x0; x < n; ++x) total += static_cast<double>(g[x] * static_cast<C>(src[x]));
+    out[i] = total;
+  }
+}
+
+// d += sum_i c_s[i] s_i + c_y[i] y_i over the chunk (see note above); cf = (c_g, c_s, c_y).
+template <typename C, typename H>
+inline void ring_combine(C* d, const double* cf, const H* hs, const H* hy, const ChunkRow& c,
+                         int64_t m, int64_t n, C* row, C* row2) {
+  using Vec = at::vec::Vectorized<C>;
+  constexpr int64_t W = Vec::size();
+  if (m > MAX_INTERLEAVED) {
+    for (int64_t i = 0; i < m; ++i) {
+      if (cf[1 + i] == 0.0 && cf[1 + m + i] == 0.0) continue;  // an unheld slot
+      axpy2<C>(d, static_cast<C>(cf[1 + i]), as_compute<C, H>(hs + c.ring(i), n, row),
+               static_cast<C>(cf[1 + m + i]), as_compute<C, H>(hy + c.ring(i), n, row2), n);
+    }
+    return;
+  }
+  int64_t held[MAX_INTERLEAVED];
+  int64_t count = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    if (cf[1 + i] != 0.0 || cf[1 + m + i] != 0.0) held[count++] = i;  // skip unheld slots
+  }
+  int64_t x0 = 0;
+  for (; x0 + SB <= n; x0 += SB) {
+    Vec acc[SB / W];
+    for (int64_t v = 0; v < SB / W; ++v) acc[v] = Vec::loadu(d + x0 + v * W);
+    for (int64_t k = 0; k < count; ++k) {
+      const int64_t i = held[k];
+      const Vec cs(static_cast<C>(cf[1 + i])), cy(static_cast<C>(cf[1 + m + i]));
+      const C* s_i = as_compute<C, H>(hs + c.ring(i) + x0, SB, row);
+      const C* y_i = as_compute<C, H>(hy + c.ring(i) + x0, SB, row2);
+      for (int64_t v = 0; v < SB / W; ++v) {
+        acc[v] = at::vec::fmadd(cy, Vec::loadu(y_i + v * W), at::vec::fmadd(cs, Vec::loadu(s_i + v * W), acc[v]));
+      }
+    }
+    for (int64_t v = 0; v < SB / W; ++v) acc[v].store(d + x0 + v * W);
+  }
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t i = held[k];
+    const C cs = static_cast<C>(cf[1 + i]), cy = static_cast<C>(cf[1 + m + i]);
+    const H* s_i = hs + c.ring(i);
+    const H* y_i = hy + c.ring(i);
+    for (int64_t x = x0; x < n; ++x) d[x] += cs * static_cast<C>(s_i[x]) + cy * static_cast<C>(y_i[x]);
+  }
+}
+
 void check_chunks(const Tensor& chunks) {
   TORCH_CHECK(chunks.dtype() == at::kLong && chunks.is_contiguous() && chunks.dim() == 2 &&
                   chunks.size(1) == CHUNK_COLUMNS,
@@ -255,12 +341,7 @@ void gradient_dots(at::TensorList params, at::ArrayRef<std::optional<Tensor>> gr
         out[2 * m] = effective_gradient<C, T>(grad + c.local, param_ptr[c.param] + c.local, n,
                                               inv_scale, static_cast<C>(weight_decay), maximize,
                                               g, theta);
-        for (int64_t i = 0; i < m; ++i) {
-          const auto [sg, yg] = dot2<C>(g, as_compute<C, H>(hs + c.ring(i), n, row),
-                                        as_compute<C, H>(hy + c.ring(i), n, row2), n);
-          out[i] = sg;
-          out[m + i] = yg;
-        }
+        ring_dots<C, H>(g, hs, hy, c, m, n, out, row, row2);
       }
     });
   });
@@ -377,11 +458,7 @@ void update(at::TensorList params, at::ArrayRef<std::optional<Tensor>> grads,
           const double* cf = coef_all + b * width;
           const C c_g = static_cast<C>(cf[0]);
           for (int64_t x = 0; x < n; ++x) d[x] = c_g * g[x];
-          for (int64_t i = 0; i < m && direction; ++i) {
-            if (cf[1 + i] == 0.0 && cf[1 + m + i] == 0.0) continue;  // an unheld slot
-            axpy2<C>(d, static_cast<C>(cf[1 + i]), as_compute<C, H>(hs + c.ring(i), n, row),
-                     static_cast<C>(cf[1 + m + i]), as_compute<C, H>(hy + c.ring(i), n, row2), n);
-          }
+          if (direction) ring_combine<C, H>(d, cf, hs, hy, c, m, n, row, row2);
           // EMAs with the parameters before the update, then momentum and parameters:
           // loops without branches inside, so the compiler vectorizes them.
           if (mode == UPDATE_PAPER) {
