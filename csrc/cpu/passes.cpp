@@ -183,7 +183,7 @@ struct ChunkRow {
 // consecutive chunks continue each row where the last one stopped, so the memory system
 // sees 2m long sequential streams, which its prefetchers follow; one row at a time would
 // restart every stream at every chunk. Past MAX_INTERLEAVED slots, one row at a time.
-constexpr int64_t SB = 64;
+constexpr int64_t SB = 256;
 constexpr int64_t MAX_INTERLEAVED = 32;
 
 // out[i] = g . s_i and out[m + i] = g . y_i over the chunk (see note above).
