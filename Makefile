@@ -34,7 +34,7 @@ $(STAMP): $(BUILD_INPUTS)
 	  $(PY) -m pip install --no-deps --no-build-isolation -e .; \
 	else \
 	  $(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0; \
-	  $(PY) -c "import $(BUILD_IMPORTS)" 2>/dev/null || $(PY) -m pip install setuptools wheel; \
+	  $(PY) -c "import $(BUILD_IMPORTS)" 2>/dev/null || $(PY) -m pip install setuptools wheel ninja; \
 	  $(PY) -m pip install --no-build-isolation -e ".[test,demo]"; \
 	fi
 	touch $@

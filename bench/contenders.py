@@ -36,6 +36,11 @@ def mlbfgs_floor_bytes(n: int, m: int) -> int:
     return (16 * m + 44) * n
 
 
+def mlbfgs_bf16_floor_bytes(n: int, m: int) -> int:
+    """The same with a bfloat16 history: its 2m rows at 2 bytes."""
+    return (8 * m + 44) * n
+
+
 def lbfgs_floor_bytes(n: int, m: int) -> int:
     """Two reads of g and the 2m history rows, d written, theta read and written."""
     return (16 * m + 20) * n
@@ -74,9 +79,9 @@ def load_mlbfgs_steady_state(opt: MLBFGS, history: History, step: int = STEADY_S
                 opt.state[p][key].copy_(torch.randn_like(p))
 
 
-def build_mlbfgs(backend: str) -> Callable[[list[Tensor], History], MLBFGS]:
+def build_mlbfgs(backend: str, **options) -> Callable[[list[Tensor], History], MLBFGS]:
     def build(params, history):
-        opt = MLBFGS(params, history_size=history.m, backend=backend, **HYPER)
+        opt = MLBFGS(params, history_size=history.m, backend=backend, **HYPER, **options)
         grads = [p.grad.clone() for p in params]
         opt.step()  # creates the state
         with torch.no_grad():
@@ -161,11 +166,20 @@ def adamw_works(device: torch.device, fused: bool) -> bool:
 
 
 def contenders(device: torch.device, include_reference: bool = True) -> list[Contender]:
-    """Every contender that runs on ``device``, ours first. The Triton backend is
-    left out on the CPU: its interpreter is far too slow to time."""
+    """Every contender that runs on ``device``, ours first (the default backend first).
+    The Triton backend is left out on the CPU: its interpreter is far too slow to time."""
     out = []
     if device.type == "cuda" and mlbfgs_backend_works("triton", device):
         out.append(Contender("mlbfgs-triton", "ours", build_mlbfgs("triton"), mlbfgs_floor_bytes))
+    native = "cuda" if device.type == "cuda" else "cpp"
+    if mlbfgs_backend_works(native, device):
+        out.append(Contender(f"mlbfgs-{native}", "ours", build_mlbfgs(native), mlbfgs_floor_bytes))
+        out.append(
+            Contender(
+                f"mlbfgs-{native}-bf16-history", "ours",
+                build_mlbfgs(native, history_dtype=torch.bfloat16), mlbfgs_bf16_floor_bytes,
+            )
+        )
     if mlbfgs_backend_works("foreach", device):
         out.append(Contender("mlbfgs-foreach", "ours", build_mlbfgs("foreach"), mlbfgs_floor_bytes))
     out.append(Contender("authors-style", "mL-BFGS peer", build_authors, mlbfgs_floor_bytes, mutates_grad=True))
@@ -199,5 +213,5 @@ def contenders(device: torch.device, include_reference: bool = True) -> list[Con
 
 
 def ours(contender_list: list[Contender]) -> Contender:
-    """The fastest of our backends present: Triton when it runs, else foreach."""
+    """Our default backend on the device: Triton (CUDA) or C++ (CPU) when it runs, else foreach."""
     return next(c for c in contender_list if c.kind == "ours")

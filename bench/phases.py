@@ -3,11 +3,11 @@
 ``backend_phases(opt)`` returns ``{name: (callable, floor_bytes)}`` for the
 backend ``opt`` runs on; each callable is one phase of a step on the
 optimizer's current state, and the floor counts each tensor the phase reads or
-writes once (float32, per docs/design.md, "Byte budget"). Only the foreach backend's
-phases are exposed today; the Triton backend is timed as a whole step until it
-names its kernels.
+writes once (float32, per docs/design.md, "Byte budget"). The foreach backend's
+phases and the native backends' ("cpp", "cuda": their ops) are exposed; the Triton
+backend is timed as a whole step until it names its kernels.
 
-This reaches into ``mlbfgs_fused.backends.foreach``: if that module is reorganised,
+This reaches into ``mlbfgs_fused.backends.foreach`` and ``.native``: if they are reorganised,
 ``make test`` (which runs every benchmark once) fails here first.
 """
 
@@ -56,8 +56,50 @@ def foreach_phases(opt: MLBFGS, m: int) -> dict[str, tuple[Callable[[], object],
     }
 
 
+def native_phases(opt: MLBFGS, m: int) -> dict[str, tuple[Callable[[], object], Callable[[int], int]]]:
+    """The passes of the native backends ("cpp", "cuda"): the ops a step calls."""
+    (group,) = opt.param_groups
+    (arena,) = opt._group_arenas(0, group)
+    plan = arena.native.arenas[0]
+    ok = torch.ones((), dtype=torch.bool, device=arena.device)
+    step, period = arena.counters["step"], group["update_period"]
+    due = step.clone().fill_(11 * period - 1)  # the counter of a step that forms a pair
+
+    def push_due():
+        step.copy_(due)  # every call pushes a pair (and rolls the snapshots)
+        plan.update(group, ok, None, 0)  # the candidate's partial sums the push needs
+        plan.push(group, ok)
+
+    def update():
+        step.copy_(due + 1)  # a plain step: no pair
+        plan.update(group, ok, None, 0)
+
+    return {
+        # pass 1 (grad, S, Y read once) and the two-loop on the Gram matrices
+        "gradient_dots": (lambda: plan.gradient_dots(group, None), lambda n: (8 * m + 4) * n),
+        # pass 2: grad, theta, P, G, buf and S, Y read; theta, P, G, buf written
+        "update": (update, lambda n: (8 * m + 36) * n),
+        # a pair-forming step's pass 2 (with the candidate's sums: P0, G0 and the newest pair
+        # read too) and the push (P, P0, G, G0, the newest pair and S, Y read; a pair, P0, G0
+        # written)
+        "update_and_push": (push_due, lambda n: (8 * m + 44 + 8 * m + 40) * n),
+    }
+
+
+PHASE_NAMES = {
+    "foreach": ("gather_gradient", "gradient_dots", "direction", "apply_update", "push_pairs"),
+    "cpp": ("gradient_dots", "update", "update_and_push"),
+    "cuda": ("gradient_dots", "update", "update_and_push"),
+}
+
+
 def backend_phases(opt: MLBFGS, backend: str, m: int):
-    phases = foreach_phases(opt, m) if backend == "foreach" else {}
+    if backend == "foreach":
+        phases = foreach_phases(opt, m)
+    elif backend in ("cpp", "cuda"):
+        phases = native_phases(opt, m)
+    else:
+        phases = {}
     return {name: (_no_grad(fn), floor) for name, (fn, floor) in phases.items()}
 
 

@@ -14,7 +14,7 @@ import torch
 
 from bench.contenders import build_mlbfgs, mlbfgs_backend_works, mlbfgs_floor_bytes
 from bench.machine import default_device
-from bench.phases import backend_phases
+from bench.phases import PHASE_NAMES, backend_phases
 from bench.problem import make_history, make_problem
 from bench.timing import synchronize
 
@@ -32,7 +32,7 @@ def _sizes(config) -> list[int]:
 def _backends() -> list[str]:
     device = default_device()
     # The Triton interpreter is far too slow to time: Triton only on CUDA.
-    candidates = ["triton", "foreach"] if device.type == "cuda" else ["foreach"]
+    candidates = ["triton", "cuda", "foreach"] if device.type == "cuda" else ["cpp", "foreach"]
     return [b for b in candidates if mlbfgs_backend_works(b, device)]
 
 
@@ -62,7 +62,7 @@ def pytest_generate_tests(metafunc):
 
 
 def _phase_names(backend: str) -> tuple[str, ...]:
-    return ("gather_gradient", "gradient_dots", "direction", "apply_update", "push_pairs") if backend == "foreach" else ()
+    return PHASE_NAMES.get(backend, ())
 
 
 _built: dict = {}

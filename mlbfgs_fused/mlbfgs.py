@@ -45,12 +45,16 @@ class MLBFGS(Optimizer):
             lists of parameters. Default ``"group"``.
         maximize: maximise the objective. Default False.
         foreach: use the ``torch._foreach_*`` backend. Default None (chosen).
-        fused: use the fused Triton backend. Default None: chosen when every
-            parameter is a CUDA floating tensor and Triton imports.
+        fused: use a fused backend: the C++ kernels on CPU tensors (as torch's fused
+            AdamW), Triton on CUDA tensors (the CUDA C++ kernels where Triton does not
+            import). Default None: the fastest backend available for the parameters'
+            device as measured by the benchmarks (C++ on the CPU, Triton on CUDA),
+            foreach where none is.
         capturable: keep every counter on the device so the step can be captured
             in a CUDA graph. Default False. (The fused backend always does.)
         differentiable: not supported (raises).
-        backend: ``None`` (chosen from ``fused``/``foreach``), ``"foreach"`` or ``"triton"``.
+        backend: ``None`` (chosen from ``fused``/``foreach``), ``"foreach"``, ``"triton"``,
+            ``"cpp"`` (C++ on the CPU) or ``"cuda"`` (CUDA C++).
             With ``TRITON_INTERPRET=1``, ``"triton"`` runs the kernels on CPU tensors.
         history_dtype: storage dtype of the history rings (``None``: the parameter
             dtype; ``torch.bfloat16`` halves their bytes, arithmetic stays in the

@@ -459,12 +459,9 @@ def test_lr_scheduler_drives_float_and_tensor_lr():
 # -- backend choice ------------------------------------------------------------------------
 def test_backend_selection():
     p = torch.nn.Parameter(torch.randn(3))
-    opt = MLBFGS([p])  # fused=None on the CPU: foreach
-    assert backends.select(opt.param_groups[0]).name == "foreach"
     if _triton.interpreting():  # the interpreter takes CPU tensors when asked
-        for kwargs in (dict(backend="triton"), dict(fused=True)):
-            opt = MLBFGS([p], **kwargs)
-            assert backends.select(opt.param_groups[0]).name == "triton"
+        opt = MLBFGS([p], backend="triton")
+        assert backends.select(opt.param_groups[0]).name == "triton"
     for kwargs in (dict(fused=False), dict(foreach=True), dict(backend="foreach")):
         opt = MLBFGS([p], **kwargs)
         assert backends.select(opt.param_groups[0]).name == "foreach"
@@ -482,12 +479,11 @@ def test_fused_on_unsupported_device_raises_torch_wording(monkeypatch):
         r"`fused=True` requires all the params to be floating point Tensors of supported "
         r"devices: \['cuda'\] but torch.float32 and cpu"
     )
-    for kwargs in (dict(fused=True), dict(backend="triton")):
-        with pytest.raises(RuntimeError, match=message):
-            MLBFGS([p], **kwargs)
+    with pytest.raises(RuntimeError, match=message):
+        MLBFGS([p], backend="triton")
     opt = MLBFGS([p])
     with pytest.raises(RuntimeError, match=message):
-        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "fused": True})
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "backend": "triton"})
     assert len(opt.param_groups) == 1
 
 

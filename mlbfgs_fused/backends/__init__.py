@@ -30,7 +30,9 @@ No entry point reads a device value on the host or allocates in a steady-state s
 
 from __future__ import annotations
 
+import functools
 import importlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +51,8 @@ class AmpScaling:
 
 @dataclass(frozen=True)
 class Backend:
-    """One registered backend: its name, its module, and whether ``fused=True`` means it."""
+    """One registered backend: its name, where its entry points live (a module, or an
+    object in one: ``".native:cpp"``), and whether ``fused=True`` can mean it."""
 
     name: str
     module_path: str
@@ -64,7 +67,9 @@ class Backend:
         # A dict lookup once imported, which torch.compile traces (importlib it does not).
         module = _MODULES.get(self.name)
         if module is None:
-            module = _MODULES[self.name] = importlib.import_module(self.module_path, __name__)
+            path, _, attribute = self.module_path.partition(":")
+            module = importlib.import_module(path, __name__)
+            module = _MODULES[self.name] = getattr(module, attribute) if attribute else module
         return module
 
     def available(self) -> bool:
@@ -81,8 +86,20 @@ REGISTRY: dict[str, Backend] = {
     for backend in (
         Backend("foreach", ".foreach", fused=False),
         Backend("triton", ".triton", fused=True),
+        Backend("cpp", ".native:cpp", fused=True),
+        Backend("cuda", ".native:cuda", fused=True),
     )
 }
+
+# What ``fused=True`` means per device type, in order of preference (the first
+# available one): on the CPU the C++ kernels, as for torch's fused AdamW; on CUDA
+# Triton where it imports, else the CUDA C++ kernels.
+FUSED_PREFERENCE = {"cpu": ("cpp",), "cuda": ("triton", "cuda")}
+
+# What ``fused=None`` (and ``foreach`` not set) picks per device type: the fastest
+# available backend as measured by ``python -m bench.run --only compare`` (one CPU
+# thread: see bench/results/); foreach where none of these is available.
+DEFAULT_PREFERENCE = {"cpu": ("cpp",), "cuda": ("triton", "cuda")}
 
 
 def names() -> tuple[str, ...]:
@@ -118,16 +135,40 @@ def select(group: dict) -> Backend:
     if group["fused"]:
         return _fused_for(params)
     if group["fused"] is None and not group["foreach"]:
-        triton = REGISTRY["triton"]
-        if params and all(p.is_cuda for p in params) and triton.available():
-            return triton
+        device = _device_type(params)
+        for name in DEFAULT_PREFERENCE.get(device, ()):
+            backend = REGISTRY[name]
+            if backend.available():
+                return backend
+            if name == "cpp":
+                _warn_unavailable(backend)
     return REGISTRY["foreach"]
 
 
+def _device_type(params) -> str | None:
+    """The device type every parameter shares, or None."""
+    kinds = {"cuda" if p.is_cuda else getattr(getattr(p, "device", None), "type", "cpu") for p in params}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
 def _fused_for(params) -> Backend:
-    """``fused=True``: the fused backend whose devices cover the parameters."""
-    fused = [b for b in REGISTRY.values() if b.fused]
-    for backend in fused:
-        if backend.available() and all(p.device.type in backend.supported_devices() for p in params):
+    """``fused=True``: the first available fused backend for the parameters' device."""
+    device = _device_type(params)
+    preferred = [REGISTRY[name] for name in FUSED_PREFERENCE.get(device, ())]
+    for backend in preferred:
+        if backend.available() and device in backend.supported_devices():
             return backend
-    return fused[0]  # its check raises PyTorch's error naming the supported devices
+    # Its check raises PyTorch's error naming the supported devices.
+    return preferred[0] if preferred else REGISTRY["triton"]
+
+
+@functools.cache
+def _warn_unavailable(backend: Backend) -> None:
+    """Once per process: the default backend for the device could not be used."""
+    reason = getattr(backend.module, "unavailable_reason", lambda: None)()
+    warnings.warn(
+        f"mlbfgs_fused: the {backend.name!r} backend is not available ({reason}); "
+        "falling back to 'foreach'. Reinstall with a C++ compiler "
+        "(pip install --no-build-isolation .) to build it.",
+        stacklevel=3,
+    )

@@ -1,0 +1,61 @@
+// The two-loop recursion on CUDA: one thread block for the arena. Per block of the
+// arena the threads add the chunks' partial sums column by column in chunk order,
+// then one thread runs two_loop_block (csrc/ops.h) on the float64 scalars. Bytes:
+// none per element.
+#include "common.cuh"
+
+namespace mlbfgs_fused {
+namespace cuda {
+namespace {
+
+__global__ void two_loop_kernel(const double* partials, const int64_t* blocks, int64_t B,
+                                const double* gram, const int64_t* pair_count, double* coef,
+                                double* stats, double* probe, int64_t m) {
+  extern __shared__ double shared[];
+  const int64_t width = 2 * m + 1;
+  double* sums = shared;
+  double* alpha = shared + width;
+  double total = 0.0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t first = blocks[b * BLOCK_COLUMNS + B_FIRST], end = blocks[b * BLOCK_COLUMNS + B_END];
+    for (int64_t j = threadIdx.x; j < width; j += blockDim.x) {
+      double s = 0.0;
+      for (int64_t k = first; k < end; ++k) s += partials[k * width + j];
+      sums[j] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const double gg = sums[2 * m];
+      const double dd = two_loop_block(gram + b * 3 * m * m, sums, sums + m, gg, pair_count[b], m,
+                                       coef + b * width, alpha);
+      stats[b * STATS_COLUMNS + S_GG] = gg;
+      stats[b * STATS_COLUMNS + S_DD] = dd;
+      stats[b * STATS_COLUMNS + S_HELD] = pair_count[b] > 0 ? 1.0 : 0.0;
+      total += gg;
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) *probe = total;
+}
+
+void two_loop(const at::Tensor& partials, const at::Tensor& blocks, const at::Tensor& gram,
+              const at::Tensor& pair_count, const at::Tensor& coef, const at::Tensor& stats,
+              const at::Tensor& probe, int64_t block_offset, int64_t m) {
+  const c10::cuda::CUDAGuard guard(gram.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const size_t shared = static_cast<size_t>(3 * m + 1) * sizeof(double);
+  two_loop_kernel<<<1, 64, shared, stream>>>(
+      partials.const_data_ptr<double>(), blocks.const_data_ptr<int64_t>(), blocks.size(0),
+      gram.const_data_ptr<double>(), pair_count.const_data_ptr<int64_t>(), coef.data_ptr<double>(),
+      stats.data_ptr<double>() + block_offset * STATS_COLUMNS, probe.data_ptr<double>(), m);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mlbfgs_fused_native, CUDA, m) {
+  m.impl("two_loop", &two_loop);
+}
+
+}  // namespace cuda
+}  // namespace mlbfgs_fused

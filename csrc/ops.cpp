@@ -1,0 +1,52 @@
+// The schemas of the fused mL-BFGS passes; the kernels register per device
+// (csrc/cpu/passes.cpp, csrc/cuda/*.cu). Every op writes into its arguments and
+// returns nothing; mlbfgs_fused/backends/native.py registers their fake kernels.
+//
+// The passes of one step, per arena (docs/design.md, "The step"):
+//   gradient_dots  S g, Y g, g.g per chunk (partials), read-only over the arena;
+//   two_loop       per block: the coefficients of d from the Gram matrices, and the
+//                  group status row (g.g, ||d||^2, pair held); the arena's probe;
+//   update         d, EMAs, momentum, parameters; candidate s.s, s.y, y.y on a
+//                  pair-forming step; nothing unless `ok`; `mode` (csrc/ops.h
+//                  UpdateMode) picks the variant's order;
+//   push           on a due step the pair (ring slot, Gram row from the ring as
+//                  stored) and the snapshots; the counters every step.
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(mlbfgs_fused_native, m) {
+  m.def(
+      "gradient_dots(Tensor[] params, Tensor?[] grads, Tensor history_s, Tensor history_y, "
+      "Tensor chunks, Tensor(a!) partials, Tensor? grad_scale, float weight_decay, "
+      "bool maximize, int m) -> ()");
+  m.def(
+      "two_loop(Tensor partials, Tensor blocks, Tensor gram, Tensor pair_count, "
+      "Tensor(a!) coef, Tensor(b!) stats, Tensor(c!) probe, int block_offset, int m) -> ()");
+  m.def(
+      "update(Tensor(a!)[] params, Tensor?[] grads, Tensor history_s, Tensor history_y, "
+      "Tensor(b!) param_ema, Tensor(c!) grad_ema, Tensor(d!) momentum_buffer, "
+      "Tensor param_snapshot, Tensor grad_snapshot, Tensor chunks, Tensor coef, Tensor step, "
+      "Tensor pair_count, Tensor stats, Tensor ok, Tensor? grad_scale, "
+      "Tensor(e!) pair_partials, Tensor lr, float momentum, float weight_decay, "
+      "float beta_p, float beta_g, float pair_momentum, int period, int m, bool maximize, "
+      "bool normalize, int mode) -> ()");
+  m.def(
+      "push(Tensor param_ema, Tensor grad_ema, Tensor(a!) param_snapshot, "
+      "Tensor(b!) grad_snapshot, Tensor(c!) history_s, Tensor(d!) history_y, Tensor(e!) gram, "
+      "Tensor chunks, Tensor blocks, Tensor pair_partials, Tensor(f!) gram_partials, "
+      "Tensor ok, Tensor(g!) step, Tensor(h!) pair_count, Tensor(i!) skipped_pairs, "
+      "Tensor(j!) skipped_steps, float pair_momentum, float damping, float sigma_low, "
+      "float sigma_high, float eps, int period, int m) -> ()");
+}
+
+#ifdef MLBFGS_PYTHON_MODULE
+// `import mlbfgs_fused._C` loads this library, whose static initialisers register
+// the ops; the module itself is empty (the ops live in torch.ops.mlbfgs_fused_native).
+#include <Python.h>
+
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+#endif
