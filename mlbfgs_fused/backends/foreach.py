@@ -91,9 +91,11 @@ def group_direction_scale(
     one = torch.ones((), dtype=torch.float64, device=home)
     if not normalize:
         return one
-    norm = torch.stack([x.sum().to(home) for x in d_dot_d]).sum().sqrt()
-    any_held = torch.stack([(a.counters["pair_count"] > 0).any().to(home) for a in arenas]).any()
-    return torch.where(any_held & (norm > 0), one / torch.where(norm > 0, norm, one), one)
+    total = torch.stack([x.sum().to(home) for x in d_dot_d]).sum()
+    held = torch.stack([(a.counters["pair_count"] > 0).sum().to(home) for a in arenas]).sum()
+    total, held = arenas[0].group_sum(torch.stack([total, held.double()])).unbind()
+    norm = total.sqrt()
+    return torch.where((held > 0) & (norm > 0), one / torch.where(norm > 0, norm, one), one)
 
 
 class GroupStep:
@@ -104,16 +106,21 @@ class GroupStep:
         self.arena = arena
         self.present = [i for i, p in enumerate(arena.params) if p.grad is not None]
         self.all_present = len(self.present) == len(arena.params)
-        self.params = [arena.params[i] for i in self.present]
-        self.grads = [arena.params[i].grad for i in self.present]
+        # The tensors stepped: the parameters, or a distributed rank's pieces of them.
+        self.params = [arena.local_param(i) for i in self.present]
+        self.grads = [arena.local_grad(i) for i in self.present]
+        if not self.present:  # nothing to write here; _foreach ops take no empty list
+            self.params = self.grads = [arena.grad_flat[:0]]
 
     def views(self, flat: Tensor) -> list[Tensor]:
         """Views of a flat arena buffer over the parameters that have gradients."""
         if self.all_present:
             return [flat]
-        return [self.arena.param_view(flat, i) for i in self.present]
+        return self.shaped_views(flat)
 
     def shaped_views(self, flat: Tensor) -> list[Tensor]:
+        if not self.present:
+            return [flat[:0]]
         return [self.arena.param_view(flat, i) for i in self.present]
 
 
@@ -147,15 +154,16 @@ def _gradient_dots(arena: Arena) -> tuple[Tensor, Tensor, Tensor]:
     float32 or wider, so a finite half-precision gradient never overflows it)."""
     g = arena.grad_flat
     B, m = arena.layout.num_blocks, arena.m
-    Sg = torch.empty(B, m, dtype=torch.float64, device=arena.device)
-    Yg = torch.empty_like(Sg)
-    gg = torch.empty(B, dtype=torch.float64, device=arena.device)
+    # One [B, 2m + 1] tensor, so that a distributed rank completes it in one collective.
+    dots = torch.empty(B, 2 * m + 1, dtype=torch.float64, device=arena.device)
+    Sg, Yg, gg = dots[:, :m], dots[:, m : 2 * m], dots[:, 2 * m]
     for b in range(B):
         g_b = g[arena.block_slice(b)]
         S, Y = _rings(arena, b)
         Sg[b] = _ring_dots(S, g_b)
         Yg[b] = _ring_dots(Y, g_b)
         gg[b] = _dot(g_b, g_b)
+    arena.block_sum(dots)
     return Sg, Yg, gg
 
 
@@ -177,7 +185,7 @@ def direction(arena: Arena, ok: Tensor, dots: tuple[Tensor, Tensor, Tensor]) -> 
         S, Y = _rings(arena, b)
         _combine(d[sl], g[sl], S, Y, c_g[b], c_s[b], c_y[b])
         d_dot_d[b] = _dot(d[sl], d[sl])
-    return d_dot_d
+    return arena.block_sum(d_dot_d)
 
 
 def update_averages(step: GroupStep, group: dict, ok: Tensor) -> None:
@@ -263,12 +271,12 @@ def push_pairs(arena: Arena, group: dict, ok: Tensor, t: Tensor) -> None:
         for x, R in ((s, S), (y, Y)):
             x.mul_((1 - r_eff).to(arena.dtype))
             _add_ring_combination(x, R, newest)
-        s_dot_y, s_dot_s = _dot(s, y), _dot(s, s)
+        s_dot_y, s_dot_s = arena.block_sum(torch.stack([_dot(s, y), _dot(s, s)])).unbind()
         phi = damping_factor(
             s_dot_y, s_dot_s, group["sigma_low"], group["sigma_high"], group["damping"], eps
         )
         torch.lerp(s, y, phi.to(arena.dtype), out=y)  # y <- yhat = phi y + (1 - phi) s
-        curvature = _dot(s, y)
+        curvature = arena.block_sum(_dot(s, y))
         accept = forms_pair[b] & torch.isfinite(curvature) & (curvature > eps)
 
         # The slot's row becomes the new pair if accepted, else stays: x = accept ? x : R[slot].
@@ -283,8 +291,8 @@ def push_pairs(arena: Arena, group: dict, ok: Tensor, t: Tensor) -> None:
                 x.copy_(stored[0])  # the row as stored (rounded), for the Gram rows
             arena.history_view(ring, b).index_copy_(0, slot.view(1), stored)
         gram = arena.gram[b]
-        ss_row, sy_col = _ring_dots(S, s), _ring_dots(S, y)
-        ys_row, yy_row = _ring_dots(Y, s), _ring_dots(Y, y)
+        rows = torch.stack([_ring_dots(S, s), _ring_dots(S, y), _ring_dots(Y, s), _ring_dots(Y, y)])
+        ss_row, sy_col, ys_row, yy_row = arena.block_sum(rows).unbind()
         new = torch.stack(
             [
                 _set_row_col(gram[0], slot.view(1), ss_row, ss_row),

@@ -1,0 +1,16 @@
+"""Distributed ``MLBFGS`` on ``torch.distributed`` (docs/design.md, "Distributed").
+
+``MLBFGS(..., distributed="sharded" | "blockwise", process_group=None)``: every rank
+keeps the optimizer state of its part of each arena only (:mod:`.sharding`), the
+foreach backend steps that part through a :class:`~.arena.ShardArena` whose two
+reduction hooks complete the inner products with one small all-reduce each, and the
+updated elements are all-gathered into the parameters, which every rank keeps whole
+(as under ``DistributedDataParallel``, whose averaged gradients are used as they are).
+
+Imports run one way: ``_state`` and ``backends`` -> ``distributed`` -> ``mlbfgs``.
+"""
+
+from .step import MODES, DistributedStep, Partition
+from .sharding import ShardLayout, assign_blocks, shard_layouts, shard_ranges
+
+__all__ = ["MODES", "DistributedStep", "Partition", "ShardLayout", "assign_blocks", "shard_layouts", "shard_ranges"]
