@@ -49,7 +49,7 @@ def finish(arenas: list[Arena], group: dict, ok: dict, amp) -> None:
     before the direction is formed (E4); otherwise after the parameter write."""
     released = group["variant"] == "released"
     T = group["update_period"]
-    d_dot_d, pair_steps = [], []
+    coefficients, pair_steps = [], []
     for arena in arenas:
         step, dots = arena.pending_step
         ok_here = ok[arena.device]
@@ -68,15 +68,15 @@ def finish(arenas: list[Arena], group: dict, ok: dict, amp) -> None:
             arena.grad_flat.masked_fill_(ok_here.logical_not(), 0.0)
             reset_grad_average(step, ok_here & (torch.remainder(t_new[0], T) == 0))
             dots = _gradient_dots(arena)  # with the pair just pushed
-        d_dot_d.append(direction(arena, ok_here, dots))
+        coefficients.append(direction(arena, ok_here, dots))
     home = arenas[0].device
-    d_scale = group_direction_scale(arenas, d_dot_d, group["normalize"], home)
-    for arena, pair_step in zip(arenas, pair_steps):
+    d_scale = group_direction_scale(arenas, [c[3] for c in coefficients], group["normalize"], home)
+    for arena, pair_step, coeffs in zip(arenas, pair_steps, coefficients):
         step, _ = arena.pending_step
         arena.pending_step = None
         ok_here = ok[arena.device]
-        apply_update(step, group, ok_here, d_scale.to(arena.device, arena.dtype),
-                     averages=not (released and pair_step))
+        write_direction(arena, coeffs, torch.where(ok_here, d_scale.to(arena.device), 0.0))
+        apply_update(step, group, ok_here, averages=not (released and pair_step))
         if pair_step and not released:
             push_pairs(arena, group, ok_here, arena.counters["step"])
         if not group["capturable"]:
@@ -131,7 +131,9 @@ def _grad_scale(amp, arena: Arena) -> Tensor | None:
     return amp.grad_scale.to(arena.device, non_blocking=True)
 
 
-def gather_gradient(step: GroupStep, weight_decay: float, maximize: bool, grad_scale: Tensor | None) -> None:
+def gather_gradient(
+    step: GroupStep, weight_decay: float, maximize: bool, grad_scale: Tensor | None = None
+) -> None:
     """``g = grad / grad_scale + weight_decay * theta`` (negated under ``maximize``) into
     the arena's flat scratch, zero where a parameter has no gradient. ``.grad`` is
     only read: a ``GradScaler``'s scale is divided out here, never in place."""
@@ -167,25 +169,32 @@ def _gradient_dots(arena: Arena) -> tuple[Tensor, Tensor, Tensor]:
     return Sg, Yg, gg
 
 
-def direction(arena: Arena, ok: Tensor, dots: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-    """Write ``d = H g`` per block into ``arena.work``; return ``||d_b||^2`` per block.
+def direction(arena: Arena, ok: Tensor, dots: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, ...]:
+    """The coefficients of ``d = H g`` per block (``c_g``, ``c_s``, ``c_y``) and ``||d_b||^2``,
+    found on scalars from the Gram matrices (vector-free): ``d`` is written only once
+    its group scale is known (:func:`write_direction`), so a 16-bit ``d`` is stored
+    normalised and never overflows on the way.
 
     A non-finite step has its gradient and dots zeroed first, so it produces
     ``d = 0`` and no NaN reaches any state through a masked product.
     """
-    g, d = arena.grad_flat, arena.work
     not_ok = ok.logical_not()
-    g.masked_fill_(not_ok, 0.0)
+    arena.grad_flat.masked_fill_(not_ok, 0.0)
     Sg, Yg, gg = (x.masked_fill(not_ok, 0.0) for x in dots)
-    c_g, c_s, c_y, _ = two_loop_coefficients(arena.gram, Sg, Yg, gg, arena.counters["pair_count"])
-    B = arena.layout.num_blocks
-    d_dot_d = torch.empty(B, dtype=torch.float64, device=arena.device)
-    for b in range(B):
+    c_g, c_s, c_y, d_dot_d = two_loop_coefficients(arena.gram, Sg, Yg, gg, arena.counters["pair_count"])
+    return c_g, c_s, c_y, d_dot_d.clamp(min=0.0)  # rounding must not make a norm NaN
+
+
+def write_direction(arena: Arena, coefficients: tuple[Tensor, ...], scale: Tensor) -> None:
+    """``work = scale * (c_g g + S^T c_s + Y^T c_y)`` per block; ``scale`` is 0 on a
+    skipped step."""
+    c_g, c_s, c_y, _ = coefficients
+    c_g, c_s, c_y = c_g * scale, c_s * scale, c_y * scale
+    g, d = arena.grad_flat, arena.work
+    for b in range(arena.layout.num_blocks):
         sl = arena.block_slice(b)
         S, Y = _rings(arena, b)
         _combine(d[sl], g[sl], S, Y, c_g[b], c_s[b], c_y[b])
-        d_dot_d[b] = _dot(d[sl], d[sl])
-    return arena.block_sum(d_dot_d)
 
 
 def update_averages(step: GroupStep, group: dict, ok: Tensor) -> None:
@@ -218,9 +227,9 @@ def reset_grad_average(step: GroupStep, due: Tensor) -> None:
     torch._foreach_lerp_(g_ema, step.views(step.arena.grad_flat), [weight] * len(g_ema))
 
 
-def apply_update(step: GroupStep, group: dict, ok: Tensor, d_scale: Tensor, averages: bool = True) -> None:
-    """Averages (unless already done), heavy ball and the parameter write, each an
-    identity when ``ok`` is False."""
+def apply_update(step: GroupStep, group: dict, ok: Tensor, averages: bool = True) -> None:
+    """Averages (unless already done), heavy ball with the direction in ``work`` and the
+    parameter write, each an identity when ``ok`` is False."""
     arena = step.arena
     flat = arena.flat_state
     one = torch.ones((), dtype=arena.dtype, device=arena.device)
@@ -230,7 +239,6 @@ def apply_update(step: GroupStep, group: dict, ok: Tensor, d_scale: Tensor, aver
     neg_lr = torch.where(ok, -lr, zero)
 
     d = arena.work
-    d.mul_(torch.where(ok, d_scale, zero))
     if averages:
         update_averages(step, group, ok)
     buf = step.views(flat["momentum_buffer"])
@@ -243,7 +251,7 @@ def apply_update(step: GroupStep, group: dict, ok: Tensor, d_scale: Tensor, aver
     arena.counters["skipped_steps"].add_(ok.logical_not())
 
 
-def push_pairs(arena: Arena, group: dict, ok: Tensor, t: Tensor) -> None:
+def push_pairs(arena: Arena, group: dict, ok: Tensor, t: Tensor | None = None) -> None:
     """The pair update of docs/design.md (the step, 7) for every block, applied where
     due (masked), ``t`` being this step's index per block. ``s`` and ``y`` are formed in
     the two scratch vectors (``work`` and the gathered gradient, which this overwrites);
@@ -254,6 +262,7 @@ def push_pairs(arena: Arena, group: dict, ok: Tensor, t: Tensor) -> None:
     m = arena.m
     flat = arena.flat_state
     pair_count = arena.counters["pair_count"]
+    t = arena.counters["step"] if t is None else t
     due = ok & (torch.remainder(t, T) == 0)
     forms_pair = due & (t > T)  # snapshots exist from the first update on
     s_all, y_all = arena.work, arena.grad_flat
