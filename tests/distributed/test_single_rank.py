@@ -1,0 +1,67 @@
+"""``distributed=`` in this process, on a process group of one rank: the arguments,
+what is not supported yet, and a one-rank run equal to the bit to no ``distributed``."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from harness import free_port
+from mlbfgs_fused import MLBFGS
+from problems import run_scenario, standard_scenario, state_tensors
+
+
+def test_needs_a_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        MLBFGS([torch.nn.Parameter(torch.randn(3))], distributed="sharded")
+
+
+@pytest.fixture(scope="module")
+def group():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_invalid_mode(group):
+    with pytest.raises(ValueError, match="Invalid distributed value: 'ring'"):
+        MLBFGS([torch.nn.Parameter(torch.randn(3))], distributed="ring")
+
+
+@pytest.mark.parametrize("kwargs", [dict(backend="triton"), dict(fused=True), dict(capturable=True)])
+def test_other_backends_are_not_supported_yet(group, kwargs):
+    with pytest.raises(NotImplementedError, match="distributed='sharded'"):
+        MLBFGS([torch.nn.Parameter(torch.randn(3))], distributed="sharded", **kwargs)
+
+
+def test_dtensor_parameters_are_not_supported_yet(group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    p = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+    with pytest.raises(NotImplementedError, match="DTensor"):
+        MLBFGS([p], distributed="blockwise")
+
+
+@pytest.mark.parametrize("mode", ["sharded", "blockwise"])
+def test_one_rank_is_the_single_process_optimizer(group, mode):
+    sc = standard_scenario("tensor", steps=20)
+    sc.nan_steps = (7,)
+    plain = run_scenario(sc, torch.float32, backend="foreach")
+    one_rank = run_scenario(sc, torch.float32, backend="foreach", distributed=mode)
+    for a, b in zip([p for g in plain[1] for p in g], [p for g in one_rank[1] for p in g]):
+        assert torch.equal(a, b)
+    # A rank's state holds its elements flat; here it owns them all.
+    s1, s2 = state_tensors(plain[0]), state_tensors(one_rank[0])
+    assert len(s1) == len(s2) > 0
+    for a, b in zip(s1, s2):
+        assert a.dtype == b.dtype and torch.equal(a.reshape(-1), b.reshape(-1))
+
+
+def test_non_contiguous_parameters_are_refused(group):
+    p = torch.nn.Parameter(torch.randn(4, 3).t())
+    opt = MLBFGS([p], distributed="sharded")
+    p.grad = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        opt.step()
