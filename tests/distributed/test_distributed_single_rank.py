@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import free_port
+from dist_harness import free_port
 from mlbfgs_fused import MLBFGS
 from problems import run_scenario, standard_scenario, state_tensors
 
