@@ -30,8 +30,11 @@ from .._state.arena import PARAM_STATE_KEYS, Arena, _copy_checked
 from .sharding import ShardLayout
 
 
-# torch >= 2.13 names all_gather_into_tensor all_gather_single.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+def _all_gather(output: Tensor, input: Tensor, group) -> None:
+    # torch 2.13 renames all_gather_into_tensor all_gather_single (looked up at each
+    # call, so a wrapper of either, as bench/distributed.py puts, sees it).
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, input, group=group)
 
 
 def flat_view(t: Tensor) -> Tensor:
