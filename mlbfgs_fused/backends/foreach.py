@@ -270,7 +270,12 @@ def push_pairs(arena: Arena, group: dict, ok: Tensor, t: Tensor | None = None) -
     torch.sub(flat["grad_ema"], flat["grad_snapshot"], out=y_all)
     slots = torch.arange(m, device=arena.device)
     r_value = torch.full((), r, dtype=torch.float64, device=arena.device)  # where() on floats is float32
-    for b in range(arena.layout.num_blocks):
+    B = arena.layout.num_blocks
+    # The blocks go through each phase together, so that the inner products of all
+    # blocks are completed by one arena.block_sum per phase (one collective each on a
+    # distributed rank): damping sums [B, 2], curvatures [B], Gram rows [B, 4, m].
+    sums = torch.empty(B, 2, dtype=torch.float64, device=arena.device)
+    for b in range(B):
         sl = arena.block_slice(b)
         s, y = s_all[sl], y_all[sl]
         S, Y = _rings(arena, b)
@@ -280,41 +285,55 @@ def push_pairs(arena: Arena, group: dict, ok: Tensor, t: Tensor | None = None) -
         for x, R in ((s, S), (y, Y)):
             x.mul_((1 - r_eff).to(arena.dtype))
             _add_ring_combination(x, R, newest)
-        s_dot_y, s_dot_s = arena.block_sum(torch.stack([_dot(s, y), _dot(s, s)])).unbind()
-        phi = damping_factor(
-            s_dot_y, s_dot_s, group["sigma_low"], group["sigma_high"], group["damping"], eps
-        )
-        torch.lerp(s, y, phi.to(arena.dtype), out=y)  # y <- yhat = phi y + (1 - phi) s
-        curvature = arena.block_sum(_dot(s, y))
-        accept = forms_pair[b] & torch.isfinite(curvature) & (curvature > eps)
+        sums[b, 0], sums[b, 1] = _dot(s, y), _dot(s, s)
+    s_dot_y, s_dot_s = arena.block_sum(sums).unbind(1)
+    phi = damping_factor(s_dot_y, s_dot_s, group["sigma_low"], group["sigma_high"], group["damping"], eps)
+    curvature = torch.empty(B, dtype=torch.float64, device=arena.device)
+    for b in range(B):
+        sl = arena.block_slice(b)
+        s, y = s_all[sl], y_all[sl]
+        torch.lerp(s, y, phi[b].to(arena.dtype), out=y)  # y <- yhat = phi y + (1 - phi) s
+        curvature[b] = _dot(s, y)
+    curvature = arena.block_sum(curvature)
+    accept = forms_pair & torch.isfinite(curvature) & (curvature > eps)
 
+    rows = torch.empty(B, 4, m, dtype=torch.float64, device=arena.device)
+    slot = torch.remainder(pair_count, m)
+    for b in range(B):
+        sl = arena.block_slice(b)
+        s, y = s_all[sl], y_all[sl]
+        S, Y = _rings(arena, b)
         # The slot's row becomes the new pair if accepted, else stays: x = accept ? x : R[slot].
-        slot = torch.remainder(pair_count[b], m)
-        keep = (slots == slot) & accept.logical_not()
+        keep = (slots == slot[b]) & accept[b].logical_not()
         for x, R, ring in ((s, S, arena.history_s), (y, Y, arena.history_y)):
-            x.masked_fill_(accept.logical_not(), 0.0)
+            x.masked_fill_(accept[b].logical_not(), 0.0)
             _add_ring_combination(x, R, keep.double())
             stored = x.unsqueeze(0)
             if arena.history_dtype != arena.dtype:
                 stored = stored.to(arena.history_dtype)
                 x.copy_(stored[0])  # the row as stored (rounded), for the Gram rows
-            arena.history_view(ring, b).index_copy_(0, slot.view(1), stored)
+            arena.history_view(ring, b).index_copy_(0, slot[b].view(1), stored)
+        rows[b, 0], rows[b, 1] = _ring_dots(S, s), _ring_dots(S, y)
+        rows[b, 2], rows[b, 3] = _ring_dots(Y, s), _ring_dots(Y, y)
+    rows = arena.block_sum(rows)
+    for b in range(B):
+        sl = arena.block_slice(b)
+        ss_row, sy_col, ys_row, yy_row = rows[b].unbind()
         gram = arena.gram[b]
-        rows = torch.stack([_ring_dots(S, s), _ring_dots(S, y), _ring_dots(Y, s), _ring_dots(Y, y)])
-        ss_row, sy_col, ys_row, yy_row = arena.block_sum(rows).unbind()
+        j = slot[b].view(1)
         new = torch.stack(
             [
-                _set_row_col(gram[0], slot.view(1), ss_row, ss_row),
-                _set_row_col(gram[1], slot.view(1), ys_row, sy_col),  # [j, :] = s_j.y_i ; [:, j] = s_i.y_j
-                _set_row_col(gram[2], slot.view(1), yy_row, yy_row),
+                _set_row_col(gram[0], j, ss_row, ss_row),
+                _set_row_col(gram[1], j, ys_row, sy_col),  # [j, :] = s_j.y_i ; [:, j] = s_i.y_j
+                _set_row_col(gram[2], j, yy_row, yy_row),
             ]
         )
-        gram.copy_(torch.where(accept, new, gram))
-        pair_count[b] += accept
-        arena.counters["skipped_pairs"][b] += forms_pair[b] & accept.logical_not()
+        gram.copy_(torch.where(accept[b], new, gram))
         roll = due[b].to(arena.dtype)
         flat["param_snapshot"][sl].lerp_(flat["param_ema"][sl], roll)
         flat["grad_snapshot"][sl].lerp_(flat["grad_ema"][sl], roll)
+    pair_count += accept
+    arena.counters["skipped_pairs"] += forms_pair & accept.logical_not()
 
 
 class CounterProbe:

@@ -105,6 +105,8 @@ class ShardArena(Arena):
     # -- parameters back on every rank --------------------------------------------
     def publish(self) -> None:
         """All-gather every rank's elements into the full parameters."""
+        if len(self.layouts) == 1:
+            return  # one rank wrote them all in place
         lay = self.layout
         if lay.order:
             pieces = [self.local_param(i) for i in range(len(lay.order))]
