@@ -15,6 +15,10 @@ a log under ``<out>/validation/``:
                wrapped, float32 and bfloat16), when the tool exists
 ``bench``      the benchmark stages one by one (``python -m bench.run --only S``),
                results in ``<out>`` itself (``RESULTS.md``, JSON, plots)
+``ncu``        on request only (not in the default ``--stages``): Nsight Compute over the
+               same fused steps at ``2^24`` elements, registers per thread, achieved
+               occupancy, DRAM throughput and time per kernel (``ncu.csv``); it needs
+               access to the GPU's performance counters
 
 A stage gets the smaller of its cap (``--cap stage=seconds``) and the budget left;
 a stage the budget cannot start is recorded as skipped, never run half. The
@@ -42,21 +46,27 @@ import torch
 from .machine import REPO_DIR, machine_stamp, results_dir
 
 STAGES = ("env", "cuda-tests", "tests", "sanitizer", "bench")
+OPTIONAL_STAGES = ("ncu",)
+NCU_METRICS = (
+    "launch__registers_per_thread", "sm__warps_active.avg.pct_of_peak_sustained_active",
+    "dram__throughput.avg.pct_of_peak_sustained_elapsed", "gpu__time_duration.sum",
+)
 BENCH_STAGES = ("compare", "memory", "audit", "kernels", "train")
 SANITIZER_TOOLS = ("memcheck", "racecheck")
 CAPS = {  # seconds; the budget left bounds every one of them
     "env": 60, "cuda-tests": 300, "tests": 900, "sanitizer": 300,
-    "compare": 300, "memory": 240, "audit": 120, "kernels": 420, "train": 900,
+    "compare": 300, "memory": 240, "audit": 120, "kernels": 420, "train": 900, "ncu": 300,
 }
 MIN_START = 20  # a stage with less budget left than this is skipped
 RESERVE = 5  # kept for the summary
 
 
 # -- the fused step the sanitizer watches -------------------------------------------
-def fused_steps(device: torch.device) -> list[str]:
-    """A few steps of every fused backend on ``device``: several tiles and blocks,
-    pairs pushed from step 4 on and a ring of two that wraps, float32 and bfloat16.
-    Returns the backends run; raises if a result is not finite."""
+def fused_steps(device: torch.device, numel: int = 3000) -> list[str]:
+    """A few steps of every fused backend on ``device``: several tiles and blocks
+    (a ``numel`` vector, a matrix, a tiny bias), pairs pushed from step 4 on and a
+    ring of two that wraps, float32 and bfloat16. Returns the backends run; raises
+    if a result is not finite."""
     from mlbfgs_fused import MLBFGS, backends
 
     names = [
@@ -66,7 +76,7 @@ def fused_steps(device: torch.device) -> list[str]:
     for name in names:
         for dtype in (torch.float32, torch.bfloat16):
             gen = torch.Generator(device=device).manual_seed(0)
-            shapes = [(3000,), (37, 129), (5,)]
+            shapes = [(numel,), (37, 129), (5,)]
             params = [
                 torch.nn.Parameter(torch.randn(s, generator=gen, device=device).to(dtype)) for s in shapes
             ]
@@ -227,6 +237,16 @@ def stage_sanitizer(runner: Runner, device: torch.device, tools: list[str]) -> N
         runner.run(f"sanitizer-{tool}", cmd, f"sanitizer_{tool}.log", cap_key="sanitizer", env=env)
 
 
+def stage_ncu(runner: Runner, device: torch.device) -> None:
+    ncu = _find_tool("ncu")
+    if device.type != "cuda" or ncu is None:
+        runner.record("ncu", "skipped", detail="needs CUDA and ncu")
+        return
+    cmd = [ncu, "--csv", "--log-file", str(runner.logs / "ncu.csv"), "--metrics", ",".join(NCU_METRICS),
+           sys.executable, "-m", "bench.gpu_validate", "--fused-steps-only", f"--fused-steps-numel={1 << 24}"]
+    runner.run("ncu", cmd, "ncu.log")
+
+
 def stage_bench(runner: Runner, bench_stages: list[str], bench_args: list[str], train_args: str) -> None:
     for st in bench_stages:
         cmd = [sys.executable, "-m", "bench.run", "--only", st, "--out", str(runner.out), *bench_args]
@@ -279,7 +299,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/<gpu>/)")
     parser.add_argument("--budget", type=float, default=1800, help="seconds for everything (default 1800)")
-    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {STAGES}")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma-separated, of {STAGES + OPTIONAL_STAGES} (default {','.join(STAGES)})")
     parser.add_argument("--bench-stages", default=",".join(BENCH_STAGES), help=f"comma-separated, of {BENCH_STAGES}")
     parser.add_argument("--bench-args", default="", help="extra options of bench.run, written with '=': --bench-args='--max-n 1e7'")
     parser.add_argument("--train-args", default="", help="options of bench.train, written with '=': --train-args='--epochs 3 --seeds 2'")
@@ -291,18 +312,19 @@ def main(argv=None) -> int:
     parser.add_argument("--allow-cpu", action="store_true",
                         help="run without a GPU (checks the plumbing; kernels through the interpreter)")
     parser.add_argument("--fused-steps-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--fused-steps-numel", type=int, default=3000, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = argv
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if args.fused_steps_only:  # the program compute-sanitizer runs
-        if not fused_steps(device):
+        if not fused_steps(device, args.fused_steps_numel):
             print("no fused backend runs on this device", flush=True)
         return 0
     if not cuda and not args.allow_cpu:
         parser.error("no CUDA GPU here (torch.cuda.is_available() is False); --allow-cpu checks the plumbing")
-    stages = _csv(args.stages, STAGES, parser, "stages")
+    stages = _csv(args.stages, STAGES + OPTIONAL_STAGES, parser, "stages")
     bench_stages = _csv(args.bench_stages, BENCH_STAGES, parser, "bench stages")
     tools = _csv(args.sanitizer_tools, ("memcheck", "racecheck", "synccheck", "initcheck"), parser, "tools")
     caps = dict(CAPS)
@@ -326,6 +348,8 @@ def main(argv=None) -> int:
             stage_tests(runner, stage, shlex.split(args.pytest_args))
         elif stage == "sanitizer":
             stage_sanitizer(runner, device, tools)
+        elif stage == "ncu":
+            stage_ncu(runner, device)
         elif stage == "bench":
             stage_bench(runner, bench_stages, shlex.split(args.bench_args), args.train_args)
     return 0 if write_summary(runner, args, started) else 1

@@ -1,28 +1,27 @@
-"""The pair push (DESIGN.md section 2 step 7) and the step's counters: two launches.
+"""The pair push (docs/design.md, "The step", 7) and the step's counters: two launches.
 
 Both are launched every step and decide on the device, from the step counter and
-the group's finiteness (the stats rows), whether a pair is due (``t % T == 0``);
-when none is, the push programs return at once and the commit only counts.
+the step's global verdict ``ok``, whether a pair is due (``t % T == 0``); when none
+is, the push programs return at once and the commit only counts.
 
-:func:`push_kernel`, one program per tile. On a due step the sums of pass 2's
-partials (``s.s``, ``s.y``, ``y.y``, added per block in a fixed order, the same in
-every program) give the damping factor ``phi``, ``s.yhat = phi s.y + (1 - phi) s.s``
-and the acceptance test. When the pair is accepted each program recomputes its
-tile of ``s`` and ``yhat = lerp(s, y, phi)`` from the EMAs, the snapshots and the
-newest pair, writes them into ring slot ``pair_count % m`` in the history dtype,
-and leaves the inner products of the rows *as stored* with every ring row, so the
-Gram matrices stay those of the ring even when it is narrower than the
-parameters (the vector-free ``||d||`` depends on it). Every due step then rolls
-the snapshots (``P0 = P``, ``G0 = G``).
+:func:`push_kernel`, one program per worker. On a due step it reads the block's
+``(phi, accepted)``, decided once per block by the coefficient kernel. When the pair
+is accepted each worker recomputes its tiles of ``s`` and ``yhat = lerp(s, y, phi)``
+from the averages, the snapshots and the newest pair, writes them into ring slot
+``pair_count % m`` in the history dtype, and sums the inner products of the rows
+*as stored* with every ring row into its row of partials, so the Gram matrices
+stay those of the ring even when it is narrower than the parameters (the
+vector-free ``||d||`` depends on it). Every due step then rolls the snapshots
+(``P0 = P``, ``G0 = G``).
 Bytes per element on a due step with a pair accepted: reads ``4 E`` (P, P0, G, G0)
 ``+ 2 m H`` (the ring, newest pair included); writes ``2 H`` (the slot) ``+ 2 E``
 (snapshots). float32: ``(8m + 32) N`` every ``T`` steps; nothing per element otherwise.
 
 :func:`commit_kernel`, one program per block, is the only writer of the counters
-(every other kernel reads them, so the commit runs last): ``step += finite``,
-``skipped_steps += not finite`` and, on a pair-forming step, row and column
-``slot`` of ``S S^T``, ``S Y^T``, ``Y Y^T`` from the push kernel's sums (fixed
-order), ``pair_count`` or ``skipped_pairs``. Bytes: none per element.
+(every other kernel reads them, so the commit runs last): ``step += ok``,
+``skipped_steps += not ok`` and, on a pair-forming step, row and column ``slot`` of
+``S S^T``, ``S Y^T``, ``Y Y^T`` from the push kernel's partials (at most ``cap``
+rows per block, fixed order), ``pair_count`` or ``skipped_pairs``. Bytes: none per element.
 """
 
 from __future__ import annotations
@@ -35,183 +34,198 @@ from torch.library import wrap_triton
 
 from .common import (
     BLOCK_COLUMNS,
-    H_DAMPING,
-    H_EPS,
+    DECISION_COLUMNS,
     H_PAIR_MOMENTUM,
-    H_SIGMA_HIGH,
-    H_SIGMA_LOW,
-    PROGRAM_COLUMNS,
+    H_WEIGHT_DECAY,
     SUM_ROWS,
+    TILE_COLUMNS,
+    WORKER_COLUMNS,
     Launcher,
-    group_status,
-    is_finite,
+    averages,
+    effective_gradient,
     lerp,
     padded,
     pair_candidate,
     sum_rows,
+    tile_geometry,
+    user_tensor,
+    worker_geometry,
 )
-
-
-@triton.jit
-def damping_factor(s_dot_y, s_dot_s, sigma_low, sigma_high, damping, eps):
-    """phi of section 2 step 7; a port of :func:`mlbfgs_fused._two_loop.damping_factor`."""
-    mu = s_dot_y / (s_dot_s + eps)
-    low = (1 - sigma_low) / tl.where(mu < sigma_low, 1 - mu, 1.0)
-    high = (sigma_high - 1) / tl.where(mu > sigma_high, mu - 1, 1.0)
-    phi = tl.where(mu < sigma_low, low, tl.where(mu > sigma_high, high, 1.0))
-    return tl.minimum(phi, 1 - damping)
-
-
-@triton.jit
-def pair_decision(pair_partials_ptr, prog_lo, prog_hi, hyper_ptr, ROWS: tl.constexpr):
-    """``(phi, accepted)`` of the block's candidate pair, from pass 2's partial sums."""
-    j = tl.arange(0, 4)
-    sums = sum_rows(pair_partials_ptr, 3, j, j < 3, prog_lo, prog_hi, ROWS)
-    ss = tl.sum(tl.where(j == 0, sums, 0.0), axis=0)
-    sy = tl.sum(tl.where(j == 1, sums, 0.0), axis=0)
-    eps = tl.load(hyper_ptr + H_EPS)
-    phi = damping_factor(
-        sy, ss, tl.load(hyper_ptr + H_SIGMA_LOW), tl.load(hyper_ptr + H_SIGMA_HIGH),
-        tl.load(hyper_ptr + H_DAMPING), eps,
-    )
-    s_dot_yhat = phi * sy + (1 - phi) * ss
-    return phi, is_finite(s_dot_yhat) & (s_dot_yhat > eps)
 
 
 @triton.jit
 def push_kernel(
     param_ema_ptr, grad_ema_ptr, param_snap_ptr, grad_snap_ptr, hist_s_ptr, hist_y_ptr,
-    programs_ptr, blocks_ptr, stats_ptr, n_group_blocks, pair_partials_ptr, gram_partials_ptr,
-    hyper_ptr, step_ptr, pair_count_ptr, period,
-    M: tl.constexpr, F64: tl.constexpr, TILE: tl.constexpr,
-    ROWS: tl.constexpr, NCOL: tl.constexpr, BCOL: tl.constexpr,
+    tiles_ptr, workers_ptr, decision_ptr, gram_partials_ptr, hyper_ptr, step_ptr,
+    pair_count_ptr, ok_ptr, period, addresses_ptr, scale_ptr, dot_partials_ptr,
+    M: tl.constexpr, MP: tl.constexpr, F64: tl.constexpr, TILE: tl.constexpr,
+    ALIGNED: tl.constexpr, TCOL: tl.constexpr, WCOL: tl.constexpr,
+    RELEASED: tl.constexpr, HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
     CDT = tl.float64 if F64 else tl.float32  # arithmetic type of the arena
-    finite, _d_dot_d, _any_held = group_status(stats_ptr, n_group_blocks, ROWS)
-    pid = tl.program_id(0).to(tl.int64)
-    row = programs_ptr + pid * NCOL
-    start, end, b = tl.load(row), tl.load(row + 1), tl.load(row + 2)
-    t = tl.load(step_ptr + b).to(tl.int64) + 1
-    if (finite == 0) | (t % period != 0):
+    DT = param_ema_ptr.dtype.element_ty  # the parameters' dtype
+    w = tl.program_id(0).to(tl.int64)
+    b, tile_lo, tile_hi, tile_step, ring_origin, ring_stride = worker_geometry(workers_ptr, w, WCOL, ALIGNED)
+    t = tl.load(step_ptr + b) + 1
+    if (tl.load(ok_ptr) == 0) | (t % period != 0):
         return  # no pair due: nothing per element
 
-    ring_origin, ring_stride = tl.load(row + 4), tl.load(row + 5)
+    decision = decision_ptr + b * DECISION_COLUMNS
+    phi = tl.load(decision).to(CDT)
+    accepted = tl.load(decision + 1) != 0  # false before the first snapshot (t == T)
+    pair_count = tl.load(pair_count_ptr + b)
+    slot = pair_count % M
+    newest = ring_origin + ((pair_count - 1 + M) % M) * ring_stride
+    r = tl.where(pair_count > 0, tl.load(hyper_ptr + H_PAIR_MOMENTUM), 0.0).to(CDT)
     lane = tl.arange(0, TILE)  # int32 lanes off 64-bit scalar bases: cheap addressing
-    count = (end - start).to(tl.int32)
-    inside = lane < count
-    P = tl.load(param_ema_ptr + start + lane, mask=inside, other=0.0)
-    G = tl.load(grad_ema_ptr + start + lane, mask=inside, other=0.0)
-    if t > period:  # snapshots exist: a pair forms
-        prog_lo = tl.load(blocks_ptr + b * BCOL + 2)
-        prog_hi = tl.load(blocks_ptr + b * BCOL + 3)
-        phi, accepted = pair_decision(pair_partials_ptr, prog_lo, prog_hi, hyper_ptr, ROWS)
+    j = tl.arange(0, MP)
+    ss_row = tl.zeros([MP], dtype=tl.float64)  # S S^T [slot, j]
+    sy_col = tl.zeros([MP], dtype=tl.float64)  # S Y^T [j, slot]
+    ys_row = tl.zeros([MP], dtype=tl.float64)  # S Y^T [slot, j]
+    yy_row = tl.zeros([MP], dtype=tl.float64)  # Y Y^T [slot, j]
+    s_dot_g = tl.full([], 0.0, tl.float64)  # released: the new pair's dots with g
+    y_dot_g = tl.full([], 0.0, tl.float64)
+    weight_decay = tl.load(hyper_ptr + H_WEIGHT_DECAY).to(CDT)
+    grad_scale = tl.load(hyper_ptr).to(CDT)  # unused unless HAS_SCALE
+    if HAS_SCALE:
+        grad_scale = tl.load(scale_ptr).to(CDT)
+    for k in range(tile_lo, tile_hi, tile_step):
+        start, count, param, local = tile_geometry(tiles_ptr, k, TCOL, ALIGNED)
+        inside = lane < count
+        P = tl.load(param_ema_ptr + start + lane, mask=inside, other=0.0).to(CDT)
+        G = tl.load(grad_ema_ptr + start + lane, mask=inside, other=0.0).to(CDT)
+        g = tl.zeros([TILE], dtype=CDT)
+        if RELEASED:  # E4: the pair is pushed before the update: this step's averages here
+            theta_base, _ = user_tensor(addresses_ptr, param, 0, DT, ALIGNED)
+            grad_base, present = user_tensor(addresses_ptr, param, 1, DT, ALIGNED)
+            live = lane < tl.where(present, count, 0)
+            theta = tl.load(theta_base + local + lane, mask=live, other=0.0).to(CDT)
+            grad = tl.load(grad_base + local + lane, mask=live, other=0.0).to(CDT)
+            g = effective_gradient(grad, theta, weight_decay, grad_scale, HAS_WD, MAXIMIZE, HAS_SCALE)
+            g = tl.where(live, g, 0.0)
+            P, G = averages(P, G, theta, g, live, t == 1, hyper_ptr, CDT, RELEASED)
         if accepted:
-            pair_count = tl.load(pair_count_ptr + b)
-            newest = ring_origin + ((pair_count - 1 + M) % M) * ring_stride + start
-            r = tl.where(pair_count > 0, tl.load(hyper_ptr + H_PAIR_MOMENTUM), 0.0).to(CDT)
             s, y = pair_candidate(
-                P.to(CDT),
+                P,
                 tl.load(param_snap_ptr + start + lane, mask=inside, other=0.0).to(CDT),
-                G.to(CDT),
+                G,
                 tl.load(grad_snap_ptr + start + lane, mask=inside, other=0.0).to(CDT),
-                tl.load(hist_s_ptr + newest + lane, mask=inside, other=0.0).to(CDT),
-                tl.load(hist_y_ptr + newest + lane, mask=inside, other=0.0).to(CDT),
+                tl.load(hist_s_ptr + newest + start + lane, mask=inside, other=0.0).to(CDT),
+                tl.load(hist_y_ptr + newest + start + lane, mask=inside, other=0.0).to(CDT),
                 r,
             )
-            slot = pair_count % M
             s_row = s.to(hist_s_ptr.dtype.element_ty)
-            yhat_row = lerp(s, y, phi.to(CDT)).to(hist_y_ptr.dtype.element_ty)
+            yhat_row = lerp(s, y, phi).to(hist_y_ptr.dtype.element_ty)
             ring = ring_origin + slot * ring_stride + start
             tl.store(hist_s_ptr + ring + lane, s_row, mask=inside)
             tl.store(hist_y_ptr + ring + lane, yhat_row, mask=inside)
             # Inner products of the rows as stored with every row of the ring.
             s = s_row.to(CDT)
             yhat = yhat_row.to(CDT)
-            out = gram_partials_ptr + pid * 4 * M
-            for j in range(M):
-                ring_j = ring_origin + j * ring_stride + start
-                other = lane < tl.where(j == slot, 0, count)  # the slot itself: the new rows
-                s_j = tl.load(hist_s_ptr + ring_j + lane, mask=other, other=0.0).to(CDT)
-                y_j = tl.load(hist_y_ptr + ring_j + lane, mask=other, other=0.0).to(CDT)
-                s_j = tl.where(j == slot, s, s_j)
-                y_j = tl.where(j == slot, yhat, y_j)
-                tl.store(out + j, tl.sum(s_j * s, axis=0).to(tl.float64))  # S S^T [slot, j]
-                tl.store(out + M + j, tl.sum(s_j * yhat, axis=0).to(tl.float64))  # S Y^T [j, slot]
-                tl.store(out + 2 * M + j, tl.sum(y_j * s, axis=0).to(tl.float64))  # S Y^T [slot, j]
-                tl.store(out + 3 * M + j, tl.sum(y_j * yhat, axis=0).to(tl.float64))  # Y Y^T [slot, j]
-    tl.store(param_snap_ptr + start + lane, P, mask=inside)
-    tl.store(grad_snap_ptr + start + lane, G, mask=inside)
+            if RELEASED:
+                s_dot_g += tl.sum(s * g, axis=0).to(tl.float64)
+                y_dot_g += tl.sum(yhat * g, axis=0).to(tl.float64)
+            for i in range(M):
+                ring_i = ring_origin + i * ring_stride + start
+                other = lane < tl.where(i == slot, 0, count)  # the slot itself: the new rows
+                s_i = tl.load(hist_s_ptr + ring_i + lane, mask=other, other=0.0).to(CDT)
+                y_i = tl.load(hist_y_ptr + ring_i + lane, mask=other, other=0.0).to(CDT)
+                s_i = tl.where(i == slot, s, s_i)
+                y_i = tl.where(i == slot, yhat, y_i)
+                here = j == i
+                ss_row += tl.where(here, tl.sum(s_i * s, axis=0).to(tl.float64), 0.0)
+                sy_col += tl.where(here, tl.sum(s_i * yhat, axis=0).to(tl.float64), 0.0)
+                ys_row += tl.where(here, tl.sum(y_i * s, axis=0).to(tl.float64), 0.0)
+                yy_row += tl.where(here, tl.sum(y_i * yhat, axis=0).to(tl.float64), 0.0)
+        tl.store(param_snap_ptr + start + lane, P.to(DT), mask=inside)
+        tl.store(grad_snap_ptr + start + lane, G.to(DT), mask=inside)
+    if accepted:
+        out = gram_partials_ptr + w * 4 * M
+        valid = j < M
+        tl.store(out + j, ss_row, mask=valid)
+        tl.store(out + M + j, sy_col, mask=valid)
+        tl.store(out + 2 * M + j, ys_row, mask=valid)
+        tl.store(out + 3 * M + j, yy_row, mask=valid)
+        if RELEASED:  # pass 1 ran on the old ring: the slot's dots are the new pair's now
+            dots = dot_partials_ptr + w * (2 * M + 1)
+            tl.store(dots + slot, s_dot_g)
+            tl.store(dots + M + slot, y_dot_g)
 
 
 @triton.jit
 def commit_kernel(
-    blocks_ptr, stats_ptr, n_group_blocks, pair_partials_ptr, gram_partials_ptr, hyper_ptr,
-    gram_ptr, step_ptr, pair_count_ptr, skipped_pairs_ptr, skipped_steps_ptr, period,
+    blocks_ptr, decision_ptr, gram_partials_ptr, gram_ptr, step_ptr, pair_count_ptr,
+    skipped_pairs_ptr, skipped_steps_ptr, ok_ptr, period,
     M: tl.constexpr, MP: tl.constexpr, ROWS: tl.constexpr, BCOL: tl.constexpr,
+    PAIR: tl.constexpr, STEP: tl.constexpr,
 ):
-    finite, _d_dot_d, _any_held = group_status(stats_ptr, n_group_blocks, ROWS)
     b = tl.program_id(0).to(tl.int64)
-    ok = finite.to(tl.int64)
-    t = tl.load(step_ptr + b).to(tl.int64) + ok
-    tl.store(step_ptr + b, t.to(step_ptr.dtype.element_ty))
-    tl.store(skipped_steps_ptr + b, tl.load(skipped_steps_ptr + b) + (1 - ok))
-    if (finite == 0) | (t % period != 0) | (t <= period):
-        return  # no pair formed
-
-    prog_lo = tl.load(blocks_ptr + b * BCOL + 2)
-    prog_hi = tl.load(blocks_ptr + b * BCOL + 3)
-    _phi, accepted = pair_decision(pair_partials_ptr, prog_lo, prog_hi, hyper_ptr, ROWS)
-    pair_count = tl.load(pair_count_ptr + b)
-    if accepted:
-        slot = pair_count % M
-        j = tl.arange(0, MP)
-        valid = j < M
-        width = 4 * M
-        ss_row = sum_rows(gram_partials_ptr, width, j, valid, prog_lo, prog_hi, ROWS)
-        sy_col = sum_rows(gram_partials_ptr, width, M + j, valid, prog_lo, prog_hi, ROWS)
-        ys_row = sum_rows(gram_partials_ptr, width, 2 * M + j, valid, prog_lo, prog_hi, ROWS)
-        yy_row = sum_rows(gram_partials_ptr, width, 3 * M + j, valid, prog_lo, prog_hi, ROWS)
-        gram = gram_ptr + b * 3 * M * M
-        mm = M * M
-        tl.store(gram + slot * M + j, ss_row, mask=valid)
-        tl.store(gram + j * M + slot, ss_row, mask=valid)
-        tl.store(gram + mm + slot * M + j, ys_row, mask=valid)  # [slot, j] = s . y_j
-        tl.store(gram + mm + j * M + slot, sy_col, mask=valid)  # [j, slot] = s_j . yhat
-        tl.store(gram + 2 * mm + slot * M + j, yy_row, mask=valid)
-        tl.store(gram + 2 * mm + j * M + slot, yy_row, mask=valid)
-    tl.store(pair_count_ptr + b, pair_count + accepted.to(tl.int64))
-    tl.store(skipped_pairs_ptr + b, tl.load(skipped_pairs_ptr + b) + (1 - accepted.to(tl.int64)))
+    ok = tl.load(ok_ptr).to(tl.int64)
+    t = tl.load(step_ptr + b) + ok
+    if PAIR:
+        if (ok != 0) & (t % period == 0) & (t > period):  # a pair formed
+            accepted = tl.load(decision_ptr + b * DECISION_COLUMNS + 1) != 0
+            pair_count = tl.load(pair_count_ptr + b)
+            if accepted:
+                row_lo = tl.load(blocks_ptr + b * BCOL + 2)
+                row_hi = tl.load(blocks_ptr + b * BCOL + 3)
+                slot = pair_count % M
+                j = tl.arange(0, MP)
+                valid = j < M
+                width = 4 * M
+                ss_row = sum_rows(gram_partials_ptr, width, j, valid, row_lo, row_hi, ROWS)
+                sy_col = sum_rows(gram_partials_ptr, width, M + j, valid, row_lo, row_hi, ROWS)
+                ys_row = sum_rows(gram_partials_ptr, width, 2 * M + j, valid, row_lo, row_hi, ROWS)
+                yy_row = sum_rows(gram_partials_ptr, width, 3 * M + j, valid, row_lo, row_hi, ROWS)
+                gram = gram_ptr + b * 3 * M * M
+                mm = M * M
+                tl.store(gram + slot * M + j, ss_row, mask=valid)
+                tl.store(gram + j * M + slot, ss_row, mask=valid)
+                tl.store(gram + mm + slot * M + j, ys_row, mask=valid)  # [slot, j] = s . y_j
+                tl.store(gram + mm + j * M + slot, sy_col, mask=valid)  # [j, slot] = s_j . yhat
+                tl.store(gram + 2 * mm + slot * M + j, yy_row, mask=valid)
+                tl.store(gram + 2 * mm + j * M + slot, yy_row, mask=valid)
+            tl.store(pair_count_ptr + b, pair_count + accepted.to(tl.int64))
+            skipped = 1 - accepted.to(tl.int64)
+            tl.store(skipped_pairs_ptr + b, tl.load(skipped_pairs_ptr + b) + skipped)
+    if STEP:  # last: every other kernel reads the step counter
+        tl.store(step_ptr + b, t)
+        tl.store(skipped_steps_ptr + b, tl.load(skipped_steps_ptr + b) + (1 - ok))
 
 
 def _push(
     param_ema: Tensor, grad_ema: Tensor, param_snap: Tensor, grad_snap: Tensor,
-    hist_s: Tensor, hist_y: Tensor, programs: Tensor, blocks: Tensor, stats: Tensor,
-    pair_partials: Tensor, gram_partials: Tensor, hyper: Tensor, step: Tensor,
-    pair_count: Tensor, period: int, m: int, tile: int,
+    hist_s: Tensor, hist_y: Tensor, tiles: Tensor, workers: Tensor, decision: Tensor,
+    gram_partials: Tensor, hyper: Tensor, step: Tensor, pair_count: Tensor, ok: Tensor,
+    addresses: Tensor, scale: Tensor, dot_partials: Tensor,
+    period: int, m: int, tile: int, aligned: bool,
+    released: bool, has_wd: bool, maximize: bool, has_scale: bool,
 ) -> None:
-    wrap_triton(push_kernel)[(programs.shape[0],)](
-        param_ema, grad_ema, param_snap, grad_snap, hist_s, hist_y, programs, blocks, stats,
-        stats.shape[0], pair_partials, gram_partials, hyper, step, pair_count, period,
-        M=m, F64=param_ema.dtype == torch.float64, TILE=tile, ROWS=SUM_ROWS,
-        NCOL=PROGRAM_COLUMNS, BCOL=BLOCK_COLUMNS,
+    wrap_triton(push_kernel)[(workers.shape[0],)](
+        param_ema, grad_ema, param_snap, grad_snap, hist_s, hist_y, tiles, workers, decision,
+        gram_partials, hyper, step, pair_count, ok, period, addresses, scale, dot_partials,
+        M=m, MP=padded(m), F64=param_ema.dtype == torch.float64, TILE=tile, ALIGNED=aligned,
+        TCOL=TILE_COLUMNS, WCOL=WORKER_COLUMNS, RELEASED=released, HAS_WD=has_wd,
+        MAXIMIZE=maximize, HAS_SCALE=has_scale,
     )
 
 
 def _commit(
-    blocks: Tensor, stats: Tensor, pair_partials: Tensor, gram_partials: Tensor, hyper: Tensor,
-    gram: Tensor, step: Tensor, pair_count: Tensor, skipped_pairs: Tensor,
-    skipped_steps: Tensor, period: int, m: int,
+    blocks: Tensor, decision: Tensor, gram_partials: Tensor, gram: Tensor, step: Tensor,
+    pair_count: Tensor, skipped_pairs: Tensor, skipped_steps: Tensor, ok: Tensor,
+    period: int, m: int, pair: bool, counters: bool,
 ) -> None:
     wrap_triton(commit_kernel)[(blocks.shape[0],)](
-        blocks, stats, stats.shape[0], pair_partials, gram_partials, hyper, gram, step,
-        pair_count, skipped_pairs, skipped_steps, period,
-        M=m, MP=padded(m), ROWS=SUM_ROWS, BCOL=BLOCK_COLUMNS,
+        blocks, decision, gram_partials, gram, step, pair_count, skipped_pairs, skipped_steps,
+        ok, period,
+        M=m, MP=padded(m), ROWS=SUM_ROWS, BCOL=BLOCK_COLUMNS, PAIR=pair, STEP=counters,
     )
 
 
 push = Launcher(
     "push", _push, push_kernel,
-    ("param_snap", "grad_snap", "hist_s", "hist_y", "gram_partials"),
+    ("param_snap", "grad_snap", "hist_s", "hist_y", "gram_partials", "dot_partials"),
 )
 commit = Launcher(
     "commit", _commit, commit_kernel,

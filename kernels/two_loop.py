@@ -1,21 +1,30 @@
 """The coefficient kernel: the two-loop recursion on scalars, one program per block.
 
-A port of :func:`mlbfgs_fused._two_loop.two_loop_coefficients` (the
+A port of :func:`mlbfgs_fused._math.two_loop_coefficients` (the
 vector-free two-loop, Chen, Wang, Zhou 2014), in float64: from the block's Gram
 matrices and the pass-1 sums it finds ``d = c_g g + sum_i (c_s[i] s_i + c_y[i] y_i)``
 and ``||d||^2`` as a quadratic form of the Gram matrix of ``{g, s_i, y_i}``. With no
 pair held it gives ``c_g = 1`` (the SGD warm-up). Unheld slots are masked, never
 branched on.
 
-Launches: one per arena, one program per block. Bytes: none per element; per
-block it reads ``P_b (2m + 1)`` partial sums and the ``3 m^2`` Gram entries, and
-writes ``2m + 1`` coefficients and 3 scalars.
+Launches: one per arena, one program per block (``variant="released"``: two, the
+decision and probe before the step's verdict, the coefficients after the pair push);
+then :func:`direction_scale_kernel`, one program per group and device, turns the
+group's stats rows into the scale of ``d`` that pass 2 reads (one load per program). Bytes: none per element; per
+block it reads ``W_b (2m + 4)`` partial sums (``W_b <= cap`` workers, whatever
+``N``) and the ``3 m^2`` Gram entries, and writes ``2m + 1`` coefficients and
+5 scalars; program 0 also reads the ``g.g`` column of all ``W`` worker rows.
 
 Outputs, per block ``b``:
 
 * ``coef[b] = (c_g, c_s [m], c_y [m])`` in slot order (float64);
 * ``stats[block_offset + b] = (g.g, ||d||^2, any pair held)`` in the group-wide
-  matrix (see :mod:`.common`).
+  matrix (see :mod:`.common`);
+* ``decision[b] = (phi, accepted)`` of the candidate pair when one forms this step
+  (docs/design.md, "The step", 7), decided here once for the whole block from
+  pass 1's sums; ``(0, 0)`` otherwise;
+* ``probe`` (program 0): ``g.g`` over the arena, in a fixed order: non-finite
+  exactly when some effective gradient entry is (the optimizer's finiteness probe).
 """
 
 from __future__ import annotations
@@ -25,25 +34,82 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from .common import BLOCK_COLUMNS, STATS_COLUMNS, SUM_ROWS, Launcher, padded, sum_rows
+from .common import (
+    BLOCK_COLUMNS,
+    DECISION_COLUMNS,
+    H_DAMPING,
+    H_EPS,
+    H_SIGMA_HIGH,
+    H_SIGMA_LOW,
+    STATS_COLUMNS,
+    SUM_ROWS,
+    Launcher,
+    group_status,
+    is_finite,
+    padded,
+    sum_rows,
+)
+
+
+@triton.jit
+def damping_factor(s_dot_y, s_dot_s, sigma_low, sigma_high, damping, eps):
+    """phi of docs/design.md, "The step", 7; a port of :func:`mlbfgs_fused._math.damping_factor`."""
+    mu = s_dot_y / (s_dot_s + eps)
+    low = (1 - sigma_low) / tl.where(mu < sigma_low, 1 - mu, 1.0)
+    high = (sigma_high - 1) / tl.where(mu > sigma_high, mu - 1, 1.0)
+    phi = tl.where(mu < sigma_low, low, tl.where(mu > sigma_high, high, 1.0))
+    return tl.minimum(phi, 1 - damping)
+
+
+@triton.jit
+def pair_decision(pair_partials_ptr, row_lo, row_hi, hyper_ptr, ROWS: tl.constexpr):
+    """``(phi, accepted)`` of the block's candidate pair, from pass 1's partial sums."""
+    j = tl.arange(0, 4)
+    sums = sum_rows(pair_partials_ptr, 3, j, j < 3, row_lo, row_hi, ROWS)
+    ss = tl.sum(tl.where(j == 0, sums, 0.0), axis=0)
+    sy = tl.sum(tl.where(j == 1, sums, 0.0), axis=0)
+    eps = tl.load(hyper_ptr + H_EPS)
+    phi = damping_factor(
+        sy, ss, tl.load(hyper_ptr + H_SIGMA_LOW), tl.load(hyper_ptr + H_SIGMA_HIGH),
+        tl.load(hyper_ptr + H_DAMPING), eps,
+    )
+    s_dot_yhat = phi * sy + (1 - phi) * ss
+    return phi, is_finite(s_dot_yhat) & (s_dot_yhat > eps)
 
 
 @triton.jit
 def two_loop_kernel(
-    partials_ptr, blocks_ptr, gram_ptr, pair_count_ptr, coef_ptr, stats_ptr, block_offset,
+    partials_ptr, pair_partials_ptr, blocks_ptr, gram_ptr, step_ptr, pair_count_ptr, hyper_ptr,
+    coef_ptr, stats_ptr, decision_ptr, probe_ptr, block_offset, n_workers, period,
     M: tl.constexpr, MP: tl.constexpr, ROWS: tl.constexpr, NCOL: tl.constexpr,
+    DECIDE: tl.constexpr, COEF: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     prog_lo = tl.load(blocks_ptr + b * NCOL + 2)
     prog_hi = tl.load(blocks_ptr + b * NCOL + 3)
     pair_count = tl.load(pair_count_ptr + b)
+    width = 2 * M + 1
+    if DECIDE:
+        if b == 0:  # the arena's finiteness probe: g.g over every worker row, fixed order
+            k = tl.arange(0, 2)
+            gg_all = sum_rows(partials_ptr, width, 2 * M + k, k < 1, 0, n_workers, ROWS)
+            tl.store(probe_ptr, tl.sum(gg_all, axis=0))
+        # The pair this step forms, if any: damping and acceptance, once per block.
+        t = tl.load(step_ptr + b) + 1
+        forms_pair = (t % period == 0) & (t > period)
+        phi, accepted = pair_decision(pair_partials_ptr, prog_lo, prog_hi, hyper_ptr, ROWS)
+        accepted = forms_pair & accepted
+        decision = decision_ptr + b * DECISION_COLUMNS
+        tl.store(decision, tl.where(accepted, phi, 0.0))
+        tl.store(decision + 1, accepted.to(tl.float64))
+    if not COEF:
+        return
 
     # Everything stays in slot order; the k-th newest pair sits in slot
     # (pair_count - 1 - k) mod m, and k < min(pair_count, m) are held.
     j = tl.arange(0, MP)
     valid = j < M
     n_held = tl.minimum(pair_count, M)
-    width = 2 * M + 1
     Sg = sum_rows(partials_ptr, width, j, valid, prog_lo, prog_hi, ROWS)
     Yg = sum_rows(partials_ptr, width, M + j, valid, prog_lo, prog_hi, ROWS)
     gg = tl.sum(sum_rows(partials_ptr, width, 2 * M + j, j < 1, prog_lo, prog_hi, ROWS), axis=0)
@@ -118,14 +184,40 @@ def two_loop_kernel(
     tl.store(stats + 2, any_held.to(tl.float64))
 
 
-def _two_loop(
-    partials: Tensor, blocks: Tensor, gram: Tensor, pair_count: Tensor, coef: Tensor,
-    stats: Tensor, block_offset: int, m: int,
-) -> None:
-    wrap_triton(two_loop_kernel)[(blocks.shape[0],)](
-        partials, blocks, gram, pair_count, coef, stats, block_offset,
-        M=m, MP=padded(m), ROWS=SUM_ROWS, NCOL=BLOCK_COLUMNS,
+@triton.jit
+def direction_scale_kernel(stats_ptr, n_blocks, scale_ptr, NORMALIZE: tl.constexpr, ROWS: tl.constexpr):
+    """``1 / ||d||`` over the whole group once some block holds a pair (docs/design.md,
+    "The step", 4), else 1 (1 as well when ``||d|| = 0``): one program per group and
+    device, from the stats rows of every block of the group, fixed order."""
+    scale = tl.full([], 1.0, tl.float64)
+    if NORMALIZE:
+        d_dot_d, any_held = group_status(stats_ptr, n_blocks, ROWS)
+        norm = tl.sqrt(d_dot_d)
+        scale = tl.where(any_held & (norm > 0), 1.0 / tl.where(norm > 0, norm, 1.0), 1.0)
+    tl.store(scale_ptr, scale)
+
+
+def _direction_scale(stats: Tensor, scale: Tensor, normalize: bool) -> None:
+    wrap_triton(direction_scale_kernel)[(1,)](
+        stats, stats.shape[0], scale, NORMALIZE=normalize, ROWS=SUM_ROWS
     )
 
 
-two_loop = Launcher("two_loop", _two_loop, two_loop_kernel, ("coef", "stats"))
+def _two_loop(
+    partials: Tensor, pair_partials: Tensor, blocks: Tensor, gram: Tensor, step: Tensor,
+    pair_count: Tensor, hyper: Tensor, coef: Tensor, stats: Tensor, decision: Tensor,
+    probe: Tensor, block_offset: int, period: int, m: int, decide: bool, coefficients: bool,
+) -> None:
+    wrap_triton(two_loop_kernel)[(blocks.shape[0],)](
+        partials, pair_partials, blocks, gram, step, pair_count, hyper, coef, stats, decision,
+        probe, block_offset, partials.shape[0], period,
+        M=m, MP=padded(m), ROWS=SUM_ROWS, NCOL=BLOCK_COLUMNS, DECIDE=decide, COEF=coefficients,
+    )
+
+
+two_loop = Launcher(
+    "two_loop", _two_loop, two_loop_kernel, ("coef", "stats", "decision", "probe")
+)
+direction_scale = Launcher(
+    "direction_scale", _direction_scale, direction_scale_kernel, ("scale",)
+)

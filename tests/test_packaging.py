@@ -32,6 +32,6 @@ def test_wheel_maps_kernels_under_the_package(tmp_path):
     (wheel,) = tmp_path.glob("mlbfgs_fused-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "mlbfgs_fused/kernels/__init__.py" in names
-    assert "mlbfgs_fused/reference.py" in names
+    assert "mlbfgs_fused/reference/mlbfgs.py" in names
     top_level = {n.split("/")[0] for n in names}
     assert "kernels" not in top_level and "tests" not in top_level and "bench" not in top_level

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 NUMELS = [37, 5, 50]  # N = 92
-TILE = 16  # several programs per block, a short tail program
+TILE = 16  # several tiles per block, short tail tiles
+WORKERS = 2  # at most two workers per block: a worker loops over several tiles
 
 
 def _device():
@@ -30,6 +31,7 @@ class Fused:
 
     def __init__(self, monkeypatch, m=3, blocks=50, history_dtype=None, **hyper):
         monkeypatch.setattr(_triton, "TILE", TILE)
+        monkeypatch.setattr(_triton, "WORKERS", WORKERS)
         gen = torch.Generator().manual_seed(m * 7 + len(str(blocks)))
         self.gen = gen
         dev = _device()
@@ -108,7 +110,7 @@ def test_pass1_inner_products(monkeypatch, m, history_dtype):
     f.params[1].grad = None  # a parameter without gradient counts as zero
     f.params[2].grad[3] = 1e30  # huge but finite: g.g stays finite in float64
     assert _triton.prepare([f.arena], f.group)
-    f.ap.gradient_dots(f.group)
+    f.ap.gradient_dots(f.group, None)
 
     g = f.gradient(f.present_mask())
     sums = f.block_sums(f.ap.dot_partials)
@@ -127,7 +129,7 @@ def test_coefficients_match_two_loop(monkeypatch, m, pair_counts):
     f.fill_history(pair_counts)
     f.ap.dot_partials.copy_(f.randn(*f.ap.dot_partials.shape))
     f.ap.dot_partials[:, -1].abs_()  # g.g >= 0
-    f.ap.two_loop()
+    f.ap.two_loop(f.group)
 
     sums = f.block_sums(f.ap.dot_partials)
     Sg, Yg, gg = sums[:, :m], sums[:, m : 2 * m], sums[:, 2 * m]
@@ -138,6 +140,7 @@ def test_coefficients_match_two_loop(monkeypatch, m, pair_counts):
     torch.testing.assert_close(f.ap.coef, expected, rtol=1e-9, atol=1e-12)
     stats = f.plan.stats[f.arena.device]
     torch.testing.assert_close(stats[:, 0], gg, rtol=1e-12, atol=0)
+    torch.testing.assert_close(f.ap.probe, f.ap.dot_partials[:, -1].sum(), rtol=1e-12, atol=0)
     torch.testing.assert_close(stats[:, 1], d_dot_d, rtol=1e-9, atol=1e-12)
     assert stats[:, 2].tolist() == [float(c > 0) for c in pair_counts]
     # The warm-up: no pair held gives d = g.
@@ -147,21 +150,31 @@ def test_coefficients_match_two_loop(monkeypatch, m, pair_counts):
 
 
 # -- pass 2 -----------------------------------------------------------------------
-def _random_state(f, step, finite=True):
+def _ok(value=True):
+    return torch.tensor(value, device=_device())
+
+
+def _direction_scale(f):
+    """The group's scale of d from the stats rows, as the step computes it before pass 2."""
+    dev = f.arena.device
+    f.plan.kernels.two_loop.direction_scale(f.plan.stats[dev], f.plan.d_scale[dev], f.group["normalize"])
+
+
+def _random_state(f, step):
     a = f.arena
     for key in ("param_ema", "grad_ema", "momentum_buffer", "param_snapshot", "grad_snapshot"):
         a.flat_state[key].copy_(f.randn(f.n))
     f.ap.coef.copy_(f.randn(*f.ap.coef.shape))
     held = (a.counters["pair_count"] > 0).double()
     stats = f.plan.stats[a.device]
-    stats[:, 0] = f.randn(f.B).abs() if finite else float("nan")
+    stats[:, 0] = f.randn(f.B).abs()
     stats[:, 1] = f.randn(f.B).abs()
     stats[:, 2] = held
     a.counters["step"].fill_(step)
 
 
 def _expected_pass2(f, step, present):
-    """DESIGN.md section 2 steps 3-6 in float64 on arena-flat vectors."""
+    """docs/design.md, "The step", 3-6, in float64 on arena-flat vectors."""
     a, h = f.arena, f.group
     st = {k: v.double().clone() for k, v in a.flat_state.items()}
     theta = torch.cat([p.detach().reshape(-1) for p in f.params]).double()
@@ -195,18 +208,8 @@ def test_pass2_update(monkeypatch, step):
     theta, P, G, buf = _expected_pass2(f, step, present)
     a = f.arena
     snap_p, snap_g = a.flat_state["param_snapshot"].clone(), a.flat_state["grad_snapshot"].clone()
-    f.ap.update(f.group)
-
-    flat_theta = torch.cat([p.detach().reshape(-1) for p in f.params]).double()
-    for got, want in [
-        (flat_theta, theta), (a.flat_state["param_ema"], P),
-        (a.flat_state["grad_ema"], G), (a.flat_state["momentum_buffer"], buf),
-    ]:
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    assert torch.equal(a.flat_state["param_snapshot"], snap_p)  # the push rolls them, not pass 2
-    assert torch.equal(a.flat_state["grad_snapshot"], snap_g)
-
-    if step + 1 == 8:  # t = 8 = 2T: pass 2 leaves the sums for the push kernel's damping
+    if step + 1 == 8:  # t = 8 = 2T: pass 1 leaves the candidate pair's sums for the damping
+        f.ap.gradient_dots(f.group, None)
         sums = f.block_sums(f.ap.pair_partials)
         r = f.group["pair_momentum"]
         m = f.m
@@ -219,26 +222,37 @@ def test_pass2_update(monkeypatch, step):
             s = torch.lerp(P[sl] - snap_p[sl].double(), S[newest], r_eff)
             y = torch.lerp(G[sl] - snap_g[sl].double(), Y[newest], r_eff)
             torch.testing.assert_close(sums[b], torch.stack([s @ s, s @ y, y @ y]), rtol=1e-4, atol=1e-4)
+    _direction_scale(f)
+    f.ap.update(f.group, _ok(), None)
+
+    flat_theta = torch.cat([p.detach().reshape(-1) for p in f.params]).double()
+    for got, want in [
+        (flat_theta, theta), (a.flat_state["param_ema"], P),
+        (a.flat_state["grad_ema"], G), (a.flat_state["momentum_buffer"], buf),
+    ]:
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(a.flat_state["param_snapshot"], snap_p)  # the push rolls them, not pass 2
+    assert torch.equal(a.flat_state["grad_snapshot"], snap_g)
 
 
-def test_pass2_skips_every_write_on_a_non_finite_step(monkeypatch):
+def test_pass2_skips_every_write_unless_ok(monkeypatch):
     f = Fused(monkeypatch, m=2)
     f.fill_history([3, 1])
-    _random_state(f, step=7, finite=False)  # t = 8 would form a pair
-    before = [t.clone() for t in (*f.arena.flat_state.values(), f.ap.param_flat, f.ap.pair_partials)]
-    f.ap.update(f.group)
-    after = (*f.arena.flat_state.values(), f.ap.param_flat, f.ap.pair_partials)
+    _random_state(f, step=7)  # t = 8 would form a pair
+    before = [t.clone() for t in (*f.arena.flat_state.values(), *f.params)]
+    f.ap.update(f.group, _ok(False), None)
+    after = (*f.arena.flat_state.values(), *f.params)
     for x, y in zip(before, after):
         assert torch.equal(x, y)
 
 
 # -- the pair push ----------------------------------------------------------------------
-def _push_setup(f, step, pair_counts, finite=True, zero_s_block=None):
-    """EMAs and snapshots, and the pass-2 sums the push kernels read (put in each
-    block's first program row; the other rows zero)."""
+def _push_setup(f, step, pair_counts, zero_s_block=None):
+    """EMAs and snapshots, and the pass-1 sums the coefficient kernel decides the pair
+    from (put in each block's first worker row; the other rows zero)."""
     a, m = f.arena, f.m
     f.fill_history(pair_counts)
-    _random_state(f, step, finite)
+    _random_state(f, step)
     if zero_s_block is not None:  # s = 0 and y = 0: curvature 0, the pair is skipped
         sl = f.block(zero_s_block)
         a.flat_state["param_snapshot"][sl] = a.flat_state["param_ema"][sl]
@@ -264,12 +278,13 @@ def _push_setup(f, step, pair_counts, finite=True, zero_s_block=None):
     return candidates
 
 
-def _run_push(f):
+def _run_push(f, ok=True):
     a = f.arena
     before = {k: v.clone() for k, v in a.counters.items()}
     snaps = (a.flat_state["param_ema"].clone(), a.flat_state["grad_ema"].clone())
-    f.ap.push(f.group)
-    f.ap.commit(f.group)
+    f.ap.two_loop(f.group)  # decides (phi, accepted) per block
+    f.ap.push(f.group, _ok(ok), None)
+    f.ap.commit(f.group, _ok(ok))
     return before, snaps
 
 
@@ -317,11 +332,11 @@ def test_push_writes_pair_gram_and_counters(monkeypatch, m, pair_counts, history
 )
 def test_push_when_no_pair_forms(monkeypatch, step, finite, expect):
     f = Fused(monkeypatch, m=2, update_period=4)
-    _push_setup(f, step=step, pair_counts=[3, 1], finite=finite)
+    _push_setup(f, step=step, pair_counts=[3, 1])
     a = f.arena
     rings = (a.history_s.clone(), a.history_y.clone(), a.gram.clone())
     snaps_before = (a.flat_state["param_snapshot"].clone(), a.flat_state["grad_snapshot"].clone())
-    before, emas = _run_push(f)
+    before, emas = _run_push(f, ok=finite)
     assert torch.equal(a.history_s, rings[0]) and torch.equal(a.history_y, rings[1])
     assert torch.equal(a.gram, rings[2])
     assert torch.equal(a.counters["pair_count"], before["pair_count"])
@@ -335,18 +350,44 @@ def test_push_when_no_pair_forms(monkeypatch, step, finite, expect):
     assert torch.equal(a.flat_state["grad_snapshot"], expected[1])
 
 
-def test_program_table_tiles_lie_in_one_block_and_one_parameter():
+def test_plan_tables_cover_the_arena_in_bounded_workers():
     from mlbfgs_fused._state.layout import arena_layout
 
     layout = arena_layout([37, 0, 5, 50], 40)
-    programs, blocks = _triton.program_tables(layout, m=3, tile=16)
+    tiles, workers, blocks = _triton.plan_tables(layout, m=3, tile=16, cap=2)
     covered = []
-    for start, end, b, param, origin, stride in programs:
-        lo, hi = layout.block_bounds[b], layout.block_bounds[b + 1]
+    for start, end, param, local in tiles:
         p_lo = layout.param_offsets[param]
-        assert lo <= start <= end <= hi and end - start <= 16
-        assert p_lo <= start and (param + 1 == len(layout.param_offsets) or end <= layout.param_offsets[param + 1])
-        assert origin == 3 * lo - lo and stride == hi - lo
+        assert p_lo <= start < end and end - start <= 16 and local == start - p_lo
+        assert param + 1 == len(layout.param_offsets) or end <= layout.param_offsets[param + 1]
         covered += range(start, end)
     assert covered == list(range(layout.numel))
+    visited = []
+    for b, (lo, hi, w_lo, w_hi) in enumerate(blocks):
+        assert 1 <= w_hi - w_lo <= 2
+        for block, first, end, stride, origin, ring_stride in workers[w_lo:w_hi]:
+            assert block == b and stride == w_hi - w_lo
+            assert origin == 3 * lo - lo and ring_stride == hi - lo
+            for start, stop, _, _ in tiles[first:end:stride]:
+                assert lo <= start < stop <= hi
+                visited += range(start, stop)
+    assert sorted(visited) == list(range(layout.numel))
     assert [b[2] for b in blocks][1:] == [b[3] for b in blocks][:-1]
+
+
+def test_partial_rows_per_block_bounded_at_a_hundred_million():
+    """The launch plan for N = 1e8 in one block (no tensor is allocated): the number of
+    workers, hence of partial rows every per-block sum adds, is the machine's bound
+    (4 programs on each of an H100's 132 SMs), not a function of N."""
+    from mlbfgs_fused._state.layout import arena_layout
+
+    cap = 4 * 132
+    n = 10**8
+    layout = arena_layout([n // 2, n // 4, n // 4], "group")
+    tiles, workers, blocks = _triton.plan_tables(layout, m=10, tile=_triton.TILE, cap=cap)
+    assert len(tiles) >= n // _triton.TILE
+    assert len(workers) == cap and blocks[0][3] - blocks[0][2] == cap
+    layout = arena_layout([n // 2, n // 4, n // 4], "tensor")
+    _, workers, blocks = _triton.plan_tables(layout, m=10, tile=_triton.TILE, cap=cap)
+    assert len(workers) <= cap + len(blocks)
+    assert all(hi - lo <= cap for _, _, lo, hi in blocks)

@@ -60,12 +60,17 @@ class Arena:
             key: torch.zeros(B, dtype=dtype, device=dev)
             for key, dtype in BLOCK_COUNTER_DTYPES.items()
         }
-        # Scratch, not state: the gathered gradient (on the fused backend, the
-        # buffer the gradients are views of) and the fused backend's plan.
-        self.grad_flat = flat()
-        self.fused = None
+        self.fused = None  # the fused backend's plan
         self.counter_probe = None  # the foreach backend's host-side view of the step counter
         self._work = None
+        self._grad_flat = None
+
+    @property
+    def grad_flat(self) -> Tensor:
+        """The foreach backend's gathered gradient (scratch, not state), allocated on first use."""
+        if self._grad_flat is None:
+            self._grad_flat = torch.zeros(self.layout.numel, dtype=self.dtype, device=self.device)
+        return self._grad_flat
 
     @property
     def work(self) -> Tensor:
@@ -81,7 +86,14 @@ class Arena:
         return slice(start, start + self.params[i].numel())
 
     def param_view(self, flat: Tensor, i: int) -> Tensor:
-        return flat[self.param_slice(i)].view(self.params[i].shape)
+        """Parameter ``i``'s slice of a flat buffer, shaped like it. A dense parameter
+        stored in another order (channels_last, a transpose) gets its own strides: the
+        slice follows the parameter's memory order, element for element."""
+        p = self.params[i]
+        start = self.layout.param_offsets[i]
+        if p.is_contiguous() or not is_dense(p):
+            return flat[start : start + p.numel()].view(p.shape)
+        return flat.as_strided(p.shape, p.stride(), flat.storage_offset() + start)
 
     def local_param(self, i: int) -> Tensor:
         """The tensor the backend steps for arena position ``i``: the parameter itself
@@ -155,6 +167,19 @@ class Arena:
                     p_state["blocks"] = [self.block_state(b) for b in blocks]
                 else:
                     p_state.pop("blocks", None)
+
+
+def is_dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill ``numel`` consecutive memory slots, in any
+    dimension order (contiguous, channels_last, a transpose): dense and non-overlapping."""
+    expected = 1
+    for size, stride in sorted(
+        ((n, s) for n, s in zip(t.shape, t.stride()) if n > 1), key=lambda pair: pair[1]
+    ):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _copy_checked(dst: Tensor, src: Tensor, key: str) -> None:

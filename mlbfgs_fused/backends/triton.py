@@ -1,39 +1,59 @@
 """The fused backend: the mL-BFGS step as five Triton launches per arena.
 
-Per step and arena (DESIGN.md section 3; the kernels are in ``mlbfgs_fused.kernels``):
-pass 1 (``S g``, ``Y g``, ``g.g``), the coefficient kernel (the two-loop on the
-Gram matrices), pass 2 (direction, EMAs, momentum, parameters), the pair push
-(its programs return at once unless a pair is due) and the commit (counters and,
-after a push, the new Gram row; one program per block). Every decision that depends on a device
-value is taken on the device; ``step()`` allocates nothing and never reads a
-device value on the host, so it can be captured in a CUDA graph.
+Per step and arena (docs/design.md, "The fused backend"; the kernels are in
+``mlbfgs_fused.kernels``): in :func:`gradient_dots`, pass 1 (``S g``, ``Y g``,
+``g.g``, and on a pair-forming step the candidate pair's sums) and the coefficient
+kernel (the two-loop on the Gram matrices, the pair's damping and acceptance, the
+arena's finiteness probe); in :func:`finish`, pass 2 (direction, averages, momentum,
+parameters), the pair push (its programs return at once unless a pair is due) and
+the commit (counters and, after a push, the new Gram row; one program per block).
+``variant="released"`` pushes the pair before the direction (E4): the finish is
+push, commit of the pair, coefficients, pass 2, commit of the counters (seven launches).
+Every decision that depends on a device value is taken on the device: the kernels
+that write read the step's global verdict ``ok``. A steady-state step allocates
+nothing and never reads a device value on the host.
 
-Flat arenas. On first use each arena's parameters are re-pointed at slices of one
-contiguous buffer (``param.data = view``, as FSDP's flat parameters do) and their
-gradients become views of the arena's gradient buffer; autograd accumulates into
-them in place and the optimizer's ``zero_grad`` zeroes them with one fill. A
-gradient that was set to None and recreated, or replaced by another tensor, is
-copied into the arena at the next step and the view re-bound (correct, only
-slower); a parameter whose ``.data`` was replaced is gathered back likewise. The
-steady-state check is an identity test per parameter done in C (``map``), not a
-Python loop.
+Budget, float32 parameters and history, ``m`` slots, ``N`` elements, no weight
+decay: pass 1 reads ``(8m + 4) N`` bytes, pass 2 reads ``(8m + 20) N`` and writes
+``16 N``: ``(16m + 40) N`` a step; every ``T`` steps pass 1 adds ``28 N`` and the
+push ``(8m + 40) N`` (``+ 8 N`` for the released variant). Per-element launches
+run at most ``cap + B`` programs (``cap`` = 4 per SM, ``B`` blocks), each looping
+over tiles of ``TILE`` elements; a block has at most ``cap`` partial rows, whatever
+``N``, so every per-block reduction is bounded (two stages, fixed order).
+
+The user's tensors, in place. The optimizer's own state is flat per arena, but the
+parameters and gradients stay the user's tensors: the kernels reach them through an
+address table (``data_ptr`` of each parameter and of its gradient), as torch's fused
+AdamW takes tensor lists. The host compares the ``data_ptr``\\ s each step and uploads
+the table again only when one changed (from pinned memory, asynchronously; during
+CUDA graph capture, by fills baked into the graph). Each parameter's slice of the
+flat state follows the parameter's memory order, so a channels_last parameter is
+read and written as it lies. A gradient whose strides differ from its parameter's
+is staged (copied into a buffer laid out like the parameter) before the kernels read
+it. A parameter that changes memory format after its first step raises.
+
+Each arena launches under its own device (``torch.cuda.device``) on that device's
+current stream.
 """
 
 from __future__ import annotations
 
-import bisect
+import contextlib
 import functools
-from operator import attrgetter, is_
+from operator import attrgetter
 
 import torch
 from torch import Tensor
 
-from .._checks import check_gradients  # an entry point; binding re-checks replaced gradients
-from .._state.arena import Arena
+from .. import _checks
+from .._state.arena import Arena, is_dense
 
-# Elements per program; with Triton's default 4 warps no kernel spills registers.
-# A block's (or parameter's) last program is shorter.
+# Elements per tile; with Triton's default 4 warps no kernel spills registers.
+# A block's (or parameter's) last tile is shorter.
 TILE = 1024
+# Workers (programs) per block at most: None is 4 per SM on a GPU, 4 in the interpreter.
+WORKERS: int | None = None
+PROGRAMS_PER_SM = 4
 
 _grad_of = attrgetter("grad")
 _data_ptr = Tensor.data_ptr
@@ -64,11 +84,26 @@ def supported_devices() -> list[str]:
     return ["cuda", "cpu"] if available() and interpreting() else ["cuda"]
 
 
+def worker_cap(device: torch.device) -> int:
+    """Workers per block at most: a few programs per SM, so the grid and the number
+    of partial rows per block are bounded by the machine, not by ``N``."""
+    if WORKERS is not None:
+        return WORKERS
+    if device.type == "cuda":
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
 # -- entry points (see mlbfgs_fused.backends) --------------------------------------
+def check_gradients(group: dict) -> None:
+    _checks.check_gradients(group)
+
+
 @torch.compiler.disable  # host-side bookkeeping; the launches after it trace into one graph
 def prepare(arenas: list[Arena], group: dict) -> bool:
-    """Host-side work of a step, before any write: build the plan on first use, check
-    and bind the gradients. Returns whether any parameter of the group has a gradient."""
+    """Host-side work of a step, before any write: build the plan on first use, refresh
+    the hyperparameters and the address tables. Returns whether any parameter of the
+    group has a gradient."""
     plan = arenas[0].fused
     if plan is None:
         plan = GroupPlan(arenas)
@@ -77,54 +112,119 @@ def prepare(arenas: list[Arena], group: dict) -> bool:
 
 def gradient_dots(arenas: list[Arena], group: dict, amp) -> list[Tensor]:
     plan = arenas[0].fused
-    plan.gradient_dots(group)
-    plan.two_loop()
-    return [p.stats[p.block_rows, 0].sum() for p in plan.arenas]
+    plan.gradient_dots(group, amp)
+    # variant="released" uses a pair at the step it forms (E4): its coefficients wait
+    # for the push, in finish.
+    plan.two_loop(group, decide=True, coefficients=group["variant"] == "paper")
+    return [p.probe for p in plan.arenas]
 
 
 def finish(arenas: list[Arena], group: dict, ok: dict, amp) -> None:
     plan = arenas[0].fused
-    plan.update(group)
-    plan.push(group)
-    plan.commit(group)
+    if group["variant"] == "paper":
+        plan.update(group, ok, amp)
+        plan.push(group, ok, amp)
+        plan.commit(group, ok, pair=True, counters=True)
+    else:  # the pair first (E4), then the direction with it
+        plan.push(group, ok, amp)
+        plan.commit(group, ok, pair=True, counters=False)
+        plan.two_loop(group, decide=False, coefficients=True)
+        plan.update(group, ok, amp)
+        plan.commit(group, ok, pair=False, counters=True)
 
 
 # -- plans ------------------------------------------------------------------------
-class ArenaPlan:
-    """The fused backend's view of one arena: flat parameter and gradient buffers,
-    the program and block tables, and scratch for the partial sums. Built once."""
+def plan_tables(layout, m: int, tile: int, cap: int):
+    """The tile, worker and block tables of an arena layout (see
+    :mod:`mlbfgs_fused.kernels.common`). Tiles lie in one block and one parameter;
+    block ``b`` with ``T_b`` of the arena's ``T`` tiles gets
+    ``min(T_b, max(1, ceil(cap * T_b / T)))`` workers: at most ``cap`` partial rows
+    per block, at most ``cap + B`` programs per launch."""
+    offsets = list(layout.param_offsets)
+    tiles, spans = [], []
+    param = 0
+    for b in range(layout.num_blocks):
+        lo, hi = layout.block_bounds[b], layout.block_bounds[b + 1]
+        first = len(tiles)
+        a = lo
+        while a < hi:
+            while param + 1 < len(offsets) and offsets[param + 1] <= a:
+                param += 1
+            z = hi if param + 1 == len(offsets) else min(hi, offsets[param + 1])
+            for start in range(a, z, tile):
+                tiles.append((start, min(start + tile, z), param, start - offsets[param]))
+            a = z
+        spans.append((first, len(tiles)))
+    total = max(1, len(tiles))
+    workers, blocks = [], []
+    for b, (first, end) in enumerate(spans):
+        lo, hi = layout.block_bounds[b], layout.block_bounds[b + 1]
+        count = end - first
+        n = min(count, max(1, -(-cap * count // total))) if count else 1
+        w0 = len(workers)
+        for k in range(n):
+            workers.append((b, first + k, end, n, m * lo - lo, hi - lo))
+        blocks.append((lo, hi, w0, len(workers)))
+    return tiles, workers, blocks
 
-    def __init__(self, arena: Arena, group: GroupPlan, block_offset: int, tile: int):
-        n, m, dev = arena.layout.numel, arena.m, arena.device
+
+def _same_strides(a: Tensor, b: Tensor) -> bool:
+    """Same memory order (strides of size-1 dimensions do not matter)."""
+    return all(x == y for x, y, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+class ArenaPlan:
+    """The fused backend's view of one arena: the address, tile, worker and block
+    tables, and scratch for the partial sums. Built once."""
+
+    def __init__(self, arena: Arena, group: GroupPlan, block_offset: int, tile: int, cap: int):
+        m, dev = arena.m, arena.device
         self.arena, self.group, self.kernels = arena, group, group.kernels
         self.stats, self.hyper = group.stats[dev], group.hyper[dev]
         self.block_offset, self.tile = block_offset, tile
-        count = len(arena.params)
+        self.guard = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+        for p in arena.params:
+            if not is_dense(p):
+                raise RuntimeError(
+                    "the fused backend needs parameters whose memory is dense and "
+                    "non-overlapping (contiguous, channels_last, ...), got one of shape "
+                    f"{tuple(p.shape)} with strides {p.stride()}"
+                )
+        # What the flat state was laid out for: a parameter must keep it.
+        self.layouts = [(p.shape, p.stride(), p.dtype, p.device) for p in arena.params]
 
-        self.param_flat = torch.empty(n, dtype=arena.dtype, device=dev)
-        self.param_views = [arena.param_view(self.param_flat, i) for i in range(count)]
-        self.grad_views = [arena.param_view(arena.grad_flat, i) for i in range(count)]
-        with torch.no_grad():
-            for p, view in zip(arena.params, self.param_views):
-                view.copy_(p)
-                p.data = view
-        self.param_ptrs = list(map(_data_ptr, arena.params))
+        tiles, workers, blocks = plan_tables(arena.layout, m, tile, cap)
+        align = self.kernels.common.ALIGN
+        # Aligned when every tile and ring starts at a multiple of ALIGN (and, checked as
+        # the address table is built, every user tensor at a 16-byte boundary).
+        self.tiles_aligned = all(x % align == 0 for row in tiles for x in row[:2] + row[3:]) and all(
+            row[4] % align == 0 and row[5] % align == 0 for row in workers
+        )
+        self.aligned = False
+        self.tiles = _table(tiles, 4, dev)
+        self.workers = _table(workers, 6, dev)
+        self.blocks = _table(blocks, 4, dev)
+        self.addresses = torch.zeros(len(arena.params), 2, dtype=torch.int64, device=dev)
+        self.param_ptrs: list[int] | None = None  # the user's pointers the table was built from
+        self.grad_ptrs: list[int] | None = None
+        self.staged: dict[int, Tensor] = {}  # gradients with other strides, copied each step
+        self.has_grad = False
 
-        programs, blocks = program_tables(arena.layout, m, tile)
-        self.programs = torch.tensor(programs, dtype=torch.int64, device=dev)
-        self.blocks = torch.tensor(blocks, dtype=torch.int64, device=dev)
-        self.present = torch.ones(count, dtype=torch.int32, device=dev)
-        self.all_present = (True,) * count
-        self.present_pattern = self.all_present
-        # Scratch: per-program partial sums (pass 1; pass 2 for the damping; the push
-        # for the Gram row) and per-block coefficients of d.
+        # Scratch: per-worker partial sums (pass 1; the push for the Gram row), the
+        # per-block coefficients of d and pair decision, the finiteness probe.
         def scratch(*shape):
             return torch.zeros(*shape, dtype=torch.float64, device=dev)
 
-        self.dot_partials = scratch(len(programs), 2 * m + 1)
-        self.pair_partials = scratch(len(programs), 3)
-        self.gram_partials = scratch(len(programs), 4 * m)
+        self.dot_partials = scratch(len(workers), 2 * m + 1)
+        self.pair_partials = scratch(len(workers), 3)
+        self.gram_partials = scratch(len(workers), 4 * m)
         self.coef = scratch(arena.layout.num_blocks, 2 * m + 1)
+        self.decision = scratch(arena.layout.num_blocks, 2)
+        self.probe = scratch(())
 
     @property
     def block_rows(self) -> slice:
@@ -132,108 +232,133 @@ class ArenaPlan:
 
     # -- binding --------------------------------------------------------------
     def bind(self) -> bool:
-        """Make every parameter a view of the arena and every gradient a view of
-        its gradient buffer; return whether any gradient is present."""
+        """Bring the address table up to date with the user's tensors (an upload only
+        when a pointer changed); return whether any gradient is present."""
         params = self.arena.params
-        if list(map(_data_ptr, params)) != self.param_ptrs:
-            self._gather_params()
-        if all(map(is_, map(_grad_of, params), self.grad_views)):
-            self._set_present(self.all_present)
-            return True
-        return self._gather_grads()
-
-    def _gather_params(self) -> None:
-        with torch.no_grad():
-            for p, view in zip(self.arena.params, self.param_views):
-                if p.data_ptr() == view.data_ptr():
-                    continue
-                if p.shape != view.shape or p.dtype != view.dtype or p.device != view.device:
-                    raise RuntimeError(
-                        "a parameter changed shape, dtype or device after the optimizer first "
-                        "stepped it; build a new optimizer"
-                    )
-                view.copy_(p)
-                p.data = view
-        self.param_ptrs = list(map(_data_ptr, self.arena.params))
-
-    def _gather_grads(self) -> bool:
-        params = self.arena.params
+        param_ptrs = list(map(_data_ptr, params))
         grads = list(map(_grad_of, params))
-        foreign = [
-            p for p, g, v in zip(params, grads, self.grad_views) if g is not None and g is not v
-        ]
-        check_gradients({"params": foreign})
-        with torch.no_grad():
-            for p, g, view in zip(params, grads, self.grad_views):
-                if g is not None and g is not view:
-                    view.copy_(g)
-                    p.grad = view
-        pattern = tuple(g is not None for g in grads)
-        self._set_present(pattern)
-        return any(pattern)
+        grad_ptrs = [0 if g is None else g.data_ptr() for g in grads]
+        if param_ptrs != self.param_ptrs or grad_ptrs != self.grad_ptrs:
+            self._rebuild(params, grads, param_ptrs, grad_ptrs)
+        elif self.staged:
+            for i, stage in self.staged.items():
+                stage.copy_(grads[i])
+        return self.has_grad
 
-    def _set_present(self, pattern: tuple[bool, ...]) -> None:
-        """Update the device flags of which parameters have a gradient, only when
-        they change (a host-to-device copy)."""
-        if pattern is not self.present_pattern and pattern != self.present_pattern:
-            self.present.copy_(torch.tensor(pattern, dtype=torch.int32))
-            self.present_pattern = pattern
-
-    def zero_grad(self) -> list[Tensor]:
-        """Zero the gradient buffer in place; return the parameters left with nothing
-        to reset (a gradient that is a view of the buffer, or None)."""
-        self.arena.grad_flat.zero_()
-        params = self.arena.params
-        if all(map(is_, map(_grad_of, params), self.grad_views)):
-            return params
-        return [p for p, v in zip(params, self.grad_views) if p.grad is None or p.grad is v]
+    def _rebuild(self, params, grads, param_ptrs, grad_ptrs) -> None:
+        device = self.arena.device
+        for p, (shape, stride, dtype, dev) in zip(params, self.layouts):
+            if p.dtype != dtype or p.shape != shape or p.device != dev:
+                raise RuntimeError(
+                    "a parameter changed dtype, shape or device after the optimizer first "
+                    f"stepped it ({dtype}, {tuple(shape)}, {dev} -> {p.dtype}, {tuple(p.shape)}, "
+                    f"{p.device}); the optimizer's state follows the parameter as it was: "
+                    "build a new optimizer, or convert the model before building it"
+                )
+            if not _same_strides(p, _Strided(shape, stride)):
+                raise RuntimeError(
+                    "a parameter changed memory format after the optimizer first stepped it "
+                    f"(strides {stride} -> {p.stride()}, e.g. model.to(memory_format=...)); "
+                    "convert the model before building the optimizer"
+                )
+        staged: dict[int, Tensor] = {}
+        table = []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            address = 0
+            if g is not None:
+                if _same_strides(g, p) and is_dense(g):
+                    address = g.data_ptr()
+                else:  # staged into a buffer laid out like the parameter
+                    stage = self.staged.get(i)
+                    if stage is None:
+                        stage = torch.empty_like(p, memory_format=torch.preserve_format)
+                    stage.copy_(g)
+                    staged[i] = stage
+                    address = stage.data_ptr()
+            table += (p.data_ptr(), address)
+        self.staged = staged
+        if _capturing(device):
+            # No host memory may be read in a captured graph: one fill per entry, its
+            # value baked into the graph (the tensors captured there keep their addresses).
+            for entry, address in zip(self.addresses.view(-1), table):
+                entry.fill_(address)
+        else:
+            host = torch.tensor(table, dtype=torch.int64).view(-1, 2)
+            if device.type == "cuda":
+                host = host.pin_memory()  # the caching host allocator keeps it until the copy ran
+            self.addresses.copy_(host, non_blocking=True)
+        self.param_ptrs, self.grad_ptrs = param_ptrs, grad_ptrs
+        self.has_grad = any(grad_ptrs)
+        self.aligned = self.tiles_aligned and all(address % 16 == 0 for address in table)
 
     # -- launches ---------------------------------------------------------------
-    def gradient_dots(self, group: dict) -> None:
-        a = self.arena
-        self.kernels.gradient_dots.gradient_dots(
-            a.grad_flat, self.param_flat, a.history_s, a.history_y, self.programs, self.present,
-            self.hyper, self.dot_partials, a.m, group["weight_decay"] != 0, group["maximize"],
-            self.tile,
-        )
+    def gradient_dots(self, group: dict, scale: Tensor | None) -> None:
+        a, c, f = self.arena, self.arena.counters, self.arena.flat_state
+        with self.guard:
+            self.kernels.gradient_dots.gradient_dots(
+                self.addresses, self.tiles, self.workers, a.history_s, a.history_y,
+                f["param_ema"], f["grad_ema"], f["param_snapshot"], f["grad_snapshot"],
+                c["step"], c["pair_count"], self.hyper, self.hyper if scale is None else scale,
+                self.dot_partials, self.pair_partials, group["update_period"], a.m,
+                group["weight_decay"] != 0, group["maximize"], scale is not None,
+                group["variant"] == "released", self.tile, self.aligned,
+            )
 
-    def two_loop(self) -> None:
-        a = self.arena
-        self.kernels.two_loop.two_loop(
-            self.dot_partials, self.blocks, a.gram, a.counters["pair_count"], self.coef,
-            self.stats, self.block_offset, a.m,
-        )
+    def two_loop(self, group: dict, decide: bool = True, coefficients: bool = True) -> None:
+        a, c = self.arena, self.arena.counters
+        with self.guard:
+            self.kernels.two_loop.two_loop(
+                self.dot_partials, self.pair_partials, self.blocks, a.gram, c["step"],
+                c["pair_count"], self.hyper, self.coef, self.stats, self.decision, self.probe,
+                self.block_offset, group["update_period"], a.m, decide, coefficients,
+            )
 
-    def update(self, group: dict) -> None:
-        a = self.arena
-        f, c = a.flat_state, a.counters
-        self.kernels.update.update(
-            a.grad_flat, self.param_flat, a.history_s, a.history_y,
-            f["param_ema"], f["grad_ema"], f["momentum_buffer"], f["param_snapshot"],
-            f["grad_snapshot"], self.programs, self.present, self.coef, c["step"],
-            c["pair_count"], self.stats, self.hyper, self.group.lr[a.device], self.pair_partials,
-            group["update_period"], a.m, group["weight_decay"] != 0, group["maximize"],
-            group["normalize"], self.tile,
-        )
+    def update(self, group: dict, ok: Tensor, scale: Tensor | None) -> None:
+        a, c, f = self.arena, self.arena.counters, self.arena.flat_state
+        with self.guard:
+            self.kernels.update.update(
+                self.addresses, self.tiles, self.workers, a.history_s, a.history_y,
+                f["param_ema"], f["grad_ema"], f["momentum_buffer"], self.coef, c["step"],
+                self.group.d_scale[a.device], self.hyper, self.group.lr[a.device],
+                self.hyper if scale is None else scale, ok, group["update_period"], a.m,
+                group["weight_decay"] != 0, group["maximize"], scale is not None, group["variant"] == "released", self.tile, self.aligned,
+            )
 
-    def push(self, group: dict) -> None:
-        a = self.arena
-        f, c = a.flat_state, a.counters
-        self.kernels.push.push(
-            f["param_ema"], f["grad_ema"], f["param_snapshot"], f["grad_snapshot"],
-            a.history_s, a.history_y, self.programs, self.blocks, self.stats,
-            self.pair_partials, self.gram_partials, self.hyper, c["step"], c["pair_count"],
-            group["update_period"], a.m, self.tile,
-        )
+    def push(self, group: dict, ok: Tensor, scale: Tensor | None) -> None:
+        a, c, f = self.arena, self.arena.counters, self.arena.flat_state
+        with self.guard:
+            self.kernels.push.push(
+                f["param_ema"], f["grad_ema"], f["param_snapshot"], f["grad_snapshot"],
+                a.history_s, a.history_y, self.tiles, self.workers, self.decision,
+                self.gram_partials, self.hyper, c["step"], c["pair_count"], ok,
+                self.addresses, self.hyper if scale is None else scale, self.dot_partials,
+                group["update_period"], a.m, self.tile, self.aligned,
+                group["variant"] == "released", group["weight_decay"] != 0, group["maximize"],
+                scale is not None,
+            )
 
-    def commit(self, group: dict) -> None:
-        a = self.arena
-        c = a.counters
-        self.kernels.push.commit(
-            self.blocks, self.stats, self.pair_partials, self.gram_partials, self.hyper, a.gram,
-            c["step"], c["pair_count"], c["skipped_pairs"], c["skipped_steps"],
-            group["update_period"], a.m,
-        )
+    def commit(self, group: dict, ok: Tensor, pair: bool = True, counters: bool = True) -> None:
+        a, c = self.arena, self.arena.counters
+        with self.guard:
+            self.kernels.push.commit(
+                self.blocks, self.decision, self.gram_partials, a.gram, c["step"],
+                c["pair_count"], c["skipped_pairs"], c["skipped_steps"], ok,
+                group["update_period"], a.m, pair, counters,
+            )
+
+
+class _Strided:
+    """Shape and strides of a tensor as it was (for :func:`_same_strides`)."""
+
+    def __init__(self, shape, stride):
+        self.shape, self._stride = shape, stride
+
+    def stride(self):
+        return self._stride
+
+
+def _table(rows, columns: int, device) -> Tensor:
+    return torch.tensor(rows, dtype=torch.int64).view(-1, columns).to(device)
 
 
 class GroupPlan:
@@ -254,15 +379,21 @@ class GroupPlan:
         self.hyper = {
             d: torch.zeros(common.NUM_HYPER, dtype=torch.float64, device=d) for d in self.devices
         }
+        self.d_scale = {d: torch.ones((), dtype=torch.float64, device=d) for d in self.devices}
+        self.guards = {
+            d: torch.cuda.device(d) if d.type == "cuda" else contextlib.nullcontext()
+            for d in self.devices
+        }
         self.hyper_slots = {d: h.unbind(0) for d, h in self.hyper.items()}
         self.hyper_values: tuple | None = None
         self.lr_slot = {d: slots[common.H_LR] for d, slots in self.hyper_slots.items()}
         self.lr_source: float | Tensor | None = None
         self.lr: dict[torch.device, Tensor] = {}  # what the kernels read lr from
+        self.scale_copies: dict[torch.device, Tensor] = {}  # AMP's scale on other devices
         self.arenas = []
         offset = 0
         for arena in arenas:
-            self.arenas.append(ArenaPlan(arena, self, offset, tile))
+            self.arenas.append(ArenaPlan(arena, self, offset, tile, worker_cap(arena.device)))
             offset += arena.layout.num_blocks
         for arena in arenas:
             arena.fused = self
@@ -282,7 +413,7 @@ class GroupPlan:
             0.0 if isinstance(lr, Tensor) else float(lr),
             group["momentum"], group["weight_decay"], 1 - beta_p, 1 - beta_g,
             group["pair_momentum"], group["damping"], group["sigma_low"], group["sigma_high"],
-            group["eps"],
+            group["eps"], beta_p, beta_g,
         )
         old = self.hyper_values
         if values != old:
@@ -302,40 +433,71 @@ class GroupPlan:
             for d in self.devices:
                 if lr.device != d:  # a tensor lr elsewhere (say on the CPU): copy its value
                     slot = self.lr_slot[d]
-                    slot.fill_(lr.item()) if lr.device.type == "cpu" else slot.copy_(lr)
+                    if lr.device.type != "cpu":
+                        slot.copy_(lr, non_blocking=True)
+                    elif _capturing(d):
+                        raise RuntimeError(
+                            "MLBFGS (fused): a CPU tensor lr cannot be read during CUDA graph "
+                            "capture; put lr on the parameters' device (capturable=True)"
+                        )
+                    else:
+                        slot.fill_(lr.item())
 
-    def launch(self, group: dict) -> None:
-        """The step's launch sequence: no host reads, no allocation, no branch on a
-        device value. Each pass covers every arena before the next starts, since the
-        finiteness and the norm of ``d`` are group-wide. The passes are also callable
-        one by one (the benchmarks time them so)."""
-        self.gradient_dots(group)
-        self.two_loop()
-        self.update(group)
-        self.push(group)
-        self.commit(group)
+    def _scales(self, amp) -> dict:
+        """AMP's ``grad_scale`` per device (None when the gradients carry none)."""
+        if amp is None or amp.grad_scale is None:
+            return dict.fromkeys(self.devices)
+        scale = amp.grad_scale
+        out = {}
+        for d in self.devices:
+            if scale.device == d:
+                out[d] = scale
+            else:
+                copy = self.scale_copies.get(d)
+                if copy is None:
+                    copy = self.scale_copies[d] = torch.empty((), dtype=scale.dtype, device=d)
+                copy.copy_(scale.reshape(()), non_blocking=True)
+                out[d] = copy
+        return out
 
-    def gradient_dots(self, group: dict) -> None:
+    def launch(self, group: dict, amp=None) -> None:
+        """The step's launch sequence for this group alone (its own probes decide
+        ``ok``): no host reads, no branch on a device value. Each pass covers every
+        arena before the next starts, since the direction's norm is group-wide."""
+        arenas = [plan.arena for plan in self.arenas]
+        probes = gradient_dots(arenas, group, amp)
+        ok = torch.stack([p.to(self.devices[0]) for p in probes]).sum().isfinite()
+        finish(arenas, group, {d: ok.to(d) for d in self.devices}, amp)
+
+    def gradient_dots(self, group: dict, amp=None) -> None:
+        scales = self._scales(amp)
         for plan in self.arenas:
-            plan.gradient_dots(group)
+            plan.gradient_dots(group, scales[plan.arena.device])
 
-    def two_loop(self) -> None:
+    def two_loop(self, group: dict, decide: bool = True, coefficients: bool = True) -> None:
         for plan in self.arenas:
-            plan.two_loop()
+            plan.two_loop(group, decide, coefficients)
+        if not coefficients:
+            return
         if len(self.devices) > 1:
             self._share_stats()
+        for d in self.devices:  # the group's scale of d, once per device
+            with self.guards[d]:
+                self.kernels.two_loop.direction_scale(self.stats[d], self.d_scale[d], group["normalize"])
 
-    def update(self, group: dict) -> None:
+    def update(self, group: dict, ok: dict, amp=None) -> None:
+        scales = self._scales(amp)
         for plan in self.arenas:
-            plan.update(group)
+            plan.update(group, ok[plan.arena.device], scales[plan.arena.device])
 
-    def push(self, group: dict) -> None:
+    def push(self, group: dict, ok: dict, amp=None) -> None:
+        scales = self._scales(amp)
         for plan in self.arenas:
-            plan.push(group)
+            plan.push(group, ok[plan.arena.device], scales[plan.arena.device])
 
-    def commit(self, group: dict) -> None:
+    def commit(self, group: dict, ok: dict, pair: bool = True, counters: bool = True) -> None:
         for plan in self.arenas:
-            plan.commit(group)
+            plan.commit(group, ok[plan.arena.device], pair, counters)
 
     def _share_stats(self) -> None:
         """A group spread over devices: each device gets every arena's stats rows."""
@@ -345,9 +507,6 @@ class GroupPlan:
                 if d != plan.arena.device:
                     self.stats[d][rows].copy_(plan.stats[rows], non_blocking=True)
 
-    def zero_grad(self) -> list[Tensor]:
-        return [p for plan in self.arenas for p in plan.zero_grad()]
-
 
 class _Kernels:
     """The kernel modules, imported when the first plan is built (Triton is optional)."""
@@ -355,23 +514,3 @@ class _Kernels:
     def __init__(self, common, gradient_dots, two_loop, update, push):
         self.common, self.gradient_dots, self.two_loop = common, gradient_dots, two_loop
         self.update, self.push = update, push
-
-
-def program_tables(layout, m: int, tile: int) -> tuple[list[list[int]], list[list[int]]]:
-    """The program table (tiles within one block and one parameter) and the block
-    table of an arena layout; see :mod:`mlbfgs_fused.kernels.common`."""
-    offsets = list(layout.param_offsets)
-    programs, blocks = [], []
-    for b in range(layout.num_blocks):
-        lo, hi = layout.block_bounds[b], layout.block_bounds[b + 1]
-        first = len(programs)
-        cuts = sorted({lo, hi, *(o for o in offsets if lo < o < hi)})
-        for a, z in zip(cuts[:-1], cuts[1:]):
-            param = bisect.bisect_right(offsets, a) - 1
-            for start in range(a, z, tile):
-                programs.append([start, min(start + tile, z), b, param, m * lo - lo, hi - lo])
-        if len(programs) == first:  # an empty block still needs a program for its counters
-            param = max(0, bisect.bisect_right(offsets, lo) - 1)
-            programs.append([lo, lo, b, param, m * lo - lo, hi - lo])
-        blocks.append([lo, hi, first, len(programs)])
-    return programs, blocks
