@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._state.arena import PARAM_STATE_KEYS, Arena, _copy_checked
+from .._state.arena import PARAM_STATE_KEYS, Arena, _copy_checked, is_dense
 from .sharding import ShardLayout
 
 
@@ -38,13 +38,16 @@ def _all_gather(output: Tensor, input: Tensor, group) -> None:
 
 
 def flat_view(t: Tensor) -> Tensor:
-    """A parameter or gradient as a flat view in memory order (it must be contiguous)."""
-    if not t.is_contiguous():
+    """A parameter or gradient as a flat view in memory order (contiguous, or dense in
+    another dimension order: channels_last, a transpose)."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if not is_dense(t):
         raise RuntimeError(
-            "MLBFGS(distributed=...) needs contiguous parameters and gradients, got one "
-            f"with shape {tuple(t.shape)} and strides {t.stride()}"
+            "MLBFGS(distributed=...) needs dense parameters and gradients, got one with shape "
+            f"{tuple(t.shape)} and strides {t.stride()}"
         )
-    return t.view(-1)
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
 class ShardArena(Arena):
@@ -84,7 +87,13 @@ class ShardArena(Arena):
 
     def local_grad(self, i: int) -> Tensor:
         start, stop = self.layout.pieces[i]
-        return flat_view(self.params[i].grad)[start:stop]
+        p = self.params[i]
+        if p.grad.stride() != p.stride():
+            raise RuntimeError(
+                "MLBFGS(distributed=...) needs each gradient laid out like its parameter, got "
+                f"strides {p.grad.stride()} for a parameter with strides {p.stride()}"
+            )
+        return flat_view(p.grad)[start:stop]
 
     @property
     def active(self) -> bool:

@@ -59,9 +59,24 @@ def test_one_rank_is_the_single_process_optimizer(group, mode):
         assert a.dtype == b.dtype and torch.equal(a.reshape(-1), b.reshape(-1))
 
 
-def test_non_contiguous_parameters_are_refused(group):
-    p = torch.nn.Parameter(torch.randn(4, 3).t())
-    opt = MLBFGS([p], distributed="sharded")
+def test_memory_order_parameters(group):
+    """A transposed parameter is stepped in memory order, like the plain optimizer
+    does; one strided with gaps, or a gradient laid out otherwise, is refused."""
+    results = []
+    for distributed in (None, "sharded"):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(4, 3).t())
+        opt = MLBFGS([p], history_size=2, update_period=2, **({} if distributed is None else {"distributed": distributed}))
+        for _ in range(7):
+            p.grad = (p.detach() * 0.5 + 0.1).t().contiguous().t()  # the parameter's strides
+            opt.step()
+        results.append(p.detach().clone())
+    assert torch.equal(*results)
     p.grad = torch.randn(3, 4)
-    with pytest.raises(RuntimeError, match="contiguous"):
+    with pytest.raises(RuntimeError, match="laid out like its parameter"):
+        opt.step()
+    q = torch.nn.Parameter(torch.randn(4, 6)[:, ::2])
+    opt = MLBFGS([q], distributed="sharded")
+    q.grad = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="dense"):
         opt.step()
