@@ -6,6 +6,8 @@ foreach backend steps that part through a :class:`~.arena.ShardArena` whose two
 reduction hooks complete the inner products with one small all-reduce each, and the
 updated elements are all-gathered into the parameters, which every rank keeps whole
 (as under ``DistributedDataParallel``, whose averaged gradients are used as they are).
+Parameters that are ``DTensor`` s sharded on dim 0 (FSDP2 ``fully_shard``) stay sharded:
+under ``"sharded"`` a rank owns the rows it holds and steps its local shards in place.
 
 Imports run one way: ``_state`` and ``backends`` -> ``distributed`` -> ``mlbfgs``.
 """

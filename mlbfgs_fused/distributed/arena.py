@@ -2,13 +2,14 @@
 
 A :class:`ShardArena` is an :class:`~mlbfgs_fused._state.arena.Arena` over a
 :class:`~.sharding.ShardLayout`: its "parameters" are pieces ``p.view(-1)[a:b]`` of
-the group's parameters (and ``p.grad.view(-1)[a:b]`` of their gradients), so the
+the group's parameters (and ``p.grad.view(-1)[a:b]`` of their gradients; flat in
+memory order), so the
 foreach backend steps a rank's elements exactly as it steps a whole arena. Its
 inner products are completed by the two hooks the backend calls:
 
 ``block_sum(x)``
-    a per-block partial sum over this rank's elements (``S g``, ``Y g``, ``g.g``,
-    ``||d_b||^2``, damping sums, Gram rows) made whole. ``"sharded"``: one all-reduce
+    a per-block partial sum over this rank's elements (``S g``, ``Y g``, ``g.g``;
+    on pair steps the damping sums, curvatures and Gram rows) made whole. ``"sharded"``: one all-reduce
     of ``x`` (every rank holds a part of every block); ``"blockwise"``: nothing (a
     block lives on one rank).
 ``group_sum(x)``
@@ -60,6 +61,7 @@ class ShardArena(Arena):
         process_group,
         history_size: int,
         history_dtype: torch.dtype | None,
+        dtensor: bool = False,
     ):
         super().__init__(params, layouts[rank], history_size, history_dtype)
         self.all_params = params  # in the order the layouts index them
@@ -67,11 +69,14 @@ class ShardArena(Arena):
         self.rank = rank
         self.mode = mode
         self.process_group = process_group
-        self.global_numel = sum(p.numel() for p in params)
-        # All-gather staging: every rank's local vector, padded to the longest one.
-        width = max(lay.numel for lay in layouts)
-        self.send = torch.zeros(width, dtype=self.dtype, device=self.device)
-        self.recv = torch.zeros(width * len(layouts), dtype=self.dtype, device=self.device)
+        # DTensor parameters sharded on dim 0 (FSDP2): a piece is a whole local shard,
+        # and the parameters stay sharded (nothing to all-gather).
+        self.dtensor = dtensor
+        if not dtensor:
+            # All-gather staging: every rank's local vector, padded to the longest one.
+            width = max(lay.numel for lay in layouts)
+            self.send = torch.zeros(width, dtype=self.dtype, device=self.device)
+            self.recv = torch.zeros(width * len(layouts), dtype=self.dtype, device=self.device)
 
     # -- geometry: pieces instead of whole parameters ----------------------------
     def param_slice(self, i: int) -> slice:
@@ -82,18 +87,24 @@ class ShardArena(Arena):
         return flat[self.param_slice(i)]
 
     def local_param(self, i: int) -> Tensor:
+        if self.dtensor:
+            return flat_view(self.params[i].to_local())
         start, stop = self.layout.pieces[i]
         return flat_view(self.params[i])[start:stop]
 
     def local_grad(self, i: int) -> Tensor:
-        start, stop = self.layout.pieces[i]
-        p = self.params[i]
-        if p.grad.stride() != p.stride():
+        p, grad = self.params[i], self.params[i].grad
+        if self.dtensor:
+            p, grad = p.to_local(), grad.to_local()
+        if grad.stride() != p.stride():
             raise RuntimeError(
                 "MLBFGS(distributed=...) needs each gradient laid out like its parameter, got "
-                f"strides {p.grad.stride()} for a parameter with strides {p.stride()}"
+                f"strides {grad.stride()} for a parameter with strides {p.stride()}"
             )
-        return flat_view(p.grad)[start:stop]
+        if self.dtensor:
+            return flat_view(grad)
+        start, stop = self.layout.pieces[i]
+        return flat_view(grad)[start:stop]
 
     @property
     def active(self) -> bool:
@@ -114,8 +125,8 @@ class ShardArena(Arena):
     # -- parameters back on every rank --------------------------------------------
     def publish(self) -> None:
         """All-gather every rank's elements into the full parameters."""
-        if len(self.layouts) == 1:
-            return  # one rank wrote them all in place
+        if self.dtensor or len(self.layouts) == 1:
+            return  # the rank wrote all the elements it holds in place
         lay = self.layout
         if lay.order:
             pieces = [self.local_param(i) for i in range(len(lay.order))]

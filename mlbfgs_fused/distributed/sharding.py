@@ -76,6 +76,12 @@ def shard_layouts(layout: ArenaLayout, numels: list[int], mode: str, world_size:
     return [_local(layout, numels, ranges[r], owned_blocks[r]) for r in range(world_size)]
 
 
+def ranges_layout(layout: ArenaLayout, numels: list[int], ranges: list[tuple[int, int]]) -> ShardLayout:
+    """This rank's :class:`ShardLayout` when it owns ``ranges`` of the vector and
+    keeps every block (parameters already sharded, e.g. by FSDP2)."""
+    return _local(layout, numels, _merge(sorted(ranges)), list(range(layout.num_blocks)))
+
+
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     merged: list[list[int]] = []
     for lo, hi in ranges:

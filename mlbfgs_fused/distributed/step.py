@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import backends
 from .arena import ShardArena
-from .sharding import shard_layouts
+from .sharding import ranges_layout, shard_layouts
 
 MODES = ("sharded", "blockwise")
 
@@ -50,20 +50,27 @@ class Partition:
             )
         if group["capturable"]:
             raise NotImplementedError(f"MLBFGS(distributed={self.mode!r}) does not support capturable=True yet")
-        for p in group["params"]:
-            if _is_dtensor(p):
+        sharded = [_is_dtensor(p) for p in group["params"]]
+        if any(sharded):
+            if self.mode != "sharded" or not all(sharded):
                 raise NotImplementedError(
-                    f"MLBFGS(distributed={self.mode!r}) does not support DTensor parameters "
-                    "(FSDP2 fully_shard) yet: pass replicated parameters (plain tensors, "
-                    "e.g. under DistributedDataParallel)"
+                    "DTensor parameters (FSDP2 fully_shard) are supported with "
+                    "distributed='sharded' only, in groups of DTensor parameters only"
                 )
+            for p in group["params"]:
+                _check_fsdp_placement(p, self.world_size)
 
     def arena(self, params, layout, history_size, history_dtype, salt: int = 0) -> ShardArena:
         """This rank's arena of ``params`` (laid out by ``layout``); ``salt`` (the group's
         index) spreads single-block groups over the ranks under ``"blockwise"``."""
-        layouts = shard_layouts(
-            layout, [p.numel() for p in params], self.mode, self.world_size, salt % self.world_size
-        )
+        numels = [p.numel() for p in params]
+        if _is_dtensor(params[0]):  # FSDP2: the rank owns the local shards it already holds
+            ranges = [_local_range(params[i], layout.param_offsets[pos]) for pos, i in enumerate(layout.order)]
+            own = ranges_layout(layout, numels, ranges)
+            return ShardArena(
+                params, [own], 0, self.mode, self.process_group, history_size, history_dtype, dtensor=True
+            )
+        layouts = shard_layouts(layout, numels, self.mode, self.world_size, salt % self.world_size)
         return ShardArena(
             params, layouts, self.rank, self.mode, self.process_group, history_size, history_dtype
         )
@@ -97,6 +104,33 @@ def _shard_name(desc: dict | None) -> str:
 def _is_dtensor(p: Tensor) -> bool:
     module = sys.modules.get("torch.distributed.tensor")  # no DTensor exists unless imported
     return module is not None and isinstance(p, module.DTensor)
+
+
+def _check_fsdp_placement(p, world_size: int) -> None:
+    """A DTensor parameter as ``fully_shard`` makes it: rows split evenly over a 1-D
+    mesh of the optimizer's ranks (``torch.chunk`` sizes)."""
+    from torch.distributed.tensor import Shard
+
+    mesh = p.device_mesh
+    if mesh.ndim != 1 or mesh.size() != world_size or tuple(p.placements) != (Shard(0),):
+        raise NotImplementedError(
+            "MLBFGS(distributed='sharded') takes DTensor parameters sharded on dim 0 over a "
+            f"1-D mesh of its {world_size} ranks (FSDP2 fully_shard); got placements "
+            f"{tuple(p.placements)} on a mesh of shape {tuple(mesh.shape)}"
+        )
+
+
+def _local_range(p, offset: int) -> tuple[int, int]:
+    """The elements ``[lo, hi)`` of the arena's vector held by this rank's shard of
+    ``p`` (which starts at ``offset``): whole rows, ``torch.chunk`` of dim 0."""
+    rows = p.shape[0]
+    row = p.numel() // rows if rows else 0
+    chunk = -(-rows // p.device_mesh.size())
+    first = min(rows, p.device_mesh.get_coordinate()[0] * chunk)
+    held = p.to_local().shape[0] if p.dim() else 0
+    if first + held > rows or (held and held != min(rows, first + chunk) - first):
+        raise NotImplementedError(f"a DTensor shard of {held} rows from row {first} is not a torch.chunk shard")
+    return offset + first * row, offset + (first + held) * row
 
 
 class DistributedStep:

@@ -149,6 +149,22 @@ def _load_errors(sc, checkpoint: dict, kwargs: dict) -> list[str]:
     return messages
 
 
+def run_found_inf(mode: str, rank: int, world_size: int) -> dict:
+    """``GradScaler``'s inf check fires on the last rank only, at one step."""
+    sc = standard_scenario("tensor", steps=8, seed=5)
+    groups = build_params(sc, torch.float32)
+    opt = make_optimizer(sc, groups, backend="foreach", distributed=mode)
+    for step in range(sc.steps):
+        set_grads(sc, groups, step)
+        if step == 3:
+            opt.grad_scale = None  # as after scaler.unscale_
+            opt.found_inf = torch.tensor(float(rank == world_size - 1))
+        opt.step()
+        opt.__dict__.pop("grad_scale", None)
+        opt.__dict__.pop("found_inf", None)
+    return block_counters(opt)
+
+
 # -- DDP ----------------------------------------------------------------------------
 DDP_STEPS, DDP_BATCH = 16, 4
 
@@ -186,9 +202,29 @@ def run_ddp(rank: int | None, world_size: int) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
+def run_fsdp(rank: int, world_size: int) -> list[torch.Tensor]:
+    """FSDP2 (``fully_shard``: DTensor parameters, reduce-scattered gradients) +
+    ``distributed="sharded"``, stepping the local shards; the full parameters after."""
+    from torch.distributed.fsdp import fully_shard
+
+    model, x, y = ddp_problem(world_size)
+    for layer in (model[0], model[2], model):
+        fully_shard(layer)
+    opt = _ddp_opt(model, distributed="sharded")
+    rows = slice(rank * DDP_BATCH, (rank + 1) * DDP_BATCH)
+    for t in range(DDP_STEPS):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x[t, rows]), y[t, rows]).backward()
+        opt.step()
+    return [p.full_tensor().detach().clone() for p in model.parameters()]
+
+
 # -- what a rank runs ---------------------------------------------------------------
 def worker(rank: int, world_size: int, out_dir: str, cases: tuple[str, ...], with_ddp: bool) -> None:
     results = {(mode, case): run_case(case, mode, rank, world_size) for mode in MODES for case in cases}
+    for mode in MODES:
+        results[(mode, "found_inf")] = run_found_inf(mode, rank, world_size)
     if with_ddp:
         results[("ddp", "sharded")] = run_ddp(rank, world_size)
+        results[("fsdp", "sharded")] = run_fsdp(rank, world_size)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -79,6 +79,14 @@ def test_nan_on_one_rank_skips_the_step_everywhere(ranks, single):
     assert all(c[3] == 1 for c in single["nan_one_rank"]["counters"].values())
 
 
+def test_found_inf_on_one_rank_skips_the_step_everywhere(ranks):
+    world_size, results = ranks
+    for mode in MODES:
+        for res in results:
+            counters = res[(mode, "found_inf")]
+            assert counters and all(c[3] == 1 and c[0] == 7 for c in counters.values()), mode
+
+
 def test_state_bytes_per_rank(ranks, single):
     """"sharded": each rank keeps 1/W of the per-element state plus every block's
     Gram matrices and counters; "blockwise": the ranks' shards partition the state."""
@@ -118,13 +126,16 @@ def test_loading_another_world_size_raises(ranks):
         assert "single-process optimizer" in single_process
 
 
-def test_ddp_and_sharded_match_one_process(ranks):
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_ddp_or_fsdp2_and_sharded_match_one_process(ranks, wrapper):
+    """DistributedDataParallel (replicated parameters), or FSDP2's fully_shard (DTensor
+    parameters, their local shards stepped in place), on a small MLP."""
     world_size, results = ranks
     if world_size != 2:
-        pytest.skip("DDP runs at W = 2")
+        pytest.skip("DDP and FSDP2 run at W = 2")
     expected = run_ddp(None, world_size)
     for res in results:
-        for a, b in zip(res[("ddp", "sharded")], expected):
+        for a, b in zip(res[(wrapper, "sharded")], expected):
             assert _relative(a, b) < 1e-12
 
 

@@ -34,14 +34,31 @@ def test_other_backends_are_not_supported_yet(group, kwargs):
         MLBFGS([torch.nn.Parameter(torch.randn(3))], distributed="sharded", **kwargs)
 
 
-def test_dtensor_parameters_are_not_supported_yet(group):
+def test_dtensor_parameters(group):
+    """Sharded on dim 0 (as fully_shard makes them): stepped on their local shards,
+    equal to the bit to plain tensors; otherwise refused."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (1,))
-    p = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
-    with pytest.raises(NotImplementedError, match="DTensor"):
-        MLBFGS([p], distributed="blockwise")
+    torch.manual_seed(0)
+    values = [torch.randn(4, 3), torch.randn(5)]
+    plain = [torch.nn.Parameter(v.clone()) for v in values]
+    sharded = [torch.nn.Parameter(distribute_tensor(v.clone(), mesh, [Shard(0)])) for v in values]
+    opts = [MLBFGS(plain, history_size=2, update_period=2, blocks="tensor"),
+            MLBFGS(sharded, history_size=2, update_period=2, blocks="tensor", distributed="sharded")]
+    for t in range(9):
+        for p, q in zip(plain, sharded):
+            p.grad = p.detach() * 0.5 + 0.1 * t
+            q.grad = distribute_tensor(p.grad.clone(), mesh, [Shard(0)])
+        for opt in opts:
+            opt.step()
+    for p, q in zip(plain, sharded):
+        assert torch.equal(p.detach(), q.full_tensor())
+    with pytest.raises(NotImplementedError, match="distributed='sharded' only"):
+        MLBFGS(sharded, distributed="blockwise")
+    with pytest.raises(NotImplementedError, match="sharded on dim 0"):
+        MLBFGS([torch.nn.Parameter(distribute_tensor(values[0], mesh, [Replicate()]))], distributed="sharded")
 
 
 @pytest.mark.parametrize("mode", ["sharded", "blockwise"])
