@@ -23,13 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from .machine import machine_stamp, results_dir
 
 SHAPES = [(1000, 500), (500,), (500, 500), (500,), (500, 10), (10,)]
 SMOKE_SHAPES = [(40, 30), (30,), (30, 10), (10,)]
@@ -169,13 +173,22 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--worlds", default="1,2,4", help="world sizes (default 1,2,4)")
     parser.add_argument("--steps", type=int, default=40, help="steps per run (default 40)")
     parser.add_argument("--smoke", action="store_true", help="tiny parameters: checks that it runs")
-    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results file (default bench/results/<machine>/distributed.json; none with --smoke)")
     args = parser.parse_args(argv)
     worlds = tuple(int(w) for w in args.worlds.split(","))
     rows = run(worlds, smoke=args.smoke, steps=args.steps)
-    print(format_table(rows))
-    if args.out is not None:
-        args.out.write_text(json.dumps(rows, indent=1))
+    table = format_table(rows)
+    print(table)
+    out = args.out or (None if args.smoke else results_dir(torch.device("cpu")) / "distributed.json")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        command = "python -m bench.distributed " + shlex.join(argv if argv is not None else sys.argv[1:])
+        record = {"machine": machine_stamp(torch.device("cpu")), "command": command.strip(),
+                  "steps": args.steps, "hyper": HYPER, "shapes": SMOKE_SHAPES if args.smoke else SHAPES,
+                  "rows": rows, "table": table}
+        out.write_text(json.dumps(record, indent=1))
+        print(f"written {out}")
     return rows
 
 
