@@ -12,7 +12,18 @@ under ``"sharded"`` a rank owns the rows it holds and steps its local shards in 
 Imports run one way: ``_state`` and ``backends`` -> ``distributed`` -> ``mlbfgs``.
 """
 
+from .checkpoint import load_sharded_state_dict, sharded_state_dict
 from .step import MODES, DistributedStep, Partition
 from .sharding import ShardLayout, assign_blocks, shard_layouts, shard_ranges
 
-__all__ = ["MODES", "DistributedStep", "Partition", "ShardLayout", "assign_blocks", "shard_layouts", "shard_ranges"]
+__all__ = [
+    "MODES",
+    "DistributedStep",
+    "Partition",
+    "ShardLayout",
+    "assign_blocks",
+    "load_sharded_state_dict",
+    "shard_layouts",
+    "shard_ranges",
+    "sharded_state_dict",
+]

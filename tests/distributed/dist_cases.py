@@ -132,6 +132,32 @@ def run_case(case: str, mode: str | None, rank: int = 0, world_size: int = 1) ->
     return result
 
 
+def run_dcp(mode: str, rank: int, world_size: int, path: str) -> dict:
+    """The checkpoint case through torch.distributed.checkpoint: saved at SAVE_AT,
+    loaded into a fresh optimizer that has not stepped, run to the end."""
+    import torch.distributed.checkpoint as dcp
+
+    from mlbfgs_fused.distributed import load_sharded_state_dict, sharded_state_dict
+
+    sc = scenario("checkpoint")
+    groups = build_params(sc, torch.float64)
+    opt = make_optimizer(sc, groups, backend="foreach", distributed=mode)
+    for step in range(SAVE_AT):
+        set_grads(sc, groups, step)
+        opt.step()
+    dcp.save({"optim": sharded_state_dict(opt)}, checkpoint_id=path)
+    groups2 = build_params(sc, torch.float64)
+    _copy_into(groups2, groups)
+    opt2 = make_optimizer(sc, groups2, backend="foreach", distributed=mode)
+    state = {"optim": sharded_state_dict(opt2)}
+    dcp.load(state, checkpoint_id=path)
+    load_sharded_state_dict(opt2, state["optim"])
+    for step in range(SAVE_AT, sc.steps):
+        set_grads(sc, groups2, step)
+        opt2.step()
+    return {"params": flat_groups(groups2), "state_dict": opt2.state_dict()}
+
+
 def _load_errors(sc, checkpoint: dict, kwargs: dict) -> list[str]:
     """The messages of loading this shard as another world size's, and a
     single-process checkpoint, into a distributed optimizer."""
@@ -220,11 +246,13 @@ def run_fsdp(rank: int, world_size: int) -> list[torch.Tensor]:
 
 
 # -- what a rank runs ---------------------------------------------------------------
-def worker(rank: int, world_size: int, out_dir: str, cases: tuple[str, ...], with_ddp: bool) -> None:
+def worker(rank: int, world_size: int, out_dir: str, cases: tuple[str, ...], extras: bool) -> None:
+    """The cases in both modes; with ``extras``, GradScaler's inf check, DCP, DDP and FSDP2."""
     results = {(mode, case): run_case(case, mode, rank, world_size) for mode in MODES for case in cases}
-    for mode in MODES:
-        results[(mode, "found_inf")] = run_found_inf(mode, rank, world_size)
-    if with_ddp:
+    if extras:
+        for mode in MODES:
+            results[(mode, "found_inf")] = run_found_inf(mode, rank, world_size)
+            results[(mode, "dcp")] = run_dcp(mode, rank, world_size, os.path.join(out_dir, f"dcp_{mode}"))
         results[("ddp", "sharded")] = run_ddp(rank, world_size)
         results[("fsdp", "sharded")] = run_fsdp(rank, world_size)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

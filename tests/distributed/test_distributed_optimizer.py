@@ -13,8 +13,10 @@ from dist_cases import CASES, MODES, dtype_of, run_case, run_ddp, scenario, stat
 from dist_harness import spawn
 from problems import ReferenceRun
 
-# W = 3 runs the cases that depend on how the elements are dealt: all of them at W = 2.
+# W = 3 runs the cases that depend on how the elements are dealt; W = 2 all of them,
+# and the extras: GradScaler's inf check, torch.distributed.checkpoint, DDP and FSDP2.
 WORLD_CASES = {2: CASES, 3: ("checkpoint", "nan_one_rank")}
+EXTRAS_AT = 2
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 
@@ -23,7 +25,7 @@ def ranks(request, tmp_path_factory):
     """``(world_size, [results of rank r])``."""
     world_size = request.param
     out = tmp_path_factory.mktemp(f"w{world_size}")
-    spawn(worker, world_size, str(out), WORLD_CASES[world_size], world_size == 2)
+    spawn(worker, world_size, str(out), WORLD_CASES[world_size], world_size == EXTRAS_AT)
     return world_size, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
 
 
@@ -81,6 +83,8 @@ def test_nan_on_one_rank_skips_the_step_everywhere(ranks, single):
 
 def test_found_inf_on_one_rank_skips_the_step_everywhere(ranks):
     world_size, results = ranks
+    if world_size != EXTRAS_AT:
+        pytest.skip(f"runs at W = {EXTRAS_AT}")
     for mode in MODES:
         for res in results:
             counters = res[(mode, "found_inf")]
@@ -118,6 +122,23 @@ def test_checkpoint_resumes_bit_exactly_at_the_same_world_size(ranks, single):
             assert run["state_dict"]["distributed"]["world_size"] == world_size
 
 
+def test_torch_distributed_checkpoint_resumes_bit_exactly(ranks):
+    """Each rank's shard through torch.distributed.checkpoint, loaded into an
+    optimizer that has not stepped yet."""
+    world_size, results = ranks
+    if world_size != EXTRAS_AT:
+        pytest.skip(f"runs at W = {EXTRAS_AT}")
+    for mode in MODES:
+        for res in results:
+            run, dcp_run = res[(mode, "checkpoint")], res[(mode, "dcp")]
+            for a, b in zip(dcp_run["params"], run["params"]):
+                assert torch.equal(a, b), mode
+            s1, s2 = state_list(run["state_dict"]), state_list(dcp_run["state_dict"])
+            assert len(s1) == len(s2) > 0
+            for a, b in zip(s1, s2):
+                assert a.dtype == b.dtype and torch.equal(a, b), mode
+
+
 def test_loading_another_world_size_raises(ranks):
     world_size, results = ranks
     for mode in MODES:
@@ -131,8 +152,8 @@ def test_ddp_or_fsdp2_and_sharded_match_one_process(ranks, wrapper):
     """DistributedDataParallel (replicated parameters), or FSDP2's fully_shard (DTensor
     parameters, their local shards stepped in place), on a small MLP."""
     world_size, results = ranks
-    if world_size != 2:
-        pytest.skip("DDP and FSDP2 run at W = 2")
+    if world_size != EXTRAS_AT:
+        pytest.skip(f"runs at W = {EXTRAS_AT}")
     expected = run_ddp(None, world_size)
     for res in results:
         for a, b in zip(res[(wrapper, "sharded")], expected):
