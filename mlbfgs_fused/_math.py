@@ -98,7 +98,7 @@ def two_loop_coefficients(
 def damping_factor(
     s_dot_y: Tensor, s_dot_s: Tensor, sigma_low: float, sigma_high: float, damping: float, eps: float
 ) -> Tensor:
-    """phi of DESIGN.md section 2 step 7, elementwise, with no branch on the value."""
+    """phi of docs/design.md ("The step", 7), elementwise, with no branch on the value."""
     mu = s_dot_y / (s_dot_s + eps)
     one = torch.ones_like(mu)
     low = (1 - sigma_low) / torch.where(mu < sigma_low, 1 - mu, one)

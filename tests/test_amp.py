@@ -22,28 +22,30 @@ def _batches():
     return [(torch.randn(8, 6, generator=gen), torch.randn(8, 2, generator=gen)) for _ in range(STEPS)]
 
 
-def _loss(model, x, y):
-    return torch.nn.functional.mse_loss(model(x), y)
+def _loss(model, x, y, autocast=False):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    return torch.nn.functional.mse_loss(out.float(), y)
 
 
-def _train_plain():
+def _train_plain(autocast=False):
     model = _model()
     opt = MLBFGS(model.parameters(), **HYPER)
     for x, y in _batches():
         opt.zero_grad()
-        _loss(model, x, y).backward()
+        _loss(model, x, y, autocast).backward()
         opt.step()
     return model, opt
 
 
-def _train_scaled(unscale_first: bool, inject_inf_at: int | None = None):
+def _train_scaled(unscale_first: bool, inject_inf_at: int | None = None, autocast=False):
     model = _model()
     opt = MLBFGS(model.parameters(), **HYPER)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     scales = []
     for i, (x, y) in enumerate(_batches()):
         opt.zero_grad()
-        scaler.scale(_loss(model, x, y)).backward()
+        scaler.scale(_loss(model, x, y, autocast)).backward()
         if i == inject_inf_at:
             next(model.parameters()).grad[0, 0] = float("inf")
         if unscale_first:
@@ -60,11 +62,13 @@ def _state(model, opt):
     ]
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "autocast-bf16"])
 @pytest.mark.parametrize("unscale_first", [False, True], ids=["fused-unscale", "user-unscale_"])
-def test_grad_scaler_matches_unscaled_training(unscale_first):
-    """A power-of-two scale divides out exactly: the run equals the unscaled one to the bit."""
-    model, opt = _train_plain()
-    model_s, opt_s, scales = _train_scaled(unscale_first)
+def test_grad_scaler_matches_unscaled_training(unscale_first, autocast):
+    """A power-of-two scale divides out exactly: the run equals the unscaled one to the bit
+    (float32 model, forward in float32 or under CPU autocast)."""
+    model, opt = _train_plain(autocast)
+    model_s, opt_s, scales = _train_scaled(unscale_first, autocast=autocast)
     assert scales == [2.0**12] * STEPS  # no inf: the scale never backed off
     for a, b in zip(_state(model, opt), _state(model_s, opt_s)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -83,3 +83,13 @@ def test_non_finite_gradient_in_one_group_skips_every_group():
         for gi, r in enumerate(alone.groups):
             r.step(sc.grad(gi, alone.natural(gi), step)[alone.perms[gi]])
     assert relative_error(flat(groups[0]), alone.natural(0)) > 1e-4
+
+
+def test_groups_with_different_variants():
+    """``variant`` is a group key: each group follows its own order."""
+    sc = standard_scenario(13, steps=30, seed=4)
+    sc.hyper[1]["variant"] = "released"
+    opt, groups, ref, errors = run_against_reference(sc, torch.float64, backend="foreach")
+    assert max(errors) < 1e-10
+    assert [g.variant for g in ref.groups] == ["paper", "released"]
+    assert [g["variant"] for g in opt.param_groups] == ["paper", "released"]

@@ -1,12 +1,23 @@
 """The portable backend: the mL-BFGS step with ``torch._foreach_*`` and flat tensor ops.
 
 Works on any device. It never reads a device value on the host: every
-data-dependent decision of DESIGN.md section 2 (the non-finite step, the warm-up,
-normalisation, whether this is a pair-update step, damping, pair skipping) is a
-mask or a factor in tensor arithmetic, chosen so that a masked-off update is an
-exact identity (``x * 1``, ``x + 0``, ``lerp`` with weight 0). The pair update is
-therefore computed every step and applied only when due; the Triton backend skips
-it on the device instead.
+data-dependent decision of docs/design.md ("The step": the non-finite step, the
+warm-up, normalisation, whether this is a pair-update step, damping, pair skipping)
+is a mask or a factor in tensor arithmetic, chosen so that a masked-off update is an
+exact identity (``x * 1``, ``x + 0``, ``lerp`` with weight 0). The pair update runs
+(masked) only on steps where the host's :class:`CounterProbe` says a pair can be due.
+
+Order per arena (the reference, mlbfgs_fused/reference/mlbfgs.py, defines it):
+``gradient_dots`` gathers ``g`` and takes ``S g``, ``Y g``, ``g.g``; ``finish`` finds
+the coefficients of ``d`` and ``||d||`` from the Gram matrices, writes ``d``
+already normalised into ``work``, then the averages, heavy ball and parameter write,
+then the pair update. Under ``variant="released"`` a possible pair step first updates
+the averages and pushes the pair, gathers ``g`` again (the push used its scratch),
+resets the gradient average and takes the dots with the new pair.
+
+Memory: besides the arena's two scratch vectors (``grad_flat`` and ``work``) no step
+allocates anything parameter-sized for float32/float64 data; 16-bit data goes
+through bounded chunks (Note [reductions in float32 or wider]).
 """
 
 from __future__ import annotations
@@ -446,7 +457,7 @@ def _add_ring_combination(x: Tensor, R: Tensor, c: Tensor) -> None:
         return
     wide = _wide(x.dtype)
     for ch in _chunks(x.numel()):
-        x[ch] += R[:, ch].to(wide).t() @ c.to(wide)
+        x[ch].add_(R[:, ch].to(wide).t() @ c.to(wide))
 
 
 def _combine(d: Tensor, g: Tensor, S: Tensor, Y: Tensor, c_g: Tensor, c_s: Tensor, c_y: Tensor) -> None:
