@@ -8,7 +8,8 @@ scikit-learn's bundled digits. Every optimizer gets the same runs: the same seed
 (model initialisation and batch order), data, epochs and learning-rate schedule.
 It writes ``training.json`` (loss and test accuracy against steps and wall-clock,
 per seed) into the machine's results folder; ``bench.report`` plots it. MLBFGS
-runs fused (Triton) on CUDA and on the foreach backend on the CPU.
+runs on the fastest backend that works on the device (Triton, else CUDA C++, on a
+GPU; the C++ kernels, else foreach, on the CPU).
 
 Optimizers (``--optimizers``): ``mlbfgs`` (``variant="paper"``), ``mlbfgs-released``
 (``variant="released"``, docs/design.md, "The released variant"), ``sgd-momentum``,
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mlbfgs_fused import MLBFGS
+from mlbfgs_fused import MLBFGS, backends
 from mlbfgs_fused.demo import (
     FASHION_MNIST_HINT, Dataset, evaluate, fashion_mnist_present, mlp, positive_int, small_cnn,
 )
@@ -68,8 +69,16 @@ def load_dataset(prefer: str = "fashion-mnist") -> Dataset:
     return demo_load_dataset(prefer)
 
 
+# MLBFGS backends to try per device type, fastest first; foreach runs everywhere.
+BACKEND_PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}
+
+
 def mlbfgs_backend(device: torch.device) -> str:
-    return "triton" if device.type == "cuda" and mlbfgs_backend_works("triton", device) else "foreach"
+    """The first registered backend that runs on ``device`` (found by trying), else foreach."""
+    for name in BACKEND_PREFERENCE.get(device.type, ()):
+        if name in backends.names() and mlbfgs_backend_works(name, device):
+            return name
+    return "foreach"
 
 
 def variant_runs(variant: str, backend: str, device: torch.device) -> str | None:
@@ -214,6 +223,7 @@ def main(argv=None):
     parser.add_argument("--dataset", choices=("fashion-mnist", "digits"), default="fashion-mnist")
     parser.add_argument("--epochs", type=positive_int, default=None)
     parser.add_argument("--seeds", type=positive_int, default=3)
+    parser.add_argument("--models", default="cnn,mlp", help=f"comma-separated, of {tuple(MODELS)}")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                         help=f"comma-separated, of {tuple(HYPERPARAMETERS)} (default {','.join(OPTIMIZERS)})")
     parser.add_argument("--train-subset", type=positive_int, default=None, help="use the first K training images")
@@ -224,17 +234,20 @@ def main(argv=None):
     unknown = sorted(set(optimizers) - set(HYPERPARAMETERS))
     if unknown or not optimizers:
         parser.error(f"unknown optimizers {unknown} (expected some of {tuple(HYPERPARAMETERS)})")
+    models = tuple(name.strip() for name in args.models.split(",") if name.strip())
+    if not models or set(models) - set(MODELS):
+        parser.error(f"unknown models {sorted(set(models) - set(MODELS))} (expected some of {tuple(MODELS)})")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = default_device()
     out = args.out or results_dir(device)
     out.mkdir(parents=True, exist_ok=True)
     if args.smoke:
-        result = run_training(device, dataset="digits", optimizers=optimizers, seeds=(0, 1), epochs=1,
-                              train_subset=512, verbose=False)
+        result = run_training(device, dataset="digits", models=models, optimizers=optimizers, seeds=(0, 1),
+                              epochs=1, train_subset=512, verbose=False)
     else:
-        result = run_training(device, dataset=args.dataset, optimizers=optimizers, seeds=tuple(range(args.seeds)),
-                              epochs=args.epochs, train_subset=args.train_subset)
+        result = run_training(device, dataset=args.dataset, models=models, optimizers=optimizers,
+                              seeds=tuple(range(args.seeds)), epochs=args.epochs, train_subset=args.train_subset)
     result["machine"] = machine_stamp(device)
     (out / "training.json").write_text(json.dumps(result, indent=1))
     from .report import plot_training

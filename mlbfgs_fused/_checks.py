@@ -32,7 +32,8 @@ def _number(group: dict, key: str, what: str, integer: bool = False, expected: s
 def validate_hyperparameters(group: dict) -> None:
     """Raise PyTorch's error for a bad hyperparameter: ``TypeError`` for a value of
     the wrong type (a string, a bool where a number is expected), ``ValueError``
-    for one out of range. Both name the key."""
+    for one out of range, both naming the key; ``RuntimeError`` for flags that
+    contradict each other, in torch's wording."""
     lr = group["lr"]
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
@@ -73,6 +74,12 @@ def validate_hyperparameters(group: dict) -> None:
     for key in ("foreach", "fused"):
         if group[key] is not None and not isinstance(group[key], bool):
             raise TypeError(f"Invalid {key} value: {group[key]!r} ({key} must be a bool or None)")
+    if group["fused"] and group["foreach"]:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if group["fused"] and group["differentiable"]:
+        raise RuntimeError("`fused` does not support `differentiable`")
+    if group["differentiable"]:
+        raise RuntimeError("MLBFGS does not support `differentiable`")
     history_dtype = group["history_dtype"]
     if history_dtype is not None and not (
         isinstance(history_dtype, torch.dtype) and history_dtype.is_floating_point

@@ -69,10 +69,10 @@ class MLBFGS(Optimizer):
     gradient holds a NaN or Inf changes nothing and is counted in
     ``state[...]["blocks"][...]["skipped_steps"]``.
 
-    On the fused backend, the first step re-points the parameters of each group
-    and (device, dtype) at slices of one flat buffer (``param.data``, as FSDP does)
-    and makes their gradients views of another, which ``zero_grad`` zeroes in
-    place; a gradient set to None or replaced is copied in at the next step.
+    ``zero_grad``, ``state_dict``, ``load_state_dict``, hooks, named parameters and
+    LR schedulers behave as in ``torch.optim`` (schedulers that cycle momentum
+    cycle ``momentum``). The state follows a parameter moved to another dtype or
+    device after stepping (``model.to(torch.float64)``).
     """
 
     def __init__(
@@ -103,20 +103,6 @@ class MLBFGS(Optimizer):
         distributed: str | None = None,
         process_group=None,
     ):
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        if fused and differentiable:
-            raise RuntimeError("`fused` does not support `differentiable`")
-        if differentiable:
-            raise RuntimeError("MLBFGS does not support `differentiable`")
-        if backend is not None:
-            backends.get(backend)  # raises, naming the registered backends
-        if backend == "foreach" and fused:
-            raise RuntimeError("`fused=True` contradicts `backend='foreach'`")
-        if backend == "triton" and foreach:
-            raise RuntimeError("`foreach=True` contradicts `backend='triton'`")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -140,7 +126,7 @@ class MLBFGS(Optimizer):
             history_dtype=history_dtype,
             variant=variant,
         )
-        validate_hyperparameters(defaults)
+        _validate_group(defaults)
         self._arenas: dict[int, tuple[tuple, list[Arena]]] = {}
         self._partition = None
         if distributed is not None:
@@ -169,7 +155,7 @@ class MLBFGS(Optimizer):
                 group["blocks"] = blocks_as_indices(
                     group["blocks"], group["params"], explicit_blocks, group.get("param_names")
                 )
-            validate_hyperparameters(group)
+            _validate_group(group)
             backend = backends.select(group)
             if self._partition is not None:
                 self._partition.check_group(group, backend)
@@ -209,7 +195,7 @@ class MLBFGS(Optimizer):
         for saved in state_dict["param_groups"]:
             group = {key: value for key, value in saved.items() if key != "params"}
             _fill_group_defaults(group)
-            validate_hyperparameters(group)
+            _validate_group(group)
         blocks = {}
         state = {}
         for key, value in state_dict["state"].items():
@@ -297,35 +283,6 @@ class MLBFGS(Optimizer):
             return None
         return backends.AmpScaling(grad_scale, found_inf)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset the gradients.
-
-        Gradients the fused backend keeps as views of its flat gradient buffer are
-        zeroed in place, one fill per arena, whatever ``set_to_none`` says: dropping
-        them would cost a gather at the next step. The others follow
-        ``torch.optim.Optimizer.zero_grad``."""
-        in_place: set[int] = set()
-        for _, arenas in self._arenas.values():
-            if getattr(arenas[0].fused, "zero_grad", None) is not None:
-                in_place.update(map(id, arenas[0].fused.zero_grad()))
-        if not in_place:
-            super().zero_grad(set_to_none)
-            return
-        if len(in_place) == sum(len(group["params"]) for group in self.param_groups):
-            return
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None or id(p) in in_place:
-                    continue
-                if set_to_none:
-                    p.grad = None
-                else:
-                    if p.grad.grad_fn is not None:
-                        p.grad.detach_()
-                    else:
-                        p.grad.requires_grad_(False)
-                    p.grad.zero_()
-
     def _group_arenas(self, index: int, group: dict) -> list[Arena]:
         """The group's arenas, one per (device, dtype)."""
         self._init_group(index, group)
@@ -352,7 +309,7 @@ class MLBFGS(Optimizer):
         if cached is not None and cached[0] == key:
             return
         if cached is not None and cached[0][0] == key[0]:
-            for p, (_, _, shape), (_, _, old_shape) in zip(params, kinds, cached[0][1]):
+            for (_, _, shape), (_, _, old_shape) in zip(kinds, cached[0][1]):
                 if shape != old_shape:
                     raise RuntimeError(
                         f"a parameter of group {index} changed shape from {tuple(old_shape)} "
@@ -386,6 +343,19 @@ class MLBFGS(Optimizer):
             arena.adopt(self.state)
             arenas.append(arena)
         self._arenas[index] = (key, arenas)
+
+
+def _validate_group(group: dict) -> None:
+    """Raise PyTorch's error for a bad hyperparameter or flag of a group (or of the
+    defaults), before anything is written."""
+    validate_hyperparameters(group)
+    backend, fused, foreach = group["backend"], group["fused"], group["foreach"]
+    if backend is not None:
+        backends.get(backend)  # raises, naming the registered backends
+        if backends.get(backend).fused and foreach:
+            raise RuntimeError(f"`foreach=True` contradicts `backend={backend!r}`")
+        if not backends.get(backend).fused and fused:
+            raise RuntimeError(f"`fused=True` contradicts `backend={backend!r}`")
 
 
 # What the arena cache notices of a parameter besides its identity.

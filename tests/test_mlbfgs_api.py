@@ -93,6 +93,15 @@ def test_flag_conflicts_use_torch_wording():
         MLBFGS([_param(3)], fused=True, differentiable=True)
     with pytest.raises(RuntimeError, match="differentiable"):
         MLBFGS([_param(3)], differentiable=True)
+    # A group's own flags are held to the same rules.
+    with pytest.raises(RuntimeError, match=r"`fused` and `foreach` cannot be `True` together."):
+        MLBFGS([{"params": [_param(3)], "fused": True, "foreach": True}])
+    with pytest.raises(RuntimeError, match="MLBFGS does not support `differentiable`"):
+        MLBFGS([{"params": [_param(3)], "differentiable": True}])
+    with pytest.raises(RuntimeError, match="`fused=True` contradicts `backend='foreach'`"):
+        MLBFGS([{"params": [_param(3)], "backend": "foreach", "fused": True}])
+    with pytest.raises(ValueError, match="Invalid backend: 'cuda'"):
+        MLBFGS([{"params": [_param(3)], "backend": "cuda"}])
 
 
 def test_invalid_group_leaves_optimizer_unchanged():

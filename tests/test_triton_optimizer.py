@@ -317,7 +317,7 @@ def test_half_float_round_trip_after_a_step_keeps_training():
 def test_replaced_parameter_data_is_read_in_place():
     dev = _device()
     a, b = torch.nn.Parameter(torch.ones(5, device=dev)), torch.nn.Parameter(torch.ones(3, device=dev))
-    opt = MLBFGS([a, b], lr=0.1, momentum=0.0, backend="triton")
+    opt = MLBFGS([a, b], lr=0.1, momentum=0.0, blocks="tensor", backend="triton")
     a.grad, b.grad = torch.ones(5, device=dev), torch.ones(3, device=dev)
     opt.step()
     a.data = torch.full((5,), 2.0, device=dev)  # the user re-points a parameter
@@ -382,6 +382,27 @@ def test_gradient_with_other_strides_is_staged():
         model[0].weight.grad = g.t().contiguous().t()  # same values, column-major
 
     _train_side_by_side(5, transpose)
+
+
+def test_aligned_specialization_when_every_tile_starts_on_16_elements():
+    """Sizes that are multiples of 16 (and the allocator's aligned addresses) select the
+    kernels' ALIGNED specialization (vector accesses on a GPU); the trajectory is the same."""
+    dev = _device()
+    runs = []
+    for backend in ("triton", "foreach"):
+        torch.manual_seed(6)
+        params = [torch.nn.Parameter(torch.randn(16, 8, device=dev)), torch.nn.Parameter(torch.randn(32, device=dev))]
+        opt = MLBFGS(params, lr=0.05, history_size=2, update_period=2, blocks="tensor", backend=backend)
+        for step in range(7):
+            for p in params:
+                p.grad = p.detach() * (1 + 0.1 * step) - 0.3
+            opt.step()
+        runs.append((params, opt))
+    (p_t, opt_t), (p_f, _) = runs
+    (plan,) = opt_t._group_arenas(0, opt_t.param_groups[0])[0].fused.arenas
+    assert plan.aligned
+    for a, b in zip(p_t, p_f):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_saving_one_parameter_saves_only_it():
@@ -533,6 +554,31 @@ def test_launch_sequence_compiles_without_graph_breaks():
             assert torch.equal(p1, p2)
 
 
+def test_inductor_runs_the_launches_in_place():
+    """Inductor re-inplaces the functionalized launches: its code calls each kernel on
+    the optimizer's own buffers (no clone of the history or of any state per call);
+    the only allocation is the 0-dim ``ok``. (``aot_eager`` does not re-inplace: it
+    clones every mutated buffer and copies it back.)"""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    sc = _scenario("group", steps=3)
+    opt, groups = run_scenario(sc, torch.float32, _device(), stop=2, backend="triton")
+    set_grads(sc, groups, 2)
+    group = opt.param_groups[0]
+    arenas = opt._group_arenas(0, group)
+    _triton.prepare(arenas, group)
+    launch = torch.compile(arenas[0].fused.launch, backend="inductor", fullgraph=True)
+    _, (code, *_) = run_and_get_code(launch, group)
+    assert "clone" not in code and "copy_" not in code
+    allocations = [line for line in code.splitlines() if "= empty_strided" in line]
+    assert len(allocations) == 1 and "((), ()" in allocations[0], allocations
+    if _triton.interpreting():  # opaque custom ops; on a GPU Inductor inlines the Triton kernels
+        assert code.count("torch.ops.mlbfgs_fused.") >= 6
+    else:
+        assert "gradient_dots_kernel" in code and "commit_kernel" in code
+
+
 # -- GPU only -----------------------------------------------------------------------------
 @needs_cuda
 def test_cuda_matches_foreach():
@@ -581,3 +627,30 @@ def test_cuda_graph_capture_and_replay():
     torch.cuda.synchronize()
     for p_eager, p_graph in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p_eager, p_graph, rtol=1e-5, atol=1e-6)
+
+
+@needs_cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_parameters_on_another_gpu_launch_under_their_device():
+    """A model on cuda:1 while cuda:0 is current: every launch runs under cuda:1."""
+    if _triton.interpreting():
+        pytest.skip("TRITON_INTERPRET=1: the kernels run on the CPU")
+    sc = _scenario("tensor", steps=10)
+    with torch.cuda.device(0):
+        opt, groups, _, errors = run_against_reference(sc, torch.float32, "cuda:1", backend="triton")
+    assert max(errors) < 1e-4
+    assert opt.state[groups[0][0]]["momentum_buffer"].device == torch.device("cuda:1")
+
+
+@needs_cuda
+def test_cuda_graph_capture_with_a_cpu_lr_raises():
+    if _triton.interpreting():
+        pytest.skip("TRITON_INTERPRET=1: the kernels run on the CPU")
+    p = torch.nn.Parameter(torch.randn(8, device="cuda"))
+    opt = MLBFGS([p], lr=torch.tensor(0.1), fused=True)
+    p.grad = torch.randn(8, device="cuda")
+    opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="CPU tensor lr"):
+        with torch.cuda.graph(graph):
+            opt.step()

@@ -168,9 +168,9 @@ def plan_tables(layout, m: int, tile: int, cap: int):
     return tiles, workers, blocks
 
 
-def _same_strides(a: Tensor, b: Tensor) -> bool:
-    """Same memory order (strides of size-1 dimensions do not matter)."""
-    return all(x == y for x, y, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+def _same_order(shape, a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Whether strides ``a`` and ``b`` lay out ``shape`` alike (size-1 dimensions aside)."""
+    return all(x == y for x, y, n in zip(a, b, shape) if n > 1)
 
 
 def _capturing(device: torch.device) -> bool:
@@ -255,7 +255,7 @@ class ArenaPlan:
                     f"{p.device}); the optimizer's state follows the parameter as it was: "
                     "build a new optimizer, or convert the model before building it"
                 )
-            if not _same_strides(p, _Strided(shape, stride)):
+            if not _same_order(shape, p.stride(), stride):
                 raise RuntimeError(
                     "a parameter changed memory format after the optimizer first stepped it "
                     f"(strides {stride} -> {p.stride()}, e.g. model.to(memory_format=...)); "
@@ -266,7 +266,7 @@ class ArenaPlan:
         for i, (p, g) in enumerate(zip(params, grads)):
             address = 0
             if g is not None:
-                if _same_strides(g, p) and is_dense(g):
+                if _same_order(p.shape, g.stride(), p.stride()):
                     address = g.data_ptr()
                 else:  # staged into a buffer laid out like the parameter
                     stage = self.staged.get(i)
@@ -345,16 +345,6 @@ class ArenaPlan:
                 c["pair_count"], c["skipped_pairs"], c["skipped_steps"], ok,
                 group["update_period"], a.m, pair, counters,
             )
-
-
-class _Strided:
-    """Shape and strides of a tensor as it was (for :func:`_same_strides`)."""
-
-    def __init__(self, shape, stride):
-        self.shape, self._stride = shape, stride
-
-    def stride(self):
-        return self._stride
 
 
 def _table(rows, columns: int, device) -> Tensor:
