@@ -61,6 +61,13 @@ class MLBFGS(Optimizer):
             parameter dtype).
         variant: ``"paper"`` (default), the math of the paper, or ``"released"``, the
             averaging and pair timing of the authors' released code.
+        distributed: ``None`` (default), ``"sharded"`` or ``"blockwise"``: each rank of
+            ``process_group`` keeps the state of a slice of each group (``"sharded"``,
+            exact global curvature) or of whole blocks (``"blockwise"``); parameters
+            stay whole on every rank, or sharded where they are FSDP2 ``DTensor`` s
+            (``"sharded"``). Foreach backend only. See mlbfgs_fused/distributed/.
+        process_group: the ``torch.distributed`` group of ``distributed`` (default: the
+            default group).
 
     A parameter whose ``.grad`` is None at a step is left untouched. A step whose
     gradient holds a NaN or Inf changes nothing and is counted in
@@ -97,6 +104,8 @@ class MLBFGS(Optimizer):
         backend: str | None = None,
         history_dtype: torch.dtype | None = None,
         variant: str = "paper",
+        distributed: str | None = None,
+        process_group=None,
     ):
         defaults = dict(
             lr=lr,
@@ -123,7 +132,15 @@ class MLBFGS(Optimizer):
         )
         _validate_group(defaults)
         self._arenas: dict[int, tuple[tuple, list[Arena]]] = {}
+        self._partition = None
+        if distributed is not None:
+            from .distributed import Partition
+
+            self._partition = Partition(distributed, process_group)
         super().__init__(params, defaults)
+        if self._partition is not None:  # each rank saves and loads its own shard
+            self.register_state_dict_post_hook(self._partition.state_dict_post_hook)
+            self.register_load_state_dict_pre_hook(self._partition.load_state_dict_pre_hook)
 
     # -- groups -----------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -144,6 +161,8 @@ class MLBFGS(Optimizer):
                 )
             _validate_group(group)
             backend = backends.select(group)
+            if self._partition is not None:
+                self._partition.check_group(group, backend)
             if backend.fused:
                 backends.check_fused_supported(group["params"], backend)
             backend.module  # imported now: a step compiled with fullgraph=True cannot import
@@ -154,6 +173,7 @@ class MLBFGS(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._arenas = {}
+        self.__dict__.setdefault("_partition", None)
         _fill_group_defaults(self.defaults)
         for group in self.param_groups:
             _fill_group_defaults(group)
@@ -230,6 +250,8 @@ class MLBFGS(Optimizer):
         # Everything that can raise happens before the first write, so a bad
         # gradient in a later group cannot leave an earlier one updated.
         selected = [backends.select(group).module for group in self.param_groups]
+        if self._partition is not None:
+            selected = [self._partition.step_backend] * len(selected)
         for group, backend in zip(self.param_groups, selected):
             backend.check_gradients(group)
         work = []
@@ -335,7 +357,13 @@ class MLBFGS(Optimizer):
                 )
         arenas = []
         for indices, layout in layouts:
-            arena = Arena([params[i] for i in indices], layout, group["history_size"], group["history_dtype"])
+            arena_params = [params[i] for i in indices]
+            if self._partition is None:
+                arena = Arena(arena_params, layout, group["history_size"], group["history_dtype"])
+            else:
+                arena = self._partition.arena(
+                    arena_params, layout, group["history_size"], group["history_dtype"], salt=index
+                )
             # Adopting copies what the state holds (a loaded checkpoint, or views of
             # the arena this one replaces) into the new buffers, converting dtype
             # and device: the state follows its parameter.

@@ -42,7 +42,7 @@ class Arena:
     ):
         self.layout = layout
         self.params = [params[i] for i in layout.order]  # arena order
-        first = self.params[0]
+        first = params[0]  # an arena of a distributed rank may hold none of them
         self.device, self.dtype = first.device, first.dtype
         self.history_dtype = history_dtype or first.dtype
         self.m = history_size
@@ -95,6 +95,14 @@ class Arena:
             return flat[start : start + p.numel()].view(p.shape)
         return flat.as_strided(p.shape, p.stride(), flat.storage_offset() + start)
 
+    def local_param(self, i: int) -> Tensor:
+        """The tensor the backend steps for arena position ``i``: the parameter itself
+        (a distributed rank steps its piece of it, see mlbfgs_fused/distributed/)."""
+        return self.params[i]
+
+    def local_grad(self, i: int) -> Tensor:
+        return self.params[i].grad
+
     def block_slice(self, b: int) -> slice:
         bounds = self.layout.block_bounds
         return slice(bounds[b], bounds[b + 1])
@@ -109,6 +117,17 @@ class Arena:
         state["history_y"] = self.history_view(self.history_y, b)
         state["gram"] = self.gram[b]
         return state
+
+    # -- reductions -------------------------------------------------------------
+    # The backends pass every inner product through these two, so that a rank holding
+    # part of the arena (mlbfgs_fused/distributed/) completes it with one collective.
+    def block_sum(self, x: Tensor) -> Tensor:
+        """Per-block partial sums (any shape) made whole, in place; here they are."""
+        return x
+
+    def group_sum(self, x: Tensor) -> Tensor:
+        """A sum over the arena's blocks made whole over the group, in place; here it is."""
+        return x
 
     # -- optimizer.state ------------------------------------------------------
     def blocks_by_param(self) -> dict[int, list[int]]:

@@ -102,9 +102,11 @@ def group_direction_scale(
     one = torch.ones((), dtype=torch.float64, device=home)
     if not normalize:
         return one
-    norm = torch.stack([x.sum().to(home) for x in d_dot_d]).sum().sqrt()
-    any_held = torch.stack([(a.counters["pair_count"] > 0).any().to(home) for a in arenas]).any()
-    return torch.where(any_held & (norm > 0), one / torch.where(norm > 0, norm, one), one)
+    total = torch.stack([x.sum().to(home) for x in d_dot_d]).sum()
+    held = torch.stack([(a.counters["pair_count"] > 0).sum().to(home) for a in arenas]).sum()
+    total, held = arenas[0].group_sum(torch.stack([total, held.double()])).unbind()
+    norm = total.sqrt()
+    return torch.where((held > 0) & (norm > 0), one / torch.where(norm > 0, norm, one), one)
 
 
 class GroupStep:
@@ -115,16 +117,21 @@ class GroupStep:
         self.arena = arena
         self.present = [i for i, p in enumerate(arena.params) if p.grad is not None]
         self.all_present = len(self.present) == len(arena.params)
-        self.params = [arena.params[i] for i in self.present]
-        self.grads = [arena.params[i].grad for i in self.present]
+        # The tensors stepped: the parameters, or a distributed rank's pieces of them.
+        self.params = [arena.local_param(i) for i in self.present]
+        self.grads = [arena.local_grad(i) for i in self.present]
+        if not self.present:  # nothing to write here; _foreach ops take no empty list
+            self.params = self.grads = [arena.grad_flat[:0]]
 
     def views(self, flat: Tensor) -> list[Tensor]:
         """Views of a flat arena buffer over the parameters that have gradients."""
         if self.all_present:
             return [flat]
-        return [self.arena.param_view(flat, i) for i in self.present]
+        return self.shaped_views(flat)
 
     def shaped_views(self, flat: Tensor) -> list[Tensor]:
+        if not self.present:
+            return [flat[:0]]
         return [self.arena.param_view(flat, i) for i in self.present]
 
 
@@ -160,15 +167,16 @@ def _gradient_dots(arena: Arena) -> tuple[Tensor, Tensor, Tensor]:
     float32 or wider, so a finite half-precision gradient never overflows it)."""
     g = arena.grad_flat
     B, m = arena.layout.num_blocks, arena.m
-    Sg = torch.empty(B, m, dtype=torch.float64, device=arena.device)
-    Yg = torch.empty_like(Sg)
-    gg = torch.empty(B, dtype=torch.float64, device=arena.device)
+    # One [B, 2m + 1] tensor, so that a distributed rank completes it in one collective.
+    dots = torch.empty(B, 2 * m + 1, dtype=torch.float64, device=arena.device)
+    Sg, Yg, gg = dots[:, :m], dots[:, m : 2 * m], dots[:, 2 * m]
     for b in range(B):
         g_b = g[arena.block_slice(b)]
         S, Y = _rings(arena, b)
         Sg[b] = _ring_dots(S, g_b)
         Yg[b] = _ring_dots(Y, g_b)
         gg[b] = _dot(g_b, g_b)
+    arena.block_sum(dots)
     return Sg, Yg, gg
 
 
@@ -273,7 +281,12 @@ def push_pairs(arena: Arena, group: dict, ok: Tensor, t: Tensor | None = None) -
     torch.sub(flat["grad_ema"], flat["grad_snapshot"], out=y_all)
     slots = torch.arange(m, device=arena.device)
     r_value = torch.full((), r, dtype=torch.float64, device=arena.device)  # where() on floats is float32
-    for b in range(arena.layout.num_blocks):
+    B = arena.layout.num_blocks
+    # The blocks go through each phase together, so that the inner products of all
+    # blocks are completed by one arena.block_sum per phase (one collective each on a
+    # distributed rank): damping sums [B, 2], curvatures [B], Gram rows [B, 4, m].
+    sums = torch.empty(B, 2, dtype=torch.float64, device=arena.device)
+    for b in range(B):
         sl = arena.block_slice(b)
         s, y = s_all[sl], y_all[sl]
         S, Y = _rings(arena, b)
@@ -283,41 +296,55 @@ def push_pairs(arena: Arena, group: dict, ok: Tensor, t: Tensor | None = None) -
         for x, R in ((s, S), (y, Y)):
             x.mul_((1 - r_eff).to(arena.dtype))
             _add_ring_combination(x, R, newest)
-        s_dot_y, s_dot_s = _dot(s, y), _dot(s, s)
-        phi = damping_factor(
-            s_dot_y, s_dot_s, group["sigma_low"], group["sigma_high"], group["damping"], eps
-        )
-        torch.lerp(s, y, phi.to(arena.dtype), out=y)  # y <- yhat = phi y + (1 - phi) s
-        curvature = _dot(s, y)
-        accept = forms_pair[b] & torch.isfinite(curvature) & (curvature > eps)
+        sums[b, 0], sums[b, 1] = _dot(s, y), _dot(s, s)
+    s_dot_y, s_dot_s = arena.block_sum(sums).unbind(1)
+    phi = damping_factor(s_dot_y, s_dot_s, group["sigma_low"], group["sigma_high"], group["damping"], eps)
+    curvature = torch.empty(B, dtype=torch.float64, device=arena.device)
+    for b in range(B):
+        sl = arena.block_slice(b)
+        s, y = s_all[sl], y_all[sl]
+        torch.lerp(s, y, phi[b].to(arena.dtype), out=y)  # y <- yhat = phi y + (1 - phi) s
+        curvature[b] = _dot(s, y)
+    curvature = arena.block_sum(curvature)
+    accept = forms_pair & torch.isfinite(curvature) & (curvature > eps)
 
+    rows = torch.empty(B, 4, m, dtype=torch.float64, device=arena.device)
+    slot = torch.remainder(pair_count, m)
+    for b in range(B):
+        sl = arena.block_slice(b)
+        s, y = s_all[sl], y_all[sl]
+        S, Y = _rings(arena, b)
         # The slot's row becomes the new pair if accepted, else stays: x = accept ? x : R[slot].
-        slot = torch.remainder(pair_count[b], m)
-        keep = (slots == slot) & accept.logical_not()
+        keep = (slots == slot[b]) & accept[b].logical_not()
         for x, R, ring in ((s, S, arena.history_s), (y, Y, arena.history_y)):
-            x.masked_fill_(accept.logical_not(), 0.0)
+            x.masked_fill_(accept[b].logical_not(), 0.0)
             _add_ring_combination(x, R, keep.double())
             stored = x.unsqueeze(0)
             if arena.history_dtype != arena.dtype:
                 stored = stored.to(arena.history_dtype)
                 x.copy_(stored[0])  # the row as stored (rounded), for the Gram rows
-            arena.history_view(ring, b).index_copy_(0, slot.view(1), stored)
+            arena.history_view(ring, b).index_copy_(0, slot[b].view(1), stored)
+        rows[b, 0], rows[b, 1] = _ring_dots(S, s), _ring_dots(S, y)
+        rows[b, 2], rows[b, 3] = _ring_dots(Y, s), _ring_dots(Y, y)
+    rows = arena.block_sum(rows)
+    for b in range(B):
+        sl = arena.block_slice(b)
+        ss_row, sy_col, ys_row, yy_row = rows[b].unbind()
         gram = arena.gram[b]
-        ss_row, sy_col = _ring_dots(S, s), _ring_dots(S, y)
-        ys_row, yy_row = _ring_dots(Y, s), _ring_dots(Y, y)
+        j = slot[b].view(1)
         new = torch.stack(
             [
-                _set_row_col(gram[0], slot.view(1), ss_row, ss_row),
-                _set_row_col(gram[1], slot.view(1), ys_row, sy_col),  # [j, :] = s_j.y_i ; [:, j] = s_i.y_j
-                _set_row_col(gram[2], slot.view(1), yy_row, yy_row),
+                _set_row_col(gram[0], j, ss_row, ss_row),
+                _set_row_col(gram[1], j, ys_row, sy_col),  # [j, :] = s_j.y_i ; [:, j] = s_i.y_j
+                _set_row_col(gram[2], j, yy_row, yy_row),
             ]
         )
-        gram.copy_(torch.where(accept, new, gram))
-        pair_count[b] += accept
-        arena.counters["skipped_pairs"][b] += forms_pair[b] & accept.logical_not()
+        gram.copy_(torch.where(accept[b], new, gram))
         roll = due[b].to(arena.dtype)
         flat["param_snapshot"][sl].lerp_(flat["param_ema"][sl], roll)
         flat["grad_snapshot"][sl].lerp_(flat["grad_ema"][sl], roll)
+    pair_count += accept
+    arena.counters["skipped_pairs"] += forms_pair & accept.logical_not()
 
 
 class CounterProbe:

@@ -1,0 +1,185 @@
+"""A rank's part of an arena: the state of its owned elements, and the two reductions.
+
+A :class:`ShardArena` is an :class:`~mlbfgs_fused._state.arena.Arena` over a
+:class:`~.sharding.ShardLayout`: its "parameters" are pieces ``p.view(-1)[a:b]`` of
+the group's parameters (and ``p.grad.view(-1)[a:b]`` of their gradients; flat in
+memory order), so the
+foreach backend steps a rank's elements exactly as it steps a whole arena. Its
+inner products are completed by the two hooks the backend calls:
+
+``block_sum(x)``
+    a per-block partial sum over this rank's elements (``S g``, ``Y g``, ``g.g``;
+    on pair steps the damping sums, curvatures and Gram rows) made whole. ``"sharded"``: one all-reduce
+    of ``x`` (every rank holds a part of every block); ``"blockwise"``: nothing (a
+    block lives on one rank).
+``group_sum(x)``
+    a sum over the group's blocks made whole (the norm of ``d``, the count of blocks
+    holding a pair). ``"sharded"``: nothing (every rank already sums every block);
+    ``"blockwise"``: one all-reduce.
+
+After the step :meth:`ShardArena.publish` all-gathers every rank's updated elements
+back into the full parameters, which stay replicated on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .._state.arena import PARAM_STATE_KEYS, Arena, _copy_checked, is_dense
+from .sharding import ShardLayout
+
+
+def _all_gather(output: Tensor, input: Tensor, group) -> None:
+    # torch 2.13 renames all_gather_into_tensor all_gather_single (looked up at each
+    # call, so a wrapper of either, as bench/distributed.py puts, sees it).
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, input, group=group)
+
+
+def flat_view(t: Tensor) -> Tensor:
+    """A parameter or gradient as a flat view in memory order (contiguous, or dense in
+    another dimension order: channels_last, a transpose)."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if not is_dense(t):
+        raise RuntimeError(
+            "MLBFGS(distributed=...) needs dense parameters and gradients, got one with shape "
+            f"{tuple(t.shape)} and strides {t.stride()}"
+        )
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+class ShardArena(Arena):
+    def __init__(
+        self,
+        params: list[Tensor],
+        layouts: list[ShardLayout],
+        rank: int,
+        mode: str,
+        process_group,
+        history_size: int,
+        history_dtype: torch.dtype | None,
+        dtensor: bool = False,
+    ):
+        super().__init__(params, layouts[rank], history_size, history_dtype)
+        self.all_params = params  # in the order the layouts index them
+        self.layouts = layouts
+        self.rank = rank
+        self.mode = mode
+        self.process_group = process_group
+        # DTensor parameters sharded on dim 0 (FSDP2): a piece is a whole local shard,
+        # and the parameters stay sharded (nothing to all-gather).
+        self.dtensor = dtensor
+        if not dtensor:
+            # All-gather staging: every rank's local vector, padded to the longest one.
+            width = max(lay.numel for lay in layouts)
+            self.send = torch.zeros(width, dtype=self.dtype, device=self.device)
+            self.recv = torch.zeros(width * len(layouts), dtype=self.dtype, device=self.device)
+
+    # -- geometry: pieces instead of whole parameters ----------------------------
+    def param_slice(self, i: int) -> slice:
+        start = self.layout.param_offsets[i]
+        return slice(start, start + self.layout.piece_numel(i))
+
+    def param_view(self, flat: Tensor, i: int) -> Tensor:
+        return flat[self.param_slice(i)]
+
+    def local_param(self, i: int) -> Tensor:
+        if self.dtensor:
+            return flat_view(self.params[i].to_local())
+        start, stop = self.layout.pieces[i]
+        return flat_view(self.params[i])[start:stop]
+
+    def local_grad(self, i: int) -> Tensor:
+        p, grad = self.params[i], self.params[i].grad
+        if self.dtensor:
+            p, grad = p.to_local(), grad.to_local()
+        if grad.stride() != p.stride():
+            raise RuntimeError(
+                "MLBFGS(distributed=...) needs each gradient laid out like its parameter, got "
+                f"strides {grad.stride()} for a parameter with strides {p.stride()}"
+            )
+        if self.dtensor:
+            return flat_view(grad)
+        start, stop = self.layout.pieces[i]
+        return flat_view(grad)[start:stop]
+
+    @property
+    def active(self) -> bool:
+        """Whether this rank keeps any block of the arena (always, when sharded)."""
+        return self.layout.num_blocks > 0
+
+    # -- the reductions ---------------------------------------------------------
+    def block_sum(self, x: Tensor) -> Tensor:
+        if self.mode == "sharded":
+            dist.all_reduce(x, group=self.process_group)
+        return x
+
+    def group_sum(self, x: Tensor) -> Tensor:
+        if self.mode == "blockwise":
+            dist.all_reduce(x, group=self.process_group)
+        return x
+
+    # -- parameters back on every rank --------------------------------------------
+    def publish(self) -> None:
+        """All-gather every rank's elements into the full parameters."""
+        if self.dtensor or len(self.layouts) == 1:
+            return  # the rank wrote all the elements it holds in place
+        lay = self.layout
+        if lay.order:
+            pieces = [self.local_param(i) for i in range(len(lay.order))]
+            torch._foreach_copy_([self.param_view(self.send, i) for i in range(len(pieces))], pieces)
+        _all_gather(self.recv, self.send, group=self.process_group)
+        width = self.send.numel()
+        dst, src = [], []
+        for r, peer in enumerate(self.layouts):
+            if r == self.rank:
+                continue  # its elements were written in place
+            for i, (start, stop) in enumerate(peer.pieces):
+                offset = r * width + peer.param_offsets[i]
+                dst.append(flat_view(self.all_params[peer.order[i]])[start:stop])
+                src.append(self.recv[offset : offset + stop - start])
+        if dst:
+            torch._foreach_copy_(dst, src)
+
+    # -- optimizer.state ----------------------------------------------------------
+    def adopt(self, state: dict) -> None:
+        """As :meth:`Arena.adopt`, with ``state[p]`` holding the flat state of ``p``'s
+        owned elements (the rank's shard: one range of the local vector, as all the
+        pieces of a parameter are adjacent there)."""
+        lay = self.layout
+        spans: dict[int, list[int]] = {}  # parameter -> pieces
+        for i, p in enumerate(self.params):
+            spans.setdefault(id(p), []).append(i)
+        owners = self.blocks_by_param()
+        with torch.no_grad():
+            for pieces in spans.values():
+                p = self.params[pieces[0]]
+                lo = lay.param_offsets[pieces[0]]
+                hi = lay.param_offsets[pieces[-1]] + lay.piece_numel(pieces[-1])
+                p_state = state[p]
+                for key in PARAM_STATE_KEYS:
+                    view = self.flat_state[key][lo:hi]
+                    if key in p_state:
+                        _copy_checked(view, p_state[key], key)
+                    elif key == "param_ema":
+                        for i in pieces:  # the EMA of the parameters starts at the parameters
+                            self.param_view(self.flat_state[key], i).copy_(self.local_param(i))
+                    p_state[key] = view
+                blocks = [b for i in pieces for b in owners.get(i, [])]
+                saved = p_state.get("blocks")
+                if saved is not None:
+                    if len(saved) != len(blocks):
+                        raise ValueError(
+                            "loaded optimizer state has a different block layout "
+                            f"({len(saved)} blocks start in a parameter that now starts {len(blocks)})"
+                        )
+                    for b, saved_block in zip(blocks, saved):
+                        for key, view in self.block_state(b).items():
+                            _copy_checked(view, saved_block[key], key)
+                if blocks:
+                    p_state["blocks"] = [self.block_state(b) for b in blocks]
+                else:
+                    p_state.pop("blocks", None)
