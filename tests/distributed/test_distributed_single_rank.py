@@ -45,7 +45,7 @@ def test_dtensor_parameters(group):
     values = [torch.randn(4, 3), torch.randn(5)]
     plain = [torch.nn.Parameter(v.clone()) for v in values]
     sharded = [torch.nn.Parameter(distribute_tensor(v.clone(), mesh, [Shard(0)])) for v in values]
-    opts = [MLBFGS(plain, history_size=2, update_period=2, blocks="tensor"),
+    opts = [MLBFGS(plain, history_size=2, update_period=2, blocks="tensor", backend="foreach"),
             MLBFGS(sharded, history_size=2, update_period=2, blocks="tensor", distributed="sharded")]
     for t in range(9):
         for p, q in zip(plain, sharded):
@@ -83,7 +83,7 @@ def test_memory_order_parameters(group):
     for distributed in (None, "sharded"):
         torch.manual_seed(0)
         p = torch.nn.Parameter(torch.randn(4, 3).t())
-        opt = MLBFGS([p], history_size=2, update_period=2, **({} if distributed is None else {"distributed": distributed}))
+        opt = MLBFGS([p], history_size=2, update_period=2, **({"backend": "foreach"} if distributed is None else {"distributed": distributed}))
         for _ in range(7):
             p.grad = (p.detach() * 0.5 + 0.1).t().contiguous().t()  # the parameter's strides
             opt.step()
