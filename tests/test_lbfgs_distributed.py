@@ -53,6 +53,7 @@ def _worker(rank, port, out_dir, X, y):
         rows = slice(rank * half, (rank + 1) * half)
         torch.save(_fit(X[rows], y[rows], STEPS, average_gradients=True), os.path.join(out_dir, f"{rank}.pt"))
     finally:
+        dist.barrier()  # no rank tears gloo down while its peer still talks to it
         dist.destroy_process_group()
 
 
