@@ -153,21 +153,26 @@ class Arena:
                 for key in PARAM_STATE_KEYS:
                     p_state[key] = self.param_view(self.flat_state[key], i)
                 blocks = owners.get(i, [])
-                saved = p_state.get("blocks")
-                if saved is not None:
-                    if len(saved) != len(blocks):
-                        raise ValueError(
-                            "loaded optimizer state has a different block layout "
-                            f"({len(saved)} blocks start in a parameter that now starts {len(blocks)})"
-                        )
-                    for b, saved_block in zip(blocks, saved):
-                        for key, view in self.block_state(b).items():
-                            _copy_checked(view, saved_block[key], key)
-                if blocks:
-                    p_state["blocks"] = [self.block_state(b) for b in blocks]
-                else:
-                    p_state.pop("blocks", None)
+                self._adopt_blocks(p_state, blocks)
 
+
+    def _adopt_blocks(self, p_state: dict, blocks: list[int]) -> None:
+        """Copy the saved state of the blocks starting in one parameter (if any) into
+        the arena, then point that parameter's ``"blocks"`` entry at the arena's views."""
+        saved = p_state.get("blocks")
+        if saved is not None:
+            if len(saved) != len(blocks):
+                raise ValueError(
+                    "loaded optimizer state has a different block layout "
+                    f"({len(saved)} blocks start in a parameter that now starts {len(blocks)})"
+                )
+            for b, saved_block in zip(blocks, saved):
+                for key, view in self.block_state(b).items():
+                    _copy_checked(view, saved_block[key], key)
+        if blocks:
+            p_state["blocks"] = [self.block_state(b) for b in blocks]
+        else:
+            p_state.pop("blocks", None)
 
 def is_dense(t: Tensor) -> bool:
     """Whether ``t``'s elements fill ``numel`` consecutive memory slots, in any

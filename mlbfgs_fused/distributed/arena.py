@@ -169,17 +169,4 @@ class ShardArena(Arena):
                             self.param_view(self.flat_state[key], i).copy_(self.local_param(i))
                     p_state[key] = view
                 blocks = [b for i in pieces for b in owners.get(i, [])]
-                saved = p_state.get("blocks")
-                if saved is not None:
-                    if len(saved) != len(blocks):
-                        raise ValueError(
-                            "loaded optimizer state has a different block layout "
-                            f"({len(saved)} blocks start in a parameter that now starts {len(blocks)})"
-                        )
-                    for b, saved_block in zip(blocks, saved):
-                        for key, view in self.block_state(b).items():
-                            _copy_checked(view, saved_block[key], key)
-                if blocks:
-                    p_state["blocks"] = [self.block_state(b) for b in blocks]
-                else:
-                    p_state.pop("blocks", None)
+                self._adopt_blocks(p_state, blocks)
