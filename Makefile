@@ -25,7 +25,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 VALIDATE_ARGS ?=
 
-.PHONY: test demo bench gpu-validate env clean
+.PHONY: test demo bench gpu-validate fashion-mnist env clean
 
 $(STAMP): $(BUILD_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
@@ -58,6 +58,15 @@ bench: $(STAMP)
 # benchmarks), e.g. VALIDATE_ARGS="--out /tmp/h100 --budget 540"; see bench/gpu_validate.py.
 gpu-validate: $(STAMP)
 	$(PY) -m bench.gpu_validate $(VALIDATE_ARGS)
+
+# A copy of Fashion-MNIST's idx files in data/fashion-mnist/ (ignored by git, about
+# 30 MB), to carry to a machine without network or Debian's package; point
+# MLBFGS_FASHION_MNIST_DIR at it there. Installs Debian's package first when root can.
+FASHION_MNIST_SRC := /usr/share/datasets/fashion-mnist
+fashion-mnist:
+	test -f $(FASHION_MNIST_SRC)/train-images-idx3-ubyte.gz || apt-get install -y dataset-fashion-mnist
+	mkdir -p data/fashion-mnist
+	cp $(FASHION_MNIST_SRC)/*-ubyte.gz data/fashion-mnist/
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -4,8 +4,9 @@
 
 Data: Fashion-MNIST when its idx files are present (Debian's package
 ``dataset-fashion-mnist`` puts them in /usr/share/datasets/fashion-mnist/;
-``apt-get install -y dataset-fashion-mnist`` as root), else scikit-learn's bundled
-digits. Runs on CUDA with the fused backend when one is available, on the CPU
+``apt-get install -y dataset-fashion-mnist`` as root; ``MLBFGS_FASHION_MNIST_DIR``
+names another folder holding the four ``*-ubyte.gz`` files), else scikit-learn's
+bundled digits. Runs on CUDA with the fused backend when one is available, on the CPU
 with the foreach backend otherwise. Prints a table and writes a PNG of the
 training loss against steps and against wall-clock time.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,9 @@ from torch import nn
 
 from . import MLBFGS
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Where Debian's package puts the idx files; the variable points elsewhere (a copy
+# carried to a machine without the package, for instance).
+FASHION_MNIST_DIR = Path(os.environ.get("MLBFGS_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 
 
 @dataclass
@@ -50,15 +54,17 @@ def _read_idx(path: Path) -> torch.Tensor:
 
 FASHION_MNIST_INSTALL = "apt-get install -y dataset-fashion-mnist"
 FASHION_MNIST_HINT = (
-    "Fashion-MNIST is not in /usr/share/datasets/fashion-mnist/: using scikit-learn's digits. "
-    f"To train on it: {FASHION_MNIST_INSTALL} (as root)"
+    f"Fashion-MNIST is not in {FASHION_MNIST_DIR}/: using scikit-learn's digits. "
+    f"To train on it: {FASHION_MNIST_INSTALL} (as root), or set MLBFGS_FASHION_MNIST_DIR "
+    "to a folder holding its four idx files"
 )
 
 
 def fashion_mnist_missing(directory: Path) -> str:
     return (
         f"Fashion-MNIST is not in {directory}/. Install it with `{FASHION_MNIST_INSTALL}` "
-        "(as root; Debian's package), or use --dataset digits (scikit-learn's bundled digits)."
+        "(as root; Debian's package), set MLBFGS_FASHION_MNIST_DIR to a folder holding its "
+        "four idx files, or use --dataset digits (scikit-learn's bundled digits)."
     )
 
 

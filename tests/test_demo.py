@@ -1,6 +1,8 @@
 """The demo runs end to end (tiny budget), plots against steps and time, and
 rejects bad input with a clear message instead of a traceback."""
 
+import os
+
 import pytest
 import torch
 
@@ -59,6 +61,23 @@ def test_missing_fashion_mnist_says_how_to_install_it(tmp_path, monkeypatch, cap
     assert "apt-get install -y dataset-fashion-mnist" in err and "Traceback" not in err
     with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
         demo.load_dataset("fashion-mnist")
+
+
+def test_fashion_mnist_folder_can_be_named_by_the_environment(tmp_path):
+    """A copy of the idx files carried to a machine without Debian's package."""
+    import gzip
+    import subprocess
+    import sys
+
+    for split, count in (("train", 3), ("t10k", 2)):
+        images = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (count, 28, 28))
+        labels = bytes([0, 0, 8, 1]) + count.to_bytes(4, "big")
+        (tmp_path / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(images + bytes(range(count)) * 784))
+        (tmp_path / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels + bytes(range(count))))
+    script = "from mlbfgs_fused import demo; d = demo.load_dataset('auto'); print(d.name, tuple(d.x_train.shape))"
+    env = {**os.environ, "MLBFGS_FASHION_MNIST_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[-2] == "fashion-mnist (3, 1, 28, 28)"
 
 
 def test_state_bytes_counts_shared_storage_once():
