@@ -344,3 +344,30 @@ def test_group_over_two_dtypes_normalises_over_the_whole_group():
     for a, b in zip(runs["foreach"], runs["cpp"]):
         torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6)
     assert len(opt._arenas[0][1]) == 2
+
+
+def test_cuda_backend_refuses_graph_capture_before_writing(monkeypatch):
+    """Its ops upload their pointer tables from pinned host memory freed on return, so a
+    captured step would read freed memory on replay: capture is refused up front."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph; use backend='triton'"):
+        native.cuda.check_gradients({"params": []})
+    native.cpp.check_gradients({"params": [], "variant": "paper", "history_dtype": None})  # CPU: no capture
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not native.cuda.available(), reason="needs a CUDA GPU and the CUDA C++ kernels")
+def test_cuda_backend_capture_raises_and_leaves_the_state_alone():
+    p = torch.nn.Parameter(torch.randn(64, device="cuda"))
+    opt = MLBFGS([p], backend="cuda", lr=torch.tensor(0.1, device="cuda"), capturable=True)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+    weights = p.detach().clone()
+    side = torch.cuda.Stream()
+    with pytest.raises(RuntimeError, match="cannot be captured"):
+        with torch.cuda.stream(side), torch.cuda.graph(torch.cuda.CUDAGraph(), stream=side):
+            opt.step()
+    torch.testing.assert_close(p.detach(), weights, rtol=0, atol=0)
+    for k, v in before.items():
+        torch.testing.assert_close(opt.state[p][k], v, rtol=0, atol=0)

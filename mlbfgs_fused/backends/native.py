@@ -109,6 +109,13 @@ class NativeBackend:
         return [self.device]
 
     def check_gradients(self, group: dict) -> None:
+        if self.device == "cuda" and torch.cuda.is_current_stream_capturing():
+            # Each CUDA op uploads its pointer table from a pinned host buffer it frees on
+            # return: a captured copy would read freed memory on every replay.
+            raise RuntimeError(
+                "the 'cuda' backend cannot be captured in a CUDA graph; use backend='triton' "
+                "(fused=True picks it when Triton is installed)"
+            )
         _check_gradients(group)
         if group["variant"] != "paper" and self.device != "cpu":
             raise NotImplementedError(
