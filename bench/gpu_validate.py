@@ -256,34 +256,87 @@ def stage_bench(runner: Runner, bench_stages: list[str], bench_args: list[str], 
 
 
 def write_summary(runner: Runner, args: argparse.Namespace, started: float) -> bool:
+    """Write ``summary.json`` and ``SUMMARY.md``; returns whether every stage run now passed.
+    A folder that already holds a summary (an earlier call into the same folder) keeps
+    the records of the stages not run this time."""
     ok = all(r["status"] in ("passed", "skipped") for r in runner.records)
-    summary = {
+    run = {
         "command": "python -m bench.gpu_validate " + shlex.join(args.argv),
         "budget_s": args.budget,
         "elapsed_s": round(time.time() - started, 1),
         "ok": ok,
-        "stages": runner.records,
     }
-    (runner.logs / "summary.json").write_text(json.dumps(summary, indent=1))
-    lines = [
-        "# GPU validation", "",
-        f"`{summary['command']}`: {summary['elapsed_s']:.0f} s of a {args.budget:.0f} s budget; "
-        f"{'every stage that ran passed' if ok else 'SOME STAGES FAILED'}.", "",
+    summary = merge_summaries(read_summary(runner.logs), {"runs": [run], "stages": runner.records})
+    write_summary_files(runner.logs, summary)
+    return ok
+
+
+def read_summary(logs: Path) -> dict | None:
+    path = logs / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    if "runs" not in summary:  # a summary of one call, as written before calls were merged
+        run = {k: summary[k] for k in ("command", "budget_s", "elapsed_s", "ok") if k in summary}
+        summary = {"runs": [run], "stages": summary.get("stages", [])}
+    return summary
+
+
+def merge_summaries(older: dict | None, newer: dict) -> dict:
+    """Both calls' commands, and each stage's record from the newer call where it ran
+    that stage, else from the older one (in the older call's order, new stages after)."""
+    if older is None:
+        return newer
+    fresh = {r["stage"]: r for r in newer["stages"]}
+    stages = [fresh.pop(r["stage"], r) for r in older["stages"]] + list(fresh.values())
+    return {"runs": older["runs"] + newer["runs"], "stages": stages}
+
+
+def write_summary_files(logs: Path, summary: dict) -> None:
+    (logs / "summary.json").write_text(json.dumps(summary, indent=1))
+    ok = all(r["status"] in ("passed", "skipped") for r in summary["stages"])
+    lines = ["# GPU validation", ""]
+    for run in summary["runs"]:
+        lines.append(f"- `{run['command']}`: {run['elapsed_s']:.0f} s of a {run['budget_s']:.0f} s budget")
+    lines += [
+        "", "Every stage that ran passed." if ok else "SOME STAGES FAILED.", "",
         "| stage | status | seconds | tests (ran / failed / errors / skipped) | log |",
         "|---|---|---|---|---|",
     ]
-    for r in runner.records:
+    for r in summary["stages"]:
         t = r.get("tests")
         tests = f"{t['ran']} / {t['failures']} / {t['errors']} / {t['skipped']}" if t else ""
         status = r["status"] + (f": {r['detail']}" if r.get("detail") and r["stage"] != "env" else "")
         lines.append(f"| {r['stage']} | {status} | {r.get('seconds', '')} | {tests} | {r.get('log', '')} |")
-    env_detail = next((r.get("detail") for r in runner.records if r["stage"] == "env"), None)
+    env_detail = next((r.get("detail") for r in summary["stages"] if r["stage"] == "env"), None)
     if env_detail:
         lines += ["", f"Machine: {env_detail}."]
     text = "\n".join(lines) + "\n"
-    (runner.logs / "SUMMARY.md").write_text(text)
+    (logs / "SUMMARY.md").write_text(text)
     print("\n" + text, flush=True)
-    return ok
+
+
+def merge_folder(source: Path, out: Path) -> None:
+    """Copy one call's results folder into ``out`` (files of the same name replaced), merging
+    the validation summaries, then rebuild the benchmark report when there is JSON for it.
+    How the results of several calls (each into its own, emptied, folder) become one."""
+    source, out = source.resolve(), out.resolve()
+    if not (source / "validation").is_dir():
+        raise SystemExit(f"{source} holds no validation/ folder: not the output of bench.gpu_validate")
+    older = read_summary(out / "validation")
+    newer = read_summary(source / "validation")
+    for path in sorted(source.rglob("*")):
+        if path.is_file() and path.relative_to(source) != Path("validation/summary.json"):
+            target = out / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+    (out / "validation").mkdir(parents=True, exist_ok=True)
+    if newer is not None:
+        write_summary_files(out / "validation", merge_summaries(older, newer))
+    if any(out.glob("*.json")):
+        from .report import make_report
+
+        print(f"report: {make_report(out)}", flush=True)
 
 
 def _csv(text: str, allowed: tuple[str, ...], parser: argparse.ArgumentParser, what: str) -> list[str]:
@@ -311,11 +364,19 @@ def main(argv=None) -> int:
                         help=f"override a stage's cap (defaults {CAPS})")
     parser.add_argument("--allow-cpu", action="store_true",
                         help="run without a GPU (checks the plumbing; kernels through the interpreter)")
+    parser.add_argument("--merge", type=Path, default=None, metavar="FOLDER",
+                        help="copy an earlier call's results FOLDER into --out, merging the summaries, "
+                             "and rebuild the report; runs nothing (no GPU needed)")
     parser.add_argument("--fused-steps-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--fused-steps-numel", type=int, default=3000, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = argv
 
+    if args.merge is not None:
+        if args.out is None:
+            parser.error("--merge needs --out, the folder that collects the calls' results")
+        merge_folder(args.merge, args.out)
+        return 0
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if args.fused_steps_only:  # the program compute-sanitizer runs

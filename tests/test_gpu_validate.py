@@ -39,3 +39,33 @@ def test_refuses_to_run_without_a_gpu_unless_asked(tmp_path, capsys):
         gpu_validate.main(["--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "--allow-cpu" in capsys.readouterr().err
+
+
+def test_calls_into_separate_folders_merge_into_one(tmp_path, capsys):
+    """A GPU session makes several calls, each into a fresh folder; --merge gathers
+    them: every stage's latest record, every call's command, every file."""
+    first, second, collected = tmp_path / "first", tmp_path / "second", tmp_path / "collected"
+    assert gpu_validate.main(["--allow-cpu", "--stages", "env,sanitizer", "--out", str(first), "--budget", "60"]) == 0
+    assert gpu_validate.main(["--allow-cpu", "--stages", "tests", "--out", str(second), "--budget", "10"]) == 0
+    (second / "validation" / "tests.log").write_text("a log of the second call\n")
+    assert gpu_validate.main(["--merge", str(first), "--out", str(collected)]) == 0
+    assert gpu_validate.main(["--merge", str(second), "--out", str(collected)]) == 0
+    summary = json.loads((collected / "validation" / "summary.json").read_text())
+    assert [r["stage"] for r in summary["stages"]] == ["env", "sanitizer", "tests"]
+    assert [r["status"] for r in summary["stages"]][2] == "skipped"
+    assert len(summary["runs"]) == 2 and "--stages tests" in summary["runs"][1]["command"]
+    assert (collected / "validation" / "env.json").exists()
+    assert (collected / "validation" / "tests.log").read_text() == "a log of the second call\n"
+    text = (collected / "validation" / "SUMMARY.md").read_text()
+    assert text.count("- `python -m bench.gpu_validate") == 2 and "| env | passed |" in text
+    # Running a stage again replaces its record, in place.
+    third = tmp_path / "third"
+    assert gpu_validate.main(["--allow-cpu", "--stages", "env", "--out", str(third), "--budget", "60"]) == 0
+    assert gpu_validate.main(["--merge", str(third), "--out", str(collected)]) == 0
+    summary = json.loads((collected / "validation" / "summary.json").read_text())
+    assert [r["stage"] for r in summary["stages"]] == ["env", "sanitizer", "tests"] and len(summary["runs"]) == 3
+
+
+def test_merge_refuses_a_folder_that_is_not_a_validation_output(tmp_path):
+    with pytest.raises(SystemExit, match="no validation/ folder"):
+        gpu_validate.main(["--merge", str(tmp_path), "--out", str(tmp_path / "collected")])
