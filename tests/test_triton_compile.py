@@ -27,6 +27,9 @@ CONFIGS = [
     dict(dtype="float16", weight_decay=0.1, variant="released"),
     # Sizes that are multiples of 16 elements: the ALIGNED specialization (vector loads).
     dict(dtype="float32", shapes=[[16, 8], [32]], blocks="tensor"),
+    # The largest history the benchmarks time (m = 20: vectors of 32 slots).
+    dict(dtype="float32", history_size=20, shapes=[[16, 8], [32]], blocks="tensor"),
+    dict(dtype="float32", history_dtype="bfloat16", history_size=20),
 ]
 
 SCRIPT = r"""
@@ -93,8 +96,10 @@ for fn, args, kwargs in launches:
             report = subprocess.run([ptxas, "-v", f"--gpu-name=sm_90a", f.name, "-o", os.devnull],
                                     capture_output=True, text=True).stderr
         regs = re.search(r"Used (\d+) registers", report)
+        spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
         print("compiled", fn.__name__, values.get("ALIGNED", False), values.get("F64", False),
-              vector, regs.group(1) if regs else "?", str(values.get("M", "")), sep=",")
+              vector, regs.group(1) if regs else "?", str(values.get("M", "")), spills,
+              compiled.metadata.shared, sep=",")
 """
 
 
@@ -117,7 +122,7 @@ def test_every_launch_compiles_for_sm90():
     )
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [line.split(",") for line in result.stdout.splitlines() if line.startswith("compiled")]
-    names = [row[1] for row in rows]  # compiled, name, ALIGNED, F64, vector, registers, M
+    names = [row[1] for row in rows]  # compiled, name, ALIGNED, F64, vector, registers, M, spilled bytes, shared bytes
     kernels = ("gradient_dots", "two_loop", "direction_scale", "update", "push", "commit")
     assert {f"{name}_kernel" for name in kernels} <= set(names), result.stdout
     for name in ("gradient_dots", "update", "push"):  # specialised per dtype and flags
@@ -126,4 +131,8 @@ def test_every_launch_compiles_for_sm90():
     for name in ("gradient_dots_kernel", "update_kernel"):
         aligned = [row for row in rows if row[1] == name and row[2] == "True" and row[3] == "False"]
         assert aligned and all(row[4] == "True" for row in aligned), result.stdout
-    print(result.stdout)  # registers per thread, for the record (pytest -s)
+    # What only a launch on the GPU would show: shared memory past what one block may
+    # have on sm_90 (227 KiB) fails the launch.
+    for row in rows:
+        assert int(row[8]) <= 227 * 1024, row
+    print(result.stdout)  # registers, spills, shared memory per kernel, for the record (pytest -s)
