@@ -714,6 +714,41 @@ def test_captured_steps_replay_bit_for_bit_like_eager(backend):
 
 
 @needs_cuda
+def test_inductor_compiled_step_matches_eager_on_the_gpu():
+    """``torch.compile(opt.step, backend="inductor")`` on CUDA, the first step included,
+    through pair steps: the same parameters as eager steps. (The host-side ``prepare``
+    is a graph break by design: docs/design.md, "The fused backend".)"""
+    if _triton.interpreting():
+        pytest.skip("TRITON_INTERPRET=1: the kernels run on the CPU")
+    import warnings
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    shapes = [(64, 48), (48,), (300,)]
+    init = [torch.randn(s, device="cuda", generator=gen) for s in shapes]
+
+    def make():
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        return params, MLBFGS(params, lr=0.05, history_size=2, update_period=2, weight_decay=1e-3,
+                              blocks="tensor", backend="triton")
+
+    eager_params, eager = make()
+    compiled_params, opt = make()
+    torch._dynamo.reset()
+    step = torch.compile(opt.step, backend="inductor")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note that it ignores the profiler's record_function
+        for i in range(9):  # pairs form from step 4 on, and the ring of two wraps
+            for p, q in zip(eager_params, compiled_params):
+                g = torch.randn(p.shape, device="cuda", generator=gen)
+                p.grad, q.grad = g.clone(), g.clone()
+            eager.step()
+            step()
+            for p, q in zip(eager_params, compiled_params):
+                torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=f"step {i}")
+    assert min(int(b["pair_count"]) for p in compiled_params for b in opt.state[p]["blocks"]) > 0
+
+
+@needs_cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_parameters_on_another_gpu_launch_under_their_device():
     """A model on cuda:1 while cuda:0 is current: every launch runs under cuda:1."""
