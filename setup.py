@@ -91,9 +91,21 @@ def _with_cuda() -> bool:
     if os.environ.get("MLBFGS_NO_CUDA") == "1":
         return False
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME
+    from torch.utils import cpp_extension
 
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
+        return False
+    if not os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "include", "cuda_runtime.h")):
+        # torch guesses the toolkit from `which nvcc`; an nvcc on PATH that is a wrapper
+        # script (/usr/local/bin/nvcc) makes that /usr/local, without CUDA's headers and
+        # libraries. The usual install location is where they are.
+        fallback = "/usr/local/cuda"
+        if not os.path.exists(os.path.join(fallback, "include", "cuda_runtime.h")):
+            return False
+        print(f"mlbfgs_fused: CUDA_HOME={cpp_extension.CUDA_HOME} holds no CUDA headers; using {fallback}",
+              file=sys.stderr)
+        cpp_extension.CUDA_HOME = fallback
+    return True
 
 
 ext_modules, cmdclass = extensions()

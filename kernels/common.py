@@ -218,6 +218,17 @@ class Launcher:
             self.fn(*args)
 
 
+def traceable(kernel):
+    """``torch.library.wrap_triton(kernel)``: what a ``triton_op`` launches so that
+    ``torch.compile`` sees the kernel. The interpreter's kernels are launched as they
+    are: they never trace (their op is opaque), and torch before 2.13 refuses to wrap them."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(kernel, InterpretedFunction):
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
 def _no_op(*args) -> None:
     return None
 

@@ -28,7 +28,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from .common import (
     H_PAIR_MOMENTUM,
@@ -41,6 +40,7 @@ from .common import (
     padded,
     pair_candidate,
     tile_geometry,
+    traceable,
     user_tensor,
     worker_geometry,
 )
@@ -136,7 +136,7 @@ def _gradient_dots(
     period: int, m: int, has_wd: bool, maximize: bool, has_scale: bool, released: bool,
     tile: int, aligned: bool,
 ) -> None:
-    wrap_triton(gradient_dots_kernel)[(workers.shape[0],)](
+    traceable(gradient_dots_kernel)[(workers.shape[0],)](
         addresses, tiles, workers, hist_s, hist_y, param_ema, grad_ema, param_snap, grad_snap,
         step, pair_count, hyper, scale, dot_partials, pair_partials, period,
         M=m, MP=padded(m), HAS_WD=has_wd, MAXIMIZE=maximize, HAS_SCALE=has_scale,

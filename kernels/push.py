@@ -35,7 +35,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from .common import (
     BLOCK_COLUMNS,
@@ -53,6 +52,7 @@ from .common import (
     pair_candidate,
     sum_rows,
     tile_geometry,
+    traceable,
     user_tensor,
     worker_geometry,
 )
@@ -207,7 +207,7 @@ def _push(
     period: int, m: int, tile: int, aligned: bool,
     released: bool, has_wd: bool, maximize: bool, has_scale: bool,
 ) -> None:
-    wrap_triton(push_kernel)[(workers.shape[0],)](
+    traceable(push_kernel)[(workers.shape[0],)](
         param_ema, grad_ema, param_snap, grad_snap, hist_s, hist_y, tiles, workers, decision,
         gram_partials, hyper, step, pair_count, ok, period, addresses, scale, dot_partials,
         M=m, MP=padded(m), F64=param_ema.dtype == torch.float64, TILE=tile, ALIGNED=aligned,
@@ -221,7 +221,7 @@ def _commit(
     pair_count: Tensor, skipped_pairs: Tensor, skipped_steps: Tensor, ok: Tensor,
     period: int, m: int, pair: bool, counters: bool,
 ) -> None:
-    wrap_triton(commit_kernel)[(blocks.shape[0],)](
+    traceable(commit_kernel)[(blocks.shape[0],)](
         blocks, decision, gram_partials, gram, step, pair_count, skipped_pairs, skipped_steps,
         ok, period,
         M=m, MP=padded(m), ROWS=SUM_ROWS, BCOL=BLOCK_COLUMNS, PAIR=pair, STEP=counters,

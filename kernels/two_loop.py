@@ -32,7 +32,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from .common import (
     BLOCK_COLUMNS,
@@ -48,6 +47,7 @@ from .common import (
     is_finite,
     padded,
     sum_rows,
+    traceable,
 )
 
 
@@ -198,7 +198,7 @@ def direction_scale_kernel(stats_ptr, n_blocks, scale_ptr, NORMALIZE: tl.constex
 
 
 def _direction_scale(stats: Tensor, scale: Tensor, normalize: bool) -> None:
-    wrap_triton(direction_scale_kernel)[(1,)](
+    traceable(direction_scale_kernel)[(1,)](
         stats, stats.shape[0], scale, NORMALIZE=normalize, ROWS=SUM_ROWS
     )
 
@@ -208,7 +208,7 @@ def _two_loop(
     pair_count: Tensor, hyper: Tensor, coef: Tensor, stats: Tensor, decision: Tensor,
     probe: Tensor, block_offset: int, period: int, m: int, decide: bool, coefficients: bool,
 ) -> None:
-    wrap_triton(two_loop_kernel)[(blocks.shape[0],)](
+    traceable(two_loop_kernel)[(blocks.shape[0],)](
         partials, pair_partials, blocks, gram, step, pair_count, hyper, coef, stats, decision,
         probe, block_offset, partials.shape[0], period,
         M=m, MP=padded(m), ROWS=SUM_ROWS, NCOL=BLOCK_COLUMNS, DECIDE=decide, COEF=coefficients,

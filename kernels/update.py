@@ -21,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from .common import (
     H_MOMENTUM,
@@ -32,6 +31,7 @@ from .common import (
     averages,
     effective_gradient,
     tile_geometry,
+    traceable,
     user_tensor,
     worker_geometry,
 )
@@ -107,7 +107,7 @@ def _update(
     m: int, has_wd: bool, maximize: bool, has_scale: bool, released: bool,
     tile: int, aligned: bool,
 ) -> None:
-    wrap_triton(update_kernel)[(workers.shape[0],)](
+    traceable(update_kernel)[(workers.shape[0],)](
         addresses, tiles, workers, hist_s, hist_y, param_ema, grad_ema, buf, coef, step,
         d_scale, hyper, lr, scale, ok, period,
         M=m, HAS_WD=has_wd, MAXIMIZE=maximize, HAS_SCALE=has_scale,
