@@ -267,8 +267,8 @@ def contenders(device: torch.device, include_reference: bool = True) -> list[Con
     The Triton backend is left out on the CPU: its interpreter is far too slow to time.
     On CUDA the default backend also runs with a bfloat16 history, with
     ``variant="released"`` and captured in a CUDA graph (replayed). The CUDA C++ backend
-    is not captured: it stages the address table in a temporary pinned host buffer every
-    call, which a replay would read after it was freed (see bench/README.md)."""
+    is not captured: its ops copy the address table from a pinned host buffer allocated
+    per call, which a replay reads again (bench/README.md says when that is sound)."""
     out = []
     native = "cuda" if device.type == "cuda" else "cpp"
     backends = ("triton", native, "foreach") if device.type == "cuda" else (native, "foreach")
