@@ -326,9 +326,9 @@ def _cases_note(compare: dict) -> str:
         note += " Ours only (the peers' copies do not fit): " + ", ".join(
             f"N={_fmt_n(c['n'])}, m={c['m']}" for c in ours_only) + "."
     if split:
-        note += " Run in several batches: " + "; ".join(
-            f"N={_fmt_n(c['n'])}, m={c['m']}: {len(c['batches']) + len(c.get('retried_alone', []))} "
-            f"(budget {c['budget_bytes'] / 1e9:.1f} GB)" for c in split) + "."
+        note += " Cases run in several batches: " + "; ".join(
+            f"N={_fmt_n(c['n'])}, m={c['m']} in {len(c['batches']) + len(c.get('retried_alone', []))} "
+            f"(budget {c['budget_bytes'] / 1e9:.3g} GB)" for c in split) + "."
     return note
 
 

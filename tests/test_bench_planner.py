@@ -249,3 +249,24 @@ def test_compare_on_cuda_runs_batches_and_an_ours_only_case():
     assert len(result["cases"][0]["batches"]) >= 2
     assert all("median_s" in r for r in result["rows"]), [r for r in result["rows"] if "median_s" not in r]
     assert {r["contender"] for r in result["rows"] if r["n"] == 2 * n} == {"mlbfgs-triton", "mlbfgs-triton-graph"}
+
+
+def test_run_writes_the_results_and_then_fails_on_a_row_with_an_error(tmp_path, monkeypatch):
+    import json
+
+    import bench.compare
+    from bench import run
+
+    def fake_compare(device, sizes, checkpoint=None, **kwargs):
+        rows = [{"contender": "ours", "kind": "ours", "n": sizes[0], "m": 10, "median_s": 1e-3, "min_s": 1e-3,
+                 "max_s": 1e-3, "time_vs_ours": 1.0, "fraction_of_copy_bandwidth": 0.5},
+                {"contender": "broken", "kind": "first-order", "n": sizes[0], "m": 10, "error": "failed: E: x"}]
+        result = {"bandwidth": {"bytes_per_s": 1e9}, "ours": "ours", "rows": rows, "cases": []}
+        checkpoint(result)
+        return result
+
+    monkeypatch.setattr(bench.compare, "compare_steps", fake_compare)
+    with pytest.raises(SystemExit, match="broken N=1e\\+03 m=10: failed: E: x"):
+        run.main(["--only", "compare", "--sizes", "1e3", "--out", str(tmp_path)])
+    assert len(json.loads((tmp_path / "step_compare.json").read_text())["rows"]) == 2
+    assert "| broken | error: failed: E: x |" in (tmp_path / "RESULTS.md").read_text()
