@@ -60,10 +60,10 @@ def memory_budget(device: torch.device) -> int:
     return max(0, int(free_bytes(device) * FREE_SHARE) - RESERVE_BYTES.get(device.type, 1 << 30))
 
 
-def shared_bytes(n: int, m: int, with_history: bool = True) -> int:
-    """A case's shared problem (parameters and gradients, float32) and, when some contender
-    needs it, the float32 history ``S``, ``Y`` (with the curvature vector made on the way)."""
-    return 8 * n + ((8 * m + 4) * n if with_history else 0)
+def shared_bytes(n: int, m: int) -> int:
+    """A case's shared problem (parameters and gradients, float32) and float32 history
+    ``S``, ``Y`` (with the curvature vector made on the way)."""
+    return 8 * n + (8 * m + 4) * n
 
 
 @dataclass
