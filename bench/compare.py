@@ -5,8 +5,8 @@ For each N (and, at the largest N, each history size m) the contenders of
 steady state, and their steps are timed round-robin (warm-up first, then one
 step of each contender per round, median over rounds), so that load from
 elsewhere on a shared machine falls on all of them alike. An ours-only case
-(``ours_only_sizes``, m = ``default_m``) runs only our contenders: at N = 3e8
-the peers' copies do not fit a GPU, ours cross 2^31 history elements.
+(``ours_only_sizes``, m = ``default_m``) runs only our contenders: at N = 3e8 it
+measures our kernels past 2^31 history elements.
 
 The contenders of a case run in the batches of :mod:`bench.planner` (timed
 round-robin within a batch, memory released between batches); one that does not

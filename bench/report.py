@@ -323,7 +323,7 @@ def _cases_note(compare: dict) -> str:
     ours_only = [c for c in compare.get("cases", []) if c.get("ours_only")]
     note = ""
     if ours_only:
-        note += " Ours only (the peers' copies do not fit): " + ", ".join(
+        note += " Ours only: " + ", ".join(
             f"N={_fmt_n(c['n'])}, m={c['m']}" for c in ours_only) + "."
     if split:
         note += " Cases run in several batches: " + "; ".join(

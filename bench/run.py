@@ -28,7 +28,7 @@ STAGES = ("kernels", "compare", "memory", "audit", "train")
 SMOKE_SIZES = [1000, 4000]
 SMOKE_OURS_ONLY_SIZES = [8000]
 SIZES = [10**5, 10**6, 10**7, 10**8]
-CUDA_OURS_ONLY_SIZES = [3 * 10**8]  # crosses 2^31 history elements at m = 10; the peers' copies do not fit
+CUDA_OURS_ONLY_SIZES = [3 * 10**8]  # ours only: 2^31 history elements crossed at m = 10
 ROW_KEY = ("contender", "n", "m")
 
 
