@@ -7,7 +7,9 @@ are past their warm-up, so the timed step is the one training repeats.
 
 ``floor_bytes(N, m)`` is the fewest bytes the contender's algorithm must move
 per step in float32 (each tensor read or written once): a step at copy
-bandwidth would take ``floor_bytes / bandwidth``.
+bandwidth would take ``floor_bytes / bandwidth``. ``state_bytes(N, m)`` and
+``step_bytes(N, m)`` are what it holds between steps and what a build or a step
+allocates on top, for the memory plan of :mod:`bench.planner`.
 """
 
 from __future__ import annotations
@@ -46,13 +48,30 @@ def lbfgs_floor_bytes(n: int, m: int) -> int:
     return (16 * m + 20) * n
 
 
+def mlbfgs_state_bytes(history_element_bytes: int = 4, scratch_vectors: int = 0) -> Callable[[int, int], int]:
+    """Its copy of the parameters and gradients (8 N), the five per-element state vectors
+    (20 N), the 2m history rows, any scratch vectors (the foreach backend's two), and
+    for the fused backends' chunk tables, partial sums, Gram matrices and counters
+    (under 1 byte per parameter) 1 N + 64 KiB."""
+    return lambda n, m: (29 + 4 * scratch_vectors) * n + 2 * m * history_element_bytes * n + (64 << 10)
+
+
+def per_param_bytes(bytes_per_param: int) -> Callable[[int, int], int]:
+    return lambda n, m: bytes_per_param * n
+
+
 @dataclass(frozen=True)
 class Contender:
     name: str
     kind: str  # "ours", "mL-BFGS peer", "L-BFGS peer", "first-order", "out-of-place reference"
     build: Callable[[list[Tensor], History], object]
     floor_bytes: Callable[[int, int], int]
+    # Bytes held between steps beyond the case's shared problem and history (its own
+    # parameters and gradients included), and the most a build or a step allocates on top.
+    state_bytes: Callable[[int, int], int]
+    step_bytes: Callable[[int, int], int]
     mutates_grad: bool = False  # step() overwrites .grad: restore it between timed calls
+    shares_history: bool = False  # keeps views of the case's history instead of a copy
 
 
 # -- MLBFGS -----------------------------------------------------------------------
@@ -81,7 +100,7 @@ def load_mlbfgs_steady_state(opt: MLBFGS, history: History, step: int = STEADY_S
 
 def build_mlbfgs(backend: str, **options) -> Callable[[list[Tensor], History], MLBFGS]:
     def build(params, history):
-        opt = MLBFGS(params, history_size=history.m, backend=backend, **HYPER, **options)
+        opt = MLBFGS(params, history_size=history.m, backend=backend, **{**HYPER, **options})
         grads = [p.grad.clone() for p in params]
         opt.step()  # creates the state
         with torch.no_grad():
@@ -93,18 +112,69 @@ def build_mlbfgs(backend: str, **options) -> Callable[[list[Tensor], History], M
     return build
 
 
-def mlbfgs_backend_works(backend: str, device: torch.device) -> bool:
-    """Choose backends by trying: a two-step run on a tiny problem."""
+def mlbfgs_backend_works(backend: str, device: torch.device, warn: bool = True, **options) -> bool:
+    """Choose backends (and options, e.g. ``variant``) by trying: a three-step run on a tiny problem."""
     try:
         p = torch.nn.Parameter(torch.randn(64, device=device))
-        opt = MLBFGS([p], backend=backend, update_period=1, history_size=2)
+        opt = MLBFGS([p], backend=backend, update_period=1, history_size=2, **options)
         for _ in range(3):
             p.grad = torch.randn_like(p)
             opt.step()
         return bool(torch.isfinite(p).all())
     except Exception as exc:  # noqa: BLE001 -- any failure means "not available here"
-        if device.type == "cuda" or backend != "triton":
-            warnings.warn(f"MLBFGS backend {backend!r} left out on {device}: {exc!r}", stacklevel=2)
+        if warn and (device.type == "cuda" or backend != "triton"):
+            warnings.warn(f"MLBFGS backend {backend!r} {options or ''} left out on {device}: {exc!r}", stacklevel=2)
+        return False
+
+
+class GraphReplayed:
+    """An optimizer whose ``step()`` replays one step captured in a CUDA graph (the way
+    torch.optim's ``capturable`` optimizers are used): warm-up on a side stream, capture."""
+
+    def __init__(self, optimizer, warmup: int = 3):
+        self.optimizer = optimizer
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):  # builds the plans, binds the gradients, compiles
+                optimizer.step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            optimizer.step()
+
+    def step(self) -> None:
+        self.graph.replay()
+
+
+def build_mlbfgs_graph(backend: str, **options) -> Callable[[list[Tensor], History], GraphReplayed]:
+    """A capturable MLBFGS (``lr`` a device tensor) in steady state, its step captured.
+    The warm-up steps advance the step counter by 3: the timed replays stay clear of a
+    pair step (every ``update_period`` = 50 steps after ``STEADY_STEP``)."""
+
+    def build(params, history):
+        lr = torch.tensor(HYPER["lr"], device=params[0].device)
+        return GraphReplayed(build_mlbfgs(backend, capturable=True, lr=lr, **options)(params, history))
+
+    return build
+
+
+def graph_capture_works(backend: str, device: torch.device) -> bool:
+    """Capture and replay a tiny problem's step, as the benchmark does."""
+    if device.type != "cuda":
+        return False
+    try:
+        p = torch.nn.Parameter(torch.randn(64, device=device))
+        p.grad = torch.randn_like(p)
+        opt = MLBFGS([p], lr=torch.tensor(0.1, device=device), backend=backend, update_period=2,
+                     history_size=2, capturable=True)
+        replayed = GraphReplayed(opt)
+        for _ in range(3):
+            replayed.step()
+        torch.cuda.synchronize(device)
+        return bool(torch.isfinite(p).all())
+    except Exception as exc:  # noqa: BLE001 -- any failure means "not available here"
+        warnings.warn(f"CUDA graph capture of MLBFGS backend {backend!r} left out: {exc!r}", stacklevel=2)
         return False
 
 
@@ -155,60 +225,95 @@ def build_torch_optimizer(cls, **kwargs):
     return build
 
 
-def adamw_works(device: torch.device, fused: bool) -> bool:
+def fused_works(cls, device: torch.device) -> bool:
+    """Whether torch's ``fused=True`` implementation of ``cls`` runs on ``device``."""
     try:
         p = torch.nn.Parameter(torch.randn(8, device=device))
         p.grad = torch.randn_like(p)
-        torch.optim.AdamW([p], fused=fused, foreach=None if fused else True).step()
+        cls([p], lr=1e-3, fused=True).step()
         return True
     except (RuntimeError, TypeError):
         return False
 
 
+def adamw_works(device: torch.device, fused: bool) -> bool:
+    return fused_works(torch.optim.AdamW, device) if fused else True
+
+
+# Measured on the CPU with bench.memory's tracker (tests/test_bench_planner.py keeps
+# them upper bounds): the peers' state beyond their own parameters and gradients and
+# their transients per step, in bytes per float32 parameter.
+AUTHORS_STATE, AUTHORS_STEP = 8 + 20, 24  # four EMAs/snapshots, momentum; cat, clones, q
+TORCH_LBFGS_STATE, TORCH_LBFGS_STEP = 8 + 8, 24  # d, prev_flat_grad; flat_grad, y, s, q
+REFERENCE_STATE, REFERENCE_STEP = 8 + 24, 48  # theta, five state vectors; out-of-place temporaries
+
+
+def mlbfgs_contender(name: str, backend: str, build=None, history_dtype=None, **options) -> Contender:
+    """One of ours on ``backend``: its floor and memory follow its history dtype (and the
+    foreach backend's two scratch vectors)."""
+    narrow = history_dtype is not None and history_dtype.itemsize == 2
+    if history_dtype is not None:
+        options["history_dtype"] = history_dtype
+    return Contender(
+        name, "ours", build or build_mlbfgs(backend, **options),
+        mlbfgs_bf16_floor_bytes if narrow else mlbfgs_floor_bytes,
+        state_bytes=mlbfgs_state_bytes(2 if narrow else 4, scratch_vectors=2 if backend == "foreach" else 0),
+        step_bytes=per_param_bytes(8),  # the build: a gradient copy, a random state tensor
+    )
+
+
 def contenders(device: torch.device, include_reference: bool = True) -> list[Contender]:
     """Every contender that runs on ``device``, ours first (the default backend first).
-    The Triton backend is left out on the CPU: its interpreter is far too slow to time."""
+    The Triton backend is left out on the CPU: its interpreter is far too slow to time.
+    On CUDA the default backend also runs with a bfloat16 history, with
+    ``variant="released"`` and captured in a CUDA graph (replayed). The CUDA C++ backend
+    is not captured: its ops copy the address table from a pinned host buffer allocated
+    per call, which a replay reads again (bench/README.md says when that is sound)."""
     out = []
-    if device.type == "cuda" and mlbfgs_backend_works("triton", device):
-        out.append(Contender("mlbfgs-triton", "ours", build_mlbfgs("triton"), mlbfgs_floor_bytes))
     native = "cuda" if device.type == "cuda" else "cpp"
-    if mlbfgs_backend_works(native, device):
-        out.append(Contender(f"mlbfgs-{native}", "ours", build_mlbfgs(native), mlbfgs_floor_bytes))
-        out.append(
-            Contender(
-                f"mlbfgs-{native}-bf16-history", "ours",
-                build_mlbfgs(native, history_dtype=torch.bfloat16), mlbfgs_bf16_floor_bytes,
-            )
-        )
-    if mlbfgs_backend_works("foreach", device):
-        out.append(Contender("mlbfgs-foreach", "ours", build_mlbfgs("foreach"), mlbfgs_floor_bytes))
-    out.append(Contender("authors-style", "mL-BFGS peer", build_authors, mlbfgs_floor_bytes, mutates_grad=True))
-    out.append(Contender("torch-lbfgs-direction", "L-BFGS peer", build_torch_lbfgs, lbfgs_floor_bytes))
+    backends = ("triton", native, "foreach") if device.type == "cuda" else (native, "foreach")
+    works = [b for b in backends if mlbfgs_backend_works(b, device)]
+    if "triton" in works:
+        out.append(mlbfgs_contender("mlbfgs-triton", "triton"))
+        out.append(mlbfgs_contender("mlbfgs-triton-bf16-history", "triton", history_dtype=torch.bfloat16))
+        if graph_capture_works("triton", device):
+            out.append(mlbfgs_contender("mlbfgs-triton-graph", "triton", build=build_mlbfgs_graph("triton")))
+    if native in works:
+        out.append(mlbfgs_contender(f"mlbfgs-{native}", native))
+        out.append(mlbfgs_contender(f"mlbfgs-{native}-bf16-history", native, history_dtype=torch.bfloat16))
+    # The authors' math on our fastest backend that implements it (not the CUDA C++ one).
+    released = next((b for b in works if mlbfgs_backend_works(b, device, warn=False, variant="released")), None)
+    if released is not None:
+        out.append(mlbfgs_contender(f"mlbfgs-{released}-released", released, variant="released"))
+    if "foreach" in works:
+        out.append(mlbfgs_contender("mlbfgs-foreach", "foreach"))
+    out.append(Contender("authors-style", "mL-BFGS peer", build_authors, mlbfgs_floor_bytes,
+                         per_param_bytes(AUTHORS_STATE), per_param_bytes(AUTHORS_STEP),
+                         mutates_grad=True, shares_history=True))
+    out.append(Contender("torch-lbfgs-direction", "L-BFGS peer", build_torch_lbfgs, lbfgs_floor_bytes,
+                         per_param_bytes(TORCH_LBFGS_STATE), per_param_bytes(TORCH_LBFGS_STEP),
+                         shares_history=True))
     if include_reference:
-        out.append(Contender("reference-fp32", "out-of-place reference", ReferenceStep, mlbfgs_floor_bytes))
+        out.append(Contender("reference-fp32", "out-of-place reference", ReferenceStep, mlbfgs_floor_bytes,
+                             per_param_bytes(REFERENCE_STATE), per_param_bytes(REFERENCE_STEP),
+                             shares_history=True))
     wd = HYPER["weight_decay"]
-    out.append(
-        Contender(
-            "adamw-foreach", "first-order",
-            build_torch_optimizer(torch.optim.AdamW, lr=1e-3, weight_decay=wd, foreach=True),
-            lambda n, m: 28 * n,  # p, g, exp_avg, exp_avg_sq read; p, exp_avg, exp_avg_sq written
-        )
-    )
-    if adamw_works(device, fused=True):
-        out.append(
-            Contender(
-                "adamw-fused", "first-order",
-                build_torch_optimizer(torch.optim.AdamW, lr=1e-3, weight_decay=wd, fused=True),
-                lambda n, m: 28 * n,
-            )
-        )
-    out.append(
-        Contender(
-            "sgd-momentum", "first-order",
-            build_torch_optimizer(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=wd, foreach=True),
-            lambda n, m: 20 * n,  # p, g, buf read; p, buf written
-        )
-    )
+    adamw = dict(floor_bytes=per_param_bytes(28),  # p, g, exp_avg, exp_avg_sq read; p, exp_avg, exp_avg_sq written
+                 state_bytes=per_param_bytes(16), step_bytes=per_param_bytes(8))
+    out.append(Contender("adamw-foreach", "first-order",
+                         build_torch_optimizer(torch.optim.AdamW, lr=1e-3, weight_decay=wd, foreach=True), **adamw))
+    if fused_works(torch.optim.AdamW, device):
+        out.append(Contender("adamw-fused", "first-order",
+                             build_torch_optimizer(torch.optim.AdamW, lr=1e-3, weight_decay=wd, fused=True), **adamw))
+    sgd = dict(floor_bytes=per_param_bytes(20),  # p, g, buf read; p, buf written
+               state_bytes=per_param_bytes(12), step_bytes=per_param_bytes(8))
+    out.append(Contender("sgd-momentum", "first-order",
+                         build_torch_optimizer(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=wd, foreach=True),
+                         **sgd))
+    if fused_works(torch.optim.SGD, device):
+        out.append(Contender("sgd-fused", "first-order",
+                             build_torch_optimizer(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=wd, fused=True),
+                             **sgd))
     return out
 
 

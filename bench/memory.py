@@ -14,6 +14,7 @@ internally (invisible to a dispatch mode).
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -140,40 +141,100 @@ def held_tensor_bytes(obj, exclude: list[torch.Tensor]) -> int:
     return sum(storages.values())
 
 
-def measure_memory(device: torch.device, sizes, m: int = 10, log=print) -> dict:
-    """Peak transient bytes of one steady-state step of every contender as N grows,
-    and the persistent optimizer-state bytes per parameter."""
-    import gc
+def build_peak_memory(build: Callable[[], object], device: torch.device) -> tuple[object, dict]:
+    """Build an optimizer; return it with the bytes it kept and the most it allocated
+    on top while building (on CUDA from the allocator's statistics: a build may capture
+    a CUDA graph, which no dispatch mode should watch)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        opt = build()
+        torch.cuda.synchronize(device)
+        peak, kept = torch.cuda.max_memory_allocated(device) - before, torch.cuda.memory_allocated(device) - before
+    else:
+        with AllocationTracker() as tracker:
+            opt = build()
+        peak, kept = tracker.peak_bytes, tracker.current_bytes
+    return opt, {"build_kept_bytes": kept, "build_transient_bytes": peak - kept}
 
+
+def measure_memory(device: torch.device, sizes, m: int = 10, log=print, ours_only_sizes=(),
+                   candidates=None, memory_budget: int | None = None) -> dict:
+    """Peak transient bytes of one steady-state step of every contender as N grows,
+    the persistent optimizer-state bytes per parameter, and the memory plan's estimates
+    beside the measured bytes. ``ours_only_sizes`` measure our contenders only. A
+    contender that the plan says does not fit, or that runs out of memory, gets a row
+    with ``skipped``; one that fails otherwise a row with ``error``."""
+    from . import planner
     from .contenders import contenders
     from .problem import make_history, make_problem
 
+    candidates = contenders(device) if candidates is None else candidates
     rows = []
-    for n in sizes:
-        problem = make_problem(n, device)
-        history = make_history(n, m, device)
-        for c in contenders(device):
-            params = problem.fresh_params()
-            opt = c.build(params, history)
-            opt.step()  # past any first-step allocation
-            if c.mutates_grad:
-                problem.restore_grads(params)
-            measured = step_peak_memory(opt.step, device)
-            allocations = measured.pop("allocations")
-            large = [a for a in allocations if a.numel >= n // 20]
-            rows.append({
-                "contender": c.name, "kind": c.kind, "n": n, "m": m, **measured,
-                "peak_bytes_per_param": measured["peak_bytes"] / n,
-                "state_bytes_per_param": held_tensor_bytes(opt, params + [p.grad for p in params]) / n,
-                "large_allocations": _summarise(large),
-            })
-            log(f"  memory N={n:.0e} {c.name:22s} peak {measured['peak_bytes'] / n:6.1f} B/param, "
-                f"state {rows[-1]['state_bytes_per_param']:6.1f} B/param")
-            del opt, params
-            gc.collect()
-        del problem, history
-        gc.collect()
+    for n, ours_only in [(n, False) for n in sizes] + [(n, True) for n in ours_only_sizes]:
+        chosen = [c for c in candidates if c.kind == "ours" or not ours_only]
+        planner.release_memory(device)
+        budget = planner.memory_budget(device)
+        budget = budget if memory_budget is None else min(budget, memory_budget)
+        shared = planner.shared_bytes(n, m)
+        problem = history = None
+        try:
+            problem = make_problem(n, device)
+            history = make_history(n, m, device)
+        except Exception as exc:  # noqa: BLE001 -- recorded in the rows of this N
+            case_failure = planner.failure_reason(exc)
+        else:
+            case_failure = None
+        for c in chosen:
+            base = {"contender": c.name, "kind": c.kind, "n": n, "m": m}
+            planned = {"planned_state_bytes": c.state_bytes(n, m), "planned_step_bytes": c.step_bytes(n, m)}
+            if case_failure is not None:
+                rows.append({**base, **planned, "skipped": f"the problem and history: {case_failure}"})
+                continue
+            if shared + c.state_bytes(n, m) + c.step_bytes(n, m) > budget:
+                reason = (f"does not fit: needs {planner.gb(c.state_bytes(n, m) + c.step_bytes(n, m))} GB on top "
+                          f"of the shared {planner.gb(shared)} GB, budget {planner.gb(budget)} GB")
+                rows.append({**base, **planned, "skipped": reason})
+                log(f"  memory N={n:.0e} {c.name:26s} skipped: {reason}")
+                continue
+            try:
+                rows.append({**base, **planned, **_measure(c, problem, history, device)})
+            except Exception as exc:  # noqa: BLE001 -- recorded, the stage goes on
+                reason = planner.failure_reason(exc)
+                key = "skipped" if planner.is_out_of_memory(exc) else "error"
+                if key == "error":
+                    log(traceback.format_exc().rstrip())
+                rows.append({**base, **planned, key: reason})
+                log(f"  memory N={n:.0e} {c.name:26s} {key}: {reason}")
+            else:
+                log(f"  memory N={n:.0e} {c.name:26s} peak {rows[-1]['peak_bytes'] / n:6.1f} B/param, "
+                    f"state {rows[-1]['state_bytes_per_param']:6.1f} B/param")
+            planner.release_memory(device)
+        problem = history = None
+        planner.release_memory(device)
     return {"m": m, "rows": rows}
+
+
+def _measure(c, problem, history, device) -> dict:
+    n = problem.numel
+    params = problem.fresh_params()
+    opt, build = build_peak_memory(lambda: c.build(params, history), device)
+    opt.step()  # past any first-step allocation
+    if c.mutates_grad:
+        problem.restore_grads(params)
+    measured = step_peak_memory(opt.step, device)
+    allocations = measured.pop("allocations")
+    large = [a for a in allocations if a.numel >= n // 20]
+    tensors = params + [p.grad for p in params]
+    return {
+        **measured, **build,
+        "peak_bytes_per_param": measured["peak_bytes"] / n,
+        "state_bytes_per_param": held_tensor_bytes(opt, tensors) / n,
+        # What the plan estimates: its own parameters and gradients, not the shared history.
+        "own_state_bytes": held_tensor_bytes(opt, tensors + [history.S, history.Y]) + 8 * n,
+        "large_allocations": _summarise(large),
+    }
 
 
 def _summarise(allocations: list[Allocation]) -> dict[str, dict]:

@@ -21,10 +21,26 @@ from .audit import format_audit  # noqa: E402
 
 STYLE = {  # one colour per contender across every plot
     "mlbfgs-triton": "tab:red", "mlbfgs-foreach": "tab:orange", "mlbfgs": "tab:red", "mlbfgs-released": "tab:pink",
+    "mlbfgs-triton-released": "tab:pink", "mlbfgs-triton-graph": "darkred", "mlbfgs-triton-bf16-history": "salmon",
+    "mlbfgs-cuda": "tab:cyan", "mlbfgs-cuda-bf16-history": "lightblue", "mlbfgs-cpp": "tab:cyan",
+    "mlbfgs-cpp-bf16-history": "lightblue", "mlbfgs-cpp-released": "tab:pink",
     "authors-style": "tab:blue", "torch-lbfgs-direction": "tab:purple", "reference-fp32": "tab:brown",
     "adamw-foreach": "tab:green", "adamw-fused": "tab:olive", "adamw": "tab:green",
-    "sgd-momentum": "tab:gray",
+    "sgd-momentum": "tab:gray", "sgd-fused": "black",
 }
+
+
+def measured(rows: list[dict], key: str = "median_s") -> list[dict]:
+    """The rows that hold a measurement: not skipped (memory plan, out of memory) or failed."""
+    return [r for r in rows if key in r]
+
+
+def not_run(row: dict) -> str | None:
+    """Why a row holds no measurement: ``skipped: ...`` or ``error: ...``; None when it does."""
+    for key in ("skipped", "error"):
+        if key in row:
+            return f"{key}: {row[key]}"
+    return None
 
 
 def _load(folder: Path, name: str):
@@ -91,21 +107,28 @@ def kernels_table(rows: list[dict]) -> str:
 
 # -- 2. step comparison -----------------------------------------------------------
 def plot_steps(compare: dict, out: Path) -> None:
-    rows = compare["rows"]
+    rows = measured(compare["rows"])
+    if not rows:
+        return
     default_m = statistics.mode(r["m"] for r in rows)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name in dict.fromkeys(r["contender"] for r in rows):
-        pts = sorted((r["n"], r["median_s"], r["time_vs_ours"]) for r in rows if r["contender"] == name and r["m"] == default_m)
+        pts = sorted((r["n"], r["median_s"], r.get("time_vs_ours")) for r in rows
+                     if r["contender"] == name and r["m"] == default_m)
+        if not pts:
+            continue
         ns, ts, ratios = zip(*pts)
         axes[0].plot(ns, np.array(ts) * 1e3, marker="o", color=STYLE.get(name), label=name)
-        axes[1].plot(ns, ratios, marker="o", color=STYLE.get(name), label=name)
+        with_ratio = [(n, q) for n, q in zip(ns, ratios) if q is not None]
+        if with_ratio:
+            axes[1].plot(*zip(*with_ratio), marker="o", color=STYLE.get(name), label=name)
     axes[0].set(xscale="log", yscale="log", xlabel="N (parameters)", ylabel="median step time (ms)",
                 title=f"One optimizer step (m={default_m})")
     axes[1].set(xscale="log", yscale="log", xlabel="N (parameters)", ylabel=f"time / time of {compare['ours']}",
                 title="Step time relative to ours")
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "step_time.png", dpi=110)
     plt.close(fig)
@@ -114,8 +137,13 @@ def plot_steps(compare: dict, out: Path) -> None:
 def steps_table(compare: dict) -> str:
     lines = ["| N | m | contender | median ms | time / ours | % of copy bw (algorithm floor) |", "| --- | --- | --- | --- | --- | --- |"]
     for r in compare["rows"]:
+        why = not_run(r)
+        if why is not None:
+            lines.append(f"| {_fmt_n(r['n'])} | {r['m']} | {r['contender']} | {why.replace('|', '/')} | - | - |")
+            continue
+        ratio = f"{r['time_vs_ours']:.2f}" if r.get("time_vs_ours") is not None else "-"
         lines.append(
-            f"| {_fmt_n(r['n'])} | {r['m']} | {r['contender']} | {_ms(r['median_s'])} | {r['time_vs_ours']:.2f} "
+            f"| {_fmt_n(r['n'])} | {r['m']} | {r['contender']} | {_ms(r['median_s'])} | {ratio} "
             f"| {100 * r['fraction_of_copy_bandwidth']:.1f} |"
         )
     return "\n".join(lines)
@@ -123,7 +151,9 @@ def steps_table(compare: dict) -> str:
 
 # -- 3. memory --------------------------------------------------------------------
 def plot_memory(memory: dict, out: Path) -> None:
-    rows = memory["rows"]
+    rows = measured(memory["rows"], "peak_bytes")
+    if not rows:
+        return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in dict.fromkeys(r["contender"] for r in rows):
         mine = sorted((r["n"], r["peak_bytes"]) for r in rows if r["contender"] == name)
@@ -140,30 +170,53 @@ def plot_memory(memory: dict, out: Path) -> None:
     for ax in axes:
         ax.set_xlabel("N (parameters)")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "memory_peak.png", dpi=110)
     plt.close(fig)
+
+
+def plan_over_measured(r: dict) -> float | None:
+    """The memory plan's estimate over the measured bytes (held plus the larger of the
+    build's and the step's transients); at least 1 when the plan is safe."""
+    if "planned_state_bytes" not in r or "own_state_bytes" not in r:
+        return None
+    used = r["own_state_bytes"] + max(r.get("build_transient_bytes", 0), r["peak_bytes"])
+    return (r["planned_state_bytes"] + r["planned_step_bytes"]) / used
 
 
 def memory_table(memory: dict) -> str:
     rows = memory["rows"]
     ns = sorted({r["n"] for r in rows})
     cuda = any("cuda_peak_bytes" in r for r in rows)
-    head = "| contender | " + " | ".join(f"peak B/param N={_fmt_n(n)}" for n in ns) + " | state B/param |"
+    head = "| contender | " + " | ".join(f"peak B/param N={_fmt_n(n)}" for n in ns) + " | state B/param | plan / measured |"
     if cuda:
-        head += " tracker / CUDA peak (largest N) |"
-    lines = [head, "|" + " --- |" * (len(ns) + 2 + cuda)]
+        head += " tracker / CUDA peak |"
+    lines = [head, "|" + " --- |" * (len(ns) + 3 + cuda)]
+    notes = []
     for name in dict.fromkeys(r["contender"] for r in rows):
         mine = {r["n"]: r for r in rows if r["contender"] == name}
-        line = f"| {name} | " + " | ".join(f"{mine[n]['peak_bytes_per_param']:.1f}" for n in ns)
-        line += f" | {mine[ns[-1]]['state_bytes_per_param']:.1f} |"
+        cells = []
+        for n in ns:
+            r = mine.get(n)
+            if r is None:
+                cells.append("")
+            elif not_run(r):
+                cells.append("skipped" if "skipped" in r else "error")
+                notes.append(f"- {name}, N={_fmt_n(n)}: {not_run(r)}")
+            else:
+                cells.append(f"{r['peak_bytes_per_param']:.1f}")
+        done = [mine[n] for n in ns if n in mine and not not_run(mine[n])]
+        last = done[-1] if done else None  # the largest N measured
+        line = f"| {name} | " + " | ".join(cells)
+        line += f" | {last['state_bytes_per_param']:.1f} |" if last else " | - |"
+        ratio = plan_over_measured(last) if last else None
+        line += f" {ratio:.2f} |" if ratio is not None else " - |"
         if cuda:
-            r = mine[ns[-1]]
-            ratio = r["tracker_peak_bytes"] / r["cuda_peak_bytes"] if r.get("cuda_peak_bytes") else float("nan")
-            line += f" {ratio:.3f} |"
+            peak = last.get("cuda_peak_bytes") if last else None
+            line += f" {last['tracker_peak_bytes'] / peak:.3f} |" if peak else " - |"
         lines.append(line)
-    return "\n".join(lines)
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 # -- 5. training ------------------------------------------------------------------
@@ -222,22 +275,40 @@ def training_table(training: dict) -> str:
 def headlines(compare, memory, training) -> list[str]:
     out = []
     if compare:
-        rows = compare["rows"]
+        rows = measured(compare["rows"])
         ours = compare["ours"]
-        n_max = max(r["n"] for r in rows)
-        default_m = statistics.mode(r["m"] for r in rows)
+        peers = ("authors-style", "torch-lbfgs-direction")
+        default_m = statistics.mode(r["m"] for r in rows) if rows else None
+        n_max = max((r["n"] for r in rows if r["contender"] in peers), default=None)
         for r in rows:
-            if (r["n"], r["m"]) == (n_max, default_m) and r["contender"] in ("authors-style", "torch-lbfgs-direction"):
+            if (r["n"], r["m"]) == (n_max, default_m) and r["contender"] in peers and r.get("time_vs_ours"):
                 out.append(
                     f"- Step time at N={_fmt_n(n_max)}, m={r['m']}: {r['contender']} takes "
                     f"{r['time_vs_ours']:.2f}x the time of {ours} ({_ms(r['median_s'])} ms)."
                 )
+        mine = [r for r in rows if r["contender"] == ours and r["m"] == default_m]
+        if mine:
+            top = max(mine, key=lambda r: r["n"])
+            out.append(f"- {ours} at N={_fmt_n(top['n'])}, m={top['m']}: {_ms(top['median_s'])} ms, "
+                       f"{100 * top['fraction_of_copy_bandwidth']:.0f}% of the copy bandwidth.")
+        graph = {(r["n"], r["m"]): r for r in rows if r["contender"].endswith("-graph")}
+        eager = {(r["n"], r["m"]): r for r in rows if r["contender"] == ours}
+        both = sorted(set(graph) & set(eager))
+        if both:
+            key = max(both)
+            out.append(f"- CUDA graph replay at N={_fmt_n(key[0])}, m={key[1]}: {graph[key]['contender']} "
+                       f"{_ms(graph[key]['median_s'])} ms, eager {ours} {_ms(eager[key]['median_s'])} ms.")
+        missing = [r for r in compare["rows"] if not_run(r)]
+        if missing:
+            out.append(f"- {len(missing)} contender runs of the step comparison skipped or failed (section 2 says why).")
     if memory:
-        n_max = max(r["n"] for r in memory["rows"])
-        at = {r["contender"]: r for r in memory["rows"] if r["n"] == n_max}
+        done = measured(memory["rows"], "peak_bytes")
+        n_max = max((r["n"] for r in done if r["kind"] != "ours"), default=None) or max((r["n"] for r in done), default=None)
+        at = {r["contender"]: r for r in done if r["n"] == n_max}
         parts = [f"{name} {r['peak_bytes_per_param']:.1f}" for name, r in at.items()]
-        out.append(f"- Peak transient memory of one step at N={_fmt_n(n_max)} (bytes per parameter above steady state): "
-                   + ", ".join(parts) + ".")
+        if parts:
+            out.append(f"- Peak transient memory of one step at N={_fmt_n(n_max)} (bytes per parameter above steady state): "
+                       + ", ".join(parts) + ".")
     if training:
         best = {}
         for r in training["runs"]:
@@ -245,6 +316,20 @@ def headlines(compare, memory, training) -> list[str]:
         parts = [f"{m}/{o} {100 * statistics.mean(a):.2f}%" for (m, o), a in best.items()]
         out.append(f"- Final test accuracy on {training['dataset']} (mean over {len(training['seeds'])} seeds): " + ", ".join(parts) + ".")
     return out
+
+
+def _cases_note(compare: dict) -> str:
+    split = [c for c in compare.get("cases", []) if len(c["batches"]) > 1 or c.get("retried_alone")]
+    ours_only = [c for c in compare.get("cases", []) if c.get("ours_only")]
+    note = ""
+    if ours_only:
+        note += " Ours only: " + ", ".join(
+            f"N={_fmt_n(c['n'])}, m={c['m']}" for c in ours_only) + "."
+    if split:
+        note += " Cases run in several batches: " + "; ".join(
+            f"N={_fmt_n(c['n'])}, m={c['m']} in {len(c['batches']) + len(c.get('retried_alone', []))} "
+            f"(budget {c['budget_bytes'] / 1e9:.3g} GB)" for c in split) + "."
+    return note
 
 
 def write_results_md(folder: Path, notes: list[str] | None = None) -> Path:
@@ -288,13 +373,18 @@ def write_results_md(folder: Path, notes: list[str] | None = None) -> Path:
                   "Same parameters (four weight tensors and their biases) and gradients for all; quasi-Newton "
                   "contenders start with m pairs held; medians of repeated steps after warm-up. "
                   "`% of copy bw` is the contender's own algorithm floor (mL-BFGS (16m+44)N, L-BFGS (16m+20)N, "
-                  "AdamW 28N, SGD 20N) over time and bandwidth.", "", "![step time](step_time.png)", "", steps_table(compare)]
+                  "AdamW 28N, SGD 20N) over time and bandwidth. The contenders of a case run in batches that fit "
+                  "the free memory (`bench.planner`); a row says `skipped` when one did not fit or ran out of memory "
+                  "on its own, `error` when it failed. `*-graph`: the step captured once in a CUDA graph, replayed."
+                  + _cases_note(compare), "", "![step time](step_time.png)", "", steps_table(compare)]
     if memory:
         lines += ["", "## 3. Memory: in-place versus out-of-place", "",
                   "Peak bytes allocated during one steady-state `step()` above the memory in use before it "
                   "(CPU: `bench.memory.AllocationTracker`, a TorchDispatchMode; CUDA: `max_memory_allocated`, "
                   "with the tracker alongside), and the persistent optimizer state (history, EMAs, momentum, "
-                  "scratch) per parameter.", "", "![memory](memory_peak.png)", "", memory_table(memory)]
+                  "scratch) per parameter. `plan / measured`: the memory plan's estimate for the contender over "
+                  "what it held and allocated at its largest N (at least 1: the plan is safe).",
+                  "", "![memory](memory_peak.png)", "", memory_table(memory)]
     if audit:
         lines += ["", "## 4. In-place audit", "",
                   f"N = {audit['numel']} in {len(audit['param_sizes'])} tensors; {audit.get('tracked_steps', 3)} tracked steps "

@@ -64,19 +64,38 @@ def time_interleaved(
     repeats: int,
     warmup: int = 1,
     before_each: dict[str, Callable[[], object]] | None = None,
+    catch: tuple[type[BaseException], ...] = (),
+    on_error: Callable[[str, BaseException], object] | None = None,
 ) -> dict[str, dict]:
     """Like :func:`time_calls` for several functions, timed round-robin (one call of
-    each per round) so that a slow spell of a shared machine hits them all alike."""
+    each per round) so that a slow spell of a shared machine hits them all alike.
+    A function that raises one of ``catch`` is reported to ``on_error`` and dropped;
+    the others go on (the result leaves it out)."""
     before_each = before_each or {}
-    for name, fn in fns.items():
-        time_calls(fn, device, repeats=0, warmup=warmup, before_each=before_each.get(name))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
+    live = list(fns)
+
+    def attempt(name, **kwargs) -> dict | None:
+        try:
+            return time_calls(fns[name], device, before_each=before_each.get(name), **kwargs)
+        except catch as exc:
+            if on_error is None:
+                raise
+            on_error(name, exc)
+            live.remove(name)
+            return None
+
+    for name in list(live):
+        attempt(name, repeats=0, warmup=warmup)
+    samples: dict[str, list[float]] = {name: [] for name in live}
     for _ in range(repeats):
-        for name, fn in fns.items():
-            samples[name].append(time_calls(fn, device, repeats=1, warmup=0, before_each=before_each.get(name))["median_s"])
+        for name in list(live):
+            timing = attempt(name, repeats=1, warmup=0)
+            if timing is not None:
+                samples[name].append(timing["median_s"])
     return {
-        name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "repeats": repeats, "warmup": warmup}
-        for name, t in samples.items()
+        name: {"median_s": statistics.median(samples[name]), "min_s": min(samples[name]),
+               "max_s": max(samples[name]), "repeats": repeats, "warmup": warmup}
+        for name in live if samples[name]
     }
 
 

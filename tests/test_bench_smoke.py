@@ -18,6 +18,11 @@ def test_every_benchmark_runs_at_tiny_sizes(tmp_path):
     compare = json.loads((out / "step_compare.json").read_text())
     names = {r["contender"] for r in compare["rows"]}
     assert {"mlbfgs-foreach", "authors-style", "torch-lbfgs-direction", "adamw-foreach", "sgd-momentum"} <= names
+    assert all("median_s" in r for r in compare["rows"])  # nothing skipped or failed at tiny sizes
+    ours_only = [r for r in compare["rows"] if r["n"] == run.SMOKE_OURS_ONLY_SIZES[0]]
+    assert ours_only and {r["kind"] for r in ours_only} == {"ours"}
+    memory = json.loads((out / "memory.json").read_text())
+    assert {r["kind"] for r in memory["rows"] if r["n"] == run.SMOKE_OURS_ONLY_SIZES[0]} == {"ours"}
     assert compare["machine"]["torch"] and compare["machine"]["commit"]
     audit = json.loads((out / "audit.json").read_text())
     assert all(row["params_keep_storage"] for row in audit["rows"])
