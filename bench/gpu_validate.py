@@ -57,6 +57,8 @@ CAPS = {  # seconds; the budget left bounds every one of them
     "env": 60, "cuda-tests": 300, "tests": 900, "sanitizer": 300,
     "compare": 300, "memory": 240, "audit": 120, "kernels": 420, "train": 900, "ncu": 300,
 }
+# Benchmark results whose rows a later call may extend rather than replace (bench.run --merge).
+ROW_FILES = ("step_compare.json", "memory.json")
 MIN_START = 20  # a stage with less budget left than this is skipped
 RESERVE = 5  # kept for the summary
 
@@ -317,7 +319,8 @@ def write_summary_files(logs: Path, summary: dict) -> None:
 
 
 def merge_folder(source: Path, out: Path) -> None:
-    """Copy one call's results folder into ``out`` (files of the same name replaced), merging
+    """Copy one call's results folder into ``out`` (files of the same name replaced, except
+    the compare and memory tables, whose rows are merged as ``bench.run --merge`` does), merging
     the validation summaries, then rebuild the benchmark report when there is JSON for it.
     How the results of several calls (each into its own, emptied, folder) become one."""
     source, out = source.resolve(), out.resolve()
@@ -325,11 +328,17 @@ def merge_folder(source: Path, out: Path) -> None:
         raise SystemExit(f"{source} holds no validation/ folder: not the output of bench.gpu_validate")
     older = read_summary(out / "validation")
     newer = read_summary(source / "validation")
+    from .run import merge_rows
+
     for path in sorted(source.rglob("*")):
         if path.is_file() and path.relative_to(source) != Path("validation/summary.json"):
             target = out / path.relative_to(source)
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
+            if path.name in ROW_FILES and target.exists():  # a stage split over calls: rows of both
+                merged = merge_rows(json.loads(target.read_text()), json.loads(path.read_text()))
+                target.write_text(json.dumps(merged, indent=1))
+            else:
+                shutil.copyfile(path, target)
     (out / "validation").mkdir(parents=True, exist_ok=True)
     if newer is not None:
         write_summary_files(out / "validation", merge_summaries(older, newer))

@@ -69,3 +69,25 @@ def test_calls_into_separate_folders_merge_into_one(tmp_path, capsys):
 def test_merge_refuses_a_folder_that_is_not_a_validation_output(tmp_path):
     with pytest.raises(SystemExit, match="no validation/ folder"):
         gpu_validate.main(["--merge", str(tmp_path), "--out", str(tmp_path / "collected")])
+
+
+def test_merge_keeps_the_compare_rows_of_both_calls(tmp_path, monkeypatch):
+    """A compare stage split over two calls: the rows of both land in one table."""
+    from bench import report
+
+    monkeypatch.setattr(report, "make_report", lambda folder: folder / "RESULTS.md")  # rows only here
+    machine = {"slug": "gpu-x"}
+
+    def call(folder, n, ms):
+        (folder / "validation").mkdir(parents=True)
+        (folder / "validation" / "summary.json").write_text(json.dumps({"runs": [], "stages": []}))
+        rows = [{"contender": "ours", "n": n, "m": m, "median_s": 1.0} for m in ms]
+        (folder / "step_compare.json").write_text(json.dumps({"machine": machine, "rows": rows}))
+
+    call(tmp_path / "a", 100, [5, 10])
+    call(tmp_path / "b", 1000, [10])
+    out = tmp_path / "collected"
+    for name in ("a", "b"):
+        gpu_validate.merge_folder(tmp_path / name, out)
+    rows = json.loads((out / "step_compare.json").read_text())["rows"]
+    assert sorted((r["n"], r["m"]) for r in rows) == [(100, 5), (100, 10), (1000, 10)]
