@@ -199,11 +199,10 @@ class LBFGS(Optimizer):
         """The one device-to-host copy of a closure evaluation (or of a direction):
         the values stacked, averaged over the ranks when distributed, read at once."""
         vec = torch.stack([v if v.device == home else v.to(home) for v in values])
-        if vec.dtype != torch.float64:
-            vec = vec.double()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
             if world > 1:
+                vec = vec.double()
                 torch.distributed.all_reduce(vec)
                 vec /= world
         return vec.tolist()
@@ -513,7 +512,7 @@ def _move(arena: _Arena, alpha: float, from_saved: bool) -> None:
 
 
 def _to_home(x: Tensor, home: torch.device) -> Tensor:
-    return x.to(home, torch.float64)
+    return x if x.device == home and x.dtype == torch.float64 else x.to(home, torch.float64)
 
 
 def _update_model_and_direction(arenas: list[_Arena], state: dict, m: int) -> None:
@@ -550,7 +549,7 @@ def _update_model_and_direction(arenas: list[_Arena], state: dict, m: int) -> No
     ring_rows = torch.where(accept, slot_rows + 2, consts["discard_rows"])
     ring_g = None
     for arena in arenas:
-        arena.ring.index_copy_(0, ring_rows.to(arena.device), arena.pair)
+        arena.ring.index_copy_(0, ring_rows if arena.device == home else ring_rows.to(arena.device), arena.pair)
         arena.prev.copy_(arena.g)
         ring_g = _sum(ring_g, _to_home(torch.mv(arena.history, arena.g), home))
     # The slot's new columns [S; Y] s and [S; Y] y, with the pair's own dots in its rows;
