@@ -554,11 +554,12 @@ def _update_model_and_direction(arenas: list[_Arena], state: dict, m: int) -> No
         ring_g = _sum(ring_g, _to_home(torch.mv(arena.history, arena.g), home))
     # The slot's new columns [S; Y] s and [S; Y] y, with the pair's own dots in its rows;
     # a rejected pair leaves them as they were.
-    new = torch.stack([ring_s, ring_g - gram[:, 2 * m]], 1).index_copy_(0, slot_rows, pair_gram)
+    g_column = gram.select(1, 2 * m)
+    new = torch.stack([ring_s, ring_g - g_column], 1).index_copy_(0, slot_rows, pair_gram)
     new = torch.where(accept, new, gram.index_select(1, slot_rows))
     gram.index_copy_(1, slot_rows, new)
-    gram[:, : 2 * m].index_copy_(0, slot_rows, new.T)
-    gram[:, 2 * m] = ring_g
+    gram.narrow(1, 0, 2 * m).index_copy_(0, slot_rows, new.T)
+    g_column.copy_(ring_g)
     pair_count += accept
     _two_loop(gram, pair_count, consts, out=coef)
     _set_direction(arenas, coef)
@@ -628,12 +629,12 @@ def _two_loop(gram: Tensor, pair_count: Tensor, consts: dict, out: Tensor) -> No
     m = gram.shape[0] // 2
     order = consts["recency"].index_select(0, torch.remainder(pair_count, m).view(1)).view(-1)
     # Only the columns of y and g are read: gathering them first halves the (slow) column gather.
-    s_rows, y_rows = gram.index_select(1, order[m:]).index_select(0, order[:-1]).split(m)
+    s_rows, y_rows = gram.index_select(1, order.narrow(0, m, m + 1)).index_select(0, order.narrow(0, 0, 2 * m)).split(m)
     SY, Sg = s_rows.split(m, 1)
     YY, Yg = y_rows.split(m, 1)
     diag = SY.diagonal().unsqueeze(1)
-    gamma = diag[0] / YY[0, 0]
+    gamma = diag.narrow(0, 0, 1) / YY.narrow(0, 0, 1).narrow(1, 0, 1)  # s.y / y.y of the newest pair
     alpha = torch.linalg.solve_triangular(SY, Sg, upper=False)  # reads the lower triangle only
     neg_rhs = (Yg - YY @ alpha).mul_(gamma).sub_(diag * alpha)  # -rhs of the second loop: the solve gives -u
     neg_u = torch.linalg.solve_triangular(SY.T, neg_rhs, upper=True)
-    out.index_copy_(0, order, torch.cat([neg_u.view(-1), alpha.view(-1).mul_(gamma), gamma.neg()]))
+    out.index_copy_(0, order, torch.cat([neg_u, alpha.mul_(gamma), gamma.neg()]).view(-1))
