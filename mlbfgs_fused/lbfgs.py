@@ -38,8 +38,8 @@ class LBFGS(Optimizer):
     per direction.
 
     ``state[first_param]`` holds ``func_evals``, ``n_iter``, ``t``, ``prev_loss`` as torch
-    does, and the model (``gram``, ``pair_count``, ``ring_grad_dots``,
-    ``direction_coefficients``, ``staged_alpha``); the first parameter of each
+    does, and the model (``gram``, the ``[2m, 2m + 1]`` dots of the ring with the ring
+    and the gradient, ``pair_count``, ``direction_coefficients``, ``staged_alpha``); the first parameter of each
     (group, device, dtype) holds its slice of the ring (``history_s``,
     ``history_y``, ``[m, n]``), every parameter its slice of ``direction`` and
     ``prev_grad``. torch's own keys (``d``, ``old_dirs``, ...) are not kept, so
@@ -162,7 +162,7 @@ class LBFGS(Optimizer):
         super().load_state_dict(state_dict)
         if model is not None:
             first = self.state[self._first_param()]
-            for key in ("gram", "pair_count", "ring_grad_dots", "direction_coefficients"):
+            for key in ("gram", "pair_count", "direction_coefficients"):
                 if key in model:
                     first[key] = model[key].to(first[key].device).clone()
         self._arenas = None
@@ -183,11 +183,13 @@ class LBFGS(Optimizer):
         first = self.state[self._first_param()]
         home = arenas[0].device
         if "gram" not in first:
-            first["gram"] = torch.zeros(3, m, m, dtype=torch.float64, device=home)
+            first["gram"] = _empty_gram(m, home)
             first["pair_count"] = torch.zeros((), dtype=torch.int64, device=home)
-        if tuple(first["gram"].shape) != (3, m, m):
-            raise ValueError(f"loaded state 'gram' has shape {tuple(first['gram'].shape)}, expected {(3, m, m)}")
-        for key in ("pair_count", "ring_grad_dots", "direction_coefficients"):
+        if tuple(first["gram"].shape) != (2 * m, 2 * m + 1):
+            raise ValueError(
+                f"loaded state 'gram' has shape {tuple(first['gram'].shape)}, expected {(2 * m, 2 * m + 1)}"
+            )
+        for key in ("gram", "pair_count", "direction_coefficients"):
             if key in first:
                 first[key] = first[key].to(home)
         return arenas
@@ -196,34 +198,41 @@ class LBFGS(Optimizer):
     def _to_host(self, values: list[Tensor], home: torch.device) -> list[float]:
         """The one device-to-host copy of a closure evaluation (or of a direction):
         the values stacked, averaged over the ranks when distributed, read at once."""
-        vec = torch.stack([v.to(device=home, dtype=torch.float64).reshape(()) for v in values])
+        vec = torch.stack([v if v.device == home else v.to(home) for v in values])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
             if world > 1:
+                vec = vec.double()
                 torch.distributed.all_reduce(vec)
                 vec /= world
         return vec.tolist()
 
     def _evaluate(self, closure, arenas, want_gtd: bool, want_l1: bool):
-        """Run the closure; read loss, ``g.D``, ``max |g|`` (and ``|g|_1``) in one copy.
+        """Run the closure, gather the gradient into ``g`` (negated under ``maximize``);
+        read loss, ``g.D``, ``max |g|`` (and ``|g|_1``) in one copy.
 
         Returns ``(closure's value, f, gtd, gmax, g_l1)`` with ``f`` the loss to
         minimise and a non-finite ``f`` when the loss or the gradient is not."""
         loss = closure()
         home = arenas[0].device
-        sign = -1.0 if self.param_groups[0]["maximize"] else 1.0
-        values = [loss.detach() if isinstance(loss, Tensor) else torch.tensor(float(loss), dtype=torch.float64)]
+        maximize = self.param_groups[0]["maximize"]
+        if isinstance(loss, Tensor):
+            values = [loss if loss.dim() == 0 else loss.reshape(())]
+        else:
+            values = [torch.tensor(float(loss), dtype=torch.float64, device=home)]
         for arena in arenas:
+            _gather(arena, maximize)
             values.extend(_gradient_stats(arena, want_gtd, want_l1))
         read = self._to_host(values, home)
-        f, rest = sign * read[0], read[1:]
-        k = 1 + want_gtd + want_l1
+        f, rest = (-read[0] if maximize else read[0]), read[1:]
+        k = 2 + want_gtd + want_l1
         gtd = gmax = g_l1 = 0.0
         for a, arena in enumerate(arenas):
             row = rest[a * k : (a + 1) * k]
-            gmax = max(gmax, row[0]) if math.isfinite(row[0]) else math.inf
+            lo, hi = row[0], row[1]
+            gmax = max(gmax, -lo, hi) if math.isfinite(lo) and math.isfinite(hi) else math.inf
             if want_gtd:
-                gtd += sign * arena.scale * row[1]
+                gtd += arena.scale * row[2]
             if want_l1:
                 g_l1 += row[-1]
         if not math.isfinite(gmax):
@@ -243,7 +252,7 @@ class LBFGS(Optimizer):
         cfg = self.param_groups[0]  # the loop settings are the same in every group
         max_iter, max_eval = cfg["max_iter"], cfg["max_eval"]
         tolerance_grad, tolerance_change = cfg["tolerance_grad"], cfg["tolerance_change"]
-        maximize, m = cfg["maximize"], self.defaults["history_size"]
+        m = self.defaults["history_size"]
         if self._arenas is None:
             self._arenas = self._build_arenas()
         arenas = self._arenas
@@ -263,7 +272,7 @@ class LBFGS(Optimizer):
         if not math.isfinite(f) or gmax <= tolerance_grad:
             return orig_loss
 
-        gradient_at = "grads"  # where the gradient at the current point is: .grad, work[0] or work[2]
+        gradient_at = "g"  # where the gradient at the current point is: g (the last evaluation), prev or kept
         prev_loss = state.get("prev_loss")
         t = state.get("t")
         n_iter = 0
@@ -273,15 +282,14 @@ class LBFGS(Optimizer):
 
             # -- direction ------------------------------------------------------
             for arena in arenas:
-                _load_gradient(arena, gradient_at, maximize)
+                _load_gradient(arena, gradient_at)
             if state["n_iter"] == 1:
                 _first_direction(arenas, state, m)
             else:
                 _update_model_and_direction(arenas, state, m)
-            stats = [x for arena in arenas for x in _direction_stats(arena)]
-            read = self._to_host(stats, home)
-            gtd = sum(arena.scale * read[2 * a] for a, arena in enumerate(arenas))
-            d_max = [read[2 * a + 1] for a in range(len(arenas))]
+            read = self._to_host([x for arena in arenas for x in _direction_stats(arena)], home)
+            gtd = sum(arena.scale * read[3 * a] for a, arena in enumerate(arenas))
+            d_max = [max(-read[3 * a + 1], read[3 * a + 2]) for a in range(len(arenas))]
             prev_loss = f
 
             t = min(1.0, 1.0 / g_l1 if g_l1 > 0 else math.inf) * lr if state["n_iter"] == 1 else lr
@@ -300,7 +308,7 @@ class LBFGS(Optimizer):
                     closure, arenas, f, gtd, t, d_max, gmax, max_eval - current_evals, tolerance_change
                 )
                 t, f = point.t, point.f
-                gradient_at = "grads" if point.index == ls_func_evals else ("prev" if point.index == 0 else "kept")
+                gradient_at = "g" if point.index == ls_func_evals else ("prev" if point.index == 0 else "kept")
                 opt_cond = gmax <= tolerance_grad
             else:
                 for arena in arenas:
@@ -321,7 +329,7 @@ class LBFGS(Optimizer):
                         if t == 0.0:
                             stop = True
                             break
-                    gradient_at = "grads"
+                    gradient_at = "g"
                     opt_cond = gmax <= tolerance_grad
 
             current_evals += ls_func_evals
@@ -358,7 +366,7 @@ class LBFGS(Optimizer):
 
         def keep(point: Point) -> None:
             for arena in arenas:
-                _gather(arena.g, arena)
+                arena.keep_gradient()
             at["kept"] = point.index
 
         d_norm = max(abs(arena.scale) * dm for arena, dm in zip(arenas, d_max))
@@ -376,14 +384,18 @@ class LBFGS(Optimizer):
 # -- flat state -----------------------------------------------------------------------
 class _Arena:
     """The parameters of one (group, device, dtype) laid end to end, and their slice of
-    every vector of the model.
+    every vector of the model, all rows of one ``[2m + 5, n]`` buffer:
 
-    ``ring`` is ``[2m + 2, n]``: rows ``0..m-1`` hold ``s`` and ``m..2m-1`` hold ``y`` in
-    the ring order of :mod:`mlbfgs_fused._math` (newest in slot ``(pair_count - 1) % m``);
-    rows ``2m`` and ``2m + 1`` take a rejected pair, so storing a pair is one
-    ``index_copy_`` whose row index is decided on the device. ``work`` is ``[3, n]``:
-    the gradient ``g`` at the current point, the direction ``d`` (scaled in place into
-    the step ``s`` once taken), the previous gradient (turned in place into ``y``).
+    - rows 0 and 1 take a rejected pair, rows ``2 .. m + 1`` hold ``s`` and
+      ``m + 2 .. 2m + 1`` hold ``y`` in the ring order of :mod:`mlbfgs_fused._math`
+      (newest in slot ``(pair_count - 1) % m``): storing a pair is one ``index_copy_``
+      into ``ring`` (rows ``0 .. 2m + 1``) whose rows are decided on the device;
+    - row ``2m + 2`` is the gradient ``g`` at the current point, so ``basis``
+      (``[S; Y; g]``, rows ``2 .. 2m + 2``) is what a direction is a combination of:
+      its dots with ``g`` are one matrix-vector product, the direction another;
+    - row ``2m + 3`` is the direction ``d`` (scaled in place into the step ``s`` once
+      taken), row ``2m + 4`` the previous gradient (turned in place into ``y``), so
+      ``pair`` (``[s; y]``) is the pair to store.
     """
 
     def __init__(self, params: list[Tensor], m: int, group: int, state: dict):
@@ -394,10 +406,15 @@ class _Arena:
         for p in params:
             self.offsets.append(self.offsets[-1] + p.numel())
         n = self.offsets[-1]
-        self.ring = torch.zeros(2 * m + 2, n, dtype=self.dtype, device=self.device)
-        self.work = torch.zeros(3, n, dtype=self.dtype, device=self.device)
-        self.g, self.d, self.prev = self.work.unbind(0)
+        self.buffer = torch.zeros(2 * m + 5, n, dtype=self.dtype, device=self.device)
+        self.ring = self.buffer[: 2 * m + 2]
+        self.history = self.buffer[2 : 2 * m + 2]
+        self.basis = self.buffer[2 : 2 * m + 3]
+        self.pair = self.buffer[2 * m + 3 :]
+        self.g, self.d, self.prev = self.buffer[2 * m + 2 :].unbind(0)
+        self.g_views, self.d_views = self.views(self.g), self.views(self.d)
         self.saved: Tensor | None = None  # the line search's one saved point
+        self.kept: Tensor | None = None  # and the gradient of the point it keeps
         self._adopt(state)
 
     def views(self, flat: Tensor) -> list[Tensor]:
@@ -407,7 +424,7 @@ class _Arena:
         """Copy loaded state in, then point ``state`` at the arena's buffers."""
         m = self.m
         first = state[self.params[0]]
-        for key, rows in (("history_s", self.ring[:m]), ("history_y", self.ring[m : 2 * m])):
+        for key, rows in (("history_s", self.ring[2 : m + 2]), ("history_y", self.ring[m + 2 :])):
             if key in first:
                 _copy_checked(rows, first[key], key)
             first[key] = rows
@@ -420,7 +437,13 @@ class _Arena:
     def save_point(self) -> None:
         if self.saved is None:
             self.saved = torch.empty_like(self.g)
-        torch._foreach_copy_(self.views(self.saved), self.params)
+            self.saved_views = self.views(self.saved)
+        torch._foreach_copy_(self.saved_views, self.params)
+
+    def keep_gradient(self) -> None:
+        if self.kept is None:
+            self.kept = torch.empty_like(self.g)
+        self.kept.copy_(self.g)
 
 
 def _copy_checked(dst: Tensor, src: Tensor, key: str) -> None:
@@ -437,82 +460,39 @@ def _copy_checked(dst: Tensor, src: Tensor, key: str) -> None:
 # tensors on the first parameter's device.
 
 
-def _gather(dst: Tensor, arena: _Arena) -> None:
-    """``dst <- grad`` over the arena (zero where a parameter has no gradient)."""
-    present = [(view, p.grad) for view, p in zip(arena.views(dst), arena.params) if p.grad is not None]
+def _gather(arena: _Arena, maximize: bool) -> None:
+    """``g <- grad`` over the arena (zero where a parameter has no gradient), negated under ``maximize``."""
+    present = [(view, p.grad) for view, p in zip(arena.g_views, arena.params) if p.grad is not None]
     if len(present) < len(arena.params):
-        dst.zero_()
+        arena.g.zero_()
     if present:
         torch._foreach_copy_([v for v, _ in present], [g for _, g in present])
-
-
-def _load_gradient(arena: _Arena, where: str, maximize: bool) -> None:
-    """Put the gradient at the current point into ``arena.g`` (negated under ``maximize``)."""
-    if where == "grads":
-        _gather(arena.g, arena)
-    elif where == "prev":
-        arena.g.copy_(arena.prev)  # the line search came back to its start: prev is already signed
-        return
-    # "kept": the line search already copied it into arena.g.
     if maximize:
         arena.g.neg_()
 
 
+def _load_gradient(arena: _Arena, where: str) -> None:
+    """Put the gradient at the current point into ``arena.g``: the last evaluation left
+    it there, unless the line search returned its start (``prev``) or a kept point."""
+    if where == "prev":
+        arena.g.copy_(arena.prev)
+    elif where == "kept":
+        arena.g.copy_(arena.kept)
+
+
 def _gradient_stats(arena: _Arena, want_gtd: bool, want_l1: bool) -> list[Tensor]:
-    """``max |grad|``, then ``grad . d`` and ``|grad|_1`` when asked, on the user's gradients
-    (no copy); float64 0-dim tensors on the arena's device."""
-    pairs = [(p.grad, view) for p, view in zip(arena.params, arena.views(arena.d)) if p.grad is not None]
-    zero = torch.zeros((), dtype=torch.float64, device=arena.device)
-    grads = [g for g, _ in pairs]
-    if not grads:
-        return [zero] * (1 + want_gtd + want_l1)
-    out = [torch.stack([_abs_max(g) for g in grads]).max().double()]
+    """``min g`` and ``max g`` (the host takes ``max |g|``), then ``g . d`` and ``|g|_1`` when asked."""
+    out = list(torch.aminmax(arena.g))  # one pass; vector_norm(inf) is several times slower on CPU
     if want_gtd:
-        out.append(torch.stack([torch.dot(g.reshape(-1), v.reshape(-1)) for g, v in pairs]).sum().double())
+        out.append(torch.dot(arena.g, arena.d))
     if want_l1:
-        out.append(torch.stack(torch._foreach_norm(grads, 1)).double().sum())
+        out.append(arena.g.abs().sum())  # torch's own formula: the first step is torch's to the bit
     return out
 
 
 def _direction_stats(arena: _Arena) -> list[Tensor]:
-    """``g . d`` and ``max |d|`` of the new direction."""
-    return [torch.dot(arena.g, arena.d), _abs_max(arena.d)]
-
-
-def _abs_max(x: Tensor) -> Tensor:
-    """``max |x|`` in one reduction pass and no temporary (``vector_norm(inf)`` is several times slower on CPU)."""
-    lo, hi = torch.aminmax(x)
-    return torch.maximum(hi, lo.neg())
-
-
-# Columns per chunk of the ring dots: a chunk of the ring stays in cache while it meets
-# all three vectors (a BLAS product of the whole [2m, N] ring with [N, 3] streams the
-# ring three times on CPU).
-_DOT_CHUNK = 16384
-
-
-def _ring_dots(arena: _Arena, m: int) -> Tensor:
-    """``[S; Y] [g s y]`` (``[2m, 3]``) in one pass over the ring, in the arena's dtype."""
-    ring, work = arena.ring[: 2 * m], arena.work
-    n = work.shape[1]
-    out = torch.zeros(2 * m, 3, dtype=arena.dtype, device=arena.device)
-    chunk = n if arena.device.type != "cpu" else _DOT_CHUNK
-    for a in range(0, n, chunk):
-        out.addmm_(ring[:, a : a + chunk], work[:, a : a + chunk].T)
-    return out
-
-
-def _ring_grad_dots(arena: _Arena, m: int) -> Tensor:
-    """``[S; Y] g`` (``[2m]``): one matrix-vector product over the ring."""
-    return torch.mv(arena.ring[: 2 * m], arena.g)
-
-
-def _work_dots(arena: _Arena, consts: dict) -> Tensor:
-    """The float64 Gram matrix of ``[g, s, y]`` (six dots)."""
-    g, s, y = arena.work.unbind(0)
-    pairs = ((g, g), (g, s), (g, y), (s, s), (s, y), (y, y))
-    six = torch.stack([torch.dot(a, b) for a, b in pairs]).double()
-    return six[consts["sym3"].to(six.device)]
+    """``g . d``, ``min d`` and ``max d`` of the new direction."""
+    return [torch.dot(arena.g, arena.d), *torch.aminmax(arena.d)]
 
 
 def _stage_step(arenas: list[_Arena], t: float, state: dict) -> None:
@@ -527,107 +507,112 @@ def _stage_step(arenas: list[_Arena], t: float, state: dict) -> None:
 def _move(arena: _Arena, alpha: float, from_saved: bool) -> None:
     """Parameters ``<- saved + alpha d`` (or ``+= alpha d``), in place."""
     if from_saved:
-        torch._foreach_copy_(arena.params, arena.views(arena.saved))
-    torch._foreach_add_(arena.params, arena.views(arena.d), alpha=alpha)
+        torch._foreach_copy_(arena.params, arena.saved_views)
+    torch._foreach_add_(arena.params, arena.d_views, alpha=alpha)
+
+
+def _to_home(x: Tensor, home: torch.device) -> Tensor:
+    return x if x.device == home and x.dtype == torch.float64 else x.to(home, torch.float64)
 
 
 def _update_model_and_direction(arenas: list[_Arena], state: dict, m: int) -> None:
     """Store the pair of the last step (when ``s.y > 1e-10``) and write ``d = -H g``.
 
-    The Gram matrix needs the dots of every held pair with the new ``s`` and ``y``,
-    and the two-loop needs them with ``g``. Only ``[S; Y] g`` needs a pass over the
-    ring (one matrix-vector product); the rest follows on scalars (Chen, Wang, Zhou):
-    ``[S; Y] y = [S; Y] g - [S; Y] g_prev`` (the previous iteration's dots) and
-    ``[S; Y] s = alpha [S; Y] d_prev``, with ``d_prev`` the previous direction, whose
-    coefficients over the ring and ``g_prev`` are known:
-    ``[S; Y] d_prev = Gram [c_s; c_y] + c_g [S; Y] g_prev``. (When groups took steps of
-    different lengths, ``s`` is no multiple of ``d_prev`` and the dots with ``s`` and
-    ``y`` are taken directly, in one more pass.) The two-loop coefficients follow
-    on scalars; a second pass forms ``d``. The pair decision stays on the device.
+    ``gram`` is ``[S; Y] [S; Y; g]^T`` (``[2m, 2m + 1]``, ``g`` the gradient the last
+    direction was formed at; an empty slot has ``s.y = y.y = 1`` and no other entry,
+    which makes its coefficients exactly 0 without masks). A new pair needs its dots
+    with the ring, the two-loop the ring's dots with the new ``g``. Only ``[S; Y] g``
+    takes a pass over the ring (one matrix-vector product, after the pair is stored);
+    the rest follows on scalars (Chen, Wang, Zhou): ``[S; Y] y = [S; Y] g - [S; Y] g_prev``
+    (the old last column) and ``[S; Y] s = alpha [S; Y] d_prev = alpha gram c_prev``,
+    with ``c_prev`` the previous direction's coefficients over ``[S; Y; g_prev]``. (When
+    groups took steps of different lengths, ``s`` is no multiple of ``d_prev`` and
+    ``[S; Y] s`` takes one more pass.) The two-loop coefficients follow on scalars; a
+    second pass forms ``d``. The pair decision stays on the device.
     """
-    gram, pair_count = state["gram"], state["pair_count"]
+    gram, pair_count, coef = state["gram"], state["pair_count"], state["direction_coefficients"]
     home = gram.device
     consts = _constants(m, home)
     alpha = state.get("staged_alpha")
-    work_dots = torch.zeros(3, 3, dtype=torch.float64, device=home)
+    pair_gram = None  # [[s.s, s.y], [y.s, y.y]]
+    ring_s = None  # [S; Y] s, before the pair is stored
     for arena in arenas:
         torch.sub(arena.g, arena.prev, out=arena.prev)  # y = g - g_prev
-        work_dots += _work_dots(arena, consts).to(home)
-    if alpha is not None and "ring_grad_dots" in state:
-        ring_g = torch.zeros(2 * m, dtype=torch.float64, device=home)
-        for arena in arenas:
-            ring_g += _ring_grad_dots(arena, m).to(home, torch.float64)
-        prev_dots, prev_coef = state["ring_grad_dots"], state["direction_coefficients"]
-        ring_d = torch.mv(_full_gram(gram), prev_coef[:-1]) + prev_coef[-1] * prev_dots
-        ring_dots = torch.stack([ring_g, alpha * ring_d, ring_g - prev_dots], dim=1)
-    else:
-        ring_dots = torch.zeros(2 * m, 3, dtype=torch.float64, device=home)
-        for arena in arenas:
-            ring_dots += _ring_dots(arena, m).to(home, torch.float64)
-    ys = work_dots[1, 2]
-    accept = torch.isfinite(work_dots).all() & (ys > _CURVATURE_MIN)
-    slot = torch.remainder(pair_count, m)
-    rows = torch.where(accept, slot + consts["pair_rows"], consts["discard_rows"])
+        pair_gram = _sum(pair_gram, _to_home(torch.mm(arena.pair, arena.pair.T), home))
+        if alpha is None:
+            ring_s = _sum(ring_s, _to_home(torch.mv(arena.history, arena.d), home))
+    if alpha is not None:
+        ring_s = torch.mv(gram, coef).mul_(alpha)
+    # y.s (the entry gram keeps as s.y), NaN when any entry is not finite (0 * inf): the pair rule.
+    accept = torch.dot(pair_gram.view(-1), consts["pick_sy"]) > _CURVATURE_MIN
+    slot_rows = torch.remainder(pair_count, m) + consts["pair_rows"]  # [slot, m + slot] of gram
+    ring_rows = torch.where(accept, slot_rows + 2, consts["discard_rows"])
+    ring_g = None
     for arena in arenas:
-        arena.ring.index_copy_(0, rows.to(arena.device), arena.work[1:3])
+        arena.ring.index_copy_(0, ring_rows if arena.device == home else ring_rows.to(arena.device), arena.pair)
         arena.prev.copy_(arena.g)
-    new_gram = _gram_with_pair(gram, slot, ring_dots, work_dots, m)
-    gram.copy_(torch.where(accept, new_gram, gram))
-    Sg = torch.where(accept, ring_dots[:m, 0].index_put((slot,), work_dots[1, 0]), ring_dots[:m, 0])
-    Yg = torch.where(accept, ring_dots[m:, 0].index_put((slot,), work_dots[2, 0]), ring_dots[m:, 0])
+        ring_g = _sum(ring_g, _to_home(torch.mv(arena.history, arena.g), home))
+    # The slot's new columns [S; Y] s and [S; Y] y, with the pair's own dots in its rows;
+    # a rejected pair leaves them as they were.
+    g_column = gram.select(1, 2 * m)
+    new = torch.stack([ring_s, ring_g - g_column], 1).index_copy_(0, slot_rows, pair_gram)
+    new = torch.where(accept, new, gram.index_select(1, slot_rows))
+    gram.index_copy_(1, slot_rows, new)
+    gram.narrow(1, 0, 2 * m).index_copy_(0, slot_rows, new.T)
+    g_column.copy_(ring_g)
     pair_count += accept
-    c_g, c_s, c_y = two_loop_by_solves(gram, Sg, Yg, pair_count, consts)
-    coef = torch.cat([c_s, c_y, c_g]).neg()  # d = -H g over [S; Y; g]
-    _set_direction(arenas, coef, m)
-    state["ring_grad_dots"] = torch.cat([Sg, Yg])
-    state["direction_coefficients"] = coef
+    _two_loop(gram, pair_count, consts, out=coef)
+    _set_direction(arenas, coef)
+
+
+def _sum(total: Tensor | None, x: Tensor) -> Tensor:
+    return x if total is None else total + x
 
 
 def _first_direction(arenas: list[_Arena], state: dict, m: int) -> None:
-    """``d = -g`` (torch's ``flat_grad.neg()``), with the dots the next iteration starts from."""
+    """``d = -g`` (torch's ``flat_grad.neg()``); the ring is empty, its dots with ``g`` are 0."""
     for arena in arenas:
         torch.neg(arena.g, out=arena.d)
         arena.prev.copy_(arena.g)
-    home = state["gram"].device
-    coef = torch.zeros(2 * m + 1, dtype=torch.float64, device=home)
+    coef = torch.zeros(2 * m + 1, dtype=torch.float64, device=state["gram"].device)
     coef[-1] = -1.0
     state["direction_coefficients"] = coef
-    # The ring is empty at the first iteration; its dots with g are 0.
-    state["ring_grad_dots"] = torch.zeros(2 * m, dtype=torch.float64, device=home)
 
 
-def _set_direction(arenas: list[_Arena], coef: Tensor, m: int) -> None:
-    """``d = [S; Y]^T coef[:2m] + coef[2m] g``: one pass over each ring."""
+def _set_direction(arenas: list[_Arena], coef: Tensor) -> None:
+    """``d = [S; Y; g]^T coef``: one pass over each ring."""
     for arena in arenas:
-        c = coef.to(arena.device, arena.dtype)
-        torch.mv(arena.ring[: 2 * m].T, c[:-1], out=arena.d)
-        arena.d.addcmul_(arena.g, c[-1])
+        torch.mv(arena.basis.T, coef.to(arena.device, arena.dtype), out=arena.d)
 
 
-def _full_gram(gram: Tensor) -> Tensor:
-    """The ``[2m, 2m]`` Gram matrix of ``[S; Y]`` from its three blocks."""
-    return torch.cat([torch.cat([gram[0], gram[1]], 1), torch.cat([gram[1].T, gram[2]], 1)], 0)
+def _empty_gram(m: int, device: torch.device) -> Tensor:
+    """``[S; Y] [S; Y; g]^T`` with every slot empty (``s.y = y.y = 1`` there)."""
+    gram = torch.zeros(2 * m, 2 * m + 1, dtype=torch.float64, device=device)
+    k = torch.arange(m, device=device)
+    gram[k, m + k] = gram[m + k, k] = gram[m + k, m + k] = 1.0
+    return gram
 
 
 @functools.lru_cache(maxsize=8)
 def _constants(m: int, device: torch.device) -> dict[str, Tensor]:
-    """Index and identity tensors of the model's small algebra, made once per (m, device)."""
+    """Index tensors of the model's small algebra, made once per (m, device)."""
     k = torch.arange(m, device=device)
+    # Row q: gram's rows in recency order (s_k, then y_k, newest first, then g) when
+    # pair_count % m == q: the k-th newest pair sits in slot (q - 1 - k) % m.
+    slots = torch.remainder(torch.arange(m, device=device).unsqueeze(1) - 1 - k, m)
+    g_row = torch.full((m, 1), 2 * m, device=device)
     return {
-        "k": k,
-        "eye": torch.eye(m, dtype=torch.float64, device=device),
-        "pair_rows": torch.tensor([0, m], device=device),  # + slot: the rows of s and y
-        "discard_rows": torch.tensor([2 * m, 2 * m + 1], device=device),
-        "sym3": torch.tensor([[0, 1, 2], [1, 3, 4], [2, 4, 5]], device=device),
+        "pair_rows": torch.tensor([0, m], device=device),  # + slot: the rows of s and y in gram
+        "discard_rows": torch.tensor([0, 1], device=device),
+        "pick_sy": torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=torch.float64, device=device),
+        "recency": torch.cat([slots, slots + m, g_row], 1),
     }
 
 
-def two_loop_by_solves(
-    gram: Tensor, Sg: Tensor, Yg: Tensor, pair_count: Tensor, consts: dict | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The coefficients of ``H g`` over ``{g, s_i, y_i}`` for one model, as
-    :func:`mlbfgs_fused._math.two_loop_coefficients` computes them, in a fixed
-    number of operations whatever ``m``.
+def _two_loop(gram: Tensor, pair_count: Tensor, consts: dict, out: Tensor) -> None:
+    """``out <- -(coefficients of H g)`` over ``[S; Y; g]``, as
+    :func:`mlbfgs_fused._math.two_loop_coefficients` computes them, in a fixed number
+    of operations whatever ``m``.
 
     Each loop of the two-loop recursion is a triangular solve on the Gram matrix
     (newest pair first, index ``k``): the first loop's ``alpha_k = (s_k.g -
@@ -637,45 +622,19 @@ def two_loop_by_solves(
     gamma (y_k.g - sum_j (y_k.y_j) alpha_j)`` is back substitution with
     ``triu(Y S^T)``. Then ``H g = gamma g - gamma sum_k alpha_k y_k + sum_k u_k s_k``.
     Substitution performs the recursion's own arithmetic, so this is the
-    recursion; it replaces ``4 m`` tiny operations by two LAPACK calls.
-
-    ``gram`` ``[3, m, m]``, ``Sg``, ``Yg`` ``[m]`` in slot order; ``pair_count`` 0-dim.
-    Returns ``(c_g [1], c_s [m], c_y [m])`` in slot order.
+    recursion; it replaces ``4 m`` tiny operations by two LAPACK calls. An empty
+    slot (``s.y = y.y = 1``, zero dots otherwise) gets ``alpha = u = 0``; with no
+    pair at all, ``gamma = 1``.
     """
-    m = gram.shape[-1]
-    consts = consts or _constants(m, gram.device)
-    k, eye = consts["k"], consts["eye"]
-    slots = torch.remainder(pair_count - 1 - k, m)  # the ring convention of _math
-    held = k < pair_count.clamp(max=m)
-    both = held.unsqueeze(0) & held.unsqueeze(1)
-    # Unheld slots get a unit diagonal and zero right-hand sides: their coefficients are 0.
-    SY = torch.where(both, gram[1][slots][:, slots], eye)
-    YY = torch.where(both, gram[2][slots][:, slots], 0.0)
-    Sg_k = torch.where(held, Sg[slots], 0.0)
-    Yg_k = torch.where(held, Yg[slots], 0.0)
-    gamma = torch.where(held[0], SY[0, 0] / torch.where(held[0], YY[0, 0], 1.0), 1.0)
-    alpha = torch.linalg.solve_triangular(SY.tril(), Sg_k.unsqueeze(1), upper=False).squeeze(1)
-    rhs = SY.diagonal() * alpha - gamma * (Yg_k - YY @ alpha)
-    u = torch.linalg.solve_triangular(SY.T.triu(), rhs.unsqueeze(1), upper=True).squeeze(1)
-    c_s = torch.zeros_like(u).scatter_(0, slots, torch.where(held, u, 0.0))
-    c_y = torch.zeros_like(u).scatter_(0, slots, torch.where(held, -gamma * alpha, 0.0))
-    return gamma.view(1), c_s, c_y
-
-
-def _gram_with_pair(gram: Tensor, slot: Tensor, ring_dots: Tensor, work_dots: Tensor, m: int) -> Tensor:
-    """The Gram matrices with slot ``slot`` replaced by the staged pair ``(s, y)``.
-
-    ``ring_dots[i] = s_i . [g, s, y]``, ``ring_dots[m + i] = y_i . [g, s, y]``;
-    ``work_dots`` is the Gram matrix of ``[g, s, y]``."""
-    ss_row = ring_dots[:m, 1].index_put((slot,), work_dots[1, 1])  # s_i . s
-    sy_col = ring_dots[:m, 2].index_put((slot,), work_dots[1, 2])  # s_i . y  -> SY[i, slot]
-    ys_row = ring_dots[m:, 1].index_put((slot,), work_dots[1, 2])  # y_j . s  -> SY[slot, j]
-    yy_row = ring_dots[m:, 2].index_put((slot,), work_dots[2, 2])  # y_i . y
-
-    def set_row_col(mat: Tensor, row: Tensor, col: Tensor) -> Tensor:
-        j = slot.view(1)
-        return mat.index_copy(0, j, row.unsqueeze(0)).index_copy(1, j, col.unsqueeze(1))
-
-    return torch.stack(
-        [set_row_col(gram[0], ss_row, ss_row), set_row_col(gram[1], ys_row, sy_col), set_row_col(gram[2], yy_row, yy_row)]
-    )
+    m = gram.shape[0] // 2
+    order = consts["recency"].index_select(0, torch.remainder(pair_count, m).view(1)).view(-1)
+    # Only the columns of y and g are read: gathering them first halves the (slow) column gather.
+    s_rows, y_rows = gram.index_select(1, order.narrow(0, m, m + 1)).index_select(0, order.narrow(0, 0, 2 * m)).split(m)
+    SY, Sg = s_rows.split(m, 1)
+    YY, Yg = y_rows.split(m, 1)
+    diag = SY.diagonal().unsqueeze(1)
+    gamma = diag.narrow(0, 0, 1) / YY.narrow(0, 0, 1).narrow(1, 0, 1)  # s.y / y.y of the newest pair
+    alpha = torch.linalg.solve_triangular(SY, Sg, upper=False)  # reads the lower triangle only
+    neg_rhs = (Yg - YY @ alpha).mul_(gamma).sub_(diag * alpha)  # -rhs of the second loop: the solve gives -u
+    neg_u = torch.linalg.solve_triangular(SY.T, neg_rhs, upper=True)
+    out.index_copy_(0, order, torch.cat([neg_u, alpha.mul_(gamma), gamma.neg()]).view(-1))

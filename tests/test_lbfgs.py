@@ -11,6 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mlbfgs_fused import LBFGS
+from mlbfgs_fused._line_search import Point
 from mlbfgs_fused.reference import ReferenceLBFGS
 
 from lbfgs_problems import PROBLEMS, run
@@ -202,6 +203,49 @@ def test_non_finite_trial_point_backs_off_and_never_enters_the_history(line_sear
     assert not torch.isfinite(y).all()
 
 
+def _best_of_two_trials(evaluate, keep, f0, gtd0, t, d_norm, max_evals, **kwargs):
+    """A line search that returns earlier points: trials at ``t`` and ``2 t``, then the
+    lowest loss of the start and the two, so the gradient the step goes on with is the
+    last evaluation's, a kept trial's or the start's."""
+    points = [Point(0.0, f0, gtd0, 0)]
+    for k, step in enumerate((t, 2 * t)[:max_evals], 1):
+        if k > 1:
+            keep(points[-1])
+        f, gtd = evaluate(step)
+        points.append(Point(step, f if math.isfinite(f) else math.inf, gtd, k))
+    return min(points, key=lambda p: p.f), len(points) - 1
+
+
+def test_the_gradient_of_a_kept_trial_or_of_the_start_carries_on(monkeypatch):
+    import mlbfgs_fused.lbfgs as lbfgs_module
+    import mlbfgs_fused.reference.lbfgs as reference_module
+
+    monkeypatch.setattr(lbfgs_module, "_strong_wolfe", _best_of_two_trials)
+    monkeypatch.setattr(reference_module, "_strong_wolfe", _best_of_two_trials)
+    sources = []
+    load = lbfgs_module._load_gradient
+    monkeypatch.setattr(lbfgs_module, "_load_gradient", lambda arena, where: (sources.append(where), load(arena, where)))
+    kwargs = dict(line_search_fn="strong_wolfe", history_size=3, max_iter=10, max_eval=30)
+    a, b, x0, loss_of, fg = _split_least_squares()
+    opt = LBFGS([a, b], **kwargs)
+    ref = ReferenceLBFGS(**kwargs)
+    x_ref = x0.clone()
+    # lr 8 overshoots: the start is the best point (t = 0, the pair is rejected); a negative
+    # tolerance_change keeps the loop going from there.
+    for lr, tolerance_change in [(0.7, 1e-9), (8.0, -1.0), (0.7, 1e-9)]:
+        opt.param_groups[0].update(lr=lr, tolerance_change=tolerance_change)
+        ref.lr, ref.tolerance_change = lr, tolerance_change
+        x = _step_all(opt, [a, b], loss_of, 1)
+        x_ref = ref.step(x_ref, fg)
+        assert (opt.state[a]["func_evals"], opt.state[a]["n_iter"]) == (ref.func_evals, ref.n_iter)
+        torch.testing.assert_close(x, x_ref, rtol=1e-10, atol=1e-12)
+        # the gradient the last direction was formed at (after a return to the start: the start's)
+        prev_grad = torch.cat([opt.state[p]["prev_grad"].reshape(-1) for p in (a, b)])
+        torch.testing.assert_close(prev_grad, ref.prev_grad, rtol=1e-10, atol=1e-12)
+    assert {"g", "kept", "prev"} <= set(sources)
+    assert int(opt.state[a]["pair_count"]) < opt.state[a]["n_iter"] - 1  # some pairs were rejected
+
+
 def test_max_eval_holds_inside_the_line_search():
     kwargs = dict(line_search_fn="strong_wolfe", history_size=5, max_iter=5, max_eval=6)
     overrun = False
@@ -362,7 +406,7 @@ def test_pair_dots_from_the_previous_direction_equal_direct_dots(line_search_fn,
     monkeypatch.setattr(lbfgs_module, "_stage_step", direct_dots)
     p_direct, s_direct, _, _ = run(LBFGS, "mlp", 2, **kwargs)
     assert (s_fast["func_evals"], s_fast["n_iter"]) == (s_direct["func_evals"], s_direct["n_iter"])
-    assert "ring_grad_dots" in s_fast and s_direct["staged_alpha"] is None
+    assert s_fast["staged_alpha"] is not None and s_direct["staged_alpha"] is None
     assert _relative_difference(p_direct, p_fast) < 1e-12
 
 
