@@ -162,8 +162,8 @@ class LBFGS(Optimizer):
         super().load_state_dict(state_dict)
         if model is not None:
             first = self.state[self._first_param()]
-            for key in ("gram", "pair_count", "direction_coefficients"):
-                if key in model:
+            for key in ("gram", "pair_count", "direction_coefficients", "ring_grad_dots"):
+                if key in model:  # ring_grad_dots: a checkpoint of version 0.1 (see _upgrade_gram)
                     first[key] = model[key].to(first[key].device).clone()
         self._arenas = None
 
@@ -185,6 +185,8 @@ class LBFGS(Optimizer):
         if "gram" not in first:
             first["gram"] = _empty_gram(m, home)
             first["pair_count"] = torch.zeros((), dtype=torch.int64, device=home)
+        if tuple(first["gram"].shape) == (3, m, m):
+            first["gram"] = _upgrade_gram(first["gram"], first.pop("ring_grad_dots"), first["pair_count"])
         if tuple(first["gram"].shape) != (2 * m, 2 * m + 1):
             raise ValueError(
                 f"loaded state 'gram' has shape {tuple(first['gram'].shape)}, expected {(2 * m, 2 * m + 1)}"
@@ -583,6 +585,21 @@ def _set_direction(arenas: list[_Arena], coef: Tensor) -> None:
     """``d = [S; Y; g]^T coef``: one pass over each ring."""
     for arena in arenas:
         torch.mv(arena.basis.T, coef.to(arena.device, arena.dtype), out=arena.d)
+
+
+def _upgrade_gram(blocks: Tensor, ring_grad_dots: Tensor, pair_count: Tensor) -> Tensor:
+    """The model of a version 0.1 checkpoint in today's layout: it kept ``[S S^T, S Y^T,
+    Y Y^T]`` as ``[3, m, m]`` and ``[S; Y] g`` apart; ``gram`` is ``[S; Y] [S; Y; g]^T``
+    with the pattern of :func:`_empty_gram` in the slots not yet filled."""
+    m = blocks.shape[-1]
+    ss, sy, yy = blocks.to(torch.float64).unbind(0)
+    gram = torch.cat([torch.cat([ss, sy, ring_grad_dots[:m, None]], 1),
+                      torch.cat([sy.T, yy, ring_grad_dots[m:, None]], 1)], 0).to(torch.float64)
+    empty = _empty_gram(m, gram.device)
+    held = torch.arange(m, device=gram.device) < pair_count.to(gram.device)
+    held_rows = torch.cat([held, held])
+    both = held_rows[:, None] & torch.cat([held_rows, held_rows.new_ones(1)])[None, :]
+    return torch.where(both, gram, empty)
 
 
 def _empty_gram(m: int, device: torch.device) -> Tensor:

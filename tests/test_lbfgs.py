@@ -442,3 +442,44 @@ def test_parameters_on_cuda_and_cpu_form_one_model(line_search_fn):
     (x_cpu, evals_cpu), (x_cuda, evals_cuda) = results
     assert evals_cpu == evals_cuda
     torch.testing.assert_close(x_cuda, x_cpu, rtol=1e-10, atol=1e-12)
+
+
+def test_checkpoint_of_version_0_1_loads_and_continues():
+    """``tests/data/lbfgs_checkpoint_v0_1.pt`` was saved by version 0.1 (its model was
+    ``gram`` ``[3, m, m]`` and ``ring_grad_dots``) after five iterations with a wrapped
+    ring of three. Loaded today, the next four iterations match a run that never stopped."""
+    from pathlib import Path
+
+    saved = torch.load(Path(__file__).parent / "data" / "lbfgs_checkpoint_v0_1.pt", weights_only=False)
+    A, b = saved["A"], saved["b"]
+
+    def run(start=None):
+        w = torch.nn.Parameter(torch.zeros(7, dtype=torch.float64))
+        c = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        opt = LBFGS([w, c], lr=0.5, history_size=3, max_iter=5)
+
+        def closure():
+            opt.zero_grad()
+            loss = ((A @ w + c - b) ** 2).mean() + 0.1 * (w**4).sum()
+            loss.backward()
+            return loss
+
+        if start is None:
+            opt.step(closure)
+        else:
+            with torch.no_grad():
+                w.copy_(start["params"][0])
+                c.copy_(start["params"][1])
+            opt.load_state_dict(start["state_dict"])
+        opt.param_groups[0]["max_iter"] = 4
+        opt.step(closure)
+        return torch.cat([w.detach(), c.detach()]), opt
+
+    resumed, opt = run(saved)
+    uninterrupted, reference_opt = run()
+    assert "ring_grad_dots" not in opt.state[opt.param_groups[0]["params"][0]]
+    assert opt.state[opt.param_groups[0]["params"][0]]["n_iter"] == 9
+    torch.testing.assert_close(resumed, uninterrupted, rtol=1e-9, atol=1e-12)
+    first = opt.param_groups[0]["params"][0]
+    torch.testing.assert_close(opt.state[first]["gram"], reference_opt.state[reference_opt.param_groups[0]["params"][0]]["gram"],
+                               rtol=1e-9, atol=1e-12)
