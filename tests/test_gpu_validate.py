@@ -42,7 +42,7 @@ def test_refuses_to_run_without_a_gpu_unless_asked(tmp_path, capsys):
 
 
 def test_calls_into_separate_folders_merge_into_one(tmp_path, capsys):
-    """A GPU session makes several calls, each into a fresh folder; --merge gathers
+    """A time-limited GPU machine takes several calls, each into a fresh folder; --merge gathers
     them: every stage's latest record, every call's command, every file."""
     first, second, collected = tmp_path / "first", tmp_path / "second", tmp_path / "collected"
     assert gpu_validate.main(["--allow-cpu", "--stages", "env,sanitizer", "--out", str(first), "--budget", "60"]) == 0
