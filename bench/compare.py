@@ -112,7 +112,7 @@ class _Case:
             return
         if not planner.is_out_of_memory(exc):
             self.log(traceback.format_exc().rstrip())
-        self.skip(name, planner.failure_reason(exc), "skipped" if planner.is_out_of_memory(exc) else "error")
+        self.skip(name, planner.failure_reason(exc), planner.row_key(exc))
 
     def run(self) -> list[dict]:
         for name, reason in self.plan.skipped.items():
@@ -124,7 +124,7 @@ class _Case:
             self.history = make_history(self.n, self.m, self.device)
         except Exception as exc:  # noqa: BLE001 -- recorded in every row of the case
             reason = planner.failure_reason(exc)
-            key = "skipped" if planner.is_out_of_memory(exc) else "error"
+            key = planner.row_key(exc)
         else:
             reason = None
         if reason is not None:

@@ -192,9 +192,8 @@ def measure_memory(device: torch.device, sizes, m: int = 10, log=print, ours_onl
             if case_failure is not None:
                 rows.append({**base, **planned, "skipped": f"the problem and history: {case_failure}"})
                 continue
-            if shared + c.state_bytes(n, m) + c.step_bytes(n, m) > budget:
-                reason = (f"does not fit: needs {planner.gb(c.state_bytes(n, m) + c.step_bytes(n, m))} GB on top "
-                          f"of the shared {planner.gb(shared)} GB, budget {planner.gb(budget)} GB")
+            reason = planner.misfit(c, n, m, budget, shared)
+            if reason is not None:
                 rows.append({**base, **planned, "skipped": reason})
                 log(f"  memory N={n:.0e} {c.name:26s} skipped: {reason}")
                 continue
@@ -202,7 +201,7 @@ def measure_memory(device: torch.device, sizes, m: int = 10, log=print, ours_onl
                 rows.append({**base, **planned, **_measure(c, problem, history, device)})
             except Exception as exc:  # noqa: BLE001 -- recorded, the stage goes on
                 reason = planner.failure_reason(exc)
-                key = "skipped" if planner.is_out_of_memory(exc) else "error"
+                key = planner.row_key(exc)
                 if key == "error":
                     log(traceback.format_exc().rstrip())
                 rows.append({**base, **planned, key: reason})

@@ -84,11 +84,9 @@ def plan_batches(contenders: Sequence, n: int, m: int, budget: int, shared: int)
     current: list[str] = []
     for c in contenders:
         c_held, c_step = c.state_bytes(n, m), c.step_bytes(n, m)
-        if shared + c_held + c_step > budget:
-            plan.skipped[c.name] = (
-                f"does not fit: needs {gb(c_held + c_step)} GB on top of the case's shared "
-                f"{gb(shared)} GB, budget {gb(budget)} GB"
-            )
+        reason = misfit(c, n, m, budget, shared)
+        if reason is not None:
+            plan.skipped[c.name] = reason
             continue
         if current and shared + held + c_held + max(transient, c_step) > budget:
             plan.batches.append(current)
@@ -99,6 +97,19 @@ def plan_batches(contenders: Sequence, n: int, m: int, budget: int, shared: int)
     if current:
         plan.batches.append(current)
     return plan
+
+
+def misfit(c, n: int, m: int, budget: int, shared: int) -> str | None:
+    """Why contender ``c`` cannot run even alone within ``budget`` bytes, or None."""
+    needs = c.state_bytes(n, m) + c.step_bytes(n, m)
+    if shared + needs <= budget:
+        return None
+    return f"does not fit: needs {gb(needs)} GB on top of the case's shared {gb(shared)} GB, budget {gb(budget)} GB"
+
+
+def row_key(exc: BaseException) -> str:
+    """The key of a failed contender's row: ``skipped`` when memory ran out, else ``error``."""
+    return "skipped" if is_out_of_memory(exc) else "error"
 
 
 def gb(nbytes: float) -> str:
