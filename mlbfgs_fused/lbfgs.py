@@ -186,7 +186,9 @@ class LBFGS(Optimizer):
             first["gram"] = _empty_gram(m, home)
             first["pair_count"] = torch.zeros((), dtype=torch.int64, device=home)
         if tuple(first["gram"].shape) == (3, m, m):
-            first["gram"] = _upgrade_gram(first["gram"], first.pop("ring_grad_dots"), first["pair_count"])
+            # Saved before any direction was formed, it has no ring_grad_dots: the ring was empty.
+            ring_grad_dots = first.pop("ring_grad_dots", first["gram"].new_zeros(2 * m))
+            first["gram"] = _upgrade_gram(first["gram"], ring_grad_dots, first["pair_count"])
         if tuple(first["gram"].shape) != (2 * m, 2 * m + 1):
             raise ValueError(
                 f"loaded state 'gram' has shape {tuple(first['gram'].shape)}, expected {(2 * m, 2 * m + 1)}"

@@ -483,3 +483,23 @@ def test_checkpoint_of_version_0_1_loads_and_continues():
     first = opt.param_groups[0]["params"][0]
     torch.testing.assert_close(opt.state[first]["gram"], reference_opt.state[reference_opt.param_groups[0]["params"][0]]["gram"],
                                rtol=1e-9, atol=1e-12)
+
+
+def test_checkpoint_of_version_0_1_saved_before_any_direction_loads():
+    """Saved when the first evaluation already met the tolerance, a version 0.1 state has
+    its empty ``[3, m, m]`` model and no ``ring_grad_dots``: it loads as an empty model."""
+    w = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    opt = LBFGS([w], history_size=3)
+    opt.state[w].update(gram=torch.zeros(3, 3, 3, dtype=torch.float64), pair_count=torch.zeros((), dtype=torch.int64),
+                        func_evals=1, n_iter=0)
+    opt.load_state_dict(opt.state_dict())
+
+    def closure():
+        opt.zero_grad()
+        loss = (w**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    gram = opt.state[w]["gram"]
+    assert gram.shape == (6, 7) and torch.isfinite(gram).all() and float((w.detach() ** 2).sum()) < 1e-20
