@@ -145,15 +145,16 @@ def tile_geometry(tiles_ptr, k, TCOL: tl.constexpr, ALIGNED: tl.constexpr):
 @triton.jit
 def effective_gradient(grad, theta, weight_decay, grad_scale,
                        HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr):
-    """``g = grad / grad_scale + weight_decay * theta``, negated under ``maximize``
-    (docs/design.md, "The step", 1; ``grad_scale`` is AMP's, when the gradients still carry it)."""
+    """``g = grad / grad_scale`` (``-grad / grad_scale`` under ``maximize``) ``+ weight_decay * theta``:
+    torch's order, so weight decay pulls toward zero when maximising too (docs/design.md,
+    "The step", 1; ``grad_scale`` is AMP's, when the gradients still carry it)."""
     g = grad
     if HAS_SCALE:
         g = g / grad_scale
-    if HAS_WD:
-        g = g + weight_decay * theta
     if MAXIMIZE:
         g = -g
+    if HAS_WD:
+        g = g + weight_decay * theta
     return g
 
 

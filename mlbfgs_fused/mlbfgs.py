@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from operator import attrgetter
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 
 from . import backends
 from ._checks import blocks_as_indices, validate_hyperparameters
-from ._state.arena import BLOCK_STATE_KEYS, Arena
+from ._state.arena import BLOCK_STATE_KEYS, Arena, same_order
 from ._state.layout import arena_layout
 
 __all__ = ["MLBFGS"]
@@ -294,33 +294,25 @@ class MLBFGS(Optimizer):
 
     def _init_group(self, index: int, group: dict) -> None:
         """Build the group's arenas on first use, after a checkpoint is loaded, and
-        after a parameter moved to another dtype or device (its state follows it).
+        after a parameter moved to another dtype, device or memory format (its state
+        follows it).
 
         Named as torch's optimizers name their lazy state initialisation: under
         ``torch.compile`` Dynamo runs ``_init_group`` eagerly instead of tracing it
         and guards on the state it made, so even a compiled first step is one graph.
+        Everything that can raise runs before ``optimizer.state`` changes.
         """
         params = group["params"]
-        kinds = tuple(map(_kind, params))
-        key = (
-            tuple(map(id, params)),
-            kinds,
-            group["history_size"],
-            group["history_dtype"],
-            repr(group["blocks"]),
+        key = _ArenaKey(
+            tuple(map(id, params)), tuple(map(_kind, params)),
+            group["history_size"], group["history_dtype"], repr(group["blocks"]),
         )
         cached = self._arenas.get(index)
         if cached is not None and cached[0] == key:
             return
-        if cached is not None and cached[0][0] == key[0]:
-            for (_, _, shape), (_, _, old_shape) in zip(kinds, cached[0][1]):
-                if shape != old_shape:
-                    raise RuntimeError(
-                        f"a parameter of group {index} changed shape from {tuple(old_shape)} "
-                        f"to {tuple(shape)} after the optimizer stepped it; its optimizer state "
-                        "cannot follow. Restore its shape, or build a new optimizer for the "
-                        "reshaped model"
-                    )
+        stepped = cached is not None and cached[0].ids == key.ids  # the same parameters, changed
+        if stepped:
+            _check_unchanged_structure(index, group, cached[0], key, self._partition is not None)
         by_kind: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             by_kind.setdefault((p.device, p.dtype), []).append(i)
@@ -335,7 +327,7 @@ class MLBFGS(Optimizer):
                     raise ValueError("a block may not mix parameters of different devices or dtypes")
             layout = arena_layout([params[i].numel() for i in indices], blocks)
             layouts.append((indices, layout))
-        if cached is not None and cached[0][0] == key[0]:
+        if stepped:
             position = {id(p): i for i, p in enumerate(params)}
             before = sorted(
                 piece
@@ -364,11 +356,15 @@ class MLBFGS(Optimizer):
                 arena = self._partition.arena(
                     arena_params, layout, group["history_size"], group["history_dtype"], salt=index
                 )
-            # Adopting copies what the state holds (a loaded checkpoint, or views of
-            # the arena this one replaces) into the new buffers, converting dtype
-            # and device: the state follows its parameter.
-            arena.adopt(self.state)
             arenas.append(arena)
+        # Filling copies what the state holds (a loaded checkpoint, or views of the
+        # arenas these replace) into the new buffers, converting dtype, device and
+        # memory order: the state follows its parameter. Only once every arena is
+        # filled does the state point at them, so an error leaves it as it was.
+        for arena in arenas:
+            arena.fill(self.state)
+        for arena in arenas:
+            arena.bind(self.state)
         self._arenas[index] = (key, arenas)
 
 
@@ -401,8 +397,51 @@ def _validate_group(group: dict) -> None:
             raise RuntimeError(f"`fused=True` contradicts `backend={backend!r}`")
 
 
-# What the arena cache notices of a parameter besides its identity.
-_kind = attrgetter("device", "dtype", "shape")
+def _kind(p: Tensor) -> tuple:
+    """What the arena cache notices of a parameter besides its identity."""
+    return p.device, p.dtype, p.shape, p.stride()
+
+
+class _ArenaKey(NamedTuple):
+    """What a group's arenas were built for: when it changes, they are rebuilt."""
+
+    ids: tuple[int, ...]
+    kinds: tuple[tuple, ...]
+    history_size: int
+    history_dtype: torch.dtype | None
+    blocks: str
+
+
+def _check_unchanged_structure(index: int, group: dict, old: _ArenaKey, new: _ArenaKey, distributed: bool) -> None:
+    """Raise a clear error for a change the state of a group that has stepped cannot
+    follow: the size or dtype of its history, its blocks, a parameter's shape (or, on a
+    distributed rank, a parameter's memory format)."""
+    for name, before, after in (
+        ("history_size", old.history_size, new.history_size),
+        ("history_dtype", old.history_dtype, new.history_dtype),
+        ("blocks", old.blocks, new.blocks),
+    ):
+        if before != after:
+            raise RuntimeError(
+                f"{name} of parameter group {index} changed from {before} to {after} after the "
+                f"optimizer stepped it; its curvature history was built for {name}={before} and "
+                f"cannot follow. Set {name} back to {before}, or build a new optimizer"
+            )
+    for (_, _, shape, stride), (_, _, old_shape, old_stride) in zip(new.kinds, old.kinds):
+        if shape != old_shape:
+            raise RuntimeError(
+                f"a parameter of group {index} changed shape from {tuple(old_shape)} "
+                f"to {tuple(shape)} after the optimizer stepped it; its optimizer state "
+                "cannot follow. Restore its shape, or build a new optimizer for the "
+                "reshaped model"
+            )
+        if distributed and not same_order(shape, stride, old_stride):
+            raise RuntimeError(
+                f"a parameter of group {index} changed memory format after the optimizer "
+                "stepped it (e.g. model.to(memory_format=...)); MLBFGS(distributed=...) keeps "
+                "each rank's state flat in the memory order it started with. Convert the model "
+                "before building the optimizer"
+            )
 
 # Keys added to the groups since the first release, with the value an older
 # checkpoint or pickled optimizer gets.

@@ -143,21 +143,19 @@ inline void ema_decay(T* average, const C* sample, C decay, C w, int64_t n) {
   }
 }
 
-// g = grad * inv_scale + weight_decay * theta, negated under maximize (docs/design.md,
-// "The step", 1; AMP's unscaling folded in). Returns g.g in float64: finite exactly
-// when every entry of g is.
+// g = grad * inv_scale (negated under maximize) + weight_decay * theta: torch's order, so
+// weight decay pulls toward zero when maximising too (docs/design.md, "The step", 1; AMP's
+// unscaling folded in). Returns g.g in float64: finite exactly when every entry of g is.
 template <typename C, typename T>
 inline double effective_gradient(const T* grad, const T* theta, int64_t n, C inv_scale,
                                  C weight_decay, bool maximize, C* g, C* theta_buf) {
   const C* gr = as_compute(grad, n, g);
+  const C signed_scale = maximize ? -inv_scale : inv_scale;
   if (weight_decay != C(0)) {
     const C* th = as_compute(theta, n, theta_buf);
-    for (int64_t x = 0; x < n; ++x) g[x] = gr[x] * inv_scale + weight_decay * th[x];
+    for (int64_t x = 0; x < n; ++x) g[x] = gr[x] * signed_scale + weight_decay * th[x];
   } else {
-    for (int64_t x = 0; x < n; ++x) g[x] = gr[x] * inv_scale;
-  }
-  if (maximize) {
-    for (int64_t x = 0; x < n; ++x) g[x] = -g[x];
+    for (int64_t x = 0; x < n; ++x) g[x] = gr[x] * signed_scale;
   }
   double acc[4] = {0.0, 0.0, 0.0, 0.0};
   int64_t x = 0;

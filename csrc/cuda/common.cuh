@@ -128,11 +128,12 @@ inline const float* grad_scale_ptr(const std::optional<at::Tensor>& grad_scale) 
   return grad_scale->const_data_ptr<float>();
 }
 
-// g = grad / grad_scale + weight_decay * theta, negated under maximize.
+// g = grad / grad_scale (negated under maximize) + weight_decay * theta: torch's order,
+// so weight decay pulls toward zero when maximising too (docs/design.md, "The step", 1).
 template <typename C>
 __device__ __forceinline__ C effective_gradient(C grad, C theta, C inv_scale, C weight_decay, bool maximize) {
-  const C g = grad * inv_scale + weight_decay * theta;
-  return maximize ? -g : g;
+  const C g = grad * (maximize ? -inv_scale : inv_scale);
+  return g + weight_decay * theta;
 }
 
 }  // namespace cuda

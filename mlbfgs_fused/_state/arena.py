@@ -137,10 +137,21 @@ class Arena:
         return owners
 
     def adopt(self, state: dict) -> None:
-        """Fill the arena from ``state`` where it holds entries (a loaded
-        checkpoint, or state bound to an earlier arena), initialise the rest,
-        then point ``state`` at the arena's buffers."""
+        """:meth:`fill` then :meth:`bind`."""
+        self.fill(state)
+        self.bind(state)
+
+    def fill(self, state: dict) -> None:
+        """Copy into the arena what ``state`` holds (a loaded checkpoint, or views of an
+        earlier arena) and initialise the rest; ``state`` itself is not changed, so an
+        error here (a saved shape that does not fit) leaves the optimizer as it was.
+
+        Per-element state is copied by logical index, so it follows a parameter whose
+        memory order changed (``model.to(memory_format=...)``); the history rows follow
+        it too, from the memory order the saved per-element state was laid out in
+        (docs/design.md, "State layout")."""
         owners = self.blocks_by_param()
+        saved_orders = [saved_strides(state[p].get("momentum_buffer"), p) for p in self.params]
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 p_state = state[p]
@@ -150,25 +161,58 @@ class Arena:
                         _copy_checked(view, p_state[key], key)
                     elif key == "param_ema":
                         view.copy_(p)  # the EMA of the parameters starts at the parameters
-                for key in PARAM_STATE_KEYS:
-                    p_state[key] = self.param_view(self.flat_state[key], i)
-                blocks = owners.get(i, [])
-                self._adopt_blocks(p_state, blocks)
+                self._copy_blocks(p_state.get("blocks"), owners.get(i, []), saved_orders)
 
+    def bind(self, state: dict) -> None:
+        """Point ``state`` at the arena's buffers (after :meth:`fill`)."""
+        owners = self.blocks_by_param()
+        for i, p in enumerate(self.params):
+            p_state = state[p]
+            for key in PARAM_STATE_KEYS:
+                p_state[key] = self.param_view(self.flat_state[key], i)
+            self._point_blocks(p_state, owners.get(i, []))
 
-    def _adopt_blocks(self, p_state: dict, blocks: list[int]) -> None:
+    def _copy_blocks(self, saved: list | None, blocks: list[int], saved_orders: list) -> None:
         """Copy the saved state of the blocks starting in one parameter (if any) into
-        the arena, then point that parameter's ``"blocks"`` entry at the arena's views."""
-        saved = p_state.get("blocks")
-        if saved is not None:
-            if len(saved) != len(blocks):
-                raise ValueError(
-                    "loaded optimizer state has a different block layout "
-                    f"({len(saved)} blocks start in a parameter that now starts {len(blocks)})"
-                )
-            for b, saved_block in zip(blocks, saved):
-                for key, view in self.block_state(b).items():
+        the arena. A history row covers its block's parameters in their memory order;
+        ``saved_orders[i]`` is the order parameter ``i``'s saved rows were written in."""
+        if saved is None:
+            return
+        if len(saved) != len(blocks):
+            raise ValueError(
+                "loaded optimizer state has a different block layout "
+                f"({len(saved)} blocks start in a parameter that now starts {len(blocks)})"
+            )
+        for b, saved_block in zip(blocks, saved):
+            for key, view in self.block_state(b).items():
+                if key in ("history_s", "history_y"):
+                    self._copy_history(view, saved_block[key], key, b, saved_orders)
+                else:
                     _copy_checked(view, saved_block[key], key)
+
+    def _copy_history(self, dst: Tensor, src: Tensor, key: str, b: int, saved_orders: list | None) -> None:
+        """``dst`` (the block's ``[m, n_b]`` ring) from ``src``, each parameter's columns
+        moved from the memory order they were saved in to the one the arena uses now."""
+        _copy_checked(dst, src, key)
+        if saved_orders is None:
+            return
+        lo, hi = self.layout.block_bounds[b], self.layout.block_bounds[b + 1]
+        for i, p in enumerate(self.params):
+            start = self.layout.param_offsets[i]
+            if start + p.numel() <= lo or start >= hi or same_order(p.shape, saved_orders[i], state_strides(p)):
+                continue
+            if start < lo or start + p.numel() > hi:
+                raise RuntimeError(
+                    "a parameter that spans several blocks changed memory format; its "
+                    "curvature history cannot follow (use blocks='group' or 'tensor')"
+                )
+            ring_param_view(dst, start - lo, p.shape, state_strides(p)).copy_(
+                ring_param_view(src, start - lo, p.shape, saved_orders[i])
+            )
+
+    def _point_blocks(self, p_state: dict, blocks: list[int]) -> None:
+        """Point a parameter's ``"blocks"`` entry at the arena's views of the blocks
+        starting in it (none: the entry is dropped)."""
         if blocks:
             p_state["blocks"] = [self.block_state(b) for b in blocks]
         else:
@@ -185,6 +229,45 @@ def is_dense(t: Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def contiguous_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(tuple(shape)):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def state_strides(p: Tensor) -> tuple[int, ...]:
+    """The strides of the arena's view of ``p``'s state (:meth:`Arena.param_view`): the
+    parameter's own when it is dense in another order (channels_last, a transpose),
+    row-major otherwise (a parameter that is not dense is stepped through a copy)."""
+    if not p.is_contiguous() and is_dense(p):
+        return tuple(p.stride())
+    return contiguous_strides(p.shape)
+
+
+def saved_strides(saved, p: Tensor) -> tuple[int, ...]:
+    """The memory order a parameter's saved state was laid out in: that of its saved
+    per-element state (a view of an arena, or a checkpoint's copy of one, which
+    ``torch.save`` and ``Tensor.to`` keep), row-major when there is none."""
+    if isinstance(saved, Tensor) and tuple(saved.shape) == tuple(p.shape) and is_dense(saved):
+        return tuple(saved.stride())
+    return contiguous_strides(p.shape)
+
+
+def same_order(shape, a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Whether strides ``a`` and ``b`` lay out ``shape`` alike (size-1 dimensions aside)."""
+    return all(x == y for x, y, n in zip(a, b, shape) if n > 1)
+
+
+def ring_param_view(ring: Tensor, start: int, shape, strides: tuple[int, ...]) -> Tensor:
+    """The columns ``[start, start + numel)`` of an ``[m, n]`` ring, as ``[m, *shape]``
+    laid out with ``strides`` (a parameter's memory order)."""
+    return ring.as_strided(
+        (ring.shape[0], *shape), (ring.stride(0), *strides), ring.storage_offset() + start
+    )
 
 
 def _copy_checked(dst: Tensor, src: Tensor, key: str) -> None:

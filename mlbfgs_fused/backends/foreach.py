@@ -145,8 +145,8 @@ def _grad_scale(amp, arena: Arena) -> Tensor | None:
 def gather_gradient(
     step: GroupStep, weight_decay: float, maximize: bool, grad_scale: Tensor | None = None
 ) -> None:
-    """``g = grad / grad_scale + weight_decay * theta`` (negated under ``maximize``) into
-    the arena's flat scratch, zero where a parameter has no gradient. ``.grad`` is
+    """``g = grad / grad_scale`` (negated under ``maximize``) ``+ weight_decay * theta``
+    into the arena's flat scratch, zero where a parameter has no gradient. ``.grad`` is
     only read: a ``GradScaler``'s scale is divided out here, never in place."""
     g = step.arena.grad_flat
     if not step.all_present:
@@ -155,10 +155,10 @@ def gather_gradient(
     torch._foreach_copy_(g_views, step.grads)
     if grad_scale is not None:
         torch._foreach_div_(g_views, grad_scale)
-    if weight_decay != 0:
-        torch._foreach_add_(g_views, step.params, alpha=weight_decay)
     if maximize:
         g.neg_()
+    if weight_decay != 0:
+        torch._foreach_add_(g_views, step.params, alpha=weight_decay)
 
 
 def _gradient_dots(arena: Arena) -> tuple[Tensor, Tensor, Tensor]:

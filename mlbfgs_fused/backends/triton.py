@@ -30,7 +30,8 @@ CUDA graph capture, by fills baked into the graph). Each parameter's slice of th
 flat state follows the parameter's memory order, so a channels_last parameter is
 read and written as it lies. A gradient whose strides differ from its parameter's
 is staged (copied into a buffer laid out like the parameter) before the kernels read
-it. A parameter that changes memory format after its first step raises.
+it. A parameter that changes dtype, device or memory format gets a new arena (the
+optimizer rebuilds it, its state following) and so a new plan.
 
 Each arena launches under its own device (``torch.cuda.device``) on that device's
 current stream.
@@ -46,7 +47,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from .._state.arena import Arena, is_dense
+from .._state.arena import Arena, is_dense, same_order
 
 # Elements per tile; with Triton's default 4 warps no kernel spills registers.
 # A block's (or parameter's) last tile is shorter.
@@ -168,11 +169,6 @@ def plan_tables(layout, m: int, tile: int, cap: int):
     return tiles, workers, blocks
 
 
-def _same_order(shape, a: tuple[int, ...], b: tuple[int, ...]) -> bool:
-    """Whether strides ``a`` and ``b`` lay out ``shape`` alike (size-1 dimensions aside)."""
-    return all(x == y for x, y, n in zip(a, b, shape) if n > 1)
-
-
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -194,9 +190,6 @@ class ArenaPlan:
                     "non-overlapping (contiguous, channels_last, ...), got one of shape "
                     f"{tuple(p.shape)} with strides {p.stride()}"
                 )
-        # What the flat state was laid out for: a parameter must keep it.
-        self.layouts = [(p.shape, p.stride(), p.dtype, p.device) for p in arena.params]
-
         tiles, workers, blocks = plan_tables(arena.layout, m, tile, cap)
         align = self.kernels.common.ALIGN
         # Aligned when every tile and ring starts at a multiple of ALIGN (and, checked as
@@ -247,26 +240,12 @@ class ArenaPlan:
 
     def _rebuild(self, params, grads, param_ptrs, grad_ptrs) -> None:
         device = self.arena.device
-        for p, (shape, stride, dtype, dev) in zip(params, self.layouts):
-            if p.dtype != dtype or p.shape != shape or p.device != dev:
-                raise RuntimeError(
-                    "a parameter changed dtype, shape or device after the optimizer first "
-                    f"stepped it ({dtype}, {tuple(shape)}, {dev} -> {p.dtype}, {tuple(p.shape)}, "
-                    f"{p.device}); the optimizer's state follows the parameter as it was: "
-                    "build a new optimizer, or convert the model before building it"
-                )
-            if not _same_order(shape, p.stride(), stride):
-                raise RuntimeError(
-                    "a parameter changed memory format after the optimizer first stepped it "
-                    f"(strides {stride} -> {p.stride()}, e.g. model.to(memory_format=...)); "
-                    "convert the model before building the optimizer"
-                )
         staged: dict[int, Tensor] = {}
         table = []
         for i, (p, g) in enumerate(zip(params, grads)):
             address = 0
             if g is not None:
-                if _same_order(p.shape, g.stride(), p.stride()):
+                if same_order(p.shape, g.stride(), p.stride()):
                     address = g.data_ptr()
                 else:  # staged into a buffer laid out like the parameter
                     stage = self.staged.get(i)

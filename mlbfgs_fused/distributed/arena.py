@@ -145,28 +145,38 @@ class ShardArena(Arena):
             torch._foreach_copy_(dst, src)
 
     # -- optimizer.state ----------------------------------------------------------
-    def adopt(self, state: dict) -> None:
-        """As :meth:`Arena.adopt`, with ``state[p]`` holding the flat state of ``p``'s
-        owned elements (the rank's shard: one range of the local vector, as all the
-        pieces of a parameter are adjacent there)."""
-        lay = self.layout
-        spans: dict[int, list[int]] = {}  # parameter -> pieces
+    def _pieces_by_param(self) -> list[list[int]]:
+        spans: dict[int, list[int]] = {}  # parameter -> its pieces, adjacent in the local vector
         for i, p in enumerate(self.params):
             spans.setdefault(id(p), []).append(i)
+        return list(spans.values())
+
+    def _range(self, pieces: list[int]) -> slice:
+        lay = self.layout
+        return slice(lay.param_offsets[pieces[0]], lay.param_offsets[pieces[-1]] + lay.piece_numel(pieces[-1]))
+
+    def fill(self, state: dict) -> None:
+        """As :meth:`Arena.fill`, with ``state[p]`` holding the flat state of ``p``'s
+        owned elements (the rank's shard: one range of the local vector, as all the
+        pieces of a parameter are adjacent there)."""
         owners = self.blocks_by_param()
         with torch.no_grad():
-            for pieces in spans.values():
-                p = self.params[pieces[0]]
-                lo = lay.param_offsets[pieces[0]]
-                hi = lay.param_offsets[pieces[-1]] + lay.piece_numel(pieces[-1])
-                p_state = state[p]
+            for pieces in self._pieces_by_param():
+                p_state = state[self.params[pieces[0]]]
                 for key in PARAM_STATE_KEYS:
-                    view = self.flat_state[key][lo:hi]
+                    view = self.flat_state[key][self._range(pieces)]
                     if key in p_state:
                         _copy_checked(view, p_state[key], key)
                     elif key == "param_ema":
                         for i in pieces:  # the EMA of the parameters starts at the parameters
                             self.param_view(self.flat_state[key], i).copy_(self.local_param(i))
-                    p_state[key] = view
                 blocks = [b for i in pieces for b in owners.get(i, [])]
-                self._adopt_blocks(p_state, blocks)
+                self._copy_blocks(p_state.get("blocks"), blocks, None)
+
+    def bind(self, state: dict) -> None:
+        owners = self.blocks_by_param()
+        for pieces in self._pieces_by_param():
+            p_state = state[self.params[pieces[0]]]
+            for key in PARAM_STATE_KEYS:
+                p_state[key] = self.flat_state[key][self._range(pieces)]
+            self._point_blocks(p_state, [b for i in pieces for b in owners.get(i, [])])

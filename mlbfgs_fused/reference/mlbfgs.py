@@ -12,7 +12,8 @@ The step, per group, ``t`` the number of finite steps taken so far plus one
 
 ``variant="paper"`` (the default, Niu et al., TMLR 2023):
 
-1. ``g = grad + weight_decay * theta``, negated under ``maximize``; entries
+1. ``g = grad`` (``-grad`` under ``maximize``), then ``g = g + weight_decay * theta``:
+   torch's order, so weight decay pulls toward zero when maximising too; entries
    whose parameter has no gradient count as 0 and none of them is written.
 2. A non-finite ``g`` in ANY group of the optimizer (or ``GradScaler``'s
    ``found_inf != 0``) skips the whole step: only ``skipped_steps`` changes
@@ -36,7 +37,7 @@ The step, per group, ``t`` the number of finite steps taken so far plus one
 ``variant="released"``: the authors' released code (``BlockSlimQN``, "Block-wise
 SLIM-QN"), checked line by line against it. Per step, in this order:
 
-1. and 2. as above (``g = grad + weight_decay * theta``: the released code adds
+1. and 2. as above (``g = ±grad + weight_decay * theta``: the released code adds
    ``weight_decay * grad`` to the gradient it averages, a typo that is NOT
    reproduced; its direction already uses ``weight_decay * theta``).
 3. EMAs with the parameters before the update and WITHOUT the ``(1 - beta)``
@@ -133,14 +134,15 @@ class ReferenceGroup:
         return r
 
     def effective_gradient(self, grad: torch.Tensor, has_grad: torch.Tensor | None = None) -> torch.Tensor:
-        """Step 1: ``g = grad + weight_decay * theta`` (negated under ``maximize``), 0 where
-        ``has_grad`` (a bool mask of entries whose parameter has a gradient) is False."""
+        """Step 1: ``g = grad`` (``-grad`` under ``maximize``) ``+ weight_decay * theta``, 0
+        where ``has_grad`` (a bool mask of entries whose parameter has a gradient) is False."""
         h = self.h
         if has_grad is None:
             has_grad = torch.ones_like(self.theta, dtype=torch.bool)
-        g = grad.to(self.theta.dtype) + h["weight_decay"] * self.theta
+        g = grad.to(self.theta.dtype)
         if h["maximize"]:
             g = -g
+        g = g + h["weight_decay"] * self.theta
         return torch.where(has_grad, g, torch.zeros_like(g))
 
     def step(self, grad: torch.Tensor, has_grad: torch.Tensor | None = None, *, skip: bool = False) -> None:
