@@ -1,7 +1,6 @@
-// The (parameter, history) dtype pairs the kernels take, on every device: a history
-// as wide as the parameters, a 16-bit one with float32 or 16-bit parameters, or float32
-// with 16-bit or float64 parameters. Fewer pairs than all sixteen keep the build short;
-// mlbfgs_fused/backends/native.py NARROW_HISTORY lists the same pairs.
+// The (parameter, history) dtype pairs the kernels take, on every device: every pair of
+// float64, float32, bfloat16 and float16 but a float64 history under narrower parameters
+// (mlbfgs_fused/_checks.py HISTORY_DTYPES and check_parameters refuse those first).
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -27,6 +26,8 @@ void dispatch_types(c10::ScalarType param, c10::ScalarType history, const char* 
   if (param == S::Float && history == S::Half) return f(Type<float>{}, Type<Half>{});
   if (param == S::Double && history == S::Double) return f(Type<double>{}, Type<double>{});
   if (param == S::Double && history == S::Float) return f(Type<double>{}, Type<float>{});
+  if (param == S::Double && history == S::BFloat16) return f(Type<double>{}, Type<BFloat16>{});
+  if (param == S::Double && history == S::Half) return f(Type<double>{}, Type<Half>{});
   if (param == S::BFloat16 && history == S::BFloat16) return f(Type<BFloat16>{}, Type<BFloat16>{});
   if (param == S::BFloat16 && history == S::Float) return f(Type<BFloat16>{}, Type<float>{});
   if (param == S::Half && history == S::Half) return f(Type<Half>{}, Type<Half>{});

@@ -76,6 +76,15 @@ def lerp(a, b, w):
 
 
 @triton.jit
+def to_storage(x, DTYPE: tl.constexpr):
+    """``x`` rounded to a storage dtype; a 16-bit one through float32, as torch and the C++
+    kernels round float64 to it (and as Triton converts)."""
+    if DTYPE.primitive_bitwidth < 32:
+        x = x.to(tl.float32)
+    return x.to(DTYPE)
+
+
+@triton.jit
 def is_finite(x):
     return (x == x) & (tl.abs(x) != float("inf"))
 

@@ -18,8 +18,9 @@ step (every ``T`` steps) adds ``4 E + 2 H`` (P, G, P0, G0, the newest pair) and
 ``E`` (theta). Tiles of a parameter without a gradient read nothing.
 
 Output: ``dot_partials[w] = (S g [m], Y g [m], g.g)`` and, when a pair forms,
-``pair_partials[w] = (s.s, s.y, y.y)``, float64, summed per tile in the
-arena's compute type (float32 for 16-bit parameters), ``g.g`` in float64.
+``pair_partials[w] = (s.s, s.y, y.y)`` and ``g.g`` from float64 products (so no finite
+entries overflow them); the ring dots are summed per tile in the arena's compute type
+(float32 for 16-bit parameters), then in float64.
 """
 
 from __future__ import annotations
@@ -114,9 +115,10 @@ def gradient_dots_kernel(
                 tl.load(hist_y_ptr + newest + start + lane, mask=inside, other=0.0).to(CDT),
                 r,
             )
-            acc_ss += tl.sum(s * s, axis=0).to(tl.float64)
-            acc_sy += tl.sum(s * y, axis=0).to(tl.float64)
-            acc_yy += tl.sum(y * y, axis=0).to(tl.float64)
+            s, y = s.to(tl.float64), y.to(tl.float64)  # float64 products: no overflow on finite data
+            acc_ss += tl.sum(s * s, axis=0)
+            acc_sy += tl.sum(s * y, axis=0)
+            acc_yy += tl.sum(y * y, axis=0)
 
     out = dot_partials_ptr + w * (2 * M + 1)
     tl.store(out + j, acc_s, mask=j < M)

@@ -52,6 +52,7 @@ from .common import (
     pair_candidate,
     sum_rows,
     tile_geometry,
+    to_storage,
     traceable,
     user_tensor,
     worker_geometry,
@@ -120,8 +121,8 @@ def push_kernel(
                 tl.load(hist_y_ptr + newest + start + lane, mask=inside, other=0.0).to(CDT),
                 r,
             )
-            s_row = s.to(hist_s_ptr.dtype.element_ty)
-            yhat_row = lerp(s, y, phi).to(hist_y_ptr.dtype.element_ty)
+            s_row = to_storage(s, hist_s_ptr.dtype.element_ty)
+            yhat_row = to_storage(lerp(s, y, phi), hist_y_ptr.dtype.element_ty)
             ring = ring_origin + slot * ring_stride + start
             tl.store(hist_s_ptr + ring + lane, s_row, mask=inside)
             tl.store(hist_y_ptr + ring + lane, yhat_row, mask=inside)

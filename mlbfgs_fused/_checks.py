@@ -14,6 +14,10 @@ from torch import Tensor
 
 from ._state.layout import validate_blocks_spec
 
+# The storage dtypes of parameters and history rings every backend takes, in any pair
+# but a float64 ring under narrower parameters (docs/design.md, "Half precision").
+HISTORY_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
 # "paper": the math of Niu et al. (docs/design.md); "released": the authors' released code's
 # averaging and pair timing (see MLBFGS's docstring).
 VARIANTS = ("paper", "released")
@@ -81,16 +85,54 @@ def validate_hyperparameters(group: dict) -> None:
     if group["differentiable"]:
         raise RuntimeError("MLBFGS does not support `differentiable`")
     history_dtype = group["history_dtype"]
-    if history_dtype is not None and not (
-        isinstance(history_dtype, torch.dtype) and history_dtype.is_floating_point
-    ):
-        raise ValueError(f"Invalid history_dtype: {history_dtype}")
+    if history_dtype is not None and history_dtype not in HISTORY_DTYPES:
+        raise ValueError(
+            f"Invalid history_dtype: {history_dtype} (expected None, the parameters' dtype, "
+            f"or one of {list(HISTORY_DTYPES)})"
+        )
     validate_blocks_spec(group["blocks"])
-    for p in group.get("params", []):
+    check_parameters(group.get("params", []), history_dtype)
+
+
+# torch's own error for an in-place write to a tensor whose elements share memory.
+_OVERLAP = (
+    "unsupported operation: more than one element of the written-to tensor refers to a "
+    "single memory location. Please clone() the tensor before performing the operation."
+)
+
+
+def check_parameters(params, history_dtype: torch.dtype | None = None) -> None:
+    """Raise for a parameter MLBFGS cannot step: not one of the floating dtypes it takes,
+    one whose history would be stored wider than float32 arithmetic carries, or one
+    whose elements share memory (an ``expand``-ed tensor), which no in-place write may
+    touch. Checked at construction and whenever a parameter's layout changes."""
+    for p in params:
         if not (p.is_floating_point() or p.is_complex()):
             raise ValueError(f"MLBFGS can only optimize floating point Tensors, got {p.dtype}")
         if p.is_complex():
             raise ValueError("MLBFGS does not support complex parameters")
+        if p.dtype not in HISTORY_DTYPES:
+            raise ValueError(f"MLBFGS optimizes parameters of dtypes {list(HISTORY_DTYPES)}, got {p.dtype}")
+        if history_dtype == torch.float64 and p.dtype != torch.float64:
+            raise ValueError(
+                f"Invalid history_dtype: {history_dtype} for {p.dtype} parameters (their "
+                "arithmetic runs in float32: a float64 history would store nothing more)"
+            )
+        if p.device.type != "meta" and torch._debug_has_internal_overlap(p) == 1:
+            raise RuntimeError(f"MLBFGS: a parameter of shape {tuple(p.shape)} with strides {p.stride()}: {_OVERLAP}")
+
+
+def check_unique(params, index: int) -> None:
+    """A parameter listed twice in one group would own two states: refuse it, saying so."""
+    seen: dict[int, int] = {}
+    for position, p in enumerate(params):
+        if id(p) in seen:
+            raise ValueError(
+                f"parameter group {index} lists the same parameter twice (positions "
+                f"{seen[id(p)]} and {position}); MLBFGS keeps one state per parameter: list "
+                "each parameter once"
+            )
+        seen[id(p)] = position
 
 
 def blocks_as_indices(
@@ -134,6 +176,9 @@ def blocks_as_indices(
 
 
 def check_gradients(group: dict) -> None:
+    """Raise for a gradient no backend reads correctly: sparse, complex, or not of its
+    parameter's shape, dtype or device (autograd never makes one; ``p.grad.data = ...``
+    can)."""
     for p in group["params"]:
         grad = p.grad
         if grad is None:
@@ -145,4 +190,15 @@ def check_gradients(group: dict) -> None:
         if grad.shape != p.shape:
             raise RuntimeError(
                 f"gradient has shape {tuple(grad.shape)} but the parameter has shape {tuple(p.shape)}"
+            )
+        if grad.dtype != p.dtype:
+            raise RuntimeError(
+                f"assigned grad has data of a different type ({grad.dtype}) than its parameter "
+                f"({p.dtype}); MLBFGS reads a gradient in its parameter's dtype: assign "
+                "p.grad = p.grad.to(p.dtype)"
+            )
+        if grad.device != p.device:
+            raise RuntimeError(
+                f"assigned grad has data located on a different device ({grad.device}) than "
+                f"its parameter ({p.device}); move it with p.grad = p.grad.to(p.device)"
             )

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends
-from ._checks import blocks_as_indices, validate_hyperparameters
+from ._checks import blocks_as_indices, check_parameters, check_unique, validate_hyperparameters
 from ._state.arena import BLOCK_STATE_KEYS, Arena, same_order
 from ._state.layout import arena_layout
 
@@ -155,17 +155,16 @@ class MLBFGS(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
+            check_unique(group["params"], len(self.param_groups) - 1)
             if isinstance(group["blocks"], (list, tuple)):
                 group["blocks"] = blocks_as_indices(
                     group["blocks"], group["params"], explicit_blocks, group.get("param_names")
                 )
             _validate_group(group)
-            backend = backends.select(group)
             if self._partition is not None:
-                self._partition.check_group(group, backend)
-            if backend.fused:
-                backends.check_fused_supported(group["params"], backend)
-            backend.module  # imported now: a step compiled with fullgraph=True cannot import
+                self._partition.check_group(group)
+            if not group["fused"]:  # fused=True is checked when the step runs, as torch does
+                backends.select(group).module  # imported now: a step compiled with fullgraph=True cannot import
         except BaseException:
             self.param_groups.pop()  # a bad group leaves no trace
             raise
@@ -249,7 +248,11 @@ class MLBFGS(Optimizer):
         amp = self._amp_scaling()
         # Everything that can raise happens before the first write, so a bad
         # gradient in a later group cannot leave an earlier one updated.
-        selected = [backends.select(group).module for group in self.param_groups]
+        selected = []
+        for group in self.param_groups:
+            backend = backends.select(group)
+            backends.check_devices(group["params"], backend)
+            selected.append(backend.module)
         if self._partition is not None:
             selected = [self._partition.step_backend] * len(selected)
         for group, backend in zip(self.param_groups, selected):
@@ -313,6 +316,7 @@ class MLBFGS(Optimizer):
         stepped = cached is not None and cached[0].ids == key.ids  # the same parameters, changed
         if stepped:
             _check_unchanged_structure(index, group, cached[0], key, self._partition is not None)
+        check_parameters(params, group["history_dtype"])  # after model.to(...) or p.data = ...
         by_kind: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             by_kind.setdefault((p.device, p.dtype), []).append(i)

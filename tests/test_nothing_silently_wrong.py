@@ -141,3 +141,188 @@ def _assert_state_dicts_equal(a: dict, b: dict) -> None:
                         assert torch.equal(block_a[k], block_b[k]), (pid, k)
             else:
                 assert torch.equal(value, b["state"][pid][key]), (pid, key)
+
+
+# -- 3. a gradient of another dtype or device ----------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_gradient_of_another_dtype_raises_and_changes_nothing(backend):
+    device = backend_device(backend)
+    p = Parameter(torch.randn(40, device=device))
+    opt = MLBFGS([p], backend=backend, **FAST)
+    for _ in range(3):
+        p.grad = torch.randn(40, device=device)
+        opt.step()
+    before, theta = copy.deepcopy(opt.state_dict()), p.detach().clone()
+    p.grad.data = torch.randn(40, dtype=torch.float64, device=device)  # autograd never makes this
+    with pytest.raises(RuntimeError, match="assigned grad has data of a different type"):
+        opt.step()
+    assert torch.equal(p.detach(), theta)
+    _assert_state_dicts_equal(opt.state_dict(), before)
+
+
+# -- 4. huge finite gradients --------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_finite_float32_gradients_step_as_in_float64(backend):
+    """Gradients of 1e20 square to 1e40, past float32's range: the finiteness probe and
+    the pair's sums take float64 products, so no step is skipped and the float32 run
+    follows the float64 one."""
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(5)
+    init = torch.randn(300, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(300, generator=gen, dtype=torch.float64) * 1e20 for _ in range(10)]
+    results = {}
+    for dtype in (torch.float64, torch.float32):
+        p = Parameter(init.to(device, dtype, copy=True))
+        opt = MLBFGS([p], backend=backend if dtype == torch.float32 else "foreach", **FAST)
+        for g in grads:
+            p.grad = g.to(device, dtype)
+            opt.step()
+        block = opt.state[p]["blocks"][0]
+        assert block["skipped_steps"].item() == 0 and block["pair_count"].item() == 4
+        results[dtype] = p.detach().double().cpu()
+    error = (results[torch.float32] - results[torch.float64]).norm() / results[torch.float64].norm()
+    assert error < 1e-5
+
+
+# -- 5. storage dtypes of the history -------------------------------------------------------
+def test_history_dtypes_no_backend_stores_are_refused_at_construction():
+    p = Parameter(torch.randn(4))
+    with pytest.raises(ValueError, match="Invalid history_dtype: torch.float8_e4m3fn"):
+        MLBFGS([p], history_dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="Invalid history_dtype: torch.float64 for torch.float32 parameters"):
+        MLBFGS([p], history_dtype=torch.float64)
+
+
+_HISTORY_PAIRS = [
+    (torch.float64, torch.bfloat16, 2e-2),
+    (torch.float64, torch.float16, 5e-3),
+    (torch.float64, torch.float32, 1e-5),
+    (torch.float32, torch.bfloat16, 2e-2),
+]
+
+
+@pytest.mark.parametrize("param_dtype, history_dtype, tolerance", _HISTORY_PAIRS, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_takes_every_history_dtype_pair(backend, param_dtype, history_dtype, tolerance):
+    """Every backend stores the history in each dtype the optimizer accepts (float64
+    parameters with a 16-bit history included), close to the float64 run."""
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(7)
+    init = torch.randn(50, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(50, generator=gen, dtype=torch.float64) for _ in range(9)]
+    results = []
+    for kwargs in (dict(backend="foreach"), dict(backend=backend, history_dtype=history_dtype)):
+        dtype = torch.float64 if kwargs["backend"] == "foreach" and len(kwargs) == 1 else param_dtype
+        p = Parameter(init.to(device, dtype, copy=True))
+        opt = MLBFGS([p], **FAST, **kwargs)
+        for g in grads:
+            p.grad = (g + p.detach().double().cpu().to(device)).to(dtype)  # a quadratic pull
+            opt.step()
+        assert opt.state[p]["blocks"][0]["history_s"].dtype == kwargs.get("history_dtype", dtype)
+        results.append(p.detach().double().cpu())
+    assert (results[1] - results[0]).norm() / results[0].norm() < tolerance
+
+
+# -- 7. parameters whose elements share memory ---------------------------------------------
+def test_an_expanded_parameter_is_refused_at_construction():
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        MLBFGS([Parameter(torch.randn(3, 1).expand(3, 4))])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_parameter_expanded_after_stepping_raises_before_anything_is_written(backend):
+    device = backend_device(backend)
+    p, q = Parameter(torch.randn(3, 4, device=device)), Parameter(torch.randn(5, device=device))
+    opt = MLBFGS([p, q], backend=backend, **FAST)
+    for _ in range(3):
+        p.grad, q.grad = torch.randn(3, 4, device=device), torch.randn(5, device=device)
+        opt.step()
+    before, q_before = copy.deepcopy(opt.state_dict()), q.detach().clone()
+    p.data = torch.randn(3, 1, device=device).expand(3, 4)
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        opt.step()
+    assert torch.equal(q.detach(), q_before)
+    _assert_state_dicts_equal(opt.state_dict(), before)
+
+
+# -- 12. fused=True on meta parameters, as torch's fused optimizers take them ---------------
+def test_fused_optimizer_of_meta_parameters_is_built_then_steps_after_to_empty():
+    with torch.device("meta"):
+        model = torch.nn.Linear(4, 3)
+    opt = MLBFGS(model.parameters(), fused=True, lr=0.1, update_period=50)
+    model.weight.grad = torch.empty_like(model.weight)
+    with pytest.raises(RuntimeError, match=r"supported devices: \['cpu', 'cuda'\] but torch.float32 and meta"):
+        opt.step()
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)  # the optimizer's parameters stay the model's
+    try:
+        model.to_empty(device="cpu")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    torch.nn.init.normal_(model.weight)
+    torch.nn.init.normal_(model.bias)
+    twin = copy.deepcopy(model)
+    sgd = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(8, 4)
+    for m, o in ((model, opt), (twin, sgd)):
+        o.zero_grad()
+        m(x).pow(2).sum().backward()
+        o.step()
+    assert opt.state[model.weight]["momentum_buffer"].device.type == "cpu"
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+# -- 8, 15. structural changes after stepping; errors that say what the user did -------------
+def test_a_parameter_listed_twice_in_a_group_is_refused_naming_it():
+    p, q = Parameter(torch.randn(2)), Parameter(torch.randn(3))
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"lists the same parameter twice \(positions 0 and 2\)"):
+        MLBFGS([p, q, p])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (("history_size", 3), "history_size of parameter group 0 changed from 2 to 3"),
+        (("blocks", "tensor"), "blocks of parameter group 0 changed from 'group' to 'tensor'"),
+        (("history_dtype", torch.bfloat16), "history_dtype of parameter group 0 changed from None to torch.bfloat16"),
+    ],
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_structural_change_after_stepping_raises_then_reverting_it_resumes_exactly(backend, change, message):
+    """The error names the setting and what to do; nothing changes, so once the setting
+    is restored the live run and a checkpoint of it stay the same."""
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(11)
+    params = [Parameter(torch.randn(6, 5, generator=gen).to(device)), Parameter(torch.randn(5, generator=gen).to(device))]
+    opt = MLBFGS(params, backend=backend, **FAST)
+    grads = [[torch.randn(p.shape, generator=gen).to(device) for p in params] for _ in range(12)]
+
+    def step(i):
+        for p, g in zip(params, grads[i]):
+            p.grad = g + p.detach()
+        opt.step()
+
+    for i in range(5):
+        step(i)
+    key, value = change
+    saved_value = opt.param_groups[0][key]
+    opt.param_groups[0][key] = value
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(RuntimeError, match=message):
+        step(5)
+    opt.param_groups[0][key] = saved_value
+    after = opt.state_dict()
+    after["param_groups"][0][key] = value  # as saved before the revert
+    _assert_state_dicts_equal(after, before)
+    checkpoint = copy.deepcopy(opt.state_dict())
+    resumed_params = [Parameter(p.detach().clone()) for p in params]
+    resumed = MLBFGS(resumed_params, backend=backend, **FAST)
+    resumed.load_state_dict(checkpoint)
+    for i in range(6, 10):
+        step(i)
+        for p, g in zip(resumed_params, grads[i]):
+            p.grad = g + p.detach()
+        resumed.step()
+    for p, q in zip(params, resumed_params):
+        assert torch.equal(p, q)

@@ -64,6 +64,7 @@ class Arena:
         self.counter_probe = None  # the foreach backend's host-side view of the step counter
         self._work = None
         self._grad_flat = None
+        self._wide = None
 
     @property
     def grad_flat(self) -> Tensor:
@@ -71,6 +72,14 @@ class Arena:
         if self._grad_flat is None:
             self._grad_flat = torch.zeros(self.layout.numel, dtype=self.dtype, device=self.device)
         return self._grad_flat
+
+    @property
+    def wide(self) -> Tensor:
+        """The foreach backend's ``[2, chunk]`` float64 scratch for dots accumulated in
+        float64, allocated on first use."""
+        if self._wide is None:
+            self._wide = torch.zeros(2, min(self.layout.numel, 1 << 16), dtype=torch.float64, device=self.device)
+        return self._wide
 
     @property
     def work(self) -> Tensor:

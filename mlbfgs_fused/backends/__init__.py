@@ -113,24 +113,20 @@ def get(name: str) -> Backend:
         raise ValueError(f"Invalid backend: {name!r} (expected one of {names()})") from None
 
 
-def check_fused_supported(params, backend: Backend) -> None:
-    """Raise PyTorch's error for ``fused=True`` on parameters the backend cannot take."""
-    devices = backend.supported_devices()
-    for p in params:
-        if not (p.device.type in devices and torch.is_floating_point(p)):
-            raise RuntimeError(
-                "`fused=True` requires all the params to be floating point Tensors of "
-                f"supported devices: {devices} but {p.dtype} and {p.device.type}"
-            )
-    if not backend.available():
-        raise RuntimeError(f"`fused=True` needs the {backend.name} backend, which is not available here")
-
-
 def select(group: dict) -> Backend:
     """The backend that steps ``group``: ``backend=`` when named, else from
     ``fused``/``foreach`` as ``torch.optim`` decides (``_default_to_fused_or_foreach``)."""
     if group["backend"] is not None:
-        return get(group["backend"])
+        backend = get(group["backend"])
+        if not backend.available():
+            reason = getattr(backend.module, "unavailable_reason", lambda: None)()
+            usable = [name for name, b in REGISTRY.items() if b.available()]
+            raise RuntimeError(
+                f"backend={backend.name!r} is not available here"
+                + (f" ({reason})" if reason else "")
+                + f"; the available backends are {usable}"
+            )
+        return backend
     params = group["params"]
     if group["fused"]:
         return _fused_for(params)
@@ -145,6 +141,17 @@ def select(group: dict) -> Backend:
     return REGISTRY["foreach"]
 
 
+def check_devices(params, backend: Backend) -> None:
+    """Raise unless every parameter lives on a device type the backend's kernels take."""
+    devices = backend.supported_devices()
+    for p in params:
+        if p.device.type not in devices:
+            raise RuntimeError(
+                f"the {backend.name!r} backend takes tensors on {devices}, got a parameter on "
+                f"{p.device}; move the model or choose another backend"
+            )
+
+
 def _device_type(params) -> str | None:
     """The device type every parameter shares, or None."""
     kinds = {"cuda" if p.is_cuda else getattr(getattr(p, "device", None), "type", "cpu") for p in params}
@@ -152,14 +159,30 @@ def _device_type(params) -> str | None:
 
 
 def _fused_for(params) -> Backend:
-    """``fused=True``: the first available fused backend for the parameters' device."""
+    """``fused=True``: the first available fused backend for the parameters' device,
+    or PyTorch's error naming the device types a fused backend takes (checked when the
+    step runs, as torch checks it, so an optimizer of meta parameters is built before
+    ``model.to_empty(...)``)."""
+    devices = list(FUSED_PREFERENCE)
+    for p in params:
+        device = "cuda" if p.is_cuda else p.device.type
+        if not (device in devices and torch.is_floating_point(p)):
+            raise RuntimeError(
+                "`fused=True` requires all the params to be floating point Tensors of "
+                f"supported devices: {devices} but {p.dtype} and {p.device.type}"
+            )
     device = _device_type(params)
-    preferred = [REGISTRY[name] for name in FUSED_PREFERENCE.get(device, ())]
-    for backend in preferred:
+    if device is None:
+        raise RuntimeError(
+            "`fused=True` requires the params of a parameter group to be on one device type, "
+            f"got {sorted({p.device.type for p in params})}; use foreach=True or separate groups"
+        )
+    for name in FUSED_PREFERENCE[device]:
+        backend = REGISTRY[name]
         if backend.available() and device in backend.supported_devices():
             return backend
-    # Its check raises PyTorch's error naming the supported devices.
-    return preferred[0] if preferred else REGISTRY["triton"]
+    names = " or ".join(repr(n) for n in FUSED_PREFERENCE[device])
+    raise RuntimeError(f"`fused=True` on {device} needs the {names} backend, which is not available here")
 
 
 @functools.cache

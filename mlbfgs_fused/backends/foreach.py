@@ -175,7 +175,7 @@ def _gradient_dots(arena: Arena) -> tuple[Tensor, Tensor, Tensor]:
         S, Y = _rings(arena, b)
         Sg[b] = _ring_dots(S, g_b)
         Yg[b] = _ring_dots(Y, g_b)
-        gg[b] = _dot(g_b, g_b)
+        gg[b] = _dot(g_b, g_b, arena.wide)
     arena.block_sum(dots)
     return Sg, Yg, gg
 
@@ -296,7 +296,7 @@ def push_pairs(arena: Arena, group: dict, ok: Tensor, t: Tensor | None = None) -
         for x, R in ((s, S), (y, Y)):
             x.mul_((1 - r_eff).to(arena.dtype))
             _add_ring_combination(x, R, newest)
-        sums[b, 0], sums[b, 1] = _dot(s, y), _dot(s, s)
+        sums[b, 0], sums[b, 1] = _dot(s, y, arena.wide), _dot(s, s, arena.wide)
     s_dot_y, s_dot_s = arena.block_sum(sums).unbind(1)
     phi = damping_factor(s_dot_y, s_dot_s, group["sigma_low"], group["sigma_high"], group["damping"], eps)
     curvature = torch.empty(B, dtype=torch.float64, device=arena.device)
@@ -304,7 +304,7 @@ def push_pairs(arena: Arena, group: dict, ok: Tensor, t: Tensor | None = None) -
         sl = arena.block_slice(b)
         s, y = s_all[sl], y_all[sl]
         torch.lerp(s, y, phi[b].to(arena.dtype), out=y)  # y <- yhat = phi y + (1 - phi) s
-        curvature[b] = _dot(s, y)
+        curvature[b] = _dot(s, y, arena.wide)
     curvature = arena.block_sum(curvature)
     accept = forms_pair & torch.isfinite(curvature) & (curvature > eps)
 
@@ -407,6 +407,9 @@ def _rings(arena: Arena, b: int) -> tuple[Tensor, Tensor]:
 
 
 # Note [reductions in float32 or wider]
+# The single dots (g.g, which is also the step's finiteness probe, and a pair's s.s,
+# s.y, s.yhat) accumulate float64 products for every dtype (:func:`_dot`), as the
+# fused backends do, so a finite gradient is never taken for a non-finite one.
 # Float32 and float64 vectors meet rings of their own dtype in one BLAS call each.
 # Anything narrower (float16/bfloat16 parameters, or a ring stored narrower than the
 # parameters) goes through the helpers below in column chunks of _CHUNK elements,
@@ -429,13 +432,18 @@ def _chunks(n: int):
         yield slice(lo, min(n, lo + _CHUNK))
 
 
-def _dot(x: Tensor, y: Tensor) -> Tensor:
-    """``x.y`` as a 0-dim float64 tensor."""
-    if x.dtype in (torch.float32, torch.float64):
-        return x.dot(y).double()
+def _dot(x: Tensor, y: Tensor, wide: Tensor) -> Tensor:
+    """``x.y`` as a 0-dim float64 tensor, accumulated in float64 from float64 products
+    (float32 products of finite entries above about 1e19 would overflow): through the
+    ``[2, _CHUNK]`` float64 scratch ``wide``, no allocation."""
+    if x.dtype == torch.float64:
+        return x.dot(y)
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     for ch in _chunks(x.numel()):
-        total += x[ch].float().dot(y[ch].float()).double()
+        n = ch.stop - ch.start
+        a = wide[0, :n].copy_(x[ch])
+        b = a if y is x else wide[1, :n].copy_(y[ch])
+        total += a.dot(b)
     return total
 
 

@@ -35,16 +35,6 @@ UPDATE_PAPER, UPDATE_RELEASED, UPDATE_RELEASED_AVERAGES, UPDATE_RELEASED_AFTER_P
 
 _grad_of = attrgetter("grad")
 
-# History dtypes other than the parameters' own that the kernels take (csrc/cpu/passes.cpp,
-# dispatch_types).
-NARROW_HISTORY = {
-    torch.float32: (torch.bfloat16, torch.float16),
-    torch.float64: (torch.float32,),
-    torch.bfloat16: (torch.float32, torch.float16),
-    torch.float16: (torch.float32, torch.bfloat16),
-}
-
-
 @functools.cache
 def load_error() -> str | None:
     """Why the C++ ops are not loaded, or None when they are. Ops already registered
@@ -122,17 +112,6 @@ class NativeBackend:
                 f"variant={group['variant']!r} is not implemented on the {self.name!r} backend; "
                 "use backend='foreach'"
             )
-        history = group["history_dtype"]
-        for p in group["params"]:
-            if history is not None and history != p.dtype and history not in NARROW_HISTORY[p.dtype]:
-                raise RuntimeError(
-                    f"the {self.name!r} backend does not take history_dtype={history} with "
-                    f"{p.dtype} parameters (it takes {p.dtype} or one of {NARROW_HISTORY[p.dtype]})"
-                )
-            if p.device.type != self.device:
-                raise RuntimeError(
-                    f"the {self.name!r} backend takes {self.device} tensors, got {p.device}"
-                )
 
     def prepare(self, arenas: list[Arena], group: dict) -> bool:
         plan = getattr(arenas[0], "native", None)

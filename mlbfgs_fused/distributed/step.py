@@ -41,12 +41,13 @@ class Partition:
         self.world_size = dist.get_world_size(process_group)
         self.step_backend = DistributedStep(self)
 
-    def check_group(self, group: dict, backend: backends.Backend) -> None:
+    def check_group(self, group: dict) -> None:
         """Raise for what a distributed optimizer cannot step yet."""
-        if backend.name != "foreach" and (group["fused"] or group["backend"] is not None):
+        if group["fused"] or group["backend"] not in (None, "foreach"):
+            asked = group["backend"] or "a fused"
             raise NotImplementedError(
                 f"MLBFGS(distributed={self.mode!r}) runs on the foreach backend only "
-                f"(backend='foreach' or fused=None/False); the {backend.name} backend was asked for"
+                f"(backend='foreach' or fused=None/False); the {asked} backend was asked for"
             )
         if group["capturable"]:
             raise NotImplementedError(f"MLBFGS(distributed={self.mode!r}) does not support capturable=True yet")
