@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 
 from . import backends
 from ._checks import blocks_as_indices, check_parameters, check_unique, validate_hyperparameters
-from ._state.arena import BLOCK_STATE_KEYS, Arena, same_order
+from ._state.arena import BLOCK_STATE_KEYS, PARAM_STATE_KEYS, Arena, same_order
 from ._state.layout import arena_layout
 
 __all__ = ["MLBFGS"]
@@ -210,6 +210,8 @@ class MLBFGS(Optimizer):
         # with the hooks run here instead, around the block state too.
         pre_hooks = self._optimizer_load_state_dict_pre_hooks
         post_hooks = self._optimizer_load_state_dict_post_hooks
+        live_choices = [_backend_choice(group) for group in self.param_groups]
+        previous = (self.state, self.param_groups, self._arenas)
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         try:
@@ -217,17 +219,52 @@ class MLBFGS(Optimizer):
         finally:
             self._optimizer_load_state_dict_pre_hooks = pre_hooks
             self._optimizer_load_state_dict_post_hooks = post_hooks
-        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for pid, p in zip(saved_ids, params):
-            if pid in blocks:
-                self.state[p]["blocks"] = [
-                    {key: torch.as_tensor(block[key]).to(device=p.device) for key in BLOCK_STATE_KEYS}
-                    for block in blocks[pid]
-                ]
-        self._arenas = {}
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
+        # Anything that fails from here on puts the optimizer back as it was.
+        try:
+            saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+            params = [p for g in self.param_groups for p in g["params"]]
+            for pid, p in zip(saved_ids, params):
+                if pid in blocks:
+                    self.state[p]["blocks"] = [_loaded_block(block, p.device) for block in blocks[pid]]
+            for group, live in zip(self.param_groups, live_choices):
+                _keep_backend_choice(group, live)
+            self._arenas = {}
+            for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+                post_hook(self)
+            self._bind_loaded_state()
+        except BaseException:
+            self.state, self.param_groups, self._arenas = previous
+            raise
+
+    def _bind_loaded_state(self) -> None:
+        """Build the arenas of every group that loaded state now, not at the next step,
+        so that a checkpoint that is incomplete (a missing key, the curvature history
+        of a block), does not fit these parameters (shapes, block layout) or holds a
+        non-finite value is refused when it is loaded, with a clear error."""
+        for index, group in enumerate(self.param_groups):
+            params = group["params"]
+            loaded = [i for i, p in enumerate(params) if self.state.get(p)]
+            if not loaded:
+                continue  # nothing saved for this group: its state starts at its first step
+            if self._partition is None:
+                missing = [i for i in range(len(params)) if i not in loaded]
+                if missing:
+                    raise ValueError(
+                        f"loaded optimizer state has no entry for parameter {_param_label(group, missing[0])} "
+                        f"of group {index}, but has one for others of the group: the checkpoint "
+                        "is incomplete"
+                    )
+            for i in loaded:
+                _check_loaded_entries(self.state[params[i]], group, index, i)
+            self._init_group(index, group)
+            for arena in self._arenas[index][1]:
+                bad = arena.first_non_finite()
+                if bad is not None:
+                    raise ValueError(
+                        f"loaded optimizer state '{bad}' of group {index} holds non-finite values; "
+                        "every later step would be skipped. Load a checkpoint saved before the "
+                        "values went bad"
+                    )
 
     # -- the step ---------------------------------------------------------------
     # GradScaler.step hands its scale and inf checks over (``grad_scale``, ``found_inf``)
@@ -386,6 +423,47 @@ def _block_pieces(layout, group_indices: list[int], params: list[Tensor]) -> lis
                 pieces.append((i, max(lo, start) - start, min(hi, stop) - start))
         blocks.append(tuple(pieces))
     return blocks
+
+
+def _loaded_block(block, device: torch.device) -> dict:
+    """A saved block's state on ``device``, each key in its own dtype."""
+    missing = [key for key in BLOCK_STATE_KEYS if not (isinstance(block, dict) and key in block)]
+    if missing:
+        raise ValueError(f"loaded optimizer state has a block without {missing}: the checkpoint is incomplete")
+    return {key: torch.as_tensor(block[key]).to(device=device) for key in BLOCK_STATE_KEYS}
+
+
+def _check_loaded_entries(p_state: dict, group: dict, index: int, i: int) -> None:
+    """A loaded parameter's state holds every per-element key (none is made up)."""
+    missing = [key for key in PARAM_STATE_KEYS if key not in p_state]
+    if missing:
+        raise ValueError(
+            f"loaded optimizer state of parameter {_param_label(group, i)} of group {index} "
+            f"lacks {missing}: the checkpoint is incomplete"
+        )
+
+
+def _param_label(group: dict, i: int) -> str:
+    names = group.get("param_names")
+    return f"{i} ({names[i]!r})" if names else str(i)
+
+
+def _backend_choice(group: dict) -> tuple:
+    return group["backend"], group["fused"], group["foreach"]
+
+
+def _keep_backend_choice(group: dict, live: tuple) -> None:
+    """The backend is this process's choice, not the checkpoint's: a group keeps the
+    ``backend``/``fused``/``foreach`` it was built with unless they were left to their
+    defaults; then it takes the checkpoint's where that backend can run here, and the
+    default choice otherwise."""
+    if any(value is not None for value in live):
+        group["backend"], group["fused"], group["foreach"] = live
+        return
+    try:
+        backends.check_devices(group["params"], backends.select(group))
+    except RuntimeError:
+        group["backend"], group["fused"], group["foreach"] = live
 
 
 def _validate_group(group: dict) -> None:

@@ -303,8 +303,10 @@ def test_unavailable_extension_falls_back_with_one_warning(monkeypatch):
         assert backends.select(MLBFGS([p]).param_groups[0]).name == "foreach"
         assert backends.select(MLBFGS([p]).param_groups[0]).name == "foreach"
     assert len([w for w in record if "not available" in str(w.message)]) == 1
-    with pytest.raises(RuntimeError, match="needs the cpp backend"):
-        MLBFGS([p], fused=True)
+    opt = MLBFGS([p], fused=True)  # checked when the step runs, as torch checks fused=True
+    p.grad = torch.randn(3)
+    with pytest.raises(RuntimeError, match="`fused=True` on cpu needs the 'cpp' backend, which is not available"):
+        opt.step()
     backends._warn_unavailable.cache_clear()
 
 

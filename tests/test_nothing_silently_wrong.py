@@ -326,3 +326,181 @@ def test_a_structural_change_after_stepping_raises_then_reverting_it_resumes_exa
         resumed.step()
     for p, q in zip(params, resumed_params):
         assert torch.equal(p, q)
+
+
+# -- 6. incomplete or corrupt checkpoints are refused when they load ------------------------
+def _stepped(backend="foreach", steps=7, seed=0, **kwargs):
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(seed)
+    params = [Parameter(torch.randn(6, 5, generator=gen).to(device)), Parameter(torch.randn(5, generator=gen).to(device))]
+    opt = MLBFGS(params, backend=backend, blocks="tensor", **FAST, **kwargs)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(device) + p.detach()
+        opt.step()
+    return params, opt
+
+
+def _corrupt_missing_blocks(sd):
+    del sd["state"][0]["blocks"]
+
+
+def _corrupt_missing_key(sd):
+    del sd["state"][1]["grad_ema"]
+
+
+def _corrupt_nan_momentum(sd):
+    sd["state"][0]["momentum_buffer"][0, 0] = float("nan")
+
+
+def _corrupt_nan_history(sd):
+    sd["state"][1]["blocks"][0]["history_y"][1, 2] = float("inf")
+
+
+def _corrupt_nan_gram(sd):
+    sd["state"][0]["blocks"][0]["gram"][1, 0, 0] = float("nan")
+
+
+def _corrupt_history_shape(sd):
+    block = sd["state"][0]["blocks"][0]
+    block["history_s"] = block["history_s"][:, :-1]
+
+
+def _corrupt_one_parameter_without_state(sd):
+    del sd["state"][1]
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (_corrupt_missing_blocks, "lacks 'blocks'"),
+        (_corrupt_missing_key, r"lacks \['grad_ema'\]"),
+        (_corrupt_nan_momentum, "'momentum_buffer' of group 0 holds non-finite values"),
+        (_corrupt_nan_history, "'history_y' of group 0 holds non-finite values"),
+        (_corrupt_nan_gram, "'gram' of group 0 holds non-finite values"),
+        (_corrupt_history_shape, "loaded state 'history_s' has shape"),
+        (_corrupt_one_parameter_without_state, "no entry for parameter 1 of group 0"),
+    ],
+    ids=lambda x: getattr(x, "__name__", "")[len("_corrupt_"):] if callable(x) else None,
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bad_checkpoint_is_refused_when_it_loads_and_changes_nothing(backend, corrupt, message):
+    params, opt = _stepped(backend)
+    _, twin = _stepped(backend)
+    sd = copy.deepcopy(opt.state_dict())
+    corrupt(sd)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(sd)
+    _assert_state_dicts_equal(opt.state_dict(), before)
+    # ... and the optimizer goes on exactly as its twin that never saw the checkpoint
+    twin_params = [p for g in twin.param_groups for p in g["params"]]
+    for _ in range(3):
+        for p, q in zip(params, twin_params):
+            g = torch.randn(p.shape, generator=torch.Generator().manual_seed(9)).to(p.device)
+            p.grad, q.grad = g + p.detach(), g + q.detach()
+        opt.step()
+        twin.step()
+    for p, q in zip(params, twin_params):
+        assert torch.equal(p, q)
+
+
+# -- 9. the backend is the process's choice, not the checkpoint's --------------------------
+def test_an_explicit_backend_survives_loading_a_checkpoint_of_another():
+    _, source = _stepped("cpp")
+    params, target = _stepped("foreach", seed=1)
+    target.load_state_dict(source.state_dict())
+    assert target.param_groups[0]["backend"] == "foreach"
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    target.step()
+
+
+def test_a_checkpoint_naming_a_backend_unavailable_here_loads_into_a_default_optimizer():
+    """A checkpoint saved on a GPU machine names backend='cuda' (or 'triton'); on a
+    machine without one a default-built optimizer keeps its default choice and steps."""
+    _, source = _stepped("foreach")
+    sd = source.state_dict()
+    sd["param_groups"][0]["backend"] = "cuda"
+    params, target = _stepped("foreach", seed=1)
+    target.param_groups[0]["backend"] = None  # as built with the default choice
+    target.load_state_dict(sd)
+    assert target.param_groups[0]["backend"] is None
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    target.step()
+    assert target.state[params[0]]["blocks"][0]["step"].item() == 8
+
+
+def test_a_default_optimizer_takes_the_checkpoints_backend_where_it_runs():
+    _, source = _stepped("foreach")
+    params, target = _stepped("foreach", seed=1)
+    target.param_groups[0]["backend"] = None
+    target.load_state_dict(source.state_dict())
+    assert target.param_groups[0]["backend"] == "foreach"
+
+
+# -- 10. torch.compile on every backend -----------------------------------------------------
+def _compiled_matches_eager(backend, compiler, fullgraph):
+    import warnings
+
+    device = backend_device(backend)
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3).to(device)
+        return model, MLBFGS(model.parameters(), backend=backend, **FAST)
+
+    eager_model, eager = make()
+    compiled_model, opt = make()
+    torch._dynamo.reset()
+    step = torch.compile(opt.step, backend=compiler, fullgraph=fullgraph)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note that it ignores the profiler's record_function
+        for i in range(6):  # pairs form at steps 4 and 6
+            grads = [torch.randn_like(p) for p in eager_model.parameters()]
+            for p, q, g in zip(eager_model.parameters(), compiled_model.parameters(), grads):
+                p.grad, q.grad = g.clone(), g.clone()
+            eager.step()
+            step()
+            for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=f"step {i}")
+    assert int(opt.state[compiled_model.weight]["blocks"][0]["pair_count"]) > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_step_matches_eager_on_every_backend(backend):
+    _compiled_matches_eager(backend, "aot_eager", fullgraph=False)
+
+
+@pytest.mark.parametrize("backend", ["foreach", "cpp"])
+def test_compiled_step_is_one_graph_on_the_cpu_backends(backend):
+    """``fullgraph=True``: nothing in a step breaks the graph (the Triton backend's host-side
+    binding is a deliberate break, docs/design.md "The fused backend")."""
+    _compiled_matches_eager(backend, "aot_eager", fullgraph=True)
+
+
+def test_inductor_compiled_step_matches_eager_on_the_cpu_default_backend():
+    _compiled_matches_eager("cpp", "inductor", fullgraph=False)
+
+
+# -- 13. parameters that are not dense, as torch's fused optimizers take them ----------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parameters_that_are_not_dense_step_as_their_dense_twins(backend):
+    """``torch.randn(10, 5, 2)[..., 0]`` (PyTorch's test_forloop_goes_right_direction uses
+    such parameters): stepped through a contiguous copy, equal to a contiguous twin."""
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(10, 5, 2, generator=gen).to(device)
+    strided = Parameter(base[..., 0])
+    dense = Parameter(base[..., 0].contiguous())
+    assert not strided.is_contiguous()
+    runs = []
+    for p in (strided, dense):
+        opt = MLBFGS([p], backend=backend, weight_decay=0.01, **FAST)
+        for i in range(7):
+            g = torch.randn(10, 5, generator=torch.Generator().manual_seed(i)).to(device)
+            p.grad = (g + p.detach())[..., None].expand(10, 5, 2)[..., 0] if p is strided else g + p.detach()
+            opt.step()
+        runs.append(p.detach().clone())
+    assert torch.equal(runs[0], runs[1])

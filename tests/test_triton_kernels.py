@@ -90,9 +90,9 @@ class Fused:
             [torch.zeros(p.numel()) if p.grad is None else p.grad.reshape(-1) for p in self.params]
         ).double()
         theta = torch.cat([p.detach().reshape(-1) for p in self.params]).double()
-        g = g + self.group["weight_decay"] * theta
         if self.group["maximize"]:
             g = -g
+        g = g + self.group["weight_decay"] * theta  # torch's order: decay pulls toward zero
         return torch.where(present, g, 0.0)
 
     def present_mask(self):

@@ -170,6 +170,13 @@ class Arena:
                         _copy_checked(view, p_state[key], key)
                     elif key == "param_ema":
                         view.copy_(p)  # the EMA of the parameters starts at the parameters
+                if owners.get(i) and "momentum_buffer" in p_state and "blocks" not in p_state:
+                    raise ValueError(
+                        f"loaded optimizer state lacks 'blocks' (the curvature history of the "
+                        f"{len(owners[i])} block(s) starting in a parameter of shape {tuple(p.shape)}) "
+                        "while it holds the parameter's other state: the checkpoint is incomplete; "
+                        "loading it would restart the curvature history from nothing"
+                    )
                 self._copy_blocks(p_state.get("blocks"), owners.get(i, []), saved_orders)
 
     def bind(self, state: dict) -> None:
@@ -180,6 +187,15 @@ class Arena:
             for key in PARAM_STATE_KEYS:
                 p_state[key] = self.param_view(self.flat_state[key], i)
             self._point_blocks(p_state, owners.get(i, []))
+
+    def first_non_finite(self) -> str | None:
+        """The name of a state buffer holding a NaN or an infinity, or None (reads the
+        device: for checkpoints as they load, never in a step)."""
+        buffers = {**self.flat_state, "history_s": self.history_s, "history_y": self.history_y, "gram": self.gram}
+        for name, buffer in buffers.items():
+            if not bool(torch.isfinite(buffer).all()):
+                return name
+        return None
 
     def _copy_blocks(self, saved: list | None, blocks: list[int], saved_orders: list) -> None:
         """Copy the saved state of the blocks starting in one parameter (if any) into

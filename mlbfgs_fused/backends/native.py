@@ -16,7 +16,6 @@ built the backends report themselves unavailable.
 from __future__ import annotations
 
 import functools
-from operator import attrgetter
 
 import torch
 from torch import Tensor
@@ -33,12 +32,23 @@ PAIR_COLUMNS = 3  # s.s, s.y, y.y
 # What an update pass does (csrc/ops.h UpdateMode).
 UPDATE_PAPER, UPDATE_RELEASED, UPDATE_RELEASED_AVERAGES, UPDATE_RELEASED_AFTER_PUSH = range(4)
 
-_grad_of = attrgetter("grad")
-
-@functools.cache
 def load_error() -> str | None:
     """Why the C++ ops are not loaded, or None when they are. Ops already registered
-    (the CMake library loaded with ``torch.ops.load_library``) are used as they are."""
+    (the CMake library loaded with ``torch.ops.load_library``) are used as they are.
+    Found once per process; afterwards a module global, which ``torch.compile`` reads
+    as a constant."""
+    global _LOAD_ERROR
+    if _LOAD_ERROR is _UNKNOWN:
+        _LOAD_ERROR = _find_load_error()
+    return _LOAD_ERROR
+
+
+_UNKNOWN = object()
+_LOAD_ERROR: str | None | object = _UNKNOWN
+
+
+@torch.compiler.disable
+def _find_load_error() -> str | None:
     if not _registered("CPU"):
         try:
             from .. import _C  # noqa: F401 -- registers torch.ops.mlbfgs_fused_native
@@ -187,7 +197,7 @@ class ArenaPlan:
         its strides differ); any other layout is stepped through a contiguous copy.
         Returns ``(params, grads, staged)``; ``staged`` pairs copies to write back."""
         params = self.params
-        grads = list(map(_grad_of, params))
+        grads = [p.grad for p in params]
         if all(map(Tensor.is_contiguous, params)) and all(g is None or g.is_contiguous() for g in grads):
             return params, grads, None
         out_params, out_grads, staged = [], [], []

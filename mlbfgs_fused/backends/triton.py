@@ -30,7 +30,8 @@ CUDA graph capture, by fills baked into the graph). Each parameter's slice of th
 flat state follows the parameter's memory order, so a channels_last parameter is
 read and written as it lies. A gradient whose strides differ from its parameter's
 is staged (copied into a buffer laid out like the parameter) before the kernels read
-it. A parameter that changes dtype, device or memory format gets a new arena (the
+it; a parameter that is not dense (a strided slice) is stepped through a contiguous
+copy, written back after the update. A parameter that changes dtype, device or memory format gets a new arena (the
 optimizer rebuilds it, its state following) and so a new plan.
 
 Each arena launches under its own device (``torch.cuda.device``) on that device's
@@ -47,7 +48,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from .._state.arena import Arena, is_dense, same_order
+from .._state.arena import Arena, is_dense, same_order, state_strides
 
 # Elements per tile; with Triton's default 4 warps no kernel spills registers.
 # A block's (or parameter's) last tile is shorter.
@@ -183,13 +184,12 @@ class ArenaPlan:
         self.stats, self.hyper = group.stats[dev], group.hyper[dev]
         self.block_offset, self.tile = block_offset, tile
         self.guard = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
-        for p in arena.params:
-            if not is_dense(p):
-                raise RuntimeError(
-                    "the fused backend needs parameters whose memory is dense and "
-                    "non-overlapping (contiguous, channels_last, ...), got one of shape "
-                    f"{tuple(p.shape)} with strides {p.stride()}"
-                )
+        # A parameter that is not dense (a strided slice) steps through a contiguous copy,
+        # refreshed before the launches and written back after the update.
+        self.copies = {
+            i: torch.empty(p.shape, dtype=p.dtype, device=dev)
+            for i, p in enumerate(arena.params) if not is_dense(p)
+        }
         tiles, workers, blocks = plan_tables(arena.layout, m, tile, cap)
         align = self.kernels.common.ALIGN
         # Aligned when every tile and ring starts at a multiple of ALIGN (and, checked as
@@ -236,7 +236,14 @@ class ArenaPlan:
         elif self.staged:
             for i, stage in self.staged.items():
                 stage.copy_(grads[i])
+        for i, copy in self.copies.items():
+            copy.copy_(params[i])
         return self.has_grad
+
+    def write_back(self) -> None:
+        """Parameters stepped through a copy receive their new values (after the update)."""
+        for i, copy in self.copies.items():
+            self.arena.params[i].copy_(copy)
 
     def _rebuild(self, params, grads, param_ptrs, grad_ptrs) -> None:
         device = self.arena.device
@@ -244,17 +251,18 @@ class ArenaPlan:
         table = []
         for i, (p, g) in enumerate(zip(params, grads)):
             address = 0
+            order = state_strides(p)  # the arena's layout of the parameter (Arena.param_view)
             if g is not None:
-                if same_order(p.shape, g.stride(), p.stride()):
+                if same_order(p.shape, g.stride(), order):
                     address = g.data_ptr()
-                else:  # staged into a buffer laid out like the parameter
+                else:  # staged into a buffer laid out like the parameter's state
                     stage = self.staged.get(i)
                     if stage is None:
-                        stage = torch.empty_like(p, memory_format=torch.preserve_format)
+                        stage = torch.empty_strided(p.shape, order, dtype=p.dtype, device=device)
                     stage.copy_(g)
                     staged[i] = stage
                     address = stage.data_ptr()
-            table += (p.data_ptr(), address)
+            table += (self.copies[i].data_ptr() if i in self.copies else p.data_ptr(), address)
         self.staged = staged
         if _capturing(device):
             # No host memory may be read in a captured graph: one fill per entry, its
@@ -459,6 +467,7 @@ class GroupPlan:
         scales = self._scales(amp)
         for plan in self.arenas:
             plan.update(group, ok[plan.arena.device], scales[plan.arena.device])
+            plan.write_back()
 
     def push(self, group: dict, ok: dict, amp=None) -> None:
         scales = self._scales(amp)
