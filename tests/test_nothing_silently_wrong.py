@@ -504,3 +504,35 @@ def test_parameters_that_are_not_dense_step_as_their_dense_twins(backend):
             opt.step()
         runs.append(p.detach().clone())
     assert torch.equal(runs[0], runs[1])
+
+
+# -- 14. bfloat16 on Triton: the kernel is the float32 step, rounded as the device rounds ----
+def test_triton_bfloat16_step_is_the_float32_step_stored_with_the_devices_rounding():
+    """A bfloat16 step on the Triton backend stores exactly the float32 step's values:
+    rounded to nearest on a GPU, truncated by Triton's interpreter (its float32 to
+    bfloat16 cast truncates), which is why it can differ from foreach by one bfloat16 ulp
+    there and by nothing else."""
+    from mlbfgs_fused.backends import triton as _triton
+
+    if not _triton.available():
+        pytest.skip("Triton does not import")
+    device = backend_device("triton")
+
+    def stored(x: torch.Tensor) -> torch.Tensor:
+        if not _triton.interpreting():
+            return x.bfloat16()
+        return (x.float().cpu().view(torch.int32) & ~0xFFFF).view(torch.float32).bfloat16().to(x.device)
+
+    for seed in range(8):
+        gen = torch.Generator().manual_seed(seed)
+        w, g = torch.randn(10, 5, generator=gen).bfloat16(), torch.randn(10, 5, generator=gen).bfloat16()
+        ours = Parameter(w.clone().to(device))
+        ours.grad = g.clone().to(device)
+        opt = MLBFGS([ours], backend="triton", lr=1e-3, weight_decay=0.01)
+        opt.step()
+        wide = Parameter(w.float().to(device))
+        wide.grad = g.float().to(device)
+        reference = MLBFGS([wide], backend="foreach", lr=1e-3, weight_decay=0.01)
+        reference.step()
+        assert torch.equal(ours.detach(), stored(wide.detach()))
+        assert torch.equal(opt.state[ours]["momentum_buffer"], stored(reference.state[wide]["momentum_buffer"]))
