@@ -47,8 +47,8 @@ MLBFGS_HYPER = dict(
     ema_decay=(0.999, 0.999), pair_momentum=0.9, damping=0.01,
 )
 HYPERPARAMETERS = {
-    "mlbfgs": {**MLBFGS_HYPER, "variant": "paper"},
-    "mlbfgs-released": {**MLBFGS_HYPER, "variant": "released"},
+    "mlbfgs": {**MLBFGS_HYPER, "variant": "paper", "normalize": True},
+    "mlbfgs-released": {**MLBFGS_HYPER, "variant": "released", "normalize": True},
     "sgd-momentum": dict(lr=0.1, momentum=0.9, weight_decay=5e-4),
     "adamw": dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=5e-4),
     "authors-style": MLBFGS_HYPER,

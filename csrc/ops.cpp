@@ -30,7 +30,7 @@ TORCH_LIBRARY(mlbfgs_fused_native, m) {
       "Tensor pair_count, Tensor stats, Tensor ok, Tensor? grad_scale, "
       "Tensor(e!) pair_partials, Tensor lr, float momentum, float weight_decay, "
       "float beta_p, float beta_g, float pair_momentum, int period, int m, bool maximize, "
-      "bool normalize, int update_mode) -> ()");
+      "int normalize, int update_mode) -> ()");
   m.def(
       "push(Tensor param_ema, Tensor grad_ema, Tensor(a!) param_snapshot, "
       "Tensor(b!) grad_snapshot, Tensor(c!) history_s, Tensor(d!) history_y, Tensor(e!) gram, "

@@ -15,6 +15,7 @@
 // results are bit-identical whatever the number of threads.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 namespace mlbfgs_fused {
@@ -45,6 +46,25 @@ enum PairColumn : int64_t { P_SS, P_SY, P_YY, PAIR_COLUMNS };
 #else
 #define MLBFGS_HOST_DEVICE inline
 #endif
+
+// When the direction is divided by its norm over the group (mlbfgs_fused/_math.py,
+// Note [direction scale]): never, once some block holds a pair, or always.
+enum NormalizeMode : int64_t { NORMALIZE_NEVER, NORMALIZE_AFTER_PAIR, NORMALIZE_ALWAYS };
+
+// 1 / ||d|| over the group, or 1, from the group's status rows (S_DD summed, S_HELD any)
+// by the rule of `normalize`; 1 as well when ||d|| = 0. A twin of _math.direction_scale.
+MLBFGS_HOST_DEVICE double direction_scale(const double* stats, int64_t rows, int64_t normalize) {
+  if (normalize == NORMALIZE_NEVER) return 1.0;
+  double dd = 0.0;
+  bool held = false;
+  for (int64_t r = 0; r < rows; ++r) {
+    dd += stats[r * STATS_COLUMNS + S_DD];
+    held = held || stats[r * STATS_COLUMNS + S_HELD] > 0;
+  }
+  const double norm = sqrt(dd);
+  const bool due = norm > 0 && (normalize == NORMALIZE_ALWAYS || held);
+  return due ? 1.0 / norm : 1.0;
+}
 
 // The damping factor phi of docs/design.md ("The step", 7); a twin of
 // mlbfgs_fused/_math.py damping_factor.

@@ -186,18 +186,22 @@ def two_loop_kernel(
 
 @triton.jit
 def direction_scale_kernel(stats_ptr, n_blocks, scale_ptr, NORMALIZE: tl.constexpr, ROWS: tl.constexpr):
-    """``1 / ||d||`` over the whole group once some block holds a pair (docs/design.md,
-    "The step", 4), else 1 (1 as well when ``||d|| = 0``): one program per group and
-    device, from the stats rows of every block of the group, fixed order."""
+    """``1 / ||d||`` over the whole group or 1, by the rule ``NORMALIZE`` names
+    (mlbfgs_fused/_math.py, Note [direction scale]: 0 never, 1 once some block holds a
+    pair, 2 always; 1 as well when ``||d|| = 0``): one program per group and device,
+    from the stats rows of every block of the group, fixed order."""
     scale = tl.full([], 1.0, tl.float64)
-    if NORMALIZE:
+    if NORMALIZE != 0:
         d_dot_d, any_held = group_status(stats_ptr, n_blocks, ROWS)
         norm = tl.sqrt(d_dot_d)
-        scale = tl.where(any_held & (norm > 0), 1.0 / tl.where(norm > 0, norm, 1.0), 1.0)
+        due = norm > 0
+        if NORMALIZE == 1:
+            due = due & any_held
+        scale = tl.where(due, 1.0 / tl.where(norm > 0, norm, 1.0), 1.0)
     tl.store(scale_ptr, scale)
 
 
-def _direction_scale(stats: Tensor, scale: Tensor, normalize: bool) -> None:
+def _direction_scale(stats: Tensor, scale: Tensor, normalize: int) -> None:
     traceable(direction_scale_kernel)[(1,)](
         stats, stats.shape[0], scale, NORMALIZE=normalize, ROWS=SUM_ROWS
     )

@@ -2,7 +2,8 @@
 
 Per element, with ``g`` recomputed as in pass 1 (docs/design.md, "The step", 3-6):
 ``d = scale * (c_g g + sum_i c_s[i] s_i + c_y[i] y_i)`` with ``scale = 1 / ||d||``
-over the group once it holds a pair (``normalize``); ``buf = momentum * buf + d``;
+over the group by the rule of ``normalize`` (every step by default, else once it holds a
+pair, or never); ``buf = momentum * buf + d``;
 ``theta -= lr * buf``; ``P``, ``G`` move toward ``theta`` (before the update) and
 ``g`` (weight 1 at the first step; ``variant="released"``: E1's averages, and E2's
 ``G = g`` on a step with ``t % T == 0``). Nothing is written unless the step's global

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._math import NORMALIZE_VALUES
 from ._state.layout import validate_blocks_spec
 
 # The storage dtypes of parameters and history rings every backend takes, in any pair
@@ -72,7 +73,12 @@ def validate_hyperparameters(group: dict) -> None:
             raise ValueError(f"{message}: {beta}")
     if group["variant"] not in VARIANTS:
         raise ValueError(f"Invalid variant: {group['variant']!r} (expected one of {VARIANTS})")
-    for key in ("normalize", "maximize", "capturable", "differentiable"):
+    normalize = group["normalize"]
+    if not isinstance(normalize, (bool, str)):
+        raise TypeError(f"Invalid normalize value: {normalize!r} (normalize must be 'always', True or False)")
+    if normalize not in NORMALIZE_VALUES:
+        raise ValueError(f"Invalid normalize value: {normalize!r} (expected 'always', True or False)")
+    for key in ("maximize", "capturable", "differentiable"):
         if not isinstance(group[key], bool):
             raise TypeError(f"Invalid {key} value: {group[key]!r} ({key} must be a bool)")
     for key in ("foreach", "fused"):

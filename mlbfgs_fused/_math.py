@@ -95,6 +95,42 @@ def two_loop_coefficients(
     return c_g, c_s, c_y, d_dot_d
 
 
+# Note [direction scale]
+# Step 4 of docs/design.md ("The step"): the direction is divided by its norm over the
+# whole group, ||d|| = sqrt(sum over blocks of d_b.d_b), found from the Gram matrices
+# (no pass over d), and left as it is when ||d|| = 0. ``normalize`` says when:
+#   "always"  every step, the SGD warm-up's d = g included: lr is the length of the step
+#             (before momentum) from the first step on, whatever the scale of the loss
+#             (the default);
+#   True      once some block of the group holds a pair (the paper's rule: the warm-up
+#             steps by lr * g, then by unit directions);
+#   False     never.
+# Every backend maps the value to one of these ints with :func:`normalize_mode` and
+# computes the scale with the same rule (csrc/ops.h direction_scale is its C++ twin).
+NORMALIZE_NEVER, NORMALIZE_AFTER_PAIR, NORMALIZE_ALWAYS = 0, 1, 2
+NORMALIZE_VALUES = ("always", True, False)
+
+
+def normalize_mode(normalize) -> int:
+    """``normalize`` (``"always"``, True or False) as a ``NORMALIZE_*`` int."""
+    if normalize == "always":
+        return NORMALIZE_ALWAYS
+    return NORMALIZE_AFTER_PAIR if normalize else NORMALIZE_NEVER
+
+
+def direction_scale(d_dot_d: Tensor, pair_held: Tensor, mode: int) -> Tensor:
+    """``1 / ||d||`` of Note [direction scale], from the group's ``||d||^2`` and whether
+    any of its blocks holds a pair (0-dim tensors), with no branch on their values."""
+    one = torch.ones_like(d_dot_d)
+    if mode == NORMALIZE_NEVER:
+        return one
+    norm = d_dot_d.sqrt()
+    due = norm > 0
+    if mode == NORMALIZE_AFTER_PAIR:
+        due = due & pair_held
+    return torch.where(due, one / torch.where(norm > 0, norm, one), one)
+
+
 def damping_factor(
     s_dot_y: Tensor, s_dot_s: Tensor, sigma_low: float, sigma_high: float, damping: float, eps: float
 ) -> Tensor:

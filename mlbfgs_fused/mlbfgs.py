@@ -40,7 +40,12 @@ class MLBFGS(Optimizer):
         damping: ``phi`` is capped at ``1 - damping``. Default 0.01.
         sigma_low, sigma_high: Powell damping bounds on ``s.y / s.s``. Default 0.01, 1.5.
         eps: guard for divisions and the curvature test. Default 1e-12.
-        normalize: divide ``d`` by its norm over the group once a pair is held. Default True.
+        normalize: when ``d`` is divided by its norm over the group: ``"always"`` (every
+            step, the SGD warm-up before the first pair included, so ``lr`` is the length
+            of the step before momentum from the first step on, whatever the scale of the
+            loss), ``True`` (once a pair is held: the paper's rule, under which the
+            warm-up steps by ``lr * g``) or ``False``. Default ``"always"``; the paper's
+            math is ``normalize=True`` (docs/design.md, "The step", 4).
         blocks: ``"group"``, ``"tensor"``, a positive int (chunk size) or a list of
             lists of parameters. Default ``"group"``.
         maximize: maximise the objective. Default False.
@@ -93,7 +98,7 @@ class MLBFGS(Optimizer):
         sigma_low: float = 0.01,
         sigma_high: float = 1.5,
         eps: float = 1e-12,
-        normalize: bool = True,
+        normalize: bool | str = "always",
         blocks="group",
         *,
         maximize: bool = False,

@@ -8,7 +8,7 @@ import torch
 from mlbfgs_fused import MLBFGS
 
 HYPER = dict(lr=0.05, update_period=3, history_size=2, ema_decay=(0.8, 0.9), weight_decay=0.01,
-             backend="foreach")
+             backend="foreach", normalize=True)  # the paper's warm-up: an SGD step to check by hand
 STEPS = 14
 
 

@@ -18,7 +18,7 @@ TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
 @pytest.mark.parametrize("blocks", ["group", 13], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_precision_close_to_reference(dtype, blocks, variant):
-    sc = standard_scenario(blocks, steps=20, seed=1, variant=variant)
+    sc = standard_scenario(blocks, steps=20, seed=1, variant=variant, normalize=True)
     opt, groups, ref, errors = run_against_reference(sc, dtype, backend="foreach")
     assert max(errors) < TOLERANCE[dtype]
     block = opt.state[groups[0][0]]["blocks"][0]

@@ -37,6 +37,7 @@ def _param(*shape):
         (dict(history_dtype=torch.int32), "Invalid history_dtype"),
         (dict(lr=torch.tensor([0.1, 0.2])), "Tensor lr must be 1-element"),
         (dict(backend="opencl"), "Invalid backend"),
+        (dict(normalize="yes"), "Invalid normalize value: 'yes' (expected 'always', True or False)"),
     ],
 )
 def test_invalid_arguments_raise_value_error(kwargs, message):
@@ -65,7 +66,7 @@ def test_invalid_arguments_raise_value_error(kwargs, message):
         (dict(ema_decay=0.9), "Invalid ema_decay: 0.9 (expected a pair of floats)"),
         (dict(ema_decay="ab"), "Invalid ema_decay: 'ab'"),
         (dict(ema_decay=(0.9, True)), "Invalid ema_decay value at index 1: True"),
-        (dict(normalize="yes"), "Invalid normalize value: 'yes' (normalize must be a bool)"),
+        (dict(normalize=1), "Invalid normalize value: 1 (normalize must be 'always', True or False)"),
         (dict(maximize=1), "Invalid maximize value: 1"),
         (dict(foreach="no"), "Invalid foreach value: 'no' (foreach must be a bool or None)"),
     ],

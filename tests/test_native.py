@@ -110,7 +110,7 @@ def test_half_precision_parameters(dtype):
     """16-bit parameters: float32 arithmetic, results rounded on store. Against the
     reference (which runs in float64 from the same rounded start) and the foreach
     backend, whose arithmetic is 16-bit; the C++ step must be at least as close."""
-    sc = _scenario(13, steps=24)
+    sc = _scenario(13, steps=24, normalize=True)
     opt, groups, _, errors = run_against_reference(sc, dtype, backend="cpp")
     _, _, _, errors_foreach = run_against_reference(sc, dtype, backend="foreach")
     assert max(errors) < 3e-2

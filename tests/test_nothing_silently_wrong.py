@@ -249,7 +249,7 @@ def test_a_parameter_expanded_after_stepping_raises_before_anything_is_written(b
 def test_fused_optimizer_of_meta_parameters_is_built_then_steps_after_to_empty():
     with torch.device("meta"):
         model = torch.nn.Linear(4, 3)
-    opt = MLBFGS(model.parameters(), fused=True, lr=0.1, update_period=50)
+    opt = MLBFGS(model.parameters(), fused=True, lr=0.1, update_period=50, normalize=True)
     model.weight.grad = torch.empty_like(model.weight)
     with pytest.raises(RuntimeError, match=r"supported devices: \['cpu', 'cuda'\] but torch.float32 and meta"):
         opt.step()

@@ -56,16 +56,18 @@ def _run(theta0, grads, **hyper):
 
 
 def test_warm_up_is_sgd_with_heavy_ball():
-    """Before the first pair (t < 2T + 1) the step is plain heavy-ball SGD on g."""
+    """Before the first pair (t < 2T + 1) the paper's step (``normalize=True``) is plain
+    heavy-ball SGD on g; the default (``"always"``) steps along g / ||g||."""
     gen = torch.Generator().manual_seed(2)
     theta0 = torch.randn(9, generator=gen, dtype=torch.float64)
     grads = [torch.randn(9, generator=gen, dtype=torch.float64) for _ in range(7)]
-    ref = _run(theta0, grads, update_period=4, lr=0.1, momentum=0.8, weight_decay=0.0)
-    theta, buf = theta0.clone(), torch.zeros(9, dtype=torch.float64)
-    for g in grads:
-        buf = 0.8 * buf + g
-        theta = theta - 0.1 * buf
-    torch.testing.assert_close(ref.theta, theta)
+    for normalize in (True, "always"):
+        ref = _run(theta0, grads, update_period=4, lr=0.1, momentum=0.8, weight_decay=0.0, normalize=normalize)
+        theta, buf = theta0.clone(), torch.zeros(9, dtype=torch.float64)
+        for g in grads:
+            buf = 0.8 * buf + (g if normalize is True else g / g.norm())
+            theta = theta - 0.1 * buf
+        torch.testing.assert_close(ref.theta, theta)
 
 
 def test_momentum_zero_and_normalize_false_reduce_to_plain_quasi_newton():

@@ -66,10 +66,10 @@ def test_mismatched_checkpoint_is_rejected_before_any_write():
     sc_other.__post_init__()
     groups2 = build_params(sc_other, torch.float32)
     opt2 = make_optimizer(sc_other, groups2, backend="foreach")
-    opt2.load_state_dict(sd)
     before = [flat(g) for g in groups2]
-    set_grads(sc_other, groups2, 0)
     with pytest.raises(ValueError, match="block layout|shape"):
-        opt2.step()
-    for g, b in zip(groups2, before):
-        assert torch.equal(flat(g), b)
+        opt2.load_state_dict(sd)  # refused as it loads, not at a later step
+    assert not opt2.state
+    set_grads(sc_other, groups2, 0)
+    opt2.step()  # and the optimizer is as it was: fresh
+    assert all(not torch.equal(flat(g), b) for g, b in zip(groups2, before))

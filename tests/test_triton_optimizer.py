@@ -195,7 +195,7 @@ def test_amp_grad_scale_is_divided_out_and_found_inf_skips():
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 5e-2)], ids=str)
 def test_half_precision_parameters_close_to_reference(dtype, tol):
     """16-bit parameters and state, float32 arithmetic and accumulation."""
-    sc = _scenario("tensor", steps=14)
+    sc = _scenario("tensor", steps=14, normalize=True)
     opt, groups, _, errors = run_against_reference(sc, dtype, _device(), backend="triton")
     assert max(errors) < tol
     assert opt.state[groups[0][0]]["momentum_buffer"].dtype == dtype
@@ -340,7 +340,7 @@ def test_half_float_round_trip_after_a_step_keeps_training():
 def test_replaced_parameter_data_is_read_in_place():
     dev = _device()
     a, b = torch.nn.Parameter(torch.ones(5, device=dev)), torch.nn.Parameter(torch.ones(3, device=dev))
-    opt = MLBFGS([a, b], lr=0.1, momentum=0.0, blocks="tensor", backend="triton")
+    opt = MLBFGS([a, b], lr=0.1, momentum=0.0, blocks="tensor", backend="triton", normalize=True)
     a.grad, b.grad = torch.ones(5, device=dev), torch.ones(3, device=dev)
     opt.step()
     a.data = torch.full((5,), 2.0, device=dev)  # the user re-points a parameter

@@ -383,25 +383,14 @@ void update(at::TensorList params, at::ArrayRef<std::optional<Tensor>> grads,
             const Tensor& step, const Tensor& pair_count, const Tensor& stats, const Tensor& ok,
             const std::optional<Tensor>& grad_scale, const Tensor& pair_partials,
             const Tensor& lr, double momentum, double weight_decay, double beta_p, double beta_g,
-            double pair_momentum, int64_t period, int64_t m, bool maximize, bool normalize,
+            double pair_momentum, int64_t period, int64_t m, bool maximize, int64_t normalize,
             int64_t mode) {
   check_chunks(chunks);
   check_params(params, grads);
   TORCH_CHECK(mode >= UPDATE_PAPER && mode <= UPDATE_RELEASED_AFTER_PUSH, "mlbfgs_fused::update: bad mode");
   if (!ok.item<bool>()) return;  // a non-finite step changes nothing (push counts it)
-  // 1 / ||d|| over the group once any block holds a pair (docs/design.md, "The step", 4).
-  double scale = 1.0;
-  if (normalize) {
-    const double* st = stats.const_data_ptr<double>();
-    double dd = 0.0;
-    bool held = false;
-    for (int64_t r = 0; r < stats.size(0); ++r) {
-      dd += st[r * STATS_COLUMNS + S_DD];
-      held = held || st[r * STATS_COLUMNS + S_HELD] > 0;
-    }
-    const double norm = std::sqrt(dd);
-    if (held && norm > 0) scale = 1.0 / norm;
-  }
+  // docs/design.md, "The step", 4: the group's scale of d.
+  const double scale = direction_scale(stats.const_data_ptr<double>(), stats.size(0), normalize);
   const double lr_value = lr.item<double>();
   const bool released = mode != UPDATE_PAPER;
   const bool direction = mode != UPDATE_RELEASED_AVERAGES;

@@ -17,25 +17,14 @@ __global__ void __launch_bounds__(THREADS) update_kernel(
     const int64_t* chunks, const double* coef, const int64_t* step, const int64_t* pair_count,
     const double* stats, int64_t n_stats, const bool* ok, const float* grad_scale,
     double* pair_partials, const double* lr, double momentum, double weight_decay, double beta_p,
-    double beta_g, double pair_momentum, int64_t period, int64_t m, bool maximize, bool normalize) {
+    double beta_g, double pair_momentum, int64_t period, int64_t m, bool maximize, int64_t normalize) {
   using C = opmath_t<T>;
   if (!*ok) return;  // a non-finite step changes nothing (the push counts it)
   __shared__ double scratch[WARPS];
   __shared__ double shared_scale;
   if (threadIdx.x == 0) {
-    // 1 / ||d|| over the group once a block holds a pair (docs/design.md, "The step", 4).
-    double scale = 1.0;
-    if (normalize) {
-      double dd = 0.0;
-      bool held = false;
-      for (int64_t r = 0; r < n_stats; ++r) {
-        dd += stats[r * STATS_COLUMNS + S_DD];
-        held = held || stats[r * STATS_COLUMNS + S_HELD] > 0;
-      }
-      const double norm = sqrt(dd);
-      if (held && norm > 0) scale = 1.0 / norm;
-    }
-    shared_scale = scale;
+    // docs/design.md, "The step", 4: the group's scale of d.
+    shared_scale = direction_scale(stats, n_stats, normalize);
   }
   __syncthreads();
   const Chunk c(chunks + blockIdx.x * CHUNK_COLUMNS);
@@ -142,7 +131,7 @@ void update(at::TensorList params, at::ArrayRef<std::optional<at::Tensor>> grads
             const std::optional<at::Tensor>& grad_scale, const at::Tensor& pair_partials,
             const at::Tensor& lr, double momentum, double weight_decay, double beta_p,
             double beta_g, double pair_momentum, int64_t period, int64_t m, bool maximize,
-            bool normalize, int64_t mode) {
+            int64_t normalize, int64_t mode) {
   TORCH_CHECK(mode == UPDATE_PAPER, "mlbfgs_fused::update: variant='released' is not implemented on CUDA");
   const c10::cuda::CUDAGuard guard(history_s.device());
   const int64_t P = chunks.size(0);

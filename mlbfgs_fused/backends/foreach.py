@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .._checks import check_gradients  # noqa: F401 -- an entry point
 from .._state.arena import Arena
-from .._math import damping_factor, two_loop_coefficients
+from .._math import NORMALIZE_NEVER, damping_factor, direction_scale, normalize_mode, two_loop_coefficients
 
 
 def available() -> bool:
@@ -95,18 +95,17 @@ def finish(arenas: list[Arena], group: dict, ok: dict, amp) -> None:
 
 
 def group_direction_scale(
-    arenas: list[Arena], d_dot_d: list[Tensor], normalize: bool, home: torch.device
+    arenas: list[Arena], d_dot_d: list[Tensor], normalize, home: torch.device
 ) -> Tensor:
-    """``1 / ||d||`` over the whole group once any block holds a pair (docs/design.md,
-    the step, 4), else 1; 1 as well when ``||d|| = 0``."""
-    one = torch.ones((), dtype=torch.float64, device=home)
-    if not normalize:
-        return one
+    """``1 / ||d||`` over the whole group, or 1, by the rule of ``normalize``
+    (mlbfgs_fused/_math.py, Note [direction scale])."""
+    mode = normalize_mode(normalize)
+    if mode == NORMALIZE_NEVER:
+        return torch.ones((), dtype=torch.float64, device=home)
     total = torch.stack([x.sum().to(home) for x in d_dot_d]).sum()
     held = torch.stack([(a.counters["pair_count"] > 0).sum().to(home) for a in arenas]).sum()
     total, held = arenas[0].group_sum(torch.stack([total, held.double()])).unbind()
-    norm = total.sqrt()
-    return torch.where((held > 0) & (norm > 0), one / torch.where(norm > 0, norm, one), one)
+    return direction_scale(total, held > 0, mode)
 
 
 class GroupStep:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_gradients as _check_gradients
+from .._math import normalize_mode
 from .._state.arena import Arena, is_dense
 
 # Elements per chunk: csrc/ops.h CHUNK. Chunks never depend on the thread count, so
@@ -239,7 +240,7 @@ class ArenaPlan:
             self.coef, c["step"], c["pair_count"], self.stats, ok, grad_scale,
             self.pair_partials, self.group.lr[a.device], group["momentum"],
             group["weight_decay"], beta_p, beta_g, group["pair_momentum"],
-            group["update_period"], a.m, group["maximize"], group["normalize"], mode,
+            group["update_period"], a.m, group["maximize"], normalize_mode(group["normalize"]), mode,
         )
         if staged is not None:
             for p, copy in staged:

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
+from .._math import normalize_mode
 from .._state.arena import Arena, is_dense, same_order, state_strides
 
 # Elements per tile; with Triton's default 4 warps no kernel spills registers.
@@ -461,7 +462,7 @@ class GroupPlan:
             self._share_stats()
         for d in self.devices:  # the group's scale of d, once per device
             with self.guards[d]:
-                self.kernels.two_loop.direction_scale(self.stats[d], self.d_scale[d], group["normalize"])
+                self.kernels.two_loop.direction_scale(self.stats[d], self.d_scale[d], normalize_mode(group["normalize"]))
 
     def update(self, group: dict, ok: dict, amp=None) -> None:
         scales = self._scales(amp)

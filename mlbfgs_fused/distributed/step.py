@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import backends
+from .._math import NORMALIZE_NEVER, normalize_mode
 from .arena import ShardArena
 from .sharding import ranges_layout, shard_layouts
 
@@ -170,7 +171,7 @@ class DistributedStep:
         active = [a for a in arenas if a.active]
         if active:
             self.inner.finish(active, group, ok, amp)
-        elif group["normalize"]:
+        elif normalize_mode(group["normalize"]) != NORMALIZE_NEVER:
             # Take part in the group's norm of d, as foreach.group_direction_scale does.
             arenas[0].group_sum(torch.zeros(2, dtype=torch.float64, device=arenas[0].device))
         for arena in arenas:

@@ -20,8 +20,9 @@ The step, per group, ``t`` the number of finite steps taken so far plus one
    (``step(..., skip=True)`` models the verdict of the other groups).
 3. Direction per block: ``d = H g`` by the two-loop recursion over the held
    pairs (``d = g`` while the history is empty).
-4. ``normalize`` and some block of the group holds a pair: ``d = d / ||d||``
-   over the group (``d`` stays as it is when ``||d|| = 0``).
+4. ``d = d / ||d||`` over the group (``d`` stays as it is when ``||d|| = 0``):
+   every step with ``normalize="always"`` (the default), once some block of the
+   group holds a pair with ``normalize=True`` (the paper's rule), never with False.
 5. ``buf = momentum * buf + d`` (``buf = d`` at the first step);
    ``theta_new = theta - lr * buf``.
 6. EMAs with the parameters BEFORE the update: ``P = beta_p P + (1 - beta_p) theta``,
@@ -80,7 +81,7 @@ DEFAULTS = dict(
     sigma_low=0.01,
     sigma_high=1.5,
     eps=1e-12,
-    normalize=True,
+    normalize="always",
     maximize=False,
 )
 
@@ -176,8 +177,8 @@ class ReferenceGroup:
         # 3. direction per block
         d = torch.cat([self.two_loop(g[sl], blk.pairs) for sl, blk in zip(self._slices(), self.blocks)])
 
-        # 4. normalise over the whole group once any block holds a pair
-        if h["normalize"] and any(blk.pairs for blk in self.blocks):
+        # 4. normalise over the whole group: always, or once any block holds a pair
+        if h["normalize"] == "always" or (h["normalize"] and any(blk.pairs for blk in self.blocks)):
             norm = d.norm()
             if norm > 0:
                 d = d / norm
