@@ -168,11 +168,16 @@ def effective_gradient(grad, theta, weight_decay, grad_scale,
 
 
 @triton.jit
-def averages(P, G, theta, g, live, first, hyper_ptr, CDT: tl.constexpr, RELEASED: tl.constexpr):
+def averages(P, G, theta, g, live, first, hyper_ptr, CDT: tl.constexpr, DT: tl.constexpr, RELEASED: tl.constexpr):
     """The averages after this step (docs/design.md, "The step", 6): ``P`` toward
     ``theta`` (before the update), ``G`` toward ``g``, where a gradient exists; at the
     first step ``P = theta``, ``G = g``. ``RELEASED`` (E1): ``P = beta_p P + theta``,
-    ``G = beta_g G + g``, without the ``(1 - beta)`` factor."""
+    ``G = beta_g G + g``, without the ``(1 - beta)`` factor.
+
+    Rounded to ``DT``, the dtype they are stored in: every kernel that forms a pair
+    candidate from them must see the values the push will read back (with 16-bit
+    parameters an unrounded ``s`` could pass the curvature test while the stored
+    one is 0)."""
     if RELEASED:
         a_p = tl.where(first, 0.0, tl.load(hyper_ptr + H_BETA_PARAM)).to(CDT)
         a_g = tl.where(first, 0.0, tl.load(hyper_ptr + H_BETA_GRAD)).to(CDT)
@@ -183,6 +188,8 @@ def averages(P, G, theta, g, live, first, hyper_ptr, CDT: tl.constexpr, RELEASED
         w_g = tl.where(first, 1.0, tl.load(hyper_ptr + H_W_GRAD)).to(CDT)
         P_new = lerp(P, theta, w_p)
         G_new = lerp(G, g, w_g)
+    P_new = P_new.to(DT).to(CDT)
+    G_new = G_new.to(DT).to(CDT)
     return tl.where(live, P_new, P), tl.where(live, G_new, G)
 
 

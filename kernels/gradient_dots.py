@@ -105,7 +105,7 @@ def gradient_dots_kernel(
             inside = lane < count
             P = tl.load(param_ema_ptr + start + lane, mask=inside, other=0.0).to(CDT)
             G = tl.load(grad_ema_ptr + start + lane, mask=inside, other=0.0).to(CDT)
-            P, G = averages(P, G, theta, g, live, t == 1, hyper_ptr, CDT, RELEASED)
+            P, G = averages(P, G, theta, g, live, t == 1, hyper_ptr, CDT, DT, RELEASED)
             s, y = pair_candidate(
                 P,
                 tl.load(param_snap_ptr + start + lane, mask=inside, other=0.0).to(CDT),

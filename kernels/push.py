@@ -110,7 +110,7 @@ def push_kernel(
             grad = tl.load(grad_base + local + lane, mask=live, other=0.0).to(CDT)
             g = effective_gradient(grad, theta, weight_decay, grad_scale, HAS_WD, MAXIMIZE, HAS_SCALE)
             g = tl.where(live, g, 0.0)
-            P, G = averages(P, G, theta, g, live, t == 1, hyper_ptr, CDT, RELEASED)
+            P, G = averages(P, G, theta, g, live, t == 1, hyper_ptr, CDT, DT, RELEASED)
         if accepted:
             s, y = pair_candidate(
                 P,

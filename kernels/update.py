@@ -80,7 +80,7 @@ def update_kernel(
         g = tl.where(live, g, 0.0)
         P = tl.load(param_ema_ptr + start + lane, mask=live, other=0.0).to(CDT)
         G = tl.load(grad_ema_ptr + start + lane, mask=live, other=0.0).to(CDT)
-        P, G = averages(P, G, theta, g, live, first, hyper_ptr, CDT, RELEASED)
+        P, G = averages(P, G, theta, g, live, first, hyper_ptr, CDT, DT, RELEASED)
         if RELEASED:  # E2: G = g at a step with t % T == 0, after the push took G0
             G = tl.where(t % period == 0, g, G)
         # Written now, so they need no registers through the ring loop.

@@ -4,6 +4,7 @@ wider (mlbfgs_fused/backends/foreach.py, Note [reductions in float32 or wider]).
 import pytest
 import torch
 
+from cases import BACKENDS, backend_device
 from mlbfgs_fused import MLBFGS
 from problems import run_against_reference, standard_scenario
 
@@ -51,3 +52,30 @@ def test_bfloat16_history_with_float16_parameters():
     sc = standard_scenario("tensor", steps=20, seed=2)
     _, _, _, errors = run_against_reference(sc, torch.float16, backend="foreach", history_dtype=torch.bfloat16)
     assert max(errors) < 3e-2
+
+
+@pytest.mark.parametrize("normalize", [True, "always"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_pairs_are_judged_on_the_averages_as_stored(backend, normalize):
+    """With float16 parameters a tiny step can leave a stored average unchanged, so the
+    pair's ``s`` is 0 as stored while the unrounded one is not: every backend must judge
+    the pair on the stored values (and skip it), never push a pair with ``s.y = 0``."""
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(20, 20, generator=gen)
+    A = (A @ A.T / 20 + torch.eye(20)).to(device)
+    W = torch.nn.Parameter(torch.randn(4, 5, generator=gen).half().to(device))
+    b = torch.nn.Parameter(torch.randn(5, generator=gen).half().to(device))
+    opt = MLBFGS([W, b], backend=backend, update_period=2, history_size=2, blocks="tensor", lr=0.01,
+                 normalize=normalize)
+    for _ in range(10):
+        opt.zero_grad()
+        x = W.float().view(-1)
+        (0.5 * x @ A @ x + 0.5 * (b.float() ** 2).sum()).backward()
+        opt.step()
+        assert torch.isfinite(W).all() and torch.isfinite(b).all()
+    for p in (W, b):
+        block = opt.state[p]["blocks"][0]
+        held = min(int(block["pair_count"]), 2)
+        curvature = torch.diagonal(block["gram"][1])  # s_i . yhat_i per slot
+        assert (curvature[:held] > 0).all(), p.shape

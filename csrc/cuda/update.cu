@@ -78,9 +78,10 @@ __global__ void __launch_bounds__(THREADS) update_kernel(
       }
 #pragma unroll
       for (int l = 0; l < VEC; ++l) {
-        // EMAs with the parameters before the update.
-        P[l] = lerp<C>(P[l], th[l], w_param);
-        G[l] = lerp<C>(G[l], g[l], w_grad);
+        // EMAs with the parameters before the update, rounded as stored: the pair's
+        // sums below must see what the push reads back (16-bit parameters).
+        P[l] = static_cast<C>(static_cast<T>(lerp<C>(P[l], th[l], w_param)));
+        G[l] = static_cast<C>(static_cast<T>(lerp<C>(G[l], g[l], w_grad)));
         buf[l] = buf[l] * mu + d[l] * scale;
         th[l] = th[l] + buf[l] * neg_lr;
       }
