@@ -21,12 +21,13 @@ from mlbfgs_fused.reference.lbfgsb import (
     max_step,
     more_thuente,
     project,
+    trial_point,
     projected_gradient,
     subspace_minimization,
 )
 
-np = pytest.importorskip("numpy")
-scipy_optimize = pytest.importorskip("scipy.optimize")
+import numpy as np
+import scipy.optimize
 
 F64 = torch.float64
 INF = math.inf
@@ -112,7 +113,6 @@ def _breast_cancer():
 
 def logistic_in_a_box(seed=4):
     """Mean logistic loss on breast_cancer (standardised): weights in [-0.6, 0.6], the intercept free."""
-    pytest.importorskip("sklearn")
     X, y = _breast_cancer()
     n = X.shape[1]
 
@@ -145,6 +145,33 @@ def upper_bounds_only(rows=100, cols=30, seed=5):
     return fg, x0, torch.full((cols,), -INF, dtype=F64), torch.full((cols,), 0.5, dtype=F64), 6
 
 
+def flat_far_optimum(n=20, seed=7):
+    """A flat objective (curvature about 0.03) whose optimum lies partly beyond the box [0, 10]^n:
+    from the first iteration on, the line search runs into the boundary."""
+    gen = _gen(seed)
+    c = 12 * torch.rand(n, generator=gen, dtype=F64)
+    w = 0.01 * (1 + torch.rand(n, generator=gen, dtype=F64))
+
+    def fg(x):
+        r = x - c
+        return float((w * r * r + 0.05 * torch.log(torch.cosh(r))).sum()) + 1.0, 2 * w * r + 0.05 * torch.tanh(r)
+
+    x0 = 0.5 * torch.rand(n, generator=gen, dtype=F64)
+    return fg, x0, torch.zeros(n, dtype=F64), torch.full((n,), 10.0, dtype=F64), 5
+
+
+def negative_curvature():
+    """-x0^2 + log cosh(x1 - 0.3) + 0.1 x1^2 on [-1, 1] x [-5, 5]: the first step runs x0 into its
+    bound along a direction of negative curvature, so s.y < 0 and the pair is skipped."""
+
+    def fg(x):
+        f = -x[0] ** 2 + torch.log(torch.cosh(x[1] - 0.3)) + 0.1 * x[1] ** 2
+        return float(f), torch.stack([-2 * x[0], torch.tanh(x[1] - 0.3) + 0.2 * x[1]])
+
+    return (fg, torch.tensor([0.5, -0.2], dtype=F64), torch.tensor([-1.0, -5.0], dtype=F64),
+            torch.tensor([1.0, 5.0], dtype=F64), 5)
+
+
 def unbounded(n=20, seed=6):
     """No bound at all: plain L-BFGS (on Rosenbrock + 1, so that the optimum is not 0)."""
     x0 = torch.rand(n, generator=_gen(seed), dtype=F64) * 2 - 1
@@ -163,6 +190,8 @@ PROBLEMS = {
     "logistic_in_a_box": logistic_in_a_box,
     "upper_bounds_only": upper_bounds_only,
     "infeasible_start": infeasible_start,
+    "flat_far_optimum": flat_far_optimum,
+    "negative_curvature": negative_curvature,
     "unbounded": unbounded,
 }
 PGTOL, FACTR = 1e-7, 1.0  # tight, so both runs end at the same optimum
@@ -175,32 +204,58 @@ def _scipy(fg, x0, lower, upper, m):
 
     bounds = [(None if math.isinf(lo) else lo, None if math.isinf(hi) else hi)
               for lo, hi in zip(lower.tolist(), upper.tolist())]
-    return scipy_optimize.minimize(
+    return scipy.optimize.minimize(
         fun, x0.numpy(), jac=True, method="L-BFGS-B", bounds=bounds,
         options=dict(maxcor=m, gtol=PGTOL, ftol=FACTR * float(np.finfo(float).eps), maxiter=15000, maxfun=15000),
     )
 
 
+def _recording(fg, log):
+    def recorded(x):
+        f, g = fg(x)
+        log.append(f)
+        return f, g
+
+    return recorded
+
+
 def compare(name):
+    """Both runs on one problem; each also returns the losses it evaluated, in order."""
     fg, x0, lower, upper, m = PROBLEMS[name]()
-    ours = lbfgsb(fg, x0, lower, upper, m=m, pgtol=PGTOL, factr=FACTR)
-    theirs = _scipy(fg, x0, lower, upper, m)
-    return ours, theirs, (lower, upper)
+    our_losses, their_losses = [], []
+    ours = lbfgsb(_recording(fg, our_losses), x0, lower, upper, m=m, pgtol=PGTOL, factr=FACTR)
+    theirs = _scipy(_recording(fg, their_losses), x0, lower, upper, m)
+    return ours, theirs, (lower, upper), (our_losses, their_losses)
 
 
 @pytest.mark.parametrize("name", list(PROBLEMS))
 def test_against_scipy(name):
-    ours, theirs, (lower, upper) = compare(name)
+    ours, theirs, (lower, upper), (our_losses, their_losses) = compare(name)
     x = ours.x
     assert bool(((x >= lower) & (x <= upper)).all()), "the final point leaves the box"
     assert abs(ours.f - theirs.fun) <= 1e-6 * abs(theirs.fun), (ours.f, theirs.fun)
     assert ours.projected_gradient <= 1e-5
     assert float(projected_gradient(x, ours.g, lower, upper).abs().max()) == ours.projected_gradient
     assert ours.n_eval <= 1.5 * theirs.nfev, (ours.n_eval, theirs.nfev)
+    assert ours.n_eval == len(our_losses)
     assert ours.reason in ("projected_gradient", "function_change")
-    active = int(((x == lower) | (x == upper)).sum())
+    assert theirs.message.startswith("CONVERGENCE")
     if name != "unbounded":
-        assert active > 0, "the bounds must bind for the problem to test them"
+        assert int(((x == lower) | (x == upper)).sum()) > 0, "the bounds must bind for the problem to test them"
+    # Same algorithm, same trial points: the first 20 losses agree to rounding (the runs part
+    # only near the end, where steps are at the level of rounding errors).
+    first = min(20, len(our_losses), len(their_losses))
+    assert first == 20 or len(our_losses) == len(their_losses)
+    for a, b in zip(our_losses[:first], their_losses[:first]):
+        assert a == pytest.approx(b, rel=1e-9, abs=0)
+
+
+@pytest.mark.parametrize("name", ["logistic_in_a_box", "flat_far_optimum", "negative_curvature"])
+def test_stops_on_the_projected_gradient(name):
+    """Where the gradient stays large on the active bounds, only the projected gradient can stop the run."""
+    ours, theirs, (lower, upper), _ = compare(name)
+    assert ours.reason == "projected_gradient" and "PROJECTED GRADIENT" in theirs.message
+    assert float(ours.g.abs().max()) > 1e3 * PGTOL
 
 
 def test_start_is_projected_and_every_trial_is_feasible():
@@ -214,6 +269,13 @@ def test_start_is_projected_and_every_trial_is_feasible():
     lbfgsb(recording, x0, lower, upper, m=m, pgtol=PGTOL, factr=FACTR)
     assert torch.equal(seen[0], project(x0, lower, upper))
     assert all(bool(((x >= lower) & (x <= upper)).all()) for x in seen)
+
+
+def test_negative_curvature_pair_is_skipped():
+    fg, x0, lower, upper, m = negative_curvature()
+    result = lbfgsb(fg, x0, lower, upper, m=m, pgtol=PGTOL, factr=FACTR)
+    assert result.skipped == 1
+    assert result.x[0] == 1.0 and abs(float(result.g[1])) <= PGTOL  # x0 on its bound, x1 stationary
 
 
 def test_bad_bounds():
@@ -431,6 +493,14 @@ def test_more_thuente_strong_wolfe_and_the_box():
     # The box ends the search at step_max, where the slope is still negative.
     point, evals, status = more_thuente(_phi, f0, g0, step=0.5, step_max=0.8)
     assert status == "warning" and point.t == 0.8 and point.gtd < 0
+    # Sufficient decrease is f <= f0 + 1e-3 t g0: at t = 1, -t + 1.9985 t^2 - 0.999 t^3 has
+    # decreased by 5e-4 only (enough for 1e-4), with slope 0: the search must go on.
+    def cubic(t):
+        return -t + 1.9985 * t * t - 0.999 * t**3, -1 + 3.997 * t - 2.997 * t * t
+
+    point, evals, status = more_thuente(cubic, 0.0, -1.0, step=1.0, step_max=10.0)
+    assert status == "converged" and evals > 1 and point.t < 1
+    assert point.f <= 1e-3 * point.t * -1.0 and abs(point.gtd) <= 0.9
     # A first step far too long is cut back to a strong-Wolfe point.
     point, evals, status = more_thuente(_phi, f0, g0, step=40.0, step_max=1e10)
     assert status == "converged" and abs(point.gtd) <= 0.9 * abs(g0) and evals > 1
@@ -444,6 +514,20 @@ def test_max_step_to_the_box():
     assert max_step(x, d, lower, upper, cap=1e10) == pytest.approx(0.4)
     assert max_step(x, d, lower, upper, cap=0.1) == 0.1
     assert max_step(x, torch.tensor([1.0, 0, 0, 0], dtype=F64), lower, upper, cap=7.0) == 7.0
+    # Already past the bound it moves towards (x is then outside the box): no step at all.
+    assert max_step(torch.tensor([1.2], dtype=F64), torch.tensor([1.0], dtype=F64), torch.tensor([0.0], dtype=F64),
+                    torch.tensor([1.0], dtype=F64), cap=5.0) == 0.0
+
+
+def test_trial_points_stay_in_the_box_under_rounding():
+    """x + t d at t = (u - x) / d can round past u (here by one unit in the last place)."""
+    x, d, u = (torch.tensor([v], dtype=F64) for v in (-0.482, 1.274, 0.787))
+    t = float((u - x) / d)
+    assert float(x + t * d) > 0.787  # the rounding this guards against
+    lower = torch.tensor([-1.0], dtype=F64)
+    z = torch.tensor([0.5], dtype=F64)
+    assert float(trial_point(x, d, z, t, lower, u)) == 0.787
+    assert trial_point(x, d, z, 1.0, lower, u) is z
 
 
 if __name__ == "__main__":
@@ -451,7 +535,7 @@ if __name__ == "__main__":
     print(f"| problem | n | m | active bounds | objective rel. diff | projected gradient | evaluations (ours / scipy) | iterations (ours / scipy) | stop |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in PROBLEMS:
-        ours, theirs, (lower, upper) = compare(name)
+        ours, theirs, (lower, upper), _ = compare(name)
         rel = abs(ours.f - theirs.fun) / abs(theirs.fun)
         active = int(((ours.x == lower) | (ours.x == upper)).sum())
         m = PROBLEMS[name]()[4]

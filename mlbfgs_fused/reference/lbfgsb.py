@@ -61,6 +61,7 @@ __all__ = [
     "project",
     "projected_gradient",
     "subspace_minimization",
+    "trial_point",
 ]
 
 EPS = torch.finfo(torch.float64).eps
@@ -79,6 +80,15 @@ def project(x: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
 def projected_gradient(x: Tensor, g: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
     """``P(x - g) - x``; its infinity norm is the first-order optimality measure (B21)."""
     return project(x - g, lower, upper) - x
+
+
+def trial_point(x: Tensor, d: Tensor, z: Tensor, t: float, lower: Tensor, upper: Tensor) -> Tensor:
+    """The line search's point at step ``t``: ``z`` itself at ``t = 1``, else ``P(x + t d)``.
+
+    ``t <= step_max`` keeps ``x + t d`` in the box; the projection only absorbs the
+    rounding of ``x + t d`` at ``t = step_max`` (B18).
+    """
+    return z if t == 1.0 else project(x + t * d, lower, upper)
 
 
 def max_step(x: Tensor, d: Tensor, lower: Tensor, upper: Tensor, cap: float) -> float:
@@ -211,13 +221,14 @@ def breakpoints(x: Tensor, g: Tensor, lower: Tensor, upper: Tensor) -> tuple[Ten
     """The breakpoints ``t`` of the path ``x(t) = P(x - t g)`` and its first direction ``d`` (B7, B8).
 
     ``t_i`` is where variable ``i`` reaches the bound it moves towards: ``inf`` when
-    that bound is infinite or ``g_i = 0`` inside the box; 0 when it cannot move
-    (on a bound with ``g_i`` pointing out of the box or zero, or ``lower_i = upper_i``).
+    that bound is infinite or ``g_i = 0`` inside the box; 0 when it cannot move: on a
+    bound with ``g_i`` pointing out of the box or zero (a variable with
+    ``lower_i = upper_i`` is on both, so it never moves).
     ``d_i = -g_i`` where ``t_i > 0``, else 0.
     """
     inf = torch.full_like(x, math.inf)
     t = torch.where(g < 0, (x - upper) / g, torch.where(g > 0, (x - lower) / g, inf))  # inf past an infinite bound
-    held = ((x <= lower) & (g >= 0)) | ((x >= upper) & (g <= 0)) | (lower == upper)
+    held = ((x <= lower) & (g >= 0)) | ((x >= upper) & (g <= 0))
     t = torch.where(held, torch.zeros_like(t), t)
     d = torch.where(t > 0, -g, torch.zeros_like(g))
     return t, d
@@ -566,7 +577,8 @@ class LBFGSBResult:
 
     ``reason``: ``"projected_gradient"`` (B21), ``"function_change"`` (B22),
     ``"max_iter"``, ``"max_eval"``, or ``"line_search_failed"`` (no acceptable
-    step even from steepest descent with an empty memory).
+    step even from steepest descent with an empty memory). ``skipped``: the pairs
+    the curvature rule kept out of the memory (B20).
     """
 
     x: Tensor
@@ -576,6 +588,7 @@ class LBFGSBResult:
     n_eval: int
     reason: str
     projected_gradient: float
+    skipped: int
 
 
 def lbfgsb(
@@ -614,12 +627,12 @@ def lbfgsb(
 
     x = project(x0, lower, upper)
     f, g = evaluate(x)
-    n_eval, n_iter = 1, 0
+    n_eval, n_iter, skipped = 1, 0, 0
     model = CompactModel.empty(n)
 
     def done(reason: str) -> LBFGSBResult:
         pg = float(projected_gradient(x, g, lower, upper).abs().max())
-        return LBFGSBResult(x, f, g, n_iter, n_eval, reason, pg)
+        return LBFGSBResult(x, f, g, n_iter, n_eval, reason, pg, skipped)
 
     if float(projected_gradient(x, g, lower, upper).abs().max()) <= pgtol:
         return done("projected_gradient")
@@ -657,7 +670,7 @@ def lbfgsb(
         budget = min(max_ls, max_eval - n_eval) if max_eval > n_eval else 0
 
         def along(t: float) -> tuple[float, float]:
-            x_t = z if t == 1.0 else project(x + t * d, lower, upper)
+            x_t = trial_point(x, d, z, t, lower, upper)
             f_t, g_t = evaluate(x_t)
             trials[len(trials) + 1] = (x_t, f_t, g_t)
             return f_t, float(g_t.dot(d))
@@ -689,6 +702,8 @@ def lbfgsb(
             return done("function_change")
         if keep:
             model = model.push(s, y, m)
+        else:
+            skipped += 1
         if n_iter >= max_iter:
             return done("max_iter")
         if n_eval >= max_eval:
