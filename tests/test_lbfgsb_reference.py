@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from mlbfgs_fused.reference import lbfgsb
+from mlbfgs_fused.reference import minimize_lbfgsb
 from mlbfgs_fused.reference.lbfgsb import (
     CompactModel,
     breakpoints,
@@ -31,6 +31,16 @@ import scipy.optimize
 
 F64 = torch.float64
 INF = math.inf
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Problems of at most a few hundred variables: threads only add synchronisation (and, on
+    a busy machine, spinning), so these tests run on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -160,6 +170,27 @@ def flat_far_optimum(n=20, seed=7):
     return fg, x0, torch.zeros(n, dtype=F64), torch.full((n,), 10.0, dtype=F64), 5
 
 
+def ramp_past_the_box(n=8, seed=9):
+    """Per variable a quadratic up to a_i, then a straight ramp falling on past the upper bound.
+
+    The model built on the quadratic part is far too stiff on the ramp, so the line search
+    extrapolates (1, 5, 21, ... times the step) until the boundary of the box stops it."""
+    gen = _gen(seed)
+    a = 1 + torch.rand(n, generator=gen, dtype=F64)
+    w = 0.5 + torch.rand(n, generator=gen, dtype=F64)
+    upper = 30 + 70 * torch.rand(n, generator=gen, dtype=F64)
+
+    def fg(x):
+        r = x - a
+        quadratic = r <= 0
+        f = torch.where(quadratic, 5 * r * r - r, -r)
+        g = torch.where(quadratic, 10 * r - 1, -torch.ones_like(r))
+        return float((w * f).sum()) + 100.0, w * g
+
+    x0 = torch.rand(n, generator=gen, dtype=F64)
+    return fg, x0, torch.zeros(n, dtype=F64), upper, 5
+
+
 def negative_curvature():
     """-x0^2 + log cosh(x1 - 0.3) + 0.1 x1^2 on [-1, 1] x [-5, 5]: the first step runs x0 into its
     bound along a direction of negative curvature, so s.y < 0 and the pair is skipped."""
@@ -191,6 +222,7 @@ PROBLEMS = {
     "upper_bounds_only": upper_bounds_only,
     "infeasible_start": infeasible_start,
     "flat_far_optimum": flat_far_optimum,
+    "ramp_past_the_box": ramp_past_the_box,
     "negative_curvature": negative_curvature,
     "unbounded": unbounded,
 }
@@ -223,7 +255,7 @@ def compare(name):
     """Both runs on one problem; each also returns the losses it evaluated, in order."""
     fg, x0, lower, upper, m = PROBLEMS[name]()
     our_losses, their_losses = [], []
-    ours = lbfgsb(_recording(fg, our_losses), x0, lower, upper, m=m, pgtol=PGTOL, factr=FACTR)
+    ours = minimize_lbfgsb(_recording(fg, our_losses), x0, lower, upper, m=m, pgtol=PGTOL, factr=FACTR)
     theirs = _scipy(_recording(fg, their_losses), x0, lower, upper, m)
     return ours, theirs, (lower, upper), (our_losses, their_losses)
 
@@ -250,7 +282,7 @@ def test_against_scipy(name):
         assert a == pytest.approx(b, rel=1e-9, abs=0)
 
 
-@pytest.mark.parametrize("name", ["logistic_in_a_box", "flat_far_optimum", "negative_curvature"])
+@pytest.mark.parametrize("name", ["logistic_in_a_box", "flat_far_optimum", "ramp_past_the_box", "negative_curvature"])
 def test_stops_on_the_projected_gradient(name):
     """Where the gradient stays large on the active bounds, only the projected gradient can stop the run."""
     ours, theirs, (lower, upper), _ = compare(name)
@@ -266,21 +298,31 @@ def test_start_is_projected_and_every_trial_is_feasible():
         seen.append(x.clone())
         return fg(x)
 
-    lbfgsb(recording, x0, lower, upper, m=m, pgtol=PGTOL, factr=FACTR)
+    minimize_lbfgsb(recording, x0, lower, upper, m=m, pgtol=PGTOL, factr=FACTR)
     assert torch.equal(seen[0], project(x0, lower, upper))
     assert all(bool(((x >= lower) & (x <= upper)).all()) for x in seen)
 
 
 def test_negative_curvature_pair_is_skipped():
     fg, x0, lower, upper, m = negative_curvature()
-    result = lbfgsb(fg, x0, lower, upper, m=m, pgtol=PGTOL, factr=FACTR)
+    result = minimize_lbfgsb(fg, x0, lower, upper, m=m, pgtol=PGTOL, factr=FACTR)
     assert result.skipped == 1
     assert result.x[0] == 1.0 and abs(float(result.g[1])) <= PGTOL  # x0 on its bound, x1 stationary
 
 
+def test_iteration_and_evaluation_limits():
+    fg, x0, lower, upper, m = bounded_rosenbrock()
+    result = minimize_lbfgsb(fg, x0, lower, upper, m=m, max_iter=3)
+    assert result.reason == "max_iter" and result.n_iter == 3
+    calls = []
+    result = minimize_lbfgsb(_recording(fg, calls), x0, lower, upper, m=m, max_eval=9)
+    assert result.reason == "max_eval" and result.n_eval == len(calls) <= 9
+    assert result.f == min(calls)  # the last accepted point is the best one seen
+
+
 def test_bad_bounds():
     with pytest.raises(ValueError, match="lower > upper"):
-        lbfgsb(_rosenbrock_fg, torch.zeros(3, dtype=F64), torch.tensor([0.0, 1.0, 0.0], dtype=F64), 0.5)
+        minimize_lbfgsb(_rosenbrock_fg, torch.zeros(3, dtype=F64), torch.tensor([0.0, 1.0, 0.0], dtype=F64), 0.5)
 
 
 # ----------------------------------------------------------------------------------
@@ -328,10 +370,10 @@ def test_compact_representation_is_the_bfgs_matrix():
 
 
 def test_breakpoints_with_infinite_bounds():
-    x = torch.tensor([0.5, 0.5, 0.5, 0.0, 1.0, 0.5, 2.0, 0.3, 0.0], dtype=F64)
-    g = torch.tensor([-2.0, 4.0, -1.0, 3.0, -1.0, 0.0, 1.5, 2.0, -1.0], dtype=F64)
-    lower = torch.tensor([0.0, -INF, 0.0, 0.0, 0.0, 0.0, 2.0, -1.0, 0.0], dtype=F64)
-    upper = torch.tensor([INF, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0, INF, INF], dtype=F64)
+    x = torch.tensor([0.5, 0.5, 0.5, 0.0, 1.0, 0.5, 2.0, 0.3, 0.0, 1.0], dtype=F64)
+    g = torch.tensor([-2.0, 4.0, -1.0, 3.0, -1.0, 0.0, 1.5, 2.0, -1.0, 0.0], dtype=F64)
+    lower = torch.tensor([0.0, -INF, 0.0, 0.0, 0.0, 0.0, 2.0, -1.0, 0.0, -INF], dtype=F64)
+    upper = torch.tensor([INF, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0, INF, INF, 1.0], dtype=F64)
     t, d = breakpoints(x, g, lower, upper)
     expected_t = [
         INF,   # moving up, no upper bound
@@ -343,9 +385,10 @@ def test_breakpoints_with_infinite_bounds():
         0.0,   # lower = upper
         0.65,  # moving down to -1: (0.3 + 1) / 2
         INF,   # on the lower bound, moving in, no upper bound
+        0.0,   # on the upper bound with a zero gradient: held there (not free)
     ]
     assert t.tolist() == pytest.approx(expected_t)
-    assert d.tolist() == [2.0, -4.0, 1.0, 0.0, 0.0, -0.0, 0.0, -2.0, 1.0]
+    assert d.tolist() == [2.0, -4.0, 1.0, 0.0, 0.0, -0.0, 0.0, -2.0, 1.0, 0.0]
 
 
 def test_cauchy_point_by_hand():
@@ -368,8 +411,9 @@ def test_cauchy_point_by_hand():
         assert cp.free.tolist() == [True, False]
         torch.testing.assert_close(cp.c, model.Wt(cp.xcp - x), rtol=0, atol=1e-15)
     # Without pairs (B = I) the model's minimiser lies past every breakpoint: the GCP is P(x - g).
-    cp = generalized_cauchy_point(x, g, lower, upper, CompactModel.empty(2))
-    assert cp.xcp.tolist() == [0.0, 1.0] and cp.free.tolist() == [False, False]
+    for find in (generalized_cauchy_point, generalized_cauchy_point_parallel):
+        cp = find(x, g, lower, upper, CompactModel.empty(2))
+        assert cp.xcp.tolist() == [0.0, 1.0] and cp.free.tolist() == [False, False]
 
 
 def _dense_cauchy_point(x, g, lower, upper, B):
@@ -506,6 +550,15 @@ def test_more_thuente_strong_wolfe_and_the_box():
     assert status == "converged" and abs(point.gtd) <= 0.9 * abs(g0) and evals > 1
 
 
+def test_more_thuente_backs_off_from_non_finite_values():
+    def phi(t):  # (t - 2)^2 - 4 until t = 0.5, undefined beyond
+        return ((t - 2.0) ** 2 - 4, 2 * (t - 2.0)) if t <= 0.5 else (math.nan, math.nan)
+
+    point, evals, status = more_thuente(phi, 0.0, -4.0, step=1.0, step_max=1e10)
+    assert status in ("converged", "warning") and math.isfinite(point.f) and 0 < point.t <= 0.5
+    assert point.f <= 1e-3 * point.t * -4.0
+
+
 def test_max_step_to_the_box():
     x = torch.tensor([0.0, 0.5, 1.0, 0.2], dtype=F64)
     d = torch.tensor([1.0, -1.0, 0.0, 1.0], dtype=F64)
@@ -531,6 +584,7 @@ def test_trial_points_stay_in_the_box_under_rounding():
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)
     print(f"pgtol = {PGTOL}, factr = {FACTR} (scipy: gtol = pgtol, ftol = factr * eps), same maxcor\n")
     print(f"| problem | n | m | active bounds | objective rel. diff | projected gradient | evaluations (ours / scipy) | iterations (ours / scipy) | stop |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -55,8 +55,8 @@ __all__ = [
     "breakpoints",
     "generalized_cauchy_point",
     "generalized_cauchy_point_parallel",
-    "lbfgsb",
     "max_step",
+    "minimize_lbfgsb",
     "more_thuente",
     "project",
     "projected_gradient",
@@ -591,7 +591,7 @@ class LBFGSBResult:
     skipped: int
 
 
-def lbfgsb(
+def minimize_lbfgsb(
     fg: Callable[[Tensor], tuple[float, Tensor]],
     x0: Tensor,
     lower: Tensor | float | None = None,
