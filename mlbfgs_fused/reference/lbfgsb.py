@@ -297,7 +297,7 @@ def generalized_cauchy_point(x: Tensor, g: Tensor, lower: Tensor, upper: Tensor,
             f1 = f1 + d_b * float(Mw @ c)
             f2 = f2 + 2.0 * d_b * float(Mw @ p) - d_b * d_b * float(Mw @ w_b)
             p = p - d_b * w_b
-        f2 = max(EPS * f2_first, f2)  # B is positive definite; keep f'' so under rounding
+        f2 = max(EPS * f2_first, f2)  # B is positive definite, so f'' > 0: a floor against rounding
         dt_min = -f1 / f2
         t_start = float(t[b])
         segments += 1
