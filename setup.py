@@ -123,7 +123,7 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "triton", "numpy"],
+        "test": ["pytest", "pytest-benchmark", "triton", "numpy", "scipy", "scikit-learn"],
         "demo": ["scikit-learn", "matplotlib", "tqdm"],
     },
 )
