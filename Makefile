@@ -17,7 +17,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mlbfgs-installed
 # Import names of the requirements (setup.py: install_requires and the test and demo extras).
-REQUIRED_IMPORTS := torch,triton,pytest,pytest_benchmark,numpy,sklearn,matplotlib,tqdm
+REQUIRED_IMPORTS := torch,triton,pytest,pytest_benchmark,numpy,scipy,sklearn,matplotlib,tqdm
 BUILD_IMPORTS := setuptools,wheel
 # Sources whose change means a rebuild (the C++ extension, when there is one).
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard CMakeLists.txt csrc/*.* csrc/*/*.*)
