@@ -14,7 +14,7 @@ import torch
 
 from bench.contenders import build_mlbfgs, mlbfgs_backend_works, mlbfgs_floor_bytes
 from bench.machine import default_device
-from bench.phases import PHASE_NAMES, backend_phases
+from bench.phases import PASS_NAMES, backend_phases
 from bench.problem import make_history, make_problem
 from bench.timing import synchronize
 
@@ -51,7 +51,7 @@ def pytest_generate_tests(metafunc):
             (b, n, m, k)
             for b in _backends()
             for n, m in cases
-            for k in ("step", *_phase_names(b))
+            for k in ("step", *PASS_NAMES)
         ]
         metafunc.parametrize(
             "kernel_case", params, ids=[f"{b}-N{n:.0e}-m{m}-{k}".replace("+0", "") for b, n, m, k in params]
@@ -59,10 +59,6 @@ def pytest_generate_tests(metafunc):
     if "copy_numel" in metafunc.fixturenames:
         sizes = [n for n, _ in cases[:1]] if smoke else _sizes(metafunc.config)
         metafunc.parametrize("copy_numel", sorted(set(sizes)), ids=lambda n: f"N{n:.0e}".replace("+0", ""))
-
-
-def _phase_names(backend: str) -> tuple[str, ...]:
-    return PHASE_NAMES.get(backend, ())
 
 
 _built: dict = {}
@@ -110,7 +106,7 @@ def test_mlbfgs(benchmark, kernel_case, device, bandwidth, smoke):
     if kernel == "step":
         fn, floor = opt.step, mlbfgs_floor_bytes(n, m)
     else:
-        phase, floor_of = backend_phases(opt, backend, m)[kernel]
+        phase, floor_of = backend_phases(opt, m)[kernel]
         fn, floor = phase, floor_of(n)
 
     def run():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -136,7 +137,7 @@ class MLBFGS(Optimizer):
             variant=variant,
         )
         _validate_group(defaults)
-        self._arenas: dict[int, tuple[tuple, list[Arena]]] = {}
+        self._arenas: dict[int, _GroupArenas] = {}
         self._partition = None
         if distributed is not None:
             from .distributed import Partition
@@ -261,8 +262,8 @@ class MLBFGS(Optimizer):
                     )
             for i in loaded:
                 _check_loaded_entries(self.state[params[i]], group, index, i)
-            self._init_group(index, group)
-            for arena in self._arenas[index][1]:
+            self._build_arenas(index, group)
+            for arena in self._arenas[index].arenas:
                 bad = arena.first_non_finite()
                 if bad is not None:
                     raise ValueError(
@@ -290,38 +291,34 @@ class MLBFGS(Optimizer):
         amp = self._amp_scaling()
         # Everything that can raise happens before the first write, so a bad
         # gradient in a later group cannot leave an earlier one updated.
-        selected = []
         for group in self.param_groups:
             backend = backends.select(group)
             backends.check_devices(group["params"], backend)
-            selected.append(backend.module)
-        if self._partition is not None:
-            selected = [self._partition.step_backend] * len(selected)
-        for group, backend in zip(self.param_groups, selected):
-            backend.check_gradients(group)
+            backend.module.check_gradients(group)
         work = []
-        for index, (group, backend) in enumerate(zip(self.param_groups, selected)):
+        for index, group in enumerate(self.param_groups):
             if not any(p.grad is not None for p in group["params"]):
                 continue
-            arenas = self._group_arenas(index, group)
-            if backend.prepare(arenas, group):
-                work.append((group, arenas, backend))
+            self._init_group(index, group)
+            plan = self._arenas[index].plan
+            if plan.prepare(group):
+                work.append((group, plan))
         if not work:
             return loss
         # One non-finite gradient anywhere (or GradScaler's found_inf) skips the whole
         # step: every group, every device; decided on the device, never on the host.
-        probes = [p for group, arenas, backend in work for p in backend.gradient_dots(arenas, group, amp)]
+        probes = [p for group, plan in work for p in plan.gradient_dots(group, amp)]
         home = probes[0].device
         total = torch.stack([p.to(home) for p in probes]).sum()
         ok = torch.isfinite(total)
         if amp is not None and amp.found_inf is not None:
             ok = ok & (amp.found_inf.to(home) == 0)
         ok_on = {home: ok}
-        for group, arenas, backend in work:
-            for arena in arenas:
-                if arena.device not in ok_on:
-                    ok_on[arena.device] = ok.to(arena.device)
-            backend.finish(arenas, group, ok_on, amp)
+        for group, plan in work:
+            for device in plan.devices:
+                if device not in ok_on:
+                    ok_on[device] = ok.to(device)
+            backends.run_passes(plan, group, ok_on, amp)
         return loss
 
     def _amp_scaling(self) -> backends.AmpScaling | None:
@@ -334,17 +331,40 @@ class MLBFGS(Optimizer):
 
     def _group_arenas(self, index: int, group: dict) -> list[Arena]:
         """The group's arenas, one per (device, dtype)."""
-        self._init_group(index, group)
-        return self._arenas[index][1]
+        self._build_arenas(index, group)
+        return self._arenas[index].arenas
+
+    def backend_plan(self, group_index: int = 0) -> backends.Plan:
+        """The plan of the backend that steps group ``group_index``: its passes are the
+        backend protocol (mlbfgs_fused/backends/__init__.py), for benchmarks and tests
+        that run one pass at a time. Built as a step would build it."""
+        group = self.param_groups[group_index]
+        self._init_group(group_index, group)
+        return self._arenas[group_index].plan
 
     def _init_group(self, index: int, group: dict) -> None:
-        """Build the group's arenas on first use, after a checkpoint is loaded, and
-        after a parameter moved to another dtype, device or memory format (its state
-        follows it).
+        """The group's arenas (:meth:`_build_arenas`) and the plan of the backend that
+        steps it, made when either changes.
 
         Named as torch's optimizers name their lazy state initialisation: under
         ``torch.compile`` Dynamo runs ``_init_group`` eagerly instead of tracing it
         and guards on the state it made, so even a compiled first step is one graph.
+        """
+        self._build_arenas(index, group)
+        built = self._arenas[index]
+        name = backends.select(group).name
+        if built.plan is None or built.backend != name:
+            if self._partition is not None:
+                built.plan = self._partition.plan(built.arenas, group)
+            else:
+                built.plan = backends.get(name).module.plan(built.arenas, group)
+            built.backend = name
+
+    def _build_arenas(self, index: int, group: dict) -> None:
+        """Build the group's arenas on first use, after a checkpoint is loaded, and
+        after a parameter moved to another dtype, device or memory format (its state
+        follows it).
+
         Everything that can raise runs before ``optimizer.state`` changes.
         """
         params = group["params"]
@@ -353,11 +373,11 @@ class MLBFGS(Optimizer):
             group["history_size"], group["history_dtype"], repr(group["blocks"]),
         )
         cached = self._arenas.get(index)
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached.key == key:
             return
-        stepped = cached is not None and cached[0].ids == key.ids  # the same parameters, changed
+        stepped = cached is not None and cached.key.ids == key.ids  # the same parameters, changed
         if stepped:
-            _check_unchanged_structure(index, group, cached[0], key, self._partition is not None)
+            _check_unchanged_structure(index, group, cached.key, key, self._partition is not None)
         check_parameters(params, group["history_dtype"])  # after model.to(...) or p.data = ...
         by_kind: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
@@ -377,7 +397,7 @@ class MLBFGS(Optimizer):
             position = {id(p): i for i, p in enumerate(params)}
             before = sorted(
                 piece
-                for arena in cached[1]
+                for arena in cached.arenas
                 for piece in _block_pieces(arena.layout, [position[id(p)] for p in arena.params], params)
             )
             after = sorted(
@@ -411,7 +431,7 @@ class MLBFGS(Optimizer):
             arena.fill(self.state)
         for arena in arenas:
             arena.bind(self.state)
-        self._arenas[index] = (key, arenas)
+        self._arenas[index] = _GroupArenas(key, arenas)
 
 
 def _block_pieces(layout, group_indices: list[int], params: list[Tensor]) -> list[tuple]:
@@ -497,6 +517,17 @@ class _ArenaKey(NamedTuple):
     history_size: int
     history_dtype: torch.dtype | None
     blocks: str
+
+
+@dataclass
+class _GroupArenas:
+    """A group's arenas, what they were built for, and the plan of the backend that
+    steps them (remade when the group's backend changes)."""
+
+    key: _ArenaKey
+    arenas: list[Arena]
+    backend: str | None = None
+    plan: backends.Plan | None = None
 
 
 def _check_unchanged_structure(index: int, group: dict, old: _ArenaKey, new: _ArenaKey, distributed: bool) -> None:

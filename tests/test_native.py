@@ -292,7 +292,7 @@ def test_fused_dispatch_on_the_cpu():
     p.grad = torch.randn(3)
     opt = MLBFGS([p], fused=True)
     opt.step()
-    assert isinstance(opt._arenas[0][1][0].native, native.GroupPlan)
+    assert isinstance(opt.backend_plan(0), native.NativePlan)
 
 
 def test_unavailable_extension_falls_back_with_one_warning(monkeypatch):
@@ -318,8 +318,8 @@ def test_fake_kernels_trace_under_fake_tensors():
     opt = MLBFGS(plan_params, backend="cpp")
     plan_params[0].grad = torch.randn(10)
     opt.step()
-    arena = opt._arenas[0][1][0]
-    a = arena.native.arenas[0]
+    a = opt.backend_plan(0).arenas[0]
+    arena = a.arena
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake = [mode.from_tensor(t) for t in (arena.history_s, arena.history_y, a.chunks, a.partials)]
         native.ops().gradient_dots(
@@ -345,7 +345,7 @@ def test_group_over_two_dtypes_normalises_over_the_whole_group():
         runs[name] = params
     for a, b in zip(runs["foreach"], runs["cpp"]):
         torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6)
-    assert len(opt._arenas[0][1]) == 2
+    assert len(opt.backend_plan(0).arenas) == 2
 
 
 def test_cuda_backend_refuses_graph_capture_before_writing(monkeypatch):

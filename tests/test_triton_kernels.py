@@ -11,7 +11,7 @@ import torch
 
 from mlbfgs_fused import MLBFGS
 from mlbfgs_fused.backends import triton as _triton
-from mlbfgs_fused._math import damping_factor, two_loop_coefficients
+from mlbfgs_fused._math import damping_factor, normalize_mode, two_loop_coefficients
 
 pytestmark = pytest.mark.skipif(
     not _triton.available(), reason="Triton does not import"
@@ -44,8 +44,8 @@ class Fused:
         (self.arena,) = self.opt._group_arenas(0, self.group)
         for p in self.params:
             p.grad = torch.randn(p.shape, generator=gen).to(dev)
-        assert _triton.prepare([self.arena], self.group)
-        self.plan = self.arena.fused
+        self.plan = self.opt.backend_plan(0)
+        assert self.plan.prepare(self.group)
         (self.ap,) = self.plan.arenas
         self.m, self.n = m, self.arena.layout.numel
         self.bounds = self.arena.layout.block_bounds
@@ -109,7 +109,7 @@ def test_pass1_inner_products(monkeypatch, m, history_dtype):
     f.fill_history([m + 2, 1])
     f.params[1].grad = None  # a parameter without gradient counts as zero
     f.params[2].grad[3] = 1e30  # huge but finite: g.g stays finite in float64
-    assert _triton.prepare([f.arena], f.group)
+    assert f.plan.prepare(f.group)
     f.ap.gradient_dots(f.group, None)
 
     g = f.gradient(f.present_mask())
@@ -138,7 +138,7 @@ def test_coefficients_match_two_loop(monkeypatch, m, pair_counts):
     )
     expected = torch.cat([c_g[:, None], c_s, c_y], dim=1)
     torch.testing.assert_close(f.ap.coef, expected, rtol=1e-9, atol=1e-12)
-    stats = f.plan.stats[f.arena.device]
+    stats = f.plan.geometry.stats[f.arena.device]
     torch.testing.assert_close(stats[:, 0], gg, rtol=1e-12, atol=0)
     torch.testing.assert_close(f.ap.probe, f.ap.dot_partials[:, -1].sum(), rtol=1e-12, atol=0)
     torch.testing.assert_close(stats[:, 1], d_dot_d, rtol=1e-9, atol=1e-12)
@@ -157,7 +157,7 @@ def _ok(value=True):
 def _direction_scale(f):
     """The group's scale of d from the stats rows, as the step computes it before pass 2."""
     dev = f.arena.device
-    f.plan.kernels.two_loop.direction_scale(f.plan.stats[dev], f.plan.d_scale[dev], f.group["normalize"])
+    f.plan.kernels.two_loop.direction_scale(f.plan.geometry.stats[dev], f.plan.d_scale[dev], normalize_mode(f.group["normalize"]))
 
 
 def _random_state(f, step):
@@ -166,7 +166,7 @@ def _random_state(f, step):
         a.flat_state[key].copy_(f.randn(f.n))
     f.ap.coef.copy_(f.randn(*f.ap.coef.shape))
     held = (a.counters["pair_count"] > 0).double()
-    stats = f.plan.stats[a.device]
+    stats = f.plan.geometry.stats[a.device]
     stats[:, 0] = f.randn(f.B).abs()
     stats[:, 1] = f.randn(f.B).abs()
     stats[:, 2] = held
@@ -188,7 +188,7 @@ def _expected_pass2(f, step, present):
         sl, c = f.block(b), f.ap.coef[b]
         S, Y = f.ring(a.history_s, b), f.ring(a.history_y, b)
         d[sl] = c[0] * g[sl] + c[1 : m + 1] @ S + c[m + 1 :] @ Y
-    stats = f.plan.stats[a.device]
+    stats = f.plan.geometry.stats[a.device]
     norm = stats[:, 1].sum().sqrt()
     if h["normalize"] and stats[:, 2].sum() > 0 and norm > 0:
         d = d / norm
@@ -202,7 +202,7 @@ def test_pass2_update(monkeypatch, step):
     f = Fused(monkeypatch, m=3, weight_decay=0.05, update_period=4, ema_decay=(0.9, 0.8), lr=0.3)
     f.fill_history([4, 0])
     f.params[0].grad = None
-    assert _triton.prepare([f.arena], f.group)
+    assert f.plan.prepare(f.group)
     _random_state(f, step)
     present = f.present_mask()
     theta, P, G, buf = _expected_pass2(f, step, present)

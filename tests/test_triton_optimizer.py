@@ -295,8 +295,8 @@ def test_training_loop_with_gradients_none_and_replaced(set_to_none):
 
 def test_address_table_uploaded_only_when_a_pointer_changes(monkeypatch):
     builds = []
-    rebuild = _triton.ArenaPlan._rebuild
-    monkeypatch.setattr(_triton.ArenaPlan, "_rebuild", lambda self, *a: (builds.append(1), rebuild(self, *a)))
+    rebuild = _triton.TritonArena._rebuild
+    monkeypatch.setattr(_triton.TritonArena, "_rebuild", lambda self, *a: (builds.append(1), rebuild(self, *a)))
     model = _mlp(7)
     opt = MLBFGS(model.parameters(), lr=0.05, backend="triton")
     x = torch.randn(4, 6, device=_device())
@@ -413,7 +413,7 @@ def test_aligned_specialization_when_every_tile_starts_on_16_elements():
             opt.step()
         runs.append((params, opt))
     (p_t, opt_t), (p_f, _) = runs
-    (plan,) = opt_t._group_arenas(0, opt_t.param_groups[0])[0].fused.arenas
+    (plan,) = opt_t.backend_plan(0).arenas
     assert plan.aligned
     for a, b in zip(p_t, p_f):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -548,14 +548,14 @@ def test_launch_sequence_compiles_without_graph_breaks():
     for compiled in (False, True):
         torch._dynamo.reset()
         opt, groups = run_scenario(sc, torch.float32, dev, stop=2, backend="triton")
-        plan = opt._group_arenas(0, opt.param_groups[0])[0].fused
+        plan = opt.backend_plan(0)
         launch = torch.compile(plan.launch, backend="aot_eager", fullgraph=True) if compiled else plan.launch
         for step in range(2, sc.steps):
             set_grads(sc, groups, step)
             for index, group in enumerate(opt.param_groups):
-                arenas = opt._group_arenas(index, group)
-                _triton.prepare(arenas, group)
-                launch(group) if index == 0 else arenas[0].fused.launch(group)
+                group_plan = opt.backend_plan(index)
+                group_plan.prepare(group)
+                launch(group) if index == 0 else group_plan.launch(group)
         runs.append(groups)
     for g1, g2 in zip(*runs):
         for p1, p2 in zip(g1, g2):
@@ -574,9 +574,9 @@ def test_inductor_runs_the_launches_in_place():
     opt, groups = run_scenario(sc, torch.float32, _device(), stop=2, backend="triton")
     set_grads(sc, groups, 2)
     group = opt.param_groups[0]
-    arenas = opt._group_arenas(0, group)
-    _triton.prepare(arenas, group)
-    launch = torch.compile(arenas[0].fused.launch, backend="inductor", fullgraph=True)
+    plan = opt.backend_plan(0)
+    plan.prepare(group)
+    launch = torch.compile(plan.launch, backend="inductor", fullgraph=True)
     _, (code, *_) = run_and_get_code(launch, group)
     assert "clone" not in code and "copy_" not in code
     allocations = [line for line in code.splitlines() if "= empty_strided" in line]

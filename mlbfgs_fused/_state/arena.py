@@ -2,10 +2,12 @@
 
 Every backend keeps its state in an :class:`Arena`: each per-element quantity is
 one contiguous ``[N]`` buffer over the group's parameters laid end to end (see
-:mod:`._blocks`), and the history is one ``[m * N]`` buffer, block-major, so
+:mod:`.layout`), and the history is one ``[m * N]`` buffer, block-major, so
 block ``b`` sees its ring as a contiguous ``[m, n_b]`` matrix. ``optimizer.state``
 holds views into these buffers, so ``state_dict()`` has the same layout on
-every backend and a checkpoint moves between them.
+every backend and a checkpoint moves between them. An arena holds state and its
+views only; what a backend needs besides (tables, scratch) is its plan's
+(mlbfgs_fused/backends/__init__.py).
 
 Per parameter ``p`` (views shaped like ``p``):
     ``momentum_buffer``, ``param_ema``, ``grad_ema``, ``param_snapshot``, ``grad_snapshot``
@@ -33,6 +35,8 @@ BLOCK_STATE_KEYS = (*BLOCK_COUNTER_DTYPES, "history_s", "history_y", "gram")
 
 
 class Arena:
+    """The state of one group's parameters on one (device, dtype), and its views."""
+
     def __init__(
         self,
         params: list[Tensor],
@@ -60,34 +64,6 @@ class Arena:
             key: torch.zeros(B, dtype=dtype, device=dev)
             for key, dtype in BLOCK_COUNTER_DTYPES.items()
         }
-        self.fused = None  # the fused backend's plan
-        self.counter_probe = None  # the foreach backend's host-side view of the step counter
-        self._work = None
-        self._grad_flat = None
-        self._wide = None
-
-    @property
-    def grad_flat(self) -> Tensor:
-        """The foreach backend's gathered gradient (scratch, not state), allocated on first use."""
-        if self._grad_flat is None:
-            self._grad_flat = torch.zeros(self.layout.numel, dtype=self.dtype, device=self.device)
-        return self._grad_flat
-
-    @property
-    def wide(self) -> Tensor:
-        """The foreach backend's ``[2, chunk]`` float64 scratch for dots accumulated in
-        float64, allocated on first use."""
-        if self._wide is None:
-            self._wide = torch.zeros(2, min(self.layout.numel, 1 << 16), dtype=torch.float64, device=self.device)
-        return self._wide
-
-    @property
-    def work(self) -> Tensor:
-        """A scratch vector of the foreach backend, allocated on first use (not a
-        ``functools.cached_property``: its lock stops torch.compile)."""
-        if self._work is None:
-            self._work = torch.zeros(self.layout.numel, dtype=self.dtype, device=self.device)
-        return self._work
 
     # -- geometry -------------------------------------------------------------
     def param_slice(self, i: int) -> slice:

@@ -1,4 +1,5 @@
-"""The backends of the optimizers, side by side, and the one place that picks one.
+"""The backends of the optimizers, side by side, the one place that picks one, and the
+one place that orders a step's passes.
 
 Every backend module has the same entry points (one signature, like torch's
 ``_single_tensor_adam`` / ``_multi_tensor_adam`` / ``_fused_adam``):
@@ -10,22 +11,15 @@ Every backend module has the same entry points (one signature, like torch's
 ``check_gradients(group) -> None``
     raise PyTorch's error for a gradient the backend cannot take; called for every
     group before anything of any group is written.
-``prepare(arenas, group) -> bool``
-    host-side work of a step before anything is written: check and bind the
-    gradients, refresh device-side hyperparameters. Raises on bad input. Returns
-    whether any parameter of the group has a gradient (a group with none is not stepped).
-``gradient_dots(arenas, group, amp) -> list[Tensor]``
-    pass 1 (``S g``, ``Y g``, ``g.g`` per block, into the backend's scratch). Returns one
-    0-dim float64 tensor per arena (on the arena's device) that is non-finite exactly
-    when some effective gradient entry of the arena is: the optimizer combines them over
-    every group and device into the step's ``ok`` flag (docs/design.md, "Non-finite steps").
-``finish(arenas, group, ok, amp) -> None``
-    the rest of the step: direction, update, pair push, counters. ``ok`` maps each
-    device of the group to a 0-dim bool tensor; where it is False nothing but the
-    skipped-step counters changes.
+``plan(arenas, group) -> Plan``
+    the backend's own objects for one group's arenas (tables, scratch, device-side
+    hyperparameters): made once, kept by the optimizer next to the arenas, never in
+    them (an :class:`~mlbfgs_fused._state.arena.Arena` holds state and views only).
 
-``amp`` is an :class:`AmpScaling` (``GradScaler``'s ``grad_scale`` and ``found_inf``) or None.
-No entry point reads a device value on the host or allocates in a steady-state step.
+A :class:`Plan` runs the passes of a step. They have one name in ``kernels/``,
+``csrc/``, every backend, the bench and docs/design.md ("The backend protocol"), and
+:func:`run_passes` is the one place that orders them, after the reference's step.
+No pass reads a device value on the host or allocates in a steady-state step.
 """
 
 from __future__ import annotations
@@ -47,6 +41,66 @@ class AmpScaling:
 
     grad_scale: Tensor | None
     found_inf: Tensor | None
+
+
+class Plan:
+    """One group's passes on one backend (docs/design.md, "The backend protocol").
+
+    ``amp`` is an :class:`AmpScaling` or None; ``ok`` maps each device of the group to
+    the step's 0-dim bool verdict, where it is False nothing but the skipped-step
+    counters may change. A backend may fuse a pass into a neighbour (its docstring
+    says which); the order of :func:`run_passes` holds for every backend.
+    """
+
+    def prepare(self, group: dict) -> bool:
+        """Host-side work before any write: bind the gradients, refresh device-side
+        hyperparameters. Returns whether any parameter of the group has a gradient."""
+        raise NotImplementedError
+
+    def gradient_dots(self, group: dict, amp: AmpScaling | None) -> list[Tensor]:
+        """Pass 1: ``S g``, ``Y g``, ``g.g`` per block. Returns one 0-dim float64 probe
+        per arena, non-finite exactly when some effective gradient entry of the arena is
+        (docs/design.md, "Non-finite steps")."""
+        raise NotImplementedError
+
+    def two_loop(self, group: dict, ok: dict, after_push: bool = False) -> None:
+        """The coefficients of ``d`` from the Gram matrices and the dots, and the group's
+        scale of ``d``. ``after_push``: a pair was just pushed and is used at once
+        (``variant="released"``, E4): the dots with it come first."""
+        raise NotImplementedError
+
+    def update(self, group: dict, ok: dict, amp: AmpScaling | None, averages: bool = True, direction: bool = True) -> None:
+        """Pass 2: the averages of the parameters and gradients (``averages``), then ``d``,
+        momentum and the parameters (``direction``)."""
+        raise NotImplementedError
+
+    def push(self, group: dict, ok: dict, amp: AmpScaling | None) -> None:
+        """Where a pair is due: the pair into its ring slot, its Gram row, the snapshots
+        (``variant="released"``: then ``G = g``, E2)."""
+        raise NotImplementedError
+
+    def commit(self, group: dict, ok: dict) -> None:
+        """The counters: ``step += ok``, ``skipped_steps += not ok``; last, as every other
+        pass reads ``step``."""
+        raise NotImplementedError
+
+
+def run_passes(plan: Plan, group: dict, ok: dict, amp: AmpScaling | None) -> None:
+    """The rest of a step once ``ok`` is decided, in the order of the reference
+    (mlbfgs_fused/reference/mlbfgs.py; docs/design.md, "The step" and "The released
+    variant"): the paper's direction comes from the history as it was and the pair
+    after the update; the released code's averages and pair come first (E1, E2) and
+    the direction uses the new pair (E4)."""
+    if group["variant"] == "released":
+        plan.update(group, ok, amp, averages=True, direction=False)
+        plan.push(group, ok, amp)
+        plan.two_loop(group, ok, after_push=True)
+        plan.update(group, ok, amp, averages=False, direction=True)
+    else:
+        plan.two_loop(group, ok)
+        plan.update(group, ok, amp)
+        plan.push(group, ok, amp)
+    plan.commit(group, ok)
 
 
 @dataclass(frozen=True)

@@ -7,16 +7,17 @@ is a mask or a factor in tensor arithmetic, chosen so that a masked-off update i
 exact identity (``x * 1``, ``x + 0``, ``lerp`` with weight 0). The pair update runs
 (masked) only on steps where the host's :class:`CounterProbe` says a pair can be due.
 
-Order per arena (the reference, mlbfgs_fused/reference/mlbfgs.py, defines it):
-``gradient_dots`` gathers ``g`` and takes ``S g``, ``Y g``, ``g.g``; ``finish`` finds
-the coefficients of ``d`` and ``||d||`` from the Gram matrices, writes ``d``
-already normalised into ``work``, then the averages, heavy ball and parameter write,
-then the pair update. Under ``variant="released"`` a possible pair step first updates
-the averages and pushes the pair, gathers ``g`` again (the push used its scratch),
-resets the gradient average and takes the dots with the new pair.
+The passes of :class:`ForeachPlan`, per arena, in the order of
+:func:`mlbfgs_fused.backends.run_passes`: ``gradient_dots`` gathers ``g`` into the
+plan's scratch and takes ``S g``, ``Y g``, ``g.g``; ``two_loop`` finds the coefficients
+of ``d`` and ``||d||`` from the Gram matrices; ``update`` writes ``d`` already
+normalised into ``work``, then the averages, heavy ball and parameter write; ``push``
+forms the pair in the two scratch vectors (under ``variant="released"`` it then gathers
+``g`` again and restarts the gradient average, E2, and ``two_loop`` takes the dots with
+the new pair); ``commit`` counts.
 
-Memory: besides the arena's two scratch vectors (``grad_flat`` and ``work``) no step
-allocates anything parameter-sized for float32/float64 data; 16-bit data goes
+Memory: besides the plan's two scratch vectors (the gathered gradient and ``work``) no
+step allocates anything parameter-sized for float32/float64 data; 16-bit data goes
 through bounded chunks (Note [reductions in float32 or wider]).
 """
 
@@ -26,8 +27,9 @@ import torch
 from torch import Tensor
 
 from .._checks import check_gradients  # noqa: F401 -- an entry point
-from .._state.arena import Arena
 from .._math import NORMALIZE_NEVER, damping_factor, direction_scale, normalize_mode, two_loop_coefficients
+from .._state.arena import Arena
+from . import Plan
 
 
 def available() -> bool:
@@ -38,60 +40,131 @@ def supported_devices() -> list[str]:
     return ["cpu", "cuda", "mps", "xpu", "meta"]
 
 
-def prepare(arenas: list[Arena], group: dict) -> bool:
-    return any(p.grad is not None for p in group["params"])
+def plan(arenas: list[Arena], group: dict) -> ForeachPlan:
+    return ForeachPlan(arenas)
 
 
-def gradient_dots(arenas: list[Arena], group: dict, amp) -> list[Tensor]:
-    """Gather ``g`` and compute ``S g``, ``Y g``, ``g.g`` per block; keep them for :func:`finish`."""
-    probes = []
-    for arena in arenas:
-        step = GroupStep(arena)
-        gather_gradient(step, group["weight_decay"], group["maximize"], _grad_scale(amp, arena))
-        dots = _gradient_dots(arena)
-        arena.pending_step = (step, dots)
-        probes.append(dots[2].sum())
-    return probes
+class ForeachPlan(Plan):
+    """The passes over a group's arenas; the per-arena scratch lives in :class:`Scratch`."""
+
+    def __init__(self, arenas: list[Arena]):
+        self.arenas = arenas
+        self.scratch = [Scratch(arena) for arena in arenas]
+        self.devices = list(dict.fromkeys(a.device for a in arenas))
+        self.home = arenas[0].device
+
+    def prepare(self, group: dict) -> bool:
+        return any(p.grad is not None for p in group["params"])
+
+    def gradient_dots(self, group: dict, amp) -> list[Tensor]:
+        probes = []
+        for work in self.scratch:
+            work.bind()
+            work.gather_gradient(group, amp)
+            work.dots = gradient_dots(work)
+            probes.append(work.dots[2].sum())
+        return probes
+
+    def two_loop(self, group: dict, ok: dict, after_push: bool = False) -> None:
+        for work in self.scratch:
+            ok_here = ok[work.arena.device]
+            if after_push and work.pair_step:
+                work.dots = gradient_dots(work)  # with the pair just pushed
+            work.coefficients = direction_coefficients(work, ok_here, work.dots)
+        d_scale = group_direction_scale(self.arenas, [w.coefficients[3] for w in self.scratch], group["normalize"], self.home)
+        for work in self.scratch:
+            work.d_scale = torch.where(ok[work.arena.device], d_scale.to(work.arena.device), 0.0)
+
+    def update(self, group: dict, ok: dict, amp, averages: bool = True, direction: bool = True) -> None:
+        for work in self.scratch:
+            ok_here = ok[work.arena.device]
+            if direction:
+                write_direction(work, work.coefficients, work.d_scale)
+            else:
+                work.grad.masked_fill_(ok_here.logical_not(), 0.0)  # a masked product must not meet a NaN
+            if averages:
+                update_averages(work, group, ok_here)
+            if direction:
+                heavy_ball(work, group, ok_here)
+
+    def push(self, group: dict, ok: dict, amp) -> None:
+        released = group["variant"] == "released"
+        T = group["update_period"]
+        for work in self.scratch:
+            arena, ok_here = work.arena, ok[work.arena.device]
+            # Under capture the host's knowledge would be frozen into the graph.
+            work.pair_step = group["capturable"] or work.counter_probe.pair_update_possible(T)
+            if not work.pair_step:
+                continue
+            t = arena.counters["step"] + ok_here  # this step's t (the counter moves in commit)
+            push_pairs(work, group, ok_here, t)
+            if released:  # the push used g's scratch: gather g again, then E2
+                work.gather_gradient(group, amp)
+                work.grad.masked_fill_(ok_here.logical_not(), 0.0)
+                reset_grad_average(work, ok_here & (torch.remainder(t[0], T) == 0))
+
+    def commit(self, group: dict, ok: dict) -> None:
+        for work in self.scratch:
+            arena, ok_here = work.arena, ok[work.arena.device]
+            arena.counters["step"].add_(ok_here)
+            arena.counters["skipped_steps"].add_(ok_here.logical_not())
+            if not group["capturable"]:
+                work.counter_probe.record(arena.counters["step"][0])
 
 
-def finish(arenas: list[Arena], group: dict, ok: dict, amp) -> None:
-    """The rest of the step in the order of the reference (mlbfgs_fused/reference/mlbfgs.py):
-    under ``variant="released"`` a due step updates the averages and pushes the pair
-    before the direction is formed (E4); otherwise after the parameter write."""
-    released = group["variant"] == "released"
-    T = group["update_period"]
-    coefficients, pair_steps = [], []
-    for arena in arenas:
-        step, dots = arena.pending_step
-        ok_here = ok[arena.device]
-        if arena.counter_probe is None:
-            arena.counter_probe = CounterProbe(arena.device)
-        # Under capture the host's knowledge would be frozen into the graph.
-        pair_step = group["capturable"] or arena.counter_probe.pair_update_possible(T)
-        pair_steps.append(pair_step)
-        if released and pair_step:
-            # A masked-off product must never meet a NaN: zero g of a non-finite step.
-            arena.grad_flat.masked_fill_(ok_here.logical_not(), 0.0)
-            update_averages(step, group, ok_here)
-            t_new = arena.counters["step"] + ok_here  # this step's t (the counter moves later)
-            push_pairs(arena, group, ok_here, t_new)  # uses g's scratch: gather g again
-            gather_gradient(step, group["weight_decay"], group["maximize"], _grad_scale(amp, arena))
-            arena.grad_flat.masked_fill_(ok_here.logical_not(), 0.0)
-            reset_grad_average(step, ok_here & (torch.remainder(t_new[0], T) == 0))
-            dots = _gradient_dots(arena)  # with the pair just pushed
-        coefficients.append(direction(arena, ok_here, dots))
-    home = arenas[0].device
-    d_scale = group_direction_scale(arenas, [c[3] for c in coefficients], group["normalize"], home)
-    for arena, pair_step, coeffs in zip(arenas, pair_steps, coefficients):
-        step, _ = arena.pending_step
-        arena.pending_step = None
-        ok_here = ok[arena.device]
-        write_direction(arena, coeffs, torch.where(ok_here, d_scale.to(arena.device), 0.0))
-        apply_update(step, group, ok_here, averages=not (released and pair_step))
-        if pair_step and not released:
-            push_pairs(arena, group, ok_here, arena.counters["step"])
-        if not group["capturable"]:
-            arena.counter_probe.record(arena.counters["step"][0])
+class Scratch:
+    """One arena's scratch for the foreach passes (not state): the gathered gradient,
+    the work vector (``d``, then ``lr * buf``; ``s`` in the push), float64 chunks for
+    wide dots, the host's view of the step counter; and, per step, which parameters
+    have a gradient with lists of matching views for the ``_foreach`` ops."""
+
+    def __init__(self, arena: Arena):
+        self.arena = arena
+        zeros = dict(dtype=arena.dtype, device=arena.device)
+        self.grad = torch.zeros(arena.layout.numel, **zeros)
+        self.work = torch.zeros(arena.layout.numel, **zeros)
+        self.wide = torch.zeros(2, min(arena.layout.numel, _CHUNK), dtype=torch.float64, device=arena.device)
+        self.counter_probe = CounterProbe(arena.device)
+        self.pair_step = False
+        self.dots = self.coefficients = self.d_scale = None
+
+    def bind(self) -> None:
+        """The step's parameters with a gradient, and their tensors."""
+        arena = self.arena
+        self.present = [i for i, p in enumerate(arena.params) if p.grad is not None]
+        self.all_present = len(self.present) == len(arena.params)
+        # The tensors stepped: the parameters, or a distributed rank's pieces of them.
+        self.params = [arena.local_param(i) for i in self.present]
+        self.grads = [arena.local_grad(i) for i in self.present]
+        if not self.present:  # nothing to write here; _foreach ops take no empty list
+            self.params = self.grads = [self.grad[:0]]
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """Views of a flat arena buffer over the parameters that have gradients."""
+        if self.all_present:
+            return [flat]
+        return self.shaped_views(flat)
+
+    def shaped_views(self, flat: Tensor) -> list[Tensor]:
+        if not self.present:
+            return [flat[:0]]
+        return [self.arena.param_view(flat, i) for i in self.present]
+
+    def gather_gradient(self, group: dict, amp) -> None:
+        """``g = grad / grad_scale`` (negated under ``maximize``) ``+ weight_decay * theta``
+        into the scratch, zero where a parameter has no gradient. ``.grad`` is only
+        read: a ``GradScaler``'s scale is divided out here, never in place."""
+        g = self.grad
+        if not self.all_present:
+            g.zero_()
+        g_views = self.shaped_views(g)
+        torch._foreach_copy_(g_views, self.grads)
+        if amp is not None and amp.grad_scale is not None:
+            torch._foreach_div_(g_views, amp.grad_scale.to(self.arena.device, non_blocking=True))
+        if group["maximize"]:
+            g.neg_()
+        if group["weight_decay"] != 0:
+            torch._foreach_add_(g_views, self.params, alpha=group["weight_decay"])
 
 
 def group_direction_scale(
@@ -108,63 +181,11 @@ def group_direction_scale(
     return direction_scale(total, held > 0, mode)
 
 
-class GroupStep:
-    """Per-step views of one arena: which parameters have a gradient, and
-    lists of matching per-parameter views for the ``_foreach`` ops."""
-
-    def __init__(self, arena: Arena):
-        self.arena = arena
-        self.present = [i for i, p in enumerate(arena.params) if p.grad is not None]
-        self.all_present = len(self.present) == len(arena.params)
-        # The tensors stepped: the parameters, or a distributed rank's pieces of them.
-        self.params = [arena.local_param(i) for i in self.present]
-        self.grads = [arena.local_grad(i) for i in self.present]
-        if not self.present:  # nothing to write here; _foreach ops take no empty list
-            self.params = self.grads = [arena.grad_flat[:0]]
-
-    def views(self, flat: Tensor) -> list[Tensor]:
-        """Views of a flat arena buffer over the parameters that have gradients."""
-        if self.all_present:
-            return [flat]
-        return self.shaped_views(flat)
-
-    def shaped_views(self, flat: Tensor) -> list[Tensor]:
-        if not self.present:
-            return [flat[:0]]
-        return [self.arena.param_view(flat, i) for i in self.present]
-
-
-def _grad_scale(amp, arena: Arena) -> Tensor | None:
-    """The scale the gradients still carry (``GradScaler``), on the arena's device."""
-    if amp is None or amp.grad_scale is None:
-        return None
-    return amp.grad_scale.to(arena.device, non_blocking=True)
-
-
-def gather_gradient(
-    step: GroupStep, weight_decay: float, maximize: bool, grad_scale: Tensor | None = None
-) -> None:
-    """``g = grad / grad_scale`` (negated under ``maximize``) ``+ weight_decay * theta``
-    into the arena's flat scratch, zero where a parameter has no gradient. ``.grad`` is
-    only read: a ``GradScaler``'s scale is divided out here, never in place."""
-    g = step.arena.grad_flat
-    if not step.all_present:
-        g.zero_()
-    g_views = step.shaped_views(g)
-    torch._foreach_copy_(g_views, step.grads)
-    if grad_scale is not None:
-        torch._foreach_div_(g_views, grad_scale)
-    if maximize:
-        g.neg_()
-    if weight_decay != 0:
-        torch._foreach_add_(g_views, step.params, alpha=weight_decay)
-
-
-def _gradient_dots(arena: Arena) -> tuple[Tensor, Tensor, Tensor]:
+def gradient_dots(work: Scratch) -> tuple[Tensor, Tensor, Tensor]:
     """``S g``, ``Y g`` (``[B, m]``) and ``g.g`` (``[B]``) per block, in float64.
-    ``g.g`` doubles as the finiteness flag: it is finite iff ``g`` is (accumulated in
-    float32 or wider, so a finite half-precision gradient never overflows it)."""
-    g = arena.grad_flat
+    ``g.g`` doubles as the finiteness flag: it is finite iff ``g`` is (summed from
+    float64 squares, so no finite gradient overflows it)."""
+    arena, g = work.arena, work.grad
     B, m = arena.layout.num_blocks, arena.m
     # One [B, 2m + 1] tensor, so that a distributed rank completes it in one collective.
     dots = torch.empty(B, 2 * m + 1, dtype=torch.float64, device=arena.device)
@@ -174,12 +195,12 @@ def _gradient_dots(arena: Arena) -> tuple[Tensor, Tensor, Tensor]:
         S, Y = _rings(arena, b)
         Sg[b] = _ring_dots(S, g_b)
         Yg[b] = _ring_dots(Y, g_b)
-        gg[b] = _dot(g_b, g_b, arena.wide)
+        gg[b] = _dot(g_b, g_b, work.wide)
     arena.block_sum(dots)
     return Sg, Yg, gg
 
 
-def direction(arena: Arena, ok: Tensor, dots: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, ...]:
+def direction_coefficients(work: Scratch, ok: Tensor, dots: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, ...]:
     """The coefficients of ``d = H g`` per block (``c_g``, ``c_s``, ``c_y``) and ``||d_b||^2``,
     found on scalars from the Gram matrices (vector-free): ``d`` is written only once
     its group scale is known (:func:`write_direction`), so a 16-bit ``d`` is stored
@@ -188,39 +209,41 @@ def direction(arena: Arena, ok: Tensor, dots: tuple[Tensor, Tensor, Tensor]) -> 
     A non-finite step has its gradient and dots zeroed first, so it produces
     ``d = 0`` and no NaN reaches any state through a masked product.
     """
+    arena = work.arena
     not_ok = ok.logical_not()
-    arena.grad_flat.masked_fill_(not_ok, 0.0)
+    work.grad.masked_fill_(not_ok, 0.0)
     Sg, Yg, gg = (x.masked_fill(not_ok, 0.0) for x in dots)
     c_g, c_s, c_y, d_dot_d = two_loop_coefficients(arena.gram, Sg, Yg, gg, arena.counters["pair_count"])
     return c_g, c_s, c_y, d_dot_d.clamp(min=0.0)  # rounding must not make a norm NaN
 
 
-def write_direction(arena: Arena, coefficients: tuple[Tensor, ...], scale: Tensor) -> None:
+def write_direction(work: Scratch, coefficients: tuple[Tensor, ...], scale: Tensor) -> None:
     """``work = scale * (c_g g + S^T c_s + Y^T c_y)`` per block; ``scale`` is 0 on a
     skipped step."""
+    arena = work.arena
     c_g, c_s, c_y, _ = coefficients
     c_g, c_s, c_y = c_g * scale, c_s * scale, c_y * scale
-    g, d = arena.grad_flat, arena.work
+    g, d = work.grad, work.work
     for b in range(arena.layout.num_blocks):
         sl = arena.block_slice(b)
         S, Y = _rings(arena, b)
         _combine(d[sl], g[sl], S, Y, c_g[b], c_s[b], c_y[b])
 
 
-def update_averages(step: GroupStep, group: dict, ok: Tensor) -> None:
+def update_averages(work: Scratch, group: dict, ok: Tensor) -> None:
     """The averages of the parameters and gradients, with the parameters before this
     step's write; an identity when ``ok`` is False. ``variant="paper"``:
     ``P = beta_p P + (1 - beta_p) theta`` (a lerp); ``"released"``: ``P = beta_p P + theta``.
     Both start at their first sample."""
-    arena = step.arena
+    arena = work.arena
     flat = arena.flat_state
     first = arena.counters["step"][0] == 0
     one = torch.ones((), dtype=arena.dtype, device=arena.device)
     zero = torch.zeros((), dtype=arena.dtype, device=arena.device)
-    p_ema = step.shaped_views(flat["param_ema"])
-    g_ema = step.views(flat["grad_ema"])
-    g = step.views(arena.grad_flat)
-    for beta, average, sample in zip(group["ema_decay"], (p_ema, g_ema), (step.params, g)):
+    p_ema = work.shaped_views(flat["param_ema"])
+    g_ema = work.views(flat["grad_ema"])
+    g = work.views(work.grad)
+    for beta, average, sample in zip(group["ema_decay"], (p_ema, g_ema), (work.params, g)):
         if group["variant"] == "released":
             decay = torch.where(ok, torch.where(first, zero, beta), one)
             torch._foreach_mul_(average, decay)
@@ -230,52 +253,47 @@ def update_averages(step: GroupStep, group: dict, ok: Tensor) -> None:
             torch._foreach_lerp_(average, sample, [weight] * len(average))
 
 
-def reset_grad_average(step: GroupStep, due: Tensor) -> None:
+def reset_grad_average(work: Scratch, due: Tensor) -> None:
     """``variant="released"`` (E2): ``G = g`` at a pair step, after the snapshots."""
-    weight = due.to(step.arena.dtype)
-    g_ema = step.views(step.arena.flat_state["grad_ema"])
-    torch._foreach_lerp_(g_ema, step.views(step.arena.grad_flat), [weight] * len(g_ema))
+    weight = due.to(work.arena.dtype)
+    g_ema = work.views(work.arena.flat_state["grad_ema"])
+    torch._foreach_lerp_(g_ema, work.views(work.grad), [weight] * len(g_ema))
 
 
-def apply_update(step: GroupStep, group: dict, ok: Tensor, averages: bool = True) -> None:
-    """Averages (unless already done), heavy ball with the direction in ``work`` and the
-    parameter write, each an identity when ``ok`` is False."""
-    arena = step.arena
+def heavy_ball(work: Scratch, group: dict, ok: Tensor) -> None:
+    """``buf = momentum * buf + d`` with the direction in ``work``, then the parameter
+    write ``theta -= lr * buf``, each an identity when ``ok`` is False."""
+    arena = work.arena
     flat = arena.flat_state
     one = torch.ones((), dtype=arena.dtype, device=arena.device)
     zero = torch.zeros((), dtype=arena.dtype, device=arena.device)
     momentum = torch.where(ok, group["momentum"], one)
     lr = _scalar(group["lr"], arena)
     neg_lr = torch.where(ok, -lr, zero)
-
-    d = arena.work
-    if averages:
-        update_averages(step, group, ok)
-    buf = step.views(flat["momentum_buffer"])
+    d = work.work
+    buf = work.views(flat["momentum_buffer"])
     torch._foreach_mul_(buf, momentum)
-    torch._foreach_add_(buf, step.views(d))
+    torch._foreach_add_(buf, work.views(d))
     # theta -= lr * buf, with lr * buf formed in the (now free) work buffer.
     torch.mul(flat["momentum_buffer"], neg_lr, out=d)
-    torch._foreach_add_(step.params, step.shaped_views(d))
-    arena.counters["step"].add_(ok)
-    arena.counters["skipped_steps"].add_(ok.logical_not())
+    torch._foreach_add_(work.params, work.shaped_views(d))
 
 
-def push_pairs(arena: Arena, group: dict, ok: Tensor, t: Tensor | None = None) -> None:
+def push_pairs(work: Scratch, group: dict, ok: Tensor, t: Tensor) -> None:
     """The pair update of docs/design.md (the step, 7) for every block, applied where
     due (masked), ``t`` being this step's index per block. ``s`` and ``y`` are formed in
     the two scratch vectors (``work`` and the gathered gradient, which this overwrites);
     the ring rows are read at device-side slots through one-hot matrix-vector products,
     so no parameter-sized temporary is allocated (one per block in the history dtype
     when ``history_dtype`` differs from the parameters', to round the new row)."""
+    arena = work.arena
     T, r, eps = group["update_period"], group["pair_momentum"], group["eps"]
     m = arena.m
     flat = arena.flat_state
     pair_count = arena.counters["pair_count"]
-    t = arena.counters["step"] if t is None else t
     due = ok & (torch.remainder(t, T) == 0)
     forms_pair = due & (t > T)  # snapshots exist from the first update on
-    s_all, y_all = arena.work, arena.grad_flat
+    s_all, y_all = work.work, work.grad
     torch.sub(flat["param_ema"], flat["param_snapshot"], out=s_all)
     torch.sub(flat["grad_ema"], flat["grad_snapshot"], out=y_all)
     slots = torch.arange(m, device=arena.device)
@@ -295,7 +313,7 @@ def push_pairs(arena: Arena, group: dict, ok: Tensor, t: Tensor | None = None) -
         for x, R in ((s, S), (y, Y)):
             x.mul_((1 - r_eff).to(arena.dtype))
             _add_ring_combination(x, R, newest)
-        sums[b, 0], sums[b, 1] = _dot(s, y, arena.wide), _dot(s, s, arena.wide)
+        sums[b, 0], sums[b, 1] = _dot(s, y, work.wide), _dot(s, s, work.wide)
     s_dot_y, s_dot_s = arena.block_sum(sums).unbind(1)
     phi = damping_factor(s_dot_y, s_dot_s, group["sigma_low"], group["sigma_high"], group["damping"], eps)
     curvature = torch.empty(B, dtype=torch.float64, device=arena.device)
@@ -303,7 +321,7 @@ def push_pairs(arena: Arena, group: dict, ok: Tensor, t: Tensor | None = None) -
         sl = arena.block_slice(b)
         s, y = s_all[sl], y_all[sl]
         torch.lerp(s, y, phi[b].to(arena.dtype), out=y)  # y <- yhat = phi y + (1 - phi) s
-        curvature[b] = _dot(s, y, arena.wide)
+        curvature[b] = _dot(s, y, work.wide)
     curvature = arena.block_sum(curvature)
     accept = forms_pair & torch.isfinite(curvature) & (curvature > eps)
 

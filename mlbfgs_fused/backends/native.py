@@ -7,7 +7,7 @@ They read and write the user's parameters and gradients in place (a list of
 tensors, as torch's fused AdamW takes them) and the arena's flat state, so
 ``optimizer.state`` and checkpoints are those of every other backend. The ops
 allocate nothing; every scratch buffer (per-chunk partial sums, coefficients, the
-group's status rows) is made once per arena by :class:`GroupPlan`.
+group's status rows) is made once per group by :class:`NativePlan`.
 
 The C++ extension ``mlbfgs_fused._C`` is built by ``setup.py``; where it was not
 built the backends report themselves unavailable.
@@ -23,12 +23,13 @@ from torch import Tensor
 from .._checks import check_gradients as _check_gradients
 from .._math import normalize_mode
 from .._state.arena import Arena, is_dense
+from . import Plan
+from ._fused import GroupGeometry, LearningRate, pieces, ring_geometry
 
 # Elements per chunk: csrc/ops.h CHUNK. Chunks never depend on the thread count, so
 # reductions (added per chunk, then in chunk order) are reproducible to the bit.
 CHUNK = 4096
 CHUNK_COLUMNS = 7  # start, end, block, param, param_start, ring_origin, ring_stride
-STATS_COLUMNS = 3  # g.g, ||d||^2, any pair held
 PAIR_COLUMNS = 3  # s.s, s.y, y.y
 # What an update pass does (csrc/ops.h UpdateMode).
 UPDATE_PAPER, UPDATE_RELEASED, UPDATE_RELEASED_AVERAGES, UPDATE_RELEASED_AFTER_PUSH = range(4)
@@ -124,55 +125,78 @@ class NativeBackend:
                 "use backend='foreach'"
             )
 
-    def prepare(self, arenas: list[Arena], group: dict) -> bool:
-        plan = getattr(arenas[0], "native", None)
-        if plan is None:
-            plan = GroupPlan(arenas)
-        plan.set_hyperparameters(group)
-        return any(p.grad is not None for p in group["params"])
-
-    def gradient_dots(self, arenas: list[Arena], group: dict, amp) -> list[Tensor]:
-        plan = arenas[0].native
-        grad_scale = None if amp is None else amp.grad_scale
-        for a in plan.arenas:
-            a.gradient_dots(group, grad_scale)
-        return [a.probe for a in plan.arenas]
-
-    def finish(self, arenas: list[Arena], group: dict, ok: dict, amp) -> None:
-        """The rest of the step in the reference's order: under ``variant="released"`` a
-        due step updates the averages and pushes the pair before the direction (E4),
-        which then needs the dots against the new pair (a second pass 1)."""
-        plan = arenas[0].native
-        grad_scale = None if amp is None else amp.grad_scale
-        mode = UPDATE_PAPER
-        if group["variant"] == "released":
-            mode = UPDATE_RELEASED
-            # Every block of a group steps together; on the CPU the counter is host memory.
-            if (int(arenas[0].counters["step"][0]) + 1) % group["update_period"] == 0:
-                for a in plan.arenas:
-                    a.update(group, ok[a.arena.device], grad_scale, UPDATE_RELEASED_AVERAGES)
-                for a in plan.arenas:
-                    a.push(group, ok[a.arena.device])
-                for a in plan.arenas:
-                    a.gradient_dots(group, grad_scale)
-                for a in plan.arenas:
-                    a.update(group, ok[a.arena.device], grad_scale, UPDATE_RELEASED_AFTER_PUSH)
-                return
-        for a in plan.arenas:
-            a.update(group, ok[a.arena.device], grad_scale, mode)
-        for a in plan.arenas:
-            a.push(group, ok[a.arena.device])
+    def plan(self, arenas: list[Arena], group: dict) -> NativePlan:
+        return NativePlan(arenas)
 
 
 cpp = NativeBackend("cpp", "cpu")
 cuda = NativeBackend("cuda", "cuda")
 
 
-class ArenaPlan:
+class NativePlan(Plan):
+    """The passes as the C++ ops run them. Fused into neighbours: ``gradient_dots`` runs
+    the ``two_loop`` op too (it writes the arena's finiteness probe), and ``push`` the
+    counters (so ``commit`` has nothing left). Under ``variant="released"`` a step that
+    forms no pair updates the averages and the direction in one pass, the first; a due
+    one in two, around the push, which is followed by a second pass 1 for the dots and
+    coefficients with the new pair (E4)."""
+
+    def __init__(self, arenas: list[Arena]):
+        self.geometry = GroupGeometry(arenas)
+        self.devices = self.geometry.devices
+        self.lr = LearningRate(self.devices, torch.float64)  # the CUDA op reads a double
+        self.arenas = [
+            NativeArena(arena, self.geometry.stats[arena.device], offset)
+            for arena, offset in zip(arenas, self.geometry.block_offsets)
+        ]
+        self.released_due = False
+
+    def prepare(self, group: dict) -> bool:
+        self.lr_on = self.lr.refresh(group["lr"])
+        return any(p.grad is not None for p in group["params"])
+
+    def gradient_dots(self, group: dict, amp) -> list[Tensor]:
+        grad_scale = None if amp is None else amp.grad_scale
+        for a in self.arenas:
+            a.gradient_dots(group, grad_scale)
+        self.geometry.share_stats([a.arena for a in self.arenas])
+        return [a.probe for a in self.arenas]
+
+    def two_loop(self, group: dict, ok: dict, after_push: bool = False) -> None:
+        pass  # with gradient_dots (and after a released push, with push)
+
+    def update(self, group: dict, ok: dict, amp, averages: bool = True, direction: bool = True) -> None:
+        if group["variant"] == "paper":
+            mode = UPDATE_PAPER
+        elif not direction:
+            # Every block of a group steps together; on the CPU the counter is host memory.
+            self.released_due = (int(self.arenas[0].arena.counters["step"][0]) + 1) % group["update_period"] == 0
+            # No pair due: the direction is that of pass 1's dots, and the push only counts
+            # (the op reads the counter as it was): the whole pass now.
+            mode = UPDATE_RELEASED_AVERAGES if self.released_due else UPDATE_RELEASED
+        elif self.released_due:
+            mode = UPDATE_RELEASED_AFTER_PUSH
+        else:
+            return  # done with the averages
+        grad_scale = None if amp is None else amp.grad_scale
+        for a in self.arenas:
+            a.update(group, ok[a.arena.device], grad_scale, self.lr_on[a.arena.device], mode)
+
+    def push(self, group: dict, ok: dict, amp) -> None:
+        for a in self.arenas:
+            a.push(group, ok[a.arena.device])
+        if group["variant"] == "released" and self.released_due:
+            self.gradient_dots(group, amp)  # the dots and coefficients with the new pair
+
+    def commit(self, group: dict, ok: dict) -> None:
+        pass  # the push op counted
+
+
+class NativeArena:
     """One arena's tables and scratch, built once."""
 
-    def __init__(self, arena: Arena, group: GroupPlan, block_offset: int):
-        self.arena, self.group, self.block_offset = arena, group, block_offset
+    def __init__(self, arena: Arena, stats: Tensor, block_offset: int):
+        self.arena, self.stats, self.block_offset = arena, stats, block_offset
         m, dev = arena.m, arena.device
         chunks, blocks = chunk_tables(arena.layout, m)
         self.chunks = torch.tensor(chunks, dtype=torch.int64, device=dev).view(-1, CHUNK_COLUMNS)
@@ -181,13 +205,12 @@ class ArenaPlan:
         def scratch(*shape):
             return torch.zeros(*shape, dtype=torch.float64, device=dev)
 
-        P, B = len(chunks), arena.layout.num_blocks
+        P, B = self.chunks.shape[0], arena.layout.num_blocks
         self.partials = scratch(P, 2 * m + 1)
         self.pair_partials = scratch(P, PAIR_COLUMNS)
         self.gram_partials = scratch(P, 4 * m)
         self.coef = scratch(B, 2 * m + 1)
         self.probe = scratch(())
-        self.stats = group.stats[dev]
         self.params = arena.params
 
     def _tensors(self):
@@ -229,7 +252,7 @@ class ArenaPlan:
             self.probe, self.block_offset, a.m,
         )
 
-    def update(self, group: dict, ok: Tensor, grad_scale: Tensor | None, mode: int = 0) -> None:
+    def update(self, group: dict, ok: Tensor, grad_scale: Tensor | None, lr: Tensor, mode: int = 0) -> None:
         a = self.arena
         f, c = a.flat_state, a.counters
         beta_p, beta_g = group["ema_decay"]
@@ -238,7 +261,7 @@ class ArenaPlan:
             params, grads, a.history_s, a.history_y, f["param_ema"], f["grad_ema"],
             f["momentum_buffer"], f["param_snapshot"], f["grad_snapshot"], self.chunks,
             self.coef, c["step"], c["pair_count"], self.stats, ok, grad_scale,
-            self.pair_partials, self.group.lr[a.device], group["momentum"],
+            self.pair_partials, lr, group["momentum"],
             group["weight_decay"], beta_p, beta_g, group["pair_momentum"],
             group["update_period"], a.m, group["maximize"], normalize_mode(group["normalize"]), mode,
         )
@@ -258,44 +281,6 @@ class ArenaPlan:
         )
 
 
-class GroupPlan:
-    """The plans of a group's arenas and what they share: the group's status rows
-    (per device) and the learning rate as a 0-dim float64 tensor (per device)."""
-
-    def __init__(self, arenas: list[Arena]):
-        self.devices = list(dict.fromkeys(a.device for a in arenas))
-        total = sum(a.layout.num_blocks for a in arenas)
-        self.stats = {
-            d: torch.zeros(total, STATS_COLUMNS, dtype=torch.float64, device=d)
-            for d in self.devices
-        }
-        self.lr_buffers = {d: torch.zeros((), dtype=torch.float64, device=d) for d in self.devices}
-        self.lr: dict[torch.device, Tensor] = dict(self.lr_buffers)  # what the ops read
-        self.lr_value: float | None = None
-        self.arenas = []
-        offset = 0
-        for arena in arenas:
-            self.arenas.append(ArenaPlan(arena, self, offset))
-            offset += arena.layout.num_blocks
-        for arena in arenas:
-            arena.native = self
-
-    def set_hyperparameters(self, group: dict) -> None:
-        """Point the ops' ``lr`` at the group's: a tensor lr on the device as it is,
-        a float through a buffer filled when it changes."""
-        lr = group["lr"]
-        if isinstance(lr, Tensor):
-            self.lr_value = None
-            for d, buffer in self.lr_buffers.items():
-                self.lr[d] = lr.view(()) if lr.device == d and lr.dtype == torch.float64 else buffer.copy_(lr.view(()))
-            return
-        if lr != self.lr_value:
-            for buffer in self.lr_buffers.values():
-                buffer.fill_(lr)
-            self.lr_value = lr
-        self.lr = dict(self.lr_buffers)
-
-
 def _memory_order(t: Tensor) -> Tensor:
     """A dense tensor's elements as a 1-D view, in memory order."""
     return t.as_strided((t.numel(),), (1,), t.storage_offset())
@@ -303,18 +288,15 @@ def _memory_order(t: Tensor) -> Tensor:
 
 def chunk_tables(layout, m: int) -> tuple[list[int], list[int]]:
     """The chunk table and block table of an arena layout, flattened (csrc/ops.h)."""
-    offsets = list(layout.param_offsets)
-    ends = offsets[1:] + [layout.numel]
+    offsets = layout.param_offsets
     chunks: list[int] = []
+    per_block = [0] * layout.num_blocks
+    for start, end, b, i in pieces(layout, CHUNK):
+        chunks += [start, end, b, i, offsets[i], *ring_geometry(layout, b, m)]
+        per_block[b] += 1
     blocks: list[int] = []
     count = 0
     for b in range(layout.num_blocks):
-        lo, hi = layout.block_bounds[b], layout.block_bounds[b + 1]
-        first = count
-        for i, (p_lo, p_hi) in enumerate(zip(offsets, ends)):
-            a, z = max(lo, p_lo), min(hi, p_hi)
-            for start in range(a, z, CHUNK):
-                chunks += [start, min(start + CHUNK, z), b, i, p_lo, m * lo - lo, hi - lo]
-                count += 1
-        blocks += [lo, hi, first, count]
+        blocks += [layout.block_bounds[b], layout.block_bounds[b + 1], count, count + per_block[b]]
+        count += per_block[b]
     return chunks, blocks

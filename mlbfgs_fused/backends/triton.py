@@ -1,14 +1,15 @@
 """The fused backend: the mL-BFGS step as five Triton launches per arena.
 
 Per step and arena (docs/design.md, "The fused backend"; the kernels are in
-``mlbfgs_fused.kernels``): in :func:`gradient_dots`, pass 1 (``S g``, ``Y g``,
+``mlbfgs_fused.kernels``), the passes of :class:`TritonPlan` in the order of
+:func:`mlbfgs_fused.backends.run_passes`: ``gradient_dots``, pass 1 (``S g``, ``Y g``,
 ``g.g``, and on a pair-forming step the candidate pair's sums) and the coefficient
 kernel (the two-loop on the Gram matrices, the pair's damping and acceptance, the
-arena's finiteness probe); in :func:`finish`, pass 2 (direction, averages, momentum,
-parameters), the pair push (its programs return at once unless a pair is due) and
-the commit (counters and, after a push, the new Gram row; one program per block).
-``variant="released"`` pushes the pair before the direction (E4): the finish is
-push, commit of the pair, coefficients, pass 2, commit of the counters (seven launches).
+arena's finiteness probe); ``update``, pass 2 (direction, averages, momentum,
+parameters); ``push`` (its programs return at once unless a pair is due); ``commit``
+(counters and, after a push, the new Gram row; one program per block).
+``variant="released"`` pushes the pair before the direction (E4): push, commit of the
+pair, coefficients, pass 2, commit of the counters (seven launches).
 Every decision that depends on a device value is taken on the device: the kernels
 that write read the step's global verdict ``ok``. A steady-state step allocates
 nothing and never reads a device value on the host.
@@ -50,6 +51,8 @@ from torch import Tensor
 from .. import _checks
 from .._math import normalize_mode
 from .._state.arena import Arena, is_dense, same_order, state_strides
+from . import Plan, run_passes
+from ._fused import GroupGeometry, LearningRate, pieces, ring_geometry
 
 # Elements per tile; with Triton's default 4 warps no kernel spills registers.
 # A block's (or parameter's) last tile is shorter.
@@ -102,38 +105,8 @@ def check_gradients(group: dict) -> None:
     _checks.check_gradients(group)
 
 
-@torch.compiler.disable  # host-side bookkeeping; the launches after it trace into one graph
-def prepare(arenas: list[Arena], group: dict) -> bool:
-    """Host-side work of a step, before any write: build the plan on first use, refresh
-    the hyperparameters and the address tables. Returns whether any parameter of the
-    group has a gradient."""
-    plan = arenas[0].fused
-    if plan is None:
-        plan = GroupPlan(arenas)
-    return plan.prepare(group)
-
-
-def gradient_dots(arenas: list[Arena], group: dict, amp) -> list[Tensor]:
-    plan = arenas[0].fused
-    plan.gradient_dots(group, amp)
-    # variant="released" uses a pair at the step it forms (E4): its coefficients wait
-    # for the push, in finish.
-    plan.two_loop(group, decide=True, coefficients=group["variant"] == "paper")
-    return [p.probe for p in plan.arenas]
-
-
-def finish(arenas: list[Arena], group: dict, ok: dict, amp) -> None:
-    plan = arenas[0].fused
-    if group["variant"] == "paper":
-        plan.update(group, ok, amp)
-        plan.push(group, ok, amp)
-        plan.commit(group, ok, pair=True, counters=True)
-    else:  # the pair first (E4), then the direction with it
-        plan.push(group, ok, amp)
-        plan.commit(group, ok, pair=True, counters=False)
-        plan.two_loop(group, decide=False, coefficients=True)
-        plan.update(group, ok, amp)
-        plan.commit(group, ok, pair=False, counters=True)
+def plan(arenas: list[Arena], group: dict) -> TritonPlan:
+    return TritonPlan(arenas)
 
 
 # -- plans ------------------------------------------------------------------------
@@ -143,31 +116,22 @@ def plan_tables(layout, m: int, tile: int, cap: int):
     block ``b`` with ``T_b`` of the arena's ``T`` tiles gets
     ``min(T_b, max(1, ceil(cap * T_b / T)))`` workers: at most ``cap`` partial rows
     per block, at most ``cap + B`` programs per launch."""
-    offsets = list(layout.param_offsets)
-    tiles, spans = [], []
-    param = 0
-    for b in range(layout.num_blocks):
-        lo, hi = layout.block_bounds[b], layout.block_bounds[b + 1]
-        first = len(tiles)
-        a = lo
-        while a < hi:
-            while param + 1 < len(offsets) and offsets[param + 1] <= a:
-                param += 1
-            z = hi if param + 1 == len(offsets) else min(hi, offsets[param + 1])
-            for start in range(a, z, tile):
-                tiles.append((start, min(start + tile, z), param, start - offsets[param]))
-            a = z
-        spans.append((first, len(tiles)))
+    offsets = layout.param_offsets
+    tiles, per_block = [], [0] * layout.num_blocks
+    for start, end, b, i in pieces(layout, tile):
+        tiles.append((start, end, i, start - offsets[i]))
+        per_block[b] += 1
     total = max(1, len(tiles))
     workers, blocks = [], []
-    for b, (first, end) in enumerate(spans):
+    first = 0
+    for b, count in enumerate(per_block):
         lo, hi = layout.block_bounds[b], layout.block_bounds[b + 1]
-        count = end - first
         n = min(count, max(1, -(-cap * count // total))) if count else 1
         w0 = len(workers)
         for k in range(n):
-            workers.append((b, first + k, end, n, m * lo - lo, hi - lo))
+            workers.append((b, first + k, first + count, n, *ring_geometry(layout, b, m)))
         blocks.append((lo, hi, w0, len(workers)))
+        first += count
     return tiles, workers, blocks
 
 
@@ -175,14 +139,14 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-class ArenaPlan:
+class TritonArena:
     """The fused backend's view of one arena: the address, tile, worker and block
     tables, and scratch for the partial sums. Built once."""
 
-    def __init__(self, arena: Arena, group: GroupPlan, block_offset: int, tile: int, cap: int):
+    def __init__(self, arena: Arena, group: TritonPlan, block_offset: int, tile: int, cap: int):
         m, dev = arena.m, arena.device
         self.arena, self.group, self.kernels = arena, group, group.kernels
-        self.stats, self.hyper = group.stats[dev], group.hyper[dev]
+        self.stats, self.hyper = group.geometry.stats[dev], group.hyper[dev]
         self.block_offset, self.tile = block_offset, tile
         self.guard = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
         # A parameter that is not dense (a strided slice) steps through a contiguous copy,
@@ -219,10 +183,6 @@ class ArenaPlan:
         self.coef = scratch(arena.layout.num_blocks, 2 * m + 1)
         self.decision = scratch(arena.layout.num_blocks, 2)
         self.probe = scratch(())
-
-    @property
-    def block_rows(self) -> slice:
-        return slice(self.block_offset, self.block_offset + self.arena.layout.num_blocks)
 
     # -- binding --------------------------------------------------------------
     def bind(self) -> bool:
@@ -307,7 +267,7 @@ class ArenaPlan:
             self.kernels.update.update(
                 self.addresses, self.tiles, self.workers, a.history_s, a.history_y,
                 f["param_ema"], f["grad_ema"], f["momentum_buffer"], self.coef, c["step"],
-                self.group.d_scale[a.device], self.hyper, self.group.lr[a.device],
+                self.group.d_scale[a.device], self.hyper, self.group.lr_on[a.device],
                 self.hyper if scale is None else scale, ok, group["update_period"], a.m,
                 group["weight_decay"] != 0, group["maximize"], scale is not None,
                 group["variant"] == "released", self.tile, self.aligned,
@@ -340,21 +300,23 @@ def _table(rows, columns: int, device) -> Tensor:
     return torch.tensor(rows, dtype=torch.int64).view(-1, columns).to(device)
 
 
-class GroupPlan:
-    """The plans of one parameter group's arenas, and what they share: the group-wide
-    stats rows (one copy per device) and the hyperparameter vector (per device)."""
+class TritonPlan(Plan):
+    """The passes as Triton launches over one group's arenas, and what they share: the
+    group's status rows (:class:`~._fused.GroupGeometry`), the hyperparameter vector
+    and the learning rate (per device). Fused into neighbours: ``gradient_dots`` also
+    launches the coefficient kernel (it decides the pair and writes the arena's
+    finiteness probe) and, under ``variant="paper"``, finds the coefficients then too;
+    the ``push`` of ``variant="released"`` forms this step's averages itself and
+    replaces the pass-1 dots of the slot it writes, so its ``update(direction=False)``
+    has nothing to do and its ``two_loop`` reads no vector again."""
 
     def __init__(self, arenas: list[Arena], tile: int | None = None):
         from ..kernels import common, gradient_dots, push, two_loop, update
 
         self.kernels = _Kernels(common, gradient_dots, two_loop, update, push)
         tile = TILE if tile is None else tile
-        self.devices = list(dict.fromkeys(a.device for a in arenas))
-        total = sum(a.layout.num_blocks for a in arenas)
-        self.stats = {
-            d: torch.zeros(total, common.STATS_COLUMNS, dtype=torch.float64, device=d)
-            for d in self.devices
-        }
+        self.geometry = GroupGeometry(arenas)
+        self.devices = self.geometry.devices
         self.hyper = {
             d: torch.zeros(common.NUM_HYPER, dtype=torch.float64, device=d) for d in self.devices
         }
@@ -365,27 +327,26 @@ class GroupPlan:
         }
         self.hyper_slots = {d: h.unbind(0) for d, h in self.hyper.items()}
         self.hyper_values: tuple | None = None
-        self.lr_slot = {d: slots[common.H_LR] for d, slots in self.hyper_slots.items()}
-        self.lr_source: float | Tensor | None = None
-        self.lr: dict[torch.device, Tensor] = {}  # what the kernels read lr from
+        self.lr = LearningRate(self.devices)
+        self.lr_on: dict[torch.device, Tensor] = {}  # what the kernels read lr from
         self.scale_copies: dict[torch.device, Tensor] = {}  # AMP's scale on other devices
-        self.arenas = []
-        offset = 0
-        for arena in arenas:
-            self.arenas.append(ArenaPlan(arena, self, offset, tile, worker_cap(arena.device)))
-            offset += arena.layout.num_blocks
-        for arena in arenas:
-            arena.fused = self
+        self.arenas = [
+            TritonArena(arena, self, offset, tile, worker_cap(arena.device))
+            for arena, offset in zip(arenas, self.geometry.block_offsets)
+        ]
 
+    @torch.compiler.disable  # host-side bookkeeping; the launches after it trace into one graph
     def prepare(self, group: dict) -> bool:
+        """Refresh the hyperparameters and the address tables. Returns whether any
+        parameter of the group has a gradient."""
         self._set_hyperparameters(group)
-        present = [plan.bind() for plan in self.arenas]
+        self.lr_on = self.lr.refresh(group["lr"])
+        present = [a.bind() for a in self.arenas]
         return any(present)
 
     def _set_hyperparameters(self, group: dict) -> None:
         """Refresh the device hyperparameter vectors where a value changed (a fill
-        kernel each, no host-to-device copy), and point the kernels' ``lr`` at a
-        tensor lr itself when it lives on the arena's device."""
+        kernel each, no host-to-device copy)."""
         lr = group["lr"]
         beta_p, beta_g = group["ema_decay"]
         values = (
@@ -401,26 +362,6 @@ class GroupPlan:
                     if old is None or old[i] != value:
                         slot.fill_(value)
             self.hyper_values = values
-        is_tensor = isinstance(lr, Tensor)
-        if lr is not self.lr_source:  # a new lr object: views are made once, not per step
-            self.lr_source = lr
-            self.lr = {
-                d: lr.view(()) if is_tensor and lr.device == d else self.lr_slot[d]
-                for d in self.devices
-            }
-        if is_tensor:
-            for d in self.devices:
-                if lr.device != d:  # a tensor lr elsewhere (say on the CPU): copy its value
-                    slot = self.lr_slot[d]
-                    if lr.device.type != "cpu":
-                        slot.copy_(lr, non_blocking=True)
-                    elif _capturing(d):
-                        raise RuntimeError(
-                            "MLBFGS (fused): a CPU tensor lr cannot be read during CUDA graph "
-                            "capture; put lr on the parameters' device (capturable=True)"
-                        )
-                    else:
-                        slot.fill_(lr.item())
 
     def _scales(self, amp) -> dict:
         """AMP's ``grad_scale`` per device (None when the gradients carry none)."""
@@ -441,51 +382,56 @@ class GroupPlan:
 
     def launch(self, group: dict, amp=None) -> None:
         """The step's launch sequence for this group alone (its own probes decide
-        ``ok``): no host reads, no branch on a device value. Each pass covers every
-        arena before the next starts, since the direction's norm is group-wide."""
-        arenas = [plan.arena for plan in self.arenas]
-        probes = gradient_dots(arenas, group, amp)
+        ``ok``): no host reads, no branch on a device value."""
+        probes = self.gradient_dots(group, amp)
         ok = torch.stack([p.to(self.devices[0]) for p in probes]).sum().isfinite()
-        finish(arenas, group, {d: ok.to(d) for d in self.devices}, amp)
+        run_passes(self, group, {d: ok.to(d) for d in self.devices}, amp)
 
-    def gradient_dots(self, group: dict, amp=None) -> None:
+    # -- the passes (each covers every arena before the next starts: the norm of d is group-wide)
+    def gradient_dots(self, group: dict, amp) -> list[Tensor]:
         scales = self._scales(amp)
-        for plan in self.arenas:
-            plan.gradient_dots(group, scales[plan.arena.device])
+        for a in self.arenas:
+            a.gradient_dots(group, scales[a.arena.device])
+        # variant="released" uses a pair at the step it forms (E4): its coefficients
+        # wait for the push.
+        self._coefficients(group, decide=True, coefficients=group["variant"] == "paper")
+        return [a.probe for a in self.arenas]
 
-    def two_loop(self, group: dict, decide: bool = True, coefficients: bool = True) -> None:
-        for plan in self.arenas:
-            plan.two_loop(group, decide, coefficients)
+    def two_loop(self, group: dict, ok: dict, after_push: bool = False) -> None:
+        if after_push:
+            self._coefficients(group, decide=False, coefficients=True)
+
+    def _coefficients(self, group: dict, decide: bool, coefficients: bool) -> None:
+        for a in self.arenas:
+            a.two_loop(group, decide, coefficients)
         if not coefficients:
             return
-        if len(self.devices) > 1:
-            self._share_stats()
+        self.geometry.share_stats([a.arena for a in self.arenas])
+        mode = normalize_mode(group["normalize"])
         for d in self.devices:  # the group's scale of d, once per device
             with self.guards[d]:
-                self.kernels.two_loop.direction_scale(self.stats[d], self.d_scale[d], normalize_mode(group["normalize"]))
+                self.kernels.two_loop.direction_scale(self.geometry.stats[d], self.d_scale[d], mode)
 
-    def update(self, group: dict, ok: dict, amp=None) -> None:
+    def update(self, group: dict, ok: dict, amp, averages: bool = True, direction: bool = True) -> None:
+        if not direction:
+            return  # variant="released": the push kernel forms this step's averages
         scales = self._scales(amp)
-        for plan in self.arenas:
-            plan.update(group, ok[plan.arena.device], scales[plan.arena.device])
-            plan.write_back()
+        for a in self.arenas:
+            a.update(group, ok[a.arena.device], scales[a.arena.device])
+            a.write_back()
 
-    def push(self, group: dict, ok: dict, amp=None) -> None:
+    def push(self, group: dict, ok: dict, amp) -> None:
         scales = self._scales(amp)
-        for plan in self.arenas:
-            plan.push(group, ok[plan.arena.device], scales[plan.arena.device])
+        for a in self.arenas:
+            a.push(group, ok[a.arena.device], scales[a.arena.device])
+        if group["variant"] == "released":  # the pair, used at once (E4)
+            for a in self.arenas:
+                a.commit(group, ok[a.arena.device], pair=True, counters=False)
 
-    def commit(self, group: dict, ok: dict, pair: bool = True, counters: bool = True) -> None:
-        for plan in self.arenas:
-            plan.commit(group, ok[plan.arena.device], pair, counters)
-
-    def _share_stats(self) -> None:
-        """A group spread over devices: each device gets every arena's stats rows."""
-        for plan in self.arenas:
-            rows = plan.block_rows
-            for d in self.devices:
-                if d != plan.arena.device:
-                    self.stats[d][rows].copy_(plan.stats[rows], non_blocking=True)
+    def commit(self, group: dict, ok: dict) -> None:
+        paper = group["variant"] == "paper"  # the released variant committed its pair already
+        for a in self.arenas:
+            a.commit(group, ok[a.arena.device], pair=paper, counters=True)
 
 
 class _Kernels:

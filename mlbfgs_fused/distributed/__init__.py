@@ -13,12 +13,12 @@ Imports run one way: ``_state`` and ``backends`` -> ``distributed`` -> ``mlbfgs`
 """
 
 from .checkpoint import load_sharded_state_dict, sharded_state_dict
-from .step import MODES, DistributedStep, Partition
+from .step import MODES, DistributedPlan, Partition
 from .sharding import ShardLayout, assign_blocks, shard_layouts, shard_ranges
 
 __all__ = [
     "MODES",
-    "DistributedStep",
+    "DistributedPlan",
     "Partition",
     "ShardLayout",
     "assign_blocks",

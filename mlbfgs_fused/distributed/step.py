@@ -1,4 +1,4 @@
-"""The step of a distributed ``MLBFGS``: the backend protocol around the foreach backend.
+"""The step of a distributed ``MLBFGS``: the backend's passes around the foreach backend.
 
 Per group (docs/design.md, "Distributed"): pass 1 runs on each rank's elements and its
 per-block sums are completed by :meth:`ShardArena.block_sum`; every rank then runs the
@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import backends
+from ..backends import Plan
 from .._math import NORMALIZE_NEVER, normalize_mode
 from .arena import ShardArena
 from .sharding import ranges_layout, shard_layouts
@@ -40,7 +41,6 @@ class Partition:
         self.process_group = process_group
         self.rank = dist.get_rank(process_group)
         self.world_size = dist.get_world_size(process_group)
-        self.step_backend = DistributedStep(self)
 
     def check_group(self, group: dict) -> None:
         """Raise for what a distributed optimizer cannot step yet."""
@@ -61,6 +61,9 @@ class Partition:
                 )
             for p in group["params"]:
                 _check_fsdp_placement(p, self.world_size)
+
+    def plan(self, arenas: list[ShardArena], group: dict) -> DistributedPlan:
+        return DistributedPlan(self, arenas, group)
 
     def arena(self, params, layout, history_size, history_dtype, salt: int = 0) -> ShardArena:
         """This rank's arena of ``params`` (laid out by ``layout``); ``salt`` (the group's
@@ -135,27 +138,26 @@ def _local_range(p, offset: int) -> tuple[int, int]:
     return offset + first * row, offset + (first + held) * row
 
 
-class DistributedStep:
-    """The backend protocol (mlbfgs_fused/backends/__init__.py) for the
-    :class:`ShardArena` s of one optimizer, on top of the foreach backend."""
+class DistributedPlan(Plan):
+    """The passes of a rank's :class:`ShardArena` s (mlbfgs_fused/backends/__init__.py),
+    on top of the foreach plan of the arenas the rank keeps blocks of."""
 
-    def __init__(self, partition: Partition):
+    def __init__(self, partition: Partition, arenas: list[ShardArena], group: dict):
         self.partition = partition
-        self.inner = backends.get("foreach").module
+        self.arenas = arenas
+        self.devices = list(dict.fromkeys(a.device for a in arenas))
+        self.active = [a for a in arenas if a.active]
+        self.inner = backends.get("foreach").module.plan(self.active, group) if self.active else None
 
-    def check_gradients(self, group: dict) -> None:
-        self.inner.check_gradients(group)
+    def prepare(self, group: dict) -> bool:
+        return any(p.grad is not None for p in group["params"])
 
-    def prepare(self, arenas: list[ShardArena], group: dict) -> bool:
-        return self.inner.prepare(arenas, group)
-
-    def gradient_dots(self, arenas: list[ShardArena], group: dict, amp) -> list[Tensor]:
+    def gradient_dots(self, group: dict, amp) -> list[Tensor]:
         """Pass 1 on this rank's blocks, and the global finiteness probes."""
-        active = [a for a in arenas if a.active]
-        done = iter(self.inner.gradient_dots(active, group, amp) if active else [])
-        home = arenas[0].device
+        done = iter(self.inner.gradient_dots(group, amp) if self.inner else [])
+        home = self.arenas[0].device
         zero = torch.zeros((), dtype=torch.float64, device=home)
-        probes = torch.stack([next(done).to(home) if a.active else zero for a in arenas])
+        probes = torch.stack([next(done).to(home) if a.active else zero for a in self.arenas])
         blockwise = self.partition.mode == "blockwise"
         found_inf = None if amp is None else amp.found_inf
         if not blockwise and found_inf is None:
@@ -167,12 +169,23 @@ class DistributedStep:
         dist.all_reduce(flags, group=self.partition.process_group)
         return list((flags if blockwise else probes + flags).unbind())
 
-    def finish(self, arenas: list[ShardArena], group: dict, ok: dict, amp) -> None:
-        active = [a for a in arenas if a.active]
-        if active:
-            self.inner.finish(active, group, ok, amp)
+    def two_loop(self, group: dict, ok: dict, after_push: bool = False) -> None:
+        if self.inner:
+            self.inner.two_loop(group, ok, after_push)
         elif normalize_mode(group["normalize"]) != NORMALIZE_NEVER:
             # Take part in the group's norm of d, as foreach.group_direction_scale does.
-            arenas[0].group_sum(torch.zeros(2, dtype=torch.float64, device=arenas[0].device))
-        for arena in arenas:
+            self.arenas[0].group_sum(torch.zeros(2, dtype=torch.float64, device=self.arenas[0].device))
+
+    def update(self, group: dict, ok: dict, amp, averages: bool = True, direction: bool = True) -> None:
+        if self.inner:
+            self.inner.update(group, ok, amp, averages, direction)
+
+    def push(self, group: dict, ok: dict, amp) -> None:
+        if self.inner:
+            self.inner.push(group, ok, amp)
+
+    def commit(self, group: dict, ok: dict) -> None:
+        if self.inner:
+            self.inner.commit(group, ok)
+        for arena in self.arenas:
             arena.publish()

@@ -45,7 +45,8 @@ def block_counters(opt) -> dict:
     """``(group, global block) -> (step, pair_count, skipped_pairs, skipped_steps)``
     for the blocks this optimizer (or rank) keeps."""
     out = {}
-    for gi, (_, arenas) in sorted(opt._arenas.items()):
+    for gi, built in sorted(opt._arenas.items()):
+        arenas = built.arenas
         arena = arenas[0]
         ids = getattr(arena.layout, "blocks", range(arena.layout.num_blocks))
         c = arena.counters
@@ -78,7 +79,8 @@ def flat_groups(groups) -> list[torch.Tensor]:
 
 def _poison(opt, rank: int) -> None:
     """A NaN in one gradient entry this rank owns (the other ranks see finite ones)."""
-    for _, (_, arenas) in sorted(opt._arenas.items()):
+    for _, built in sorted(opt._arenas.items()):
+        arenas = built.arenas
         arena = arenas[0]
         for i, p in enumerate(arena.params):
             if p.grad is not None and arena.local_grad(i).numel():
