@@ -10,7 +10,8 @@ this module as a plugin (``-p bench.check_tests --check-select=STAGE``):
 ``parity``  :data:`PARITY`, in its order: each CUDA backend against the float64 reference,
             chosen so that every kernel, parameter dtype and history dtype runs at least
             once (:data:`REQUIRED` says what must be covered; the tests check it);
-``rest``    everything else, :data:`LATER` and the Triton and native files first, when time remains.
+``rest``    everything else, :data:`LATER` and the files of :data:`REST_FIRST` first, the tests
+            marked ``slow`` last, when time remains.
 
 ``--check-report=FILE`` writes what was selected and which ids of :data:`PARITY` were not
 collected. ``--check-pretend-cuda`` makes ``backend="cuda"`` look available while collecting
@@ -153,7 +154,8 @@ def select(mode: str, items: list) -> list:
             if item.nodeid in later:
                 return 0
             path = item.nodeid.split("::")[0]
-            return 1 + (REST_FIRST.index(path) if path in REST_FIRST else len(REST_FIRST))
+            slow = len(REST_FIRST) + 1 if item.get_closest_marker("slow") is not None else 0
+            return 1 + slow + (REST_FIRST.index(path) if path in REST_FIRST else len(REST_FIRST))
 
         return sorted(rest, key=rank)  # stable: file order within a rank
     raise ValueError(f"unknown selection {mode!r}")

@@ -382,12 +382,18 @@ def stage_sanitizer(runner: Runner, device: torch.device, tools: list[str], dry:
             runner.done(rec)
 
 
+EXTENSION_CHECK_S = 20  # the build stage's look at the extension after pip, beyond its cap
+
+
 def extension_state(env: dict) -> dict:
     """Whether this package's C++ extension loads in a fresh process, and with CUDA kernels."""
     code = ("import json\nfrom mlbfgs_fused.backends import native\n"
             "print(json.dumps({'load_error': native.load_error(), 'cuda_kernels': native.has_cuda_kernels()}))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_DIR, env=env, capture_output=True, text=True,
-                            check=False, timeout=120)
+    try:
+        result = subprocess.run([sys.executable, "-c", code], cwd=REPO_DIR, env=env, capture_output=True, text=True,
+                                check=False, timeout=EXTENSION_CHECK_S)
+    except subprocess.TimeoutExpired:
+        return {"load_error": f"no answer in {EXTENSION_CHECK_S} s", "cuda_kernels": False}
     try:
         return json.loads(result.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
@@ -422,14 +428,18 @@ def stage_build(runner: Runner, device: torch.device, mode: str = "auto") -> Non
                           detail="already built: the extension loads" + (", CUDA kernels included" if cuda else ""))
             return
     env = {**runner.env, "MAX_JOBS": str(os.cpu_count() or 1), "PIP_NO_INDEX": "1",
-           "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
+           "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1",
+           # The interpreter's own bin first: ninja (a parallel build) installed beside it
+           # is found even when that folder is not on PATH.
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), runner.env.get("PATH", "")])}
     arch = None
     if cuda:
         major, minor = torch.cuda.get_device_capability(device)
         arch = env["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
     cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation", "-e", "."]
+    ninja = shutil.which("ninja", path=env["PATH"])
     rec = runner.run("build", cmd, "build.log", env=env)
-    rec.update(arch=arch, jobs=int(env["MAX_JOBS"]))
+    rec.update(arch=arch, jobs=int(env["MAX_JOBS"]), ninja=ninja)
     if rec["status"] == "passed":
         state = extension_state(runner.env)
         if state["load_error"] is not None:
@@ -438,6 +448,8 @@ def stage_build(runner: Runner, device: torch.device, mode: str = "auto") -> Non
             rec["status"], rec["detail"] = "failed", "the extension loads without its CUDA kernels (see build.log)"
         else:
             rec["detail"] = "built" + (f": CUDA kernels for compute capability {arch}" if cuda else " (no CUDA)")
+            if ninja is None:
+                rec["detail"] += "; no ninja found: a build one source at a time"
     runner.done(rec)
 
 

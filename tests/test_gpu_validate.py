@@ -111,16 +111,18 @@ NARROW = [  # backend, parameter dtype, history dtype
     ("cuda", torch.bfloat16, torch.bfloat16), ("cuda", torch.bfloat16, torch.float32),
 ]
 # Against the float64 reference from the same rounded start: narrow histories round the
-# pairs (measured 2e-5 to 2e-4 with float32 parameters, 3e-9 with float64 ones); 16-bit
-# parameters round every state vector (at most 1.5 times the foreach backend's error,
-# whose arithmetic is 16-bit: measured 8e-3 for float16 and 3e-2 for bfloat16, the C++ backend).
-NARROW_TOLERANCE = {torch.float32: 2e-3, torch.float64: 1e-6}
+# pairs (measured 1e-4 to 8e-4 with float32 parameters, 9e-9 with float64 ones, the C++
+# backend); 16-bit parameters round every state vector (at most 1.5 times the foreach
+# backend's error, whose arithmetic is 16-bit: measured 8e-3 for float16 and 3e-2 for
+# bfloat16, the C++ backend, with the paper's normalisation as in test_native.py).
+NARROW_TOLERANCE = {torch.float32: 5e-3, torch.float64: 1e-6}
 
 
 def _narrow_case(backend, device, dtype, history):
     from problems import run_against_reference, standard_scenario
 
-    sc = standard_scenario("tensor", steps=24, seed=7)
+    half = dtype in (torch.float16, torch.bfloat16)
+    sc = standard_scenario("tensor", steps=24, seed=7, **({"normalize": True} if half else {}))
     opt, groups, _, errors = run_against_reference(sc, dtype, device, backend=backend,
                                                    history_dtype=None if history == dtype else history)
     if dtype in NARROW_TOLERANCE:
@@ -160,11 +162,11 @@ def test_the_narrow_history_case_holds_on_the_cpu_backend():
 class _Item:
     """What bench/check_tests.py reads of a pytest item."""
 
-    def __init__(self, nodeid, cuda=False):
-        self.nodeid, self.cuda = nodeid, cuda
+    def __init__(self, nodeid, cuda=False, slow=False):
+        self.nodeid, self.cuda, self.slow = nodeid, cuda, slow
 
     def get_closest_marker(self, name):
-        return object() if name == "cuda" and self.cuda else None
+        return object() if (name == "cuda" and self.cuda) or (name == "slow" and self.slow) else None
 
     def iter_markers(self, name=None):
         return iter(())
@@ -172,7 +174,8 @@ class _Item:
 
 def test_the_selections_split_the_tests_without_overlap():
     gpu_parity = next(c.nodeid for c in check_tests.PARITY if c.nodeid.startswith("tests/test_gpu_validate.py"))
-    items = ([_Item("tests/test_lbfgs.py::test_plain"), _Item("tests/test_native.py::test_plain"),
+    items = ([_Item("tests/test_triton_kernels.py::test_slow", slow=True), _Item("tests/test_lbfgs.py::test_plain"),
+              _Item("tests/test_native.py::test_plain"),
               _Item("tests/test_lbfgs.py::test_on_the_gpu", cuda=True), _Item(gpu_parity, cuda=True)]
              + [_Item(nodeid, cuda=True) for nodeid in check_tests.GRAPH + check_tests.LATER]
              + [_Item(nodeid) for nodeid in reversed(check_tests.PARITY_IDS) if nodeid != gpu_parity])
@@ -180,7 +183,8 @@ def test_the_selections_split_the_tests_without_overlap():
     assert sorted(sum(chosen.values(), [])) == sorted(i.nodeid for i in items)  # each test once
     assert chosen["parity"] == list(check_tests.PARITY_IDS)  # in the list's order
     assert set(check_tests.GRAPH) <= set(chosen["cuda"]) and "tests/test_lbfgs.py::test_on_the_gpu" in chosen["cuda"]
-    assert chosen["rest"] == [*check_tests.LATER, "tests/test_native.py::test_plain", "tests/test_lbfgs.py::test_plain"]
+    assert chosen["rest"] == [*check_tests.LATER, "tests/test_native.py::test_plain", "tests/test_lbfgs.py::test_plain",
+                              "tests/test_triton_kernels.py::test_slow"]
 
 
 def test_parity_covers_each_backend_kernel_dtype_and_history_dtype():
@@ -209,8 +213,11 @@ def test_the_check_fits_eight_minutes_by_the_plan():
     # The call: start, the budget, a stage stopped at the budget's end, the last files.
     assert gpu_check.LAUNCH_S + gpu_check.CHECK_BUDGET + sum(gpu_validate.STOP_WAITS) + gpu_check.EXPORT_S \
         <= gpu_check.LIMIT_S == 480
-    # Stages 1-3, the build included, get their whole caps even when each one before used its own.
-    assert "build" in required and sum(plan[s]["cap"] for s in required) <= gpu_check.CHECK_BUDGET - gpu_validate.RESERVE
+    # Stages 1-3, the build (and its look at the extension) included, get their whole caps
+    # even when each one before used its own.
+    assert "build" in required
+    assert sum(plan[s]["cap"] for s in required) + gpu_validate.EXTENSION_CHECK_S \
+        <= gpu_check.CHECK_BUDGET - gpu_validate.RESERVE
     for stage, p in plan.items():
         assert p["estimate"] is None or p["estimate"] <= p["cap"], (stage, p)
     # As estimated, the stages of 4 start too, with at least a minute for the rest of the suite.
