@@ -58,12 +58,12 @@ CHECK_STAGES = ("env", "build", "cuda-tests", "parity", "sanitizer", "speed", "l
 REQUIRED_STAGES = CHECK_STAGES[:6]  # 1 to 3: each gets its whole cap even when every one before used its own
 CHECK_CAPS = {
     **CAPS,
-    "env": 15, "build": 140, "cuda-tests": 70, "parity": 60, "sanitizer": 55, "speed": 85,
+    "env": 15, "build": 140, "cuda-tests": 75, "parity": 55, "sanitizer": 55, "speed": 85,
     "lbfgs": 40, "train": 60, "rest-tests": 600,  # the rest: what is left
 }
 # Expected seconds on an H100 machine (16 cores): guesses for the stages before the first
 # GPU run times them; the speed stage's comes from bench.planner's time plan.
-ESTIMATES = {"env": 5, "build": 80, "cuda-tests": 45, "parity": 35, "sanitizer": 35, "lbfgs": 20, "train": 35}
+ESTIMATES = {"env": 5, "build": 80, "cuda-tests": 55, "parity": 35, "sanitizer": 35, "lbfgs": 20, "train": 35}
 # The build: 6 sources compiled side by side (MAX_JOBS = the cores); the slowest (a CUDA source
 # with torch's headers) took 34 s alone on one core of the development machine.
 CHECK_SANITIZER_TOOLS = ("memcheck",)
