@@ -166,6 +166,7 @@ def run_check(args, stages: list[str], caps: dict, device: torch.device, env: di
         raise SystemExit("--work and --out must not hold each other: only a few files go to --out")
     for name in OUT_FILES:  # a folder reused: nothing stale
         (out / name).unlink(missing_ok=True)
+        (out / f"{name}.part").unlink(missing_ok=True)
     if device.type != "cuda":
         env = {**env, "TRITON_INTERPRET": "1"}
     export = Export(out, work, args, device)

@@ -43,6 +43,21 @@ def test_junit_counts_tell_skipped_from_run(tmp_path):
     assert gpu_validate.junit_counts(tmp_path / "missing.xml") is None
 
 
+def test_junit_outcomes_by_node_id(tmp_path):
+    xml = tmp_path / "r.xml"
+    xml.write_text(
+        '<testsuites><testsuite tests="3">'
+        '<testcase classname="tests.test_x" name="test_a[f32-[[0, 2], [1]]]" time="1.5"/>'
+        '<testcase classname="tests.test_x.TestY" name="test_b" time="0.1"><failure message="assert 1 == 2&#10;more"/>'
+        '</testcase><testcase classname="tests.test_x" name="test_c"><skipped message="needs a CUDA GPU"/></testcase>'
+        '</testsuite></testsuites>')
+    assert gpu_validate.junit_outcomes(xml) == {
+        "tests/test_x.py::test_a[f32-[[0, 2], [1]]]": {"outcome": "passed", "seconds": 1.5},
+        "tests/test_x.py::TestY::test_b": {"outcome": "failed", "seconds": 0.1, "message": "assert 1 == 2"},
+        "tests/test_x.py::test_c": {"outcome": "skipped", "seconds": 0.0, "message": "needs a CUDA GPU"},
+    }
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal happens only where torch sees no accelerator")
 def test_refuses_to_run_without_a_gpu_unless_asked(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
