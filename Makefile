@@ -24,11 +24,20 @@ BUILD_INPUTS := setup.py pyproject.toml $(wildcard CMakeLists.txt csrc/*.* csrc/
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 VALIDATE_ARGS ?=
+CHECK_ARGS ?=
+# Where `make gpu-check` leaves its few files: $OUT/gpu on a GPU machine (OUT is its
+# output folder there), else GPU_CHECK_OUT.
+GPU_CHECK_OUT ?= $(if $(OUT),$(OUT)/gpu,/tmp/mlbfgs-gpu-check)
 
-.PHONY: test demo bench gpu-validate fashion-mnist env clean
+.PHONY: test demo bench gpu-validate gpu-check fashion-mnist env clean
 
+# A PYTHON that itself runs in a virtual environment (a GPU machine's image keeps its
+# torch in one) hands its packages on to .venv through a .pth file: --system-site-packages
+# alone gives the base interpreter's packages, without that torch.
 $(STAMP): $(BUILD_INPUTS)
-	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	test -x $(PY) || { $(PYTHON) -m venv --system-site-packages $(VENV) && \
+	  $(PYTHON) -c "import site, sys; sys.prefix != sys.base_prefix and print(*site.getsitepackages(), sep=chr(10))" \
+	    > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/outer-site-packages.pth"; }
 	if $(PY) -c "import $(REQUIRED_IMPORTS),$(BUILD_IMPORTS)" 2>/dev/null; then \
 	  echo "requirements already importable: installing this package only, offline"; \
 	  $(PY) -m pip install --no-deps --no-build-isolation -e .; \
@@ -58,6 +67,18 @@ bench: $(STAMP)
 # benchmarks), e.g. VALIDATE_ARGS="--out /tmp/h100 --budget 540"; see bench/gpu_validate.py.
 gpu-validate: $(STAMP)
 	$(PY) -m bench.gpu_validate $(VALIDATE_ARGS)
+
+# The first GPU run in one call of at most 8 minutes, the build included (bench/README.md,
+# "GPU check"): `python -m bench.gpu_validate --check`. It runs on .venv's Python where
+# .venv exists, else on PYTHON as it is when that imports torch and pytest (a GPU
+# machine's image: the check's build stage installs this package into it, offline), else
+# on a new .venv. CHECK_ARGS: more options, e.g. --dry (anywhere, in about a minute).
+gpu-check:
+	@if [ -x $(PY) ]; then py=$(PY); \
+	elif $(PYTHON) -c "import torch, pytest" 2>/dev/null; then py=$(PYTHON); \
+	else $(MAKE) --no-print-directory env && py=$(PY); fi; \
+	echo "$$py -m bench.gpu_validate --check --out $(GPU_CHECK_OUT) $(CHECK_ARGS)"; \
+	exec $$py -m bench.gpu_validate --check --out $(GPU_CHECK_OUT) $(CHECK_ARGS)
 
 # A copy of Fashion-MNIST's idx files in data/fashion-mnist/ (ignored by git, about
 # 30 MB), to carry to a machine without network or Debian's package; point

@@ -52,20 +52,37 @@ def choose(candidates: list[Contender], m: int, default_m: int, ours_only: bool)
     return [c for c in candidates if m == default_m or c.kind in QUASI_NEWTON_KINDS]  # first order: no m
 
 
+def select(candidates: list[Contender], n: int, only=None, at=None) -> tuple[list[Contender], list[str]]:
+    """The contenders named for size ``n`` (``at[n]``, else ``only``; all when neither names
+    any), in the candidates' order, and the names asked for that no candidate has (a backend
+    or option that does not run on this machine)."""
+    names = (at or {}).get(n, only)
+    if names is None:
+        return list(candidates), []
+    known = {c.name for c in candidates}
+    return [c for c in candidates if c.name in names], [name for name in names if name not in known]
+
+
 def compare_steps(device, sizes, history_sizes=(5, 10, 20), default_m=10, smoke=False, log=print,
                   ours_only_sizes=(), candidates: list[Contender] | None = None,
-                  memory_budget: int | None = None, checkpoint=None) -> dict:
+                  memory_budget: int | None = None, checkpoint=None, only=None, at=None) -> dict:
     """Time every case of :func:`compare_cases`. ``memory_budget`` caps the planner's budget
     (bytes); ``checkpoint`` gets the result so far after each case (a partial file survives
-    a run cut short)."""
+    a run cut short). ``only`` (names) and ``at`` (N -> names) pick contenders (:func:`select`);
+    a case records the names asked for that do not run here as ``unavailable``."""
     bandwidth = copy_bandwidth(device, nbytes=1 << 20 if smoke else None, repeats=2 if smoke else 10)
     candidates = contenders(device) if candidates is None else candidates
     reference = candidates[0].name  # ours: Triton when it runs, else the C++ or foreach backend
     result = {"bandwidth": bandwidth, "ours": reference, "rows": [], "cases": []}
     for n, m, ours_only in compare_cases(sizes, history_sizes, default_m, ours_only_sizes):
-        chosen = choose(candidates, m, default_m, ours_only)
+        picked, unavailable = select(candidates, n, only, at)
+        names = {c.name for c in picked}
+        chosen = [c for c in choose(candidates, m, default_m, ours_only) if c.name in names]
         case = _Case(device, n, m, chosen, bandwidth, memory_budget, smoke, log)
         rows = case.run()
+        if unavailable:
+            case.record["unavailable"] = unavailable
+            log(f"  N={n:.0e} m={m:2d}: not running here: {unavailable}")
         ours = next((r for r in rows if r["contender"] == reference and "median_s" in r), None)
         for row in rows:
             if "median_s" in row:

@@ -9,14 +9,15 @@ are past their warm-up, so the timed step is the one training repeats.
 per step in float32 (each tensor read or written once): a step at copy
 bandwidth would take ``floor_bytes / bandwidth``. ``state_bytes(N, m)`` and
 ``step_bytes(N, m)`` are what it holds between steps and what a build or a step
-allocates on top, for the memory plan of :mod:`bench.planner`.
+allocates on top, for the memory plan of :mod:`bench.planner`; ``step_slowdown``
+and ``step_overhead_s`` its guess of a step's time on a GPU, for the time plan.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -72,6 +73,11 @@ class Contender:
     step_bytes: Callable[[int, int], int]
     mutates_grad: bool = False  # step() overwrites .grad: restore it between timed calls
     shares_history: bool = False  # keeps views of the case's history instead of a copy
+    # Time plan (bench.planner.step_seconds): a step on a GPU takes about ``step_slowdown``
+    # times its floor bytes at copy bandwidth, plus ``step_overhead_s`` of launches and host
+    # work. Guesses, on the slow side; a GPU run's step_compare.json corrects them.
+    step_slowdown: float = 1.5
+    step_overhead_s: float = 3e-4
 
 
 # -- MLBFGS -----------------------------------------------------------------------
@@ -254,11 +260,14 @@ def mlbfgs_contender(name: str, backend: str, build=None, history_dtype=None, **
     narrow = history_dtype is not None and history_dtype.itemsize == 2
     if history_dtype is not None:
         options["history_dtype"] = history_dtype
+    foreach = backend == "foreach"
     return Contender(
         name, "ours", build or build_mlbfgs(backend, **options),
         mlbfgs_bf16_floor_bytes if narrow else mlbfgs_floor_bytes,
-        state_bytes=mlbfgs_state_bytes(2 if narrow else 4, scratch_vectors=2 if backend == "foreach" else 0),
+        state_bytes=mlbfgs_state_bytes(2 if narrow else 4, scratch_vectors=2 if foreach else 0),
         step_bytes=per_param_bytes(8),  # the build: a gradient copy, a random state tensor
+        # foreach: a dozen passes over the vectors and two over the history, ~50 launches
+        step_slowdown=5.0 if foreach else 1.5, step_overhead_s=3e-3 if foreach else 3e-4,
     )
 
 
@@ -268,53 +277,84 @@ def contenders(device: torch.device, include_reference: bool = True) -> list[Con
     On CUDA the default backend also runs with a bfloat16 history, with
     ``variant="released"`` and captured in a CUDA graph (replayed). The CUDA C++ backend
     is not captured: its ops copy the address table from a pinned host buffer allocated
-    per call, which a replay reads again (bench/README.md says when that is sound)."""
-    out = []
+    per call, which a replay reads again (bench/README.md says when that is sound).
+    Each backend and option is chosen by trying it (:func:`contender_list` makes the list)."""
     native = "cuda" if device.type == "cuda" else "cpp"
     backends = ("triton", native, "foreach") if device.type == "cuda" else (native, "foreach")
     works = [b for b in backends if mlbfgs_backend_works(b, device)]
+    # The authors' math on our fastest backend that implements it (not the CUDA C++ one).
+    released = next((b for b in works if mlbfgs_backend_works(b, device, warn=False, variant="released")), None)
+    return contender_list(
+        device.type, works, released=released,
+        graph="triton" in works and graph_capture_works("triton", device),
+        adamw_fused=fused_works(torch.optim.AdamW, device), sgd_fused=fused_works(torch.optim.SGD, device),
+        include_reference=include_reference,
+    )
+
+
+def contender_list(device_type: str, works, released: str | None, graph: bool, adamw_fused: bool,
+                   sgd_fused: bool, include_reference: bool = True) -> list[Contender]:
+    """The contenders given what runs: the MLBFGS backends that ``works`` (in order of
+    preference), the one that runs ``variant="released"``, whether a Triton step can be
+    captured in a CUDA graph and whether torch's fused AdamW and SGD run. Tries nothing,
+    so a plan can be made for a device that is not here (:func:`planned_contenders`)."""
+    out = []
+    native = "cuda" if device_type == "cuda" else "cpp"
     if "triton" in works:
         out.append(mlbfgs_contender("mlbfgs-triton", "triton"))
         out.append(mlbfgs_contender("mlbfgs-triton-bf16-history", "triton", history_dtype=torch.bfloat16))
-        if graph_capture_works("triton", device):
-            out.append(mlbfgs_contender("mlbfgs-triton-graph", "triton", build=build_mlbfgs_graph("triton")))
+        if graph:
+            graphed = mlbfgs_contender("mlbfgs-triton-graph", "triton", build=build_mlbfgs_graph("triton"))
+            out.append(replace(graphed, step_overhead_s=5e-5))  # one replay: no Python, no launch gaps
     if native in works:
         out.append(mlbfgs_contender(f"mlbfgs-{native}", native))
         out.append(mlbfgs_contender(f"mlbfgs-{native}-bf16-history", native, history_dtype=torch.bfloat16))
-    # The authors' math on our fastest backend that implements it (not the CUDA C++ one).
-    released = next((b for b in works if mlbfgs_backend_works(b, device, warn=False, variant="released")), None)
     if released is not None:
         out.append(mlbfgs_contender(f"mlbfgs-{released}-released", released, variant="released"))
     if "foreach" in works:
         out.append(mlbfgs_contender("mlbfgs-foreach", "foreach"))
+    # Peers: flattening copies and a host read per two-loop iteration (authors), 4m kernels
+    # with host reads in between (torch), out-of-place temporaries (reference).
     out.append(Contender("authors-style", "mL-BFGS peer", build_authors, mlbfgs_floor_bytes,
                          per_param_bytes(AUTHORS_STATE), per_param_bytes(AUTHORS_STEP),
-                         mutates_grad=True, shares_history=True))
+                         mutates_grad=True, shares_history=True, step_slowdown=10.0, step_overhead_s=1e-2))
     out.append(Contender("torch-lbfgs-direction", "L-BFGS peer", build_torch_lbfgs, lbfgs_floor_bytes,
                          per_param_bytes(TORCH_LBFGS_STATE), per_param_bytes(TORCH_LBFGS_STEP),
-                         shares_history=True))
+                         shares_history=True, step_slowdown=4.0, step_overhead_s=5e-3))
     if include_reference:
         out.append(Contender("reference-fp32", "out-of-place reference", ReferenceStep, mlbfgs_floor_bytes,
                              per_param_bytes(REFERENCE_STATE), per_param_bytes(REFERENCE_STEP),
-                             shares_history=True))
+                             shares_history=True, step_slowdown=10.0, step_overhead_s=1e-2))
     wd = HYPER["weight_decay"]
     adamw = dict(floor_bytes=per_param_bytes(28),  # p, g, exp_avg, exp_avg_sq read; p, exp_avg, exp_avg_sq written
                  state_bytes=per_param_bytes(16), step_bytes=per_param_bytes(8))
     out.append(Contender("adamw-foreach", "first-order",
-                         build_torch_optimizer(torch.optim.AdamW, lr=1e-3, weight_decay=wd, foreach=True), **adamw))
-    if fused_works(torch.optim.AdamW, device):
+                         build_torch_optimizer(torch.optim.AdamW, lr=1e-3, weight_decay=wd, foreach=True),
+                         step_slowdown=2.5, step_overhead_s=1e-3, **adamw))
+    if adamw_fused:
         out.append(Contender("adamw-fused", "first-order",
                              build_torch_optimizer(torch.optim.AdamW, lr=1e-3, weight_decay=wd, fused=True), **adamw))
     sgd = dict(floor_bytes=per_param_bytes(20),  # p, g, buf read; p, buf written
                state_bytes=per_param_bytes(12), step_bytes=per_param_bytes(8))
     out.append(Contender("sgd-momentum", "first-order",
                          build_torch_optimizer(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=wd, foreach=True),
-                         **sgd))
-    if fused_works(torch.optim.SGD, device):
+                         step_slowdown=2.5, step_overhead_s=1e-3, **sgd))
+    if sgd_fused:
         out.append(Contender("sgd-fused", "first-order",
                              build_torch_optimizer(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=wd, fused=True),
                              **sgd))
     return out
+
+
+def planned_contenders(device_type: str = "cuda") -> list[Contender]:
+    """The contenders a machine of ``device_type`` gives when every backend and option
+    runs there (on CUDA: Triton, the CUDA C++ kernels, foreach, graph capture, torch's
+    fused optimizers): what a plan for that machine starts from, made anywhere."""
+    if device_type == "cuda":
+        return contender_list("cuda", ("triton", "cuda", "foreach"), released="triton", graph=True,
+                              adamw_fused=True, sgd_fused=True)
+    return contender_list(device_type, ("cpp", "foreach"), released="cpp", graph=False,
+                          adamw_fused=True, sgd_fused=True)
 
 
 def ours(contender_list: list[Contender]) -> Contender:

@@ -6,6 +6,8 @@ takes one dot), so the time is the optimizer's. Each optimizer first runs ``hist
 iterations (a full, wrapped history), then ``step()`` with ``max_iter = --iters`` is timed,
 round robin between the optimizers, median of ``--repeats``. The tolerances are negative,
 so every step runs all its iterations. Reported per iteration and per closure evaluation.
+``--device cuda`` runs both on a GPU (timed after a synchronisation, as both read the
+loss on the host every evaluation anyway).
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ CONTENDERS = {"torch.optim.LBFGS": torch.optim.LBFGS, "mlbfgs_fused.LBFGS": LBFG
 
 
 class Quadratic:
-    def __init__(self, n: int, dtype: torch.dtype, seed: int = 0):
+    def __init__(self, n: int, dtype: torch.dtype, seed: int = 0, device: str | torch.device = "cpu"):
         g = torch.Generator().manual_seed(seed)
-        self.a = torch.logspace(0, 3, n, dtype=dtype)[torch.randperm(n, generator=g)]
-        self.x0 = torch.randn(n, generator=g, dtype=dtype)
+        self.a = torch.logspace(0, 3, n, dtype=dtype)[torch.randperm(n, generator=g)].to(device)
+        self.x0 = torch.randn(n, generator=g, dtype=dtype).to(device)
 
     def closure_for(self, x: torch.Tensor):
         grad = torch.empty_like(x)
@@ -42,8 +44,14 @@ class Quadratic:
         return closure
 
 
-def measure(n: int, history: int, iters: int, repeats: int, line_search_fn, dtype) -> dict:
-    problem = Quadratic(n, dtype)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(n: int, history: int, iters: int, repeats: int, line_search_fn, dtype,
+            device: torch.device = torch.device("cpu")) -> dict:
+    problem = Quadratic(n, dtype, device=device)
     runs = {}
     for name, cls in CONTENDERS.items():
         x = problem.x0.clone().requires_grad_()
@@ -58,15 +66,19 @@ def measure(n: int, history: int, iters: int, repeats: int, line_search_fn, dtyp
         for name, (opt, closure, x, times) in runs.items():
             state = opt.state[x]
             before = (state["n_iter"], state["func_evals"])
+            _sync(device)
             t0 = time.perf_counter()
             opt.step(closure)
+            _sync(device)
             elapsed = time.perf_counter() - t0
             times["iter_s"].append(elapsed / (state["n_iter"] - before[0]))
             times["eval_s"].append(elapsed / (state["func_evals"] - before[1]))
     closure = problem.closure_for(problem.x0.clone())
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(10):
         closure()
+    _sync(device)
     closure_s = (time.perf_counter() - t0) / 10
     return {
         "n": n,
@@ -102,6 +114,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--out", default=None, help="JSON file (default: bench/results/<machine>/lbfgs.json)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it runs")
     args = parser.parse_args(argv)
@@ -111,18 +124,19 @@ def main(argv=None) -> list[dict]:
     histories = [3] if args.smoke else [int(h) for h in args.histories.split(",")]
     searches = [None if s == "none" else s for s in args.line_search.split(",")]
     dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
     rows = []
     for line_search_fn in searches:
         for history in histories:
             for n in sizes:
                 rows.append(measure(n, history, 2 if args.smoke else args.iters,
-                                    1 if args.smoke else args.repeats, line_search_fn, dtype))
+                                    1 if args.smoke else args.repeats, line_search_fn, dtype, device))
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
     print(table(rows))
     if not args.smoke:
-        out = args.out or results_dir(torch.device("cpu")) / "lbfgs.json"
+        out = args.out or results_dir(device) / "lbfgs.json"
         with open(out, "w") as f:
-            json.dump({"machine": machine_stamp(torch.device("cpu")), "argv": argv, "dtype": args.dtype,
+            json.dump({"machine": machine_stamp(device), "argv": argv, "dtype": args.dtype,
                        "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
     return rows
 

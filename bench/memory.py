@@ -160,20 +160,27 @@ def build_peak_memory(build: Callable[[], object], device: torch.device) -> tupl
 
 
 def measure_memory(device: torch.device, sizes, m: int = 10, log=print, ours_only_sizes=(),
-                   candidates=None, memory_budget: int | None = None) -> dict:
+                   candidates=None, memory_budget: int | None = None, only=None, at=None) -> dict:
     """Peak transient bytes of one steady-state step of every contender as N grows,
     the persistent optimizer-state bytes per parameter, and the memory plan's estimates
-    beside the measured bytes. ``ours_only_sizes`` measure our contenders only. A
-    contender that the plan says does not fit, or that runs out of memory, gets a row
-    with ``skipped``; one that fails otherwise a row with ``error``."""
+    beside the measured bytes. ``ours_only_sizes`` measure our contenders only; ``only``
+    and ``at`` pick contenders as in ``bench.compare.select``. A contender that the plan
+    says does not fit, or that runs out of memory, gets a row with ``skipped``; one that
+    fails otherwise a row with ``error``."""
     from . import planner
+    from .compare import select
     from .contenders import contenders
     from .problem import make_history, make_problem
 
     candidates = contenders(device) if candidates is None else candidates
-    rows = []
+    rows, unavailable = [], {}
     for n, ours_only in [(n, False) for n in sizes] + [(n, True) for n in ours_only_sizes]:
-        chosen = [c for c in candidates if c.kind == "ours" or not ours_only]
+        picked, missing = select(candidates, n, only, at)
+        if missing:
+            unavailable[n] = missing
+        chosen = [c for c in picked if c.kind == "ours" or not ours_only]
+        if not chosen:
+            continue
         planner.release_memory(device)
         budget = planner.memory_budget(device)
         budget = budget if memory_budget is None else min(budget, memory_budget)
@@ -212,7 +219,10 @@ def measure_memory(device: torch.device, sizes, m: int = 10, log=print, ours_onl
             planner.release_memory(device)
         problem = history = None
         planner.release_memory(device)
-    return {"m": m, "rows": rows}
+    result = {"m": m, "rows": rows}
+    if unavailable:
+        result["unavailable"] = {str(n): names for n, names in unavailable.items()}
+    return result
 
 
 def _measure(c, problem, history, device) -> dict:

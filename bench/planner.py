@@ -1,4 +1,5 @@
-"""Memory planning: which contenders of a case run together, and which cannot run at all.
+"""Memory planning: which contenders of a case run together, and which cannot run at all;
+and a time plan: how long a stage takes on a GPU (at the end).
 
 A case (one N and m) holds a shared problem (parameters and gradients) and a shared
 history; each contender adds what it holds between steps (``Contender.state_bytes``:
@@ -129,3 +130,53 @@ def failure_reason(exc: BaseException) -> str:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     kind = "out of memory" if is_out_of_memory(exc) else "failed"
     return f"{kind}: {type(exc).__name__}: {first}"[:300]
+
+
+# -- time plan -----------------------------------------------------------------------
+# How long a compare or memory stage takes on a GPU, to size a run to a time limit
+# (``bench.gpu_validate --check``; tests/test_gpu_validate.py holds its speed stage to its
+# cap with these). A step takes :func:`step_seconds`; a process starts in
+# PROCESS_S (Python, torch, the CUDA context, ``contenders()`` trying every backend with
+# Triton's kernels already compiled by the stages before); each case makes its problem
+# and history (CASE_S, plus a few passes over the shared bytes); each contender builds in
+# BUILD_S plus a few passes over what it holds. Guesses on the slow side; a GPU run's
+# stage times correct them.
+PROCESS_S = 25.0
+CASE_S = 1.0
+BUILD_S = 0.5
+PASSES = 3  # writes of a case's or a build's bytes: random draws, copies, Gram matrices
+
+
+def step_seconds(c, n: int, m: int, bandwidth: float) -> float:
+    """Contender ``c``'s guessed step time at ``bandwidth`` bytes per second (read plus written)."""
+    return c.step_slowdown * c.floor_bytes(n, m) / bandwidth + c.step_overhead_s
+
+
+def compare_seconds(cases, bandwidth: float, budget: int, repeats: int, warmup: int) -> float:
+    """Guessed seconds of ``bench.compare.compare_steps`` over ``cases``, a list of
+    ``(n, m, contenders)``, in the batches :func:`plan_batches` makes of ``budget`` bytes;
+    without the process start. Every contender of a batch is built, warmed up and timed
+    ``repeats`` times."""
+    total = 0.0
+    for n, m, chosen in cases:
+        shared = shared_bytes(n, m)
+        plan = plan_batches(chosen, n, m, budget, shared)
+        total += CASE_S + PASSES * shared / bandwidth
+        by_name = {c.name: c for c in chosen}
+        for batch in plan.batches:
+            for c in (by_name[name] for name in batch):
+                total += BUILD_S + PASSES * c.state_bytes(n, m) / bandwidth
+                total += (warmup + repeats) * step_seconds(c, n, m, bandwidth)
+    return total
+
+
+def memory_seconds(cases, bandwidth: float) -> float:
+    """Guessed seconds of ``bench.memory.measure_memory`` over ``cases``, a list of
+    ``(n, m, contenders)``: per contender a build and two steps (one watched by the
+    allocation tracker); without the process start."""
+    total = 0.0
+    for n, m, chosen in cases:
+        total += CASE_S + PASSES * shared_bytes(n, m) / bandwidth
+        for c in chosen:
+            total += BUILD_S + PASSES * c.state_bytes(n, m) / bandwidth + 2 * step_seconds(c, n, m, bandwidth)
+    return total

@@ -37,6 +37,19 @@ def _sizes(text: str) -> list[int]:
     return [int(float(x)) for x in text.split(",") if x.strip()]
 
 
+def _names(text: str) -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]``."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _names_at(text: str) -> dict[int, list[str]]:
+    """``"1e5=a,b"`` -> ``{100000: ["a", "b"]}``."""
+    n, sep, names = text.partition("=")
+    if not sep or not n.strip():
+        raise argparse.ArgumentTypeError(f"expected N=NAMES, got {text!r}")
+    return {int(float(n)): _names(names)}
+
+
 def _bytes(text: str) -> int:
     """``"40e9"``, ``"40G"`` (10^9), ``"40GiB"`` (2^30) -> bytes."""
     units = {"gib": 1 << 30, "mib": 1 << 20, "g": 10**9, "gb": 10**9, "m": 10**6, "mb": 10**6}
@@ -99,6 +112,14 @@ def main(argv=None) -> Path:
                              "(default 3e8 on CUDA, none on the CPU; '' for none)")
     parser.add_argument("--history-sizes", type=_sizes, default=None,
                         help="comma-separated m swept at the largest N in compare (default 5,10,20)")
+    parser.add_argument("--m", type=int, default=None, help="history size at every N (default 10; 4 with --smoke)")
+    parser.add_argument("--contenders", type=_names, default=None,
+                        help="comma-separated contender names to run in compare and memory (default: all); a name "
+                             "that does not run on this machine is recorded as unavailable")
+    parser.add_argument("--contenders-at", type=_names_at, action="append", default=[], metavar="N=NAMES",
+                        help="the contenders at one N instead, e.g. 1e5=mlbfgs-triton,mlbfgs-triton-graph (repeatable)")
+    parser.add_argument("--no-report", action="store_true",
+                        help="write the JSON only (python -m bench.report makes the plots and RESULTS.md later)")
     parser.add_argument("--memory-budget", type=_bytes, default=None,
                         help="bytes the memory plan may use per case, e.g. 60G (default: 90%% of the free memory "
                              "less a reserve; never more than that)")
@@ -106,7 +127,9 @@ def main(argv=None) -> Path:
                         help="keep the rows of step_compare.json and memory.json in --out that this run does not "
                              "measure again (a stage split over several calls)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<machine>/)")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, every stage once: checks that it runs")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, few repeats, every stage once: checks that it runs (--sizes, "
+                             "--ours-only-sizes, --history-sizes and --m still choose)")
     parser.add_argument("--train-args", default="", help="extra arguments for bench.train, e.g. '--epochs 5'")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for every stage (default: torch's choice). On a shared VM whose "
@@ -120,14 +143,16 @@ def main(argv=None) -> Path:
         torch.set_num_threads(args.threads)
     device = default_device()
     if args.smoke:
-        sizes, ours_only = list(SMOKE_SIZES), list(SMOKE_OURS_ONLY_SIZES)
-        history_sizes, default_m = [2, 4], 4
+        sizes = args.sizes if args.sizes is not None else list(SMOKE_SIZES)
+        ours_only = args.ours_only_sizes if args.ours_only_sizes is not None else list(SMOKE_OURS_ONLY_SIZES)
+        history_sizes, default_m = args.history_sizes or [2, 4], args.m or 4
     else:
         default_cap = 1e8 if device.type == "cuda" else 1e7
         sizes = args.sizes if args.sizes is not None else [n for n in SIZES if n <= (args.max_n or default_cap)]
         ours_only = args.ours_only_sizes if args.ours_only_sizes is not None else (
             CUDA_OURS_ONLY_SIZES if device.type == "cuda" else [])
-        history_sizes, default_m = args.history_sizes or [5, 10, 20], 10
+        history_sizes, default_m = args.history_sizes or [5, 10, 20], args.m or 10
+    at = dict(pair for pairs in args.contenders_at for pair in pairs.items())
     if args.max_n:
         sizes, ours_only = [n for n in sizes if n <= args.max_n], [n for n in ours_only if n <= args.max_n]
     if not sizes and not ours_only:
@@ -153,6 +178,7 @@ def main(argv=None) -> Path:
                 device, sizes, smoke=args.smoke, history_sizes=history_sizes, default_m=default_m,
                 ours_only_sizes=ours_only, memory_budget=args.memory_budget,
                 checkpoint=lambda partial: _write(out, "step_compare.json", partial, device, previous),
+                only=args.contenders, at=at,
             )
             failures += _failures(_write(out, "step_compare.json", data, device, previous))
         elif stage == "memory":
@@ -160,7 +186,7 @@ def main(argv=None) -> Path:
 
             previous = _previous(out, "memory.json", args.merge)
             data = measure_memory(device, sizes, m=default_m, ours_only_sizes=ours_only,
-                                  memory_budget=args.memory_budget)
+                                  memory_budget=args.memory_budget, only=args.contenders, at=at)
             failures += _failures(_write(out, "memory.json", data, device, previous))
         elif stage == "audit":
             from .audit import format_audit, run_audit
@@ -191,10 +217,13 @@ def main(argv=None) -> Path:
         if set(stages) != set(STAGES) and previous:  # a partial rerun keeps the record of the full one
             run = {**previous, "partial_reruns": previous.get("partial_reruns", []) + [run]}
         _write(out, "run.json", run, device)
-    from .report import make_report
+    if args.no_report:
+        print(f"bench: {time.perf_counter() - started:.0f} s; results in {out}", flush=True)
+    else:
+        from .report import make_report
 
-    path = make_report(out)
-    print(f"bench: {time.perf_counter() - started:.0f} s; report {path}", flush=True)
+        path = make_report(out)
+        print(f"bench: {time.perf_counter() - started:.0f} s; report {path}", flush=True)
     if failures:
         raise SystemExit("bench: failed (rows with an error, see the log above):\n  " + "\n  ".join(failures))
     return out

@@ -1,12 +1,22 @@
 """The GPU validation's plumbing, checked on any machine: its stages, its budget and
-its summary (the GPU itself is exercised where there is one)."""
+its summary (the GPU itself is exercised where there is one); the GPU check's selection,
+time plan, few files and merge (bench/gpu_check.py, bench/check_tests.py); and the GPU
+parity cases that the check's selection needs and no other test file has (the CUDA C++
+backend with narrow histories and 16-bit parameters, Triton with a float16 history)."""
 
 import json
+import re
+import subprocess
+import sys
+import tarfile
 
 import pytest
 import torch
 
-from bench import gpu_validate
+from bench import check_tests, gpu_check, gpu_validate, planner
+from bench.machine import REPO_DIR
+from mlbfgs_fused.backends import native
+from mlbfgs_fused.backends import triton as _triton
 
 
 def test_env_stage_and_summary(tmp_path):
@@ -31,6 +41,21 @@ def test_junit_counts_tell_skipped_from_run(tmp_path):
     xml.write_text('<testsuites><testsuite tests="5" failures="1" errors="0" skipped="4"/></testsuites>')
     assert gpu_validate.junit_counts(xml) == dict(tests=5, failures=1, errors=0, skipped=4, ran=1)
     assert gpu_validate.junit_counts(tmp_path / "missing.xml") is None
+
+
+def test_junit_outcomes_by_node_id(tmp_path):
+    xml = tmp_path / "r.xml"
+    xml.write_text(
+        '<testsuites><testsuite tests="3">'
+        '<testcase classname="tests.test_x" name="test_a[f32-[[0, 2], [1]]]" time="1.5"/>'
+        '<testcase classname="tests.test_x.TestY" name="test_b" time="0.1"><failure message="assert 1 == 2&#10;more"/>'
+        '</testcase><testcase classname="tests.test_x" name="test_c"><skipped message="needs a CUDA GPU"/></testcase>'
+        '</testsuite></testsuites>')
+    assert gpu_validate.junit_outcomes(xml) == {
+        "tests/test_x.py::test_a[f32-[[0, 2], [1]]]": {"outcome": "passed", "seconds": 1.5},
+        "tests/test_x.py::TestY::test_b": {"outcome": "failed", "seconds": 0.1, "message": "assert 1 == 2"},
+        "tests/test_x.py::test_c": {"outcome": "skipped", "seconds": 0.0, "message": "needs a CUDA GPU"},
+    }
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal happens only where torch sees no accelerator")
@@ -91,3 +116,257 @@ def test_merge_keeps_the_compare_rows_of_both_calls(tmp_path, monkeypatch):
         gpu_validate.merge_folder(tmp_path / name, out)
     rows = json.loads((out / "step_compare.json").read_text())["rows"]
     assert sorted((r["n"], r["m"]) for r in rows) == [(100, 5), (100, 10), (1000, 10)]
+
+
+# -- GPU parity cases the check's selection needs (bench/check_tests.py, PARITY) ----------
+NARROW = [  # backend, parameter dtype, history dtype
+    ("triton", torch.float32, torch.float16), ("triton", torch.float64, torch.float32),
+    ("cuda", torch.float32, torch.bfloat16), ("cuda", torch.float32, torch.float16),
+    ("cuda", torch.float64, torch.float32), ("cuda", torch.float16, torch.float16),
+    ("cuda", torch.bfloat16, torch.bfloat16), ("cuda", torch.bfloat16, torch.float32),
+]
+# Against the float64 reference from the same rounded start: narrow histories round the
+# pairs (measured 1e-4 to 8e-4 with float32 parameters, 9e-9 with float64 ones, the C++
+# backend); 16-bit parameters round every state vector (at most 1.5 times the foreach
+# backend's error, whose arithmetic is 16-bit: measured 8e-3 for float16 and 3e-2 for
+# bfloat16, the C++ backend, with the paper's normalisation as in test_native.py).
+NARROW_TOLERANCE = {torch.float32: 5e-3, torch.float64: 1e-6}
+
+
+def _narrow_case(backend, device, dtype, history):
+    from problems import run_against_reference, standard_scenario
+
+    half = dtype in (torch.float16, torch.bfloat16)
+    sc = standard_scenario("tensor", steps=24, seed=7, **({"normalize": True} if half else {}))
+    opt, groups, _, errors = run_against_reference(sc, dtype, device, backend=backend,
+                                                   history_dtype=None if history == dtype else history)
+    if dtype in NARROW_TOLERANCE:
+        assert max(errors) < NARROW_TOLERANCE[dtype], errors
+    else:
+        _, _, _, foreach_errors = run_against_reference(sc, dtype, device, backend="foreach")
+        assert max(errors) <= 1.5 * max(foreach_errors) and max(errors) < 6e-2, (errors, foreach_errors)
+    block = opt.state[groups[0][0]]["blocks"][0]
+    assert block["history_s"].dtype == history and groups[0][0].dtype == dtype
+    assert int(block["pair_count"]) > 3  # pairs pushed, the ring of three wrapped
+
+
+def _runs_on_the_gpu(backend: str) -> bool:
+    if not torch.cuda.is_available():
+        return False
+    return native.cuda.available() if backend == "cuda" else _triton.available() and not _triton.interpreting()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend,dtype,history", [
+    pytest.param(b, d, h, id=f"{b}-{str(d)[6:]}-{str(h)[6:]}") for b, d, h in NARROW
+])
+def test_cuda_backends_narrow_history_and_half_parameters(backend, dtype, history):
+    if not _runs_on_the_gpu(backend):
+        pytest.skip(f"needs a CUDA GPU and the {backend!r} backend's kernels")
+    _narrow_case(backend, "cuda", dtype, history)
+
+
+def test_the_narrow_history_case_holds_on_the_cpu_backend():
+    """The GPU cases' check, on the C++ backend: what the CUDA C++ kernels are held to."""
+    if native.load_error() is not None:
+        pytest.skip(native.load_error())
+    _narrow_case("cpp", "cpu", torch.bfloat16, torch.float32)
+
+
+# -- the GPU check: its selection ------------------------------------------------------
+class _Item:
+    """What bench/check_tests.py reads of a pytest item."""
+
+    def __init__(self, nodeid, cuda=False, slow=False):
+        self.nodeid, self.cuda, self.slow = nodeid, cuda, slow
+
+    def get_closest_marker(self, name):
+        return object() if (name == "cuda" and self.cuda) or (name == "slow" and self.slow) else None
+
+    def iter_markers(self, name=None):
+        return iter(())
+
+
+def test_the_selections_split_the_tests_without_overlap():
+    gpu_parity = next(c.nodeid for c in check_tests.PARITY if c.nodeid.startswith("tests/test_gpu_validate.py"))
+    items = ([_Item("tests/test_triton_kernels.py::test_slow", slow=True), _Item("tests/test_lbfgs.py::test_plain"),
+              _Item("tests/test_native.py::test_plain"),
+              _Item("tests/test_lbfgs.py::test_on_the_gpu", cuda=True), _Item(gpu_parity, cuda=True)]
+             + [_Item(nodeid, cuda=True) for nodeid in check_tests.GRAPH + check_tests.LATER]
+             + [_Item(nodeid) for nodeid in reversed(check_tests.PARITY_IDS) if nodeid != gpu_parity])
+    chosen = {mode: [i.nodeid for i in check_tests.select(mode, items)] for mode in ("cuda", "parity", "rest")}
+    assert sorted(sum(chosen.values(), [])) == sorted(i.nodeid for i in items)  # each test once
+    assert chosen["parity"] == list(check_tests.PARITY_IDS)  # in the list's order
+    assert set(check_tests.GRAPH) <= set(chosen["cuda"]) and "tests/test_lbfgs.py::test_on_the_gpu" in chosen["cuda"]
+    assert chosen["rest"] == [*check_tests.LATER, "tests/test_native.py::test_plain", "tests/test_lbfgs.py::test_plain",
+                              "tests/test_triton_kernels.py::test_slow"]
+
+
+def test_parity_covers_each_backend_kernel_dtype_and_history_dtype():
+    for backend, pairs in check_tests.REQUIRED.items():
+        cases = [c for c in check_tests.PARITY if c.backend == backend]
+        assert {(c.dtype, c.history) for c in cases} >= set(pairs), backend
+        assert {k for c in cases for k in c.kernels} == set(check_tests.KERNELS), backend
+    assert len(set(check_tests.PARITY_IDS)) == len(check_tests.PARITY_IDS)
+
+
+def test_every_selected_test_exists():
+    """Collected as on a machine with the CUDA C++ kernels: no id of the list is stale."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", *check_tests.parity_files(), "-q", "--collect-only", "-p", "no:cacheprovider",
+         "-p", "bench.check_tests", "--check-select=parity", "--check-pretend-cuda", "--check-report=/dev/stdout"],
+        cwd=REPO_DIR, capture_output=True, text=True, timeout=300,
+    )
+    report = json.loads(result.stdout[: result.stdout.index("\n}") + 2])
+    assert report["missing"] == [] and report["selected"] == list(check_tests.PARITY_IDS), result.stdout[-2000:]
+
+
+# -- the GPU check: its time plan ------------------------------------------------------
+def test_the_check_fits_eight_minutes_by_the_plan():
+    plan = gpu_check.time_plan()
+    required = gpu_check.REQUIRED_STAGES
+    # The call: start, the budget, a stage stopped at the budget's end, the last files.
+    assert gpu_check.LAUNCH_S + gpu_check.CHECK_BUDGET + sum(gpu_validate.STOP_WAITS) + gpu_check.EXPORT_S \
+        <= gpu_check.LIMIT_S == 480
+    # Stages 1-3, the build (and its look at the extension) included, get their whole caps
+    # even when each one before used its own.
+    assert "build" in required
+    assert sum(plan[s]["cap"] for s in required) + gpu_validate.EXTENSION_CHECK_S \
+        <= gpu_check.CHECK_BUDGET - gpu_validate.RESERVE
+    for stage, p in plan.items():
+        assert p["estimate"] is None or p["estimate"] <= p["cap"], (stage, p)
+    # As estimated, the stages of 4 start too, with at least a minute for the rest of the suite.
+    assert sum(plan[s]["estimate"] for s in required + ("lbfgs", "train")) + 60 <= gpu_check.CHECK_BUDGET
+    # The planner's share: every case of the speed stage runs on an H100 in full.
+    for n, m, chosen in gpu_check.speed_cases():
+        assert len(chosen) == (3 if n == gpu_check.GRAPH_SIZE else 8), (n, [c.name for c in chosen])
+        built = planner.plan_batches(chosen, n, m, gpu_check.PLAN_MEMORY_BUDGET, planner.shared_bytes(n, m))
+        assert not built.skipped, built.skipped
+
+
+def test_the_time_plan_counts_every_build_and_timed_step():
+    from bench.contenders import planned_contenders
+
+    cs = [c for c in planned_contenders("cuda") if c.name in ("mlbfgs-triton", "adamw-fused")]
+    n, m, bandwidth = 10**8, 10, 1e12
+    shared = planner.shared_bytes(n, m)
+    one = planner.compare_seconds([(n, m, cs)], bandwidth, 10**13, repeats=30, warmup=2)
+    expected = planner.CASE_S + planner.PASSES * shared / bandwidth + sum(
+        planner.BUILD_S + planner.PASSES * c.state_bytes(n, m) / bandwidth
+        + 32 * (c.step_slowdown * c.floor_bytes(n, m) / bandwidth + c.step_overhead_s) for c in cs)
+    assert one == pytest.approx(expected)
+    # Room for one contender at a time: two batches, the same work.
+    tight = shared + max(c.state_bytes(n, m) + c.step_bytes(n, m) for c in cs) + 1
+    assert len(planner.plan_batches(cs, n, m, tight, shared).batches) == 2
+    assert planner.compare_seconds([(n, m, cs)], bandwidth, tight, repeats=30, warmup=2) == pytest.approx(one)
+    # No room at all: nothing is built or timed.
+    alone = planner.compare_seconds([(n, m, cs)], bandwidth, shared, repeats=30, warmup=2)
+    assert alone == pytest.approx(planner.CASE_S + planner.PASSES * shared / bandwidth)
+    # The memory stage builds each once and steps it twice.
+    assert planner.memory_seconds([(n, m, cs)], bandwidth) < one
+
+
+# -- the GPU check: what it leaves and how it comes back -------------------------------
+NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the GPU machine's caller gets back
+
+
+def _fake_speed_results(work):
+    machine = {"slug": "gpu-x"}
+    rows = [{"contender": "mlbfgs-triton", "kind": "ours", "n": 10**6, "m": 10, "median_s": 2e-3,
+             "time_vs_ours": 1.0, "fraction_of_copy_bandwidth": 0.5},
+            {"contender": "authors-style", "kind": "mL-BFGS peer", "n": 10**6, "m": 10, "error": "failed: E: x"}]
+    work.mkdir(parents=True)
+    (work / "step_compare.json").write_text(json.dumps({
+        "machine": machine, "bandwidth": {"bytes_per_s": 3e12}, "ours": "mlbfgs-triton", "rows": rows,
+        "cases": [{"n": 10**6, "m": 10, "unavailable": ["mlbfgs-cuda"]}]}))
+
+
+def test_a_dry_check_leaves_a_few_files_that_merge_into_the_results(tmp_path, monkeypatch):
+    out, work, results = tmp_path / "gpu", tmp_path / "work", tmp_path / "results"
+    _fake_speed_results(work)  # as a speed stage before would have left them
+    rc = gpu_validate.main(["--check", "--dry", "--out", str(out), "--work", str(work), "--stages", "env,build",
+                            "--build", "never"])
+    assert rc == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(gpu_check.OUT_FILES) and len(files) <= 7
+    assert all(NAME.match(name) and (out / name).is_file() and (out / name).stat().st_size < 16 << 20 for name in files)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["stage"], r["status"]) for r in summary["stages"]] == [("env", "passed"), ("build", "skipped")]
+    assert summary["runs"][0]["finished"] and summary["check"]["dry"] and summary["env"]["machine"]["torch"]
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"validation/env.json", "validation/stage_env.json", "validation/stage_build.json",
+            "step_compare.json"} <= names
+    text = (out / "SUMMARY.md").read_text()
+    assert "| mlbfgs-triton | 2 (1.00x, 50%) |" in text and "| authors-style | ERROR |" in text
+    assert "Not running here: N=1e6: mlbfgs-cuda" in text and "| build | skipped |" in text
+    assert json.loads((out / "speed.json").read_text())["compare"]["ours"] == "mlbfgs-triton"
+    # Back on the development machine.
+    from bench import report
+
+    monkeypatch.setattr(report, "make_report", lambda folder: folder / "RESULTS.md")
+    assert gpu_validate.main(["--merge", str(out), "--out", str(results)]) == 0
+    merged = json.loads((results / "validation" / "summary.json").read_text())
+    assert [r["stage"] for r in merged["stages"]] == ["env", "build"] and len(merged["runs"]) == 1
+    for name in ("validation/CHECK.md", "validation/correctness.json", "validation/env.json", "step_compare.json"):
+        assert (results / name).exists(), name
+    assert len(json.loads((results / "step_compare.json").read_text())["rows"]) == 2
+
+
+def test_a_cut_off_stage_leaves_its_partial_answers(tmp_path, monkeypatch):
+    """A test stage past its cap is interrupted and still reports what ran; while it ran,
+    the files in --out said so, and a copy of them taken then merges as cut off."""
+    import argparse
+    import os
+    import shutil
+
+    test_file = tmp_path / "test_sleepy.py"
+    test_file.write_text("import time\n\ndef test_quick():\n    pass\n\ndef test_slow():\n    time.sleep(60)\n")
+    out, work, snapshot = tmp_path / "gpu", tmp_path / "work", tmp_path / "snapshot"
+    out.mkdir()
+    monkeypatch.setattr(gpu_validate, "TICK_S", 0.5)
+    monkeypatch.setattr(gpu_validate, "MIN_START", 1)
+    export = gpu_check.Export(out, work, argparse.Namespace(argv=["--check"], budget=60.0, dry=False),
+                              torch.device("cpu"))
+
+    def tick(runner, final=False):
+        export(runner, final)
+        if runner.running and runner.running.get("seconds") and not snapshot.exists():
+            shutil.copytree(out, snapshot)
+
+    runner = gpu_validate.Runner(work, 60, {"rest-tests": 5}, dict(os.environ), on_tick=tick)
+    rec = gpu_validate.stage_tests(runner, "rest-tests", [], files=[str(test_file)])
+    assert rec["status"] == "timeout" and rec["tests"]["ran"] >= 1 and rec["tests"]["failures"] == 0
+    then = json.loads((snapshot / "summary.json").read_text())
+    assert [(r["stage"], r["status"]) for r in then["stages"]] == [("rest-tests", "running")]
+    monkeypatch.setattr(gpu_check, "RESULTS_DIR", tmp_path / "results")
+    merged = gpu_check.merge_check(snapshot)  # into RESULTS_DIR/<slug>
+    (stage,) = json.loads((merged / "validation" / "summary.json").read_text())["stages"]
+    assert stage["status"] == "cut off" and (merged / "validation" / "rest_tests.log").exists()
+
+
+def test_the_build_compiles_for_the_gpu_found_and_fails_without_its_kernels(tmp_path, monkeypatch):
+    import os
+
+    calls = []
+
+    def run(self, stage, cmd, log_name, cap_key=None, env=None, interrupt=False):
+        calls.append((cmd, env))
+        return self.record(stage, "passed", rc=0, seconds=1.0)
+
+    monkeypatch.setattr(gpu_validate.Runner, "run", run)
+    monkeypatch.setattr(gpu_validate, "_extension_is_fresh", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    states = iter([{"load_error": None, "cuda_kernels": False}, {"load_error": None, "cuda_kernels": True},
+                   {"load_error": None, "cuda_kernels": False}])
+    monkeypatch.setattr(gpu_validate, "extension_state", lambda env: next(states))
+    runner = gpu_validate.Runner(tmp_path, 60, gpu_validate.CAPS, dict(os.environ))
+    gpu_validate.stage_build(runner, torch.device("cuda"))  # fresh, but without CUDA kernels: built
+    (cmd, env), = calls
+    assert cmd[-6:] == ["install", "--no-index", "--no-deps", "--no-build-isolation", "-e", "."]
+    assert env["TORCH_CUDA_ARCH_LIST"] == "9.0" and env["MAX_JOBS"] == str(os.cpu_count())
+    assert runner.records[-1]["status"] == "passed" and "9.0" in runner.records[-1]["detail"]
+    gpu_validate.stage_build(runner, torch.device("cuda"), mode="always")  # the compiler failed
+    assert runner.records[-1]["status"] == "failed" and "without its CUDA kernels" in runner.records[-1]["detail"]
+    on_disk = json.loads((tmp_path / "validation" / "stage_build.json").read_text())
+    assert on_disk["status"] == "failed"
