@@ -18,6 +18,12 @@
 #include <cmath>
 #include <cstdint>
 
+#if defined(__CUDACC__)
+#define MLBFGS_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MLBFGS_HOST_DEVICE inline
+#endif
+
 namespace mlbfgs_fused {
 
 constexpr int64_t CHUNK = 4096;
@@ -41,11 +47,26 @@ enum UpdateMode : int64_t {
 // Per-chunk partial sums of a pair-forming step's candidate: s.s, s.y, y.y.
 enum PairColumn : int64_t { P_SS, P_SY, P_YY, PAIR_COLUMNS };
 
-#if defined(__CUDACC__)
-#define MLBFGS_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define MLBFGS_HOST_DEVICE inline
-#endif
+
+// One row of the chunk table, unpacked (CPU and CUDA passes alike).
+struct Chunk {
+  int64_t start, end, block, param, local, ring_origin, ring_stride;
+  MLBFGS_HOST_DEVICE explicit Chunk(const int64_t* row)
+      : start(row[C_START]), end(row[C_END]), block(row[C_BLOCK]), param(row[C_PARAM]),
+        local(row[C_START] - row[C_PARAM_START]), ring_origin(row[C_RING_ORIGIN]),
+        ring_stride(row[C_RING_STRIDE]) {}
+  MLBFGS_HOST_DEVICE int64_t count() const { return end - start; }
+  // Where row i of the block's ring holds the chunk's first element.
+  MLBFGS_HOST_DEVICE int64_t ring(int64_t i) const { return ring_origin + i * ring_stride + start; }
+};
+
+// g = grad / grad_scale (negated under maximize) + weight_decay * theta, with
+// signed_scale = (maximize ? -1 : 1) / grad_scale: torch's order, so weight decay pulls
+// toward zero when maximising too (docs/design.md, "The step", 1).
+template <typename C>
+MLBFGS_HOST_DEVICE C effective_gradient(C grad, C theta, C signed_scale, C weight_decay) {
+  return grad * signed_scale + weight_decay * theta;
+}
 
 // When the direction is divided by its norm over the group (mlbfgs_fused/_math.py,
 // Note [direction scale]): never, once some block holds a pair, or always.

@@ -143,17 +143,17 @@ inline void ema_decay(T* average, const C* sample, C decay, C w, int64_t n) {
   }
 }
 
-// g = grad * inv_scale (negated under maximize) + weight_decay * theta: torch's order, so
-// weight decay pulls toward zero when maximising too (docs/design.md, "The step", 1; AMP's
-// unscaling folded in). Returns g.g in float64: finite exactly when every entry of g is.
+// The chunk's effective gradient (csrc/ops.h effective_gradient, AMP's unscaling folded
+// in) into g; theta is read only with weight decay. Returns g.g in float64: finite
+// exactly when every entry of g is.
 template <typename C, typename T>
-inline double effective_gradient(const T* grad, const T* theta, int64_t n, C inv_scale,
-                                 C weight_decay, bool maximize, C* g, C* theta_buf) {
+inline double chunk_gradient(const T* grad, const T* theta, int64_t n, C inv_scale,
+                             C weight_decay, bool maximize, C* g, C* theta_buf) {
   const C* gr = as_compute(grad, n, g);
   const C signed_scale = maximize ? -inv_scale : inv_scale;
   if (weight_decay != C(0)) {
     const C* th = as_compute(theta, n, theta_buf);
-    for (int64_t x = 0; x < n; ++x) g[x] = gr[x] * signed_scale + weight_decay * th[x];
+    for (int64_t x = 0; x < n; ++x) g[x] = effective_gradient<C>(gr[x], th[x], signed_scale, weight_decay);
   } else {
     for (int64_t x = 0; x < n; ++x) g[x] = gr[x] * signed_scale;
   }
@@ -166,16 +166,6 @@ inline double effective_gradient(const T* grad, const T* theta, int64_t n, C inv
   return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
-struct ChunkRow {
-  int64_t start, end, block, param, local, ring_origin, ring_stride;
-  explicit ChunkRow(const int64_t* row)
-      : start(row[C_START]), end(row[C_END]), block(row[C_BLOCK]), param(row[C_PARAM]),
-        local(row[C_START] - row[C_PARAM_START]), ring_origin(row[C_RING_ORIGIN]),
-        ring_stride(row[C_RING_STRIDE]) {}
-  int64_t count() const { return end - start; }
-  int64_t ring(int64_t i) const { return ring_origin + i * ring_stride + start; }
-};
-
 // NOTE [interleaved ring streams]: the passes read the 2m ring rows of a chunk a
 // sub-block (SB elements) of every row in turn, not one row after another. A thread's
 // consecutive chunks continue each row where the last one stopped, so the memory system
@@ -186,7 +176,7 @@ constexpr int64_t MAX_INTERLEAVED = 32;
 
 // out[i] = g . s_i and out[m + i] = g . y_i over the chunk (see note above).
 template <typename C, typename H>
-inline void ring_dots(const C* g, const H* hs, const H* hy, const ChunkRow& c, int64_t m,
+inline void ring_dots(const C* g, const H* hs, const H* hy, const Chunk& c, int64_t m,
                       int64_t n, double* out, C* row, C* row2) {
   using Vec = at::vec::Vectorized<C>;
   constexpr int64_t W = Vec::size();
@@ -220,7 +210,7 @@ inline void ring_dots(const C* g, const H* hs, const H* hy, const ChunkRow& c, i
 
 // d += sum_i c_s[i] s_i + c_y[i] y_i over the chunk (see note above); cf = (c_g, c_s, c_y).
 template <typename C, typename H>
-inline void ring_combine(C* d, const double* cf, const H* hs, const H* hy, const ChunkRow& c,
+inline void ring_combine(C* d, const double* cf, const H* hs, const H* hy, const Chunk& c,
                          int64_t m, int64_t n, C* row, C* row2) {
   using Vec = at::vec::Vectorized<C>;
   constexpr int64_t W = Vec::size();
@@ -328,7 +318,7 @@ void gradient_dots(at::TensorList params, at::ArrayRef<std::optional<Tensor>> gr
     at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
       alignas(64) C g[CHUNK], theta[CHUNK], row[CHUNK], row2[CHUNK];
       for (int64_t k = begin; k < end; ++k) {
-        const ChunkRow c(table + k * CHUNK_COLUMNS);
+        const Chunk c(table + k * CHUNK_COLUMNS);
         double* out = out_all + k * width;
         const T* grad = grad_ptr[c.param];
         const int64_t n = c.count();
@@ -336,7 +326,7 @@ void gradient_dots(at::TensorList params, at::ArrayRef<std::optional<Tensor>> gr
           std::fill(out, out + width, 0.0);
           continue;
         }
-        out[2 * m] = effective_gradient<C, T>(grad + c.local, param_ptr[c.param] + c.local, n,
+        out[2 * m] = chunk_gradient<C, T>(grad + c.local, param_ptr[c.param] + c.local, n,
                                               inv_scale, static_cast<C>(weight_decay), maximize,
                                               g, theta);
         ring_dots<C, H>(g, hs, hy, c, m, n, out, row, row2);
@@ -420,7 +410,7 @@ void update(at::TensorList params, at::ArrayRef<std::optional<Tensor>> grads,
     at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
       alignas(64) C g[CHUNK], theta[CHUNK], d[CHUNK], row[CHUNK], row2[CHUNK];
       for (int64_t k = begin; k < end; ++k) {
-        const ChunkRow c(table + k * CHUNK_COLUMNS);
+        const Chunk c(table + k * CHUNK_COLUMNS);
         const int64_t n = c.count();
         const int64_t b = c.block;
         const bool first = step_ptr[b] == 0;
@@ -440,7 +430,7 @@ void update(at::TensorList params, at::ArrayRef<std::optional<Tensor>> grads,
         if (grad != nullptr && n > 0) {
           T* th_ptr = param_ptr[c.param] + c.local;
           const C* th = as_compute<C, T>(th_ptr, n, theta);  // theta before the update
-          effective_gradient<C, T>(grad + c.local, th_ptr, n, inv_scale, c_wd, maximize, g, d);
+          chunk_gradient<C, T>(grad + c.local, th_ptr, n, inv_scale, c_wd, maximize, g, d);
           // d = c_g g + sum_i c_s[i] s_i + c_y[i] y_i
           const double* cf = coef_all + b * width;
           const C c_g = static_cast<C>(cf[0]);
@@ -555,7 +545,7 @@ void push(const Tensor& param_ema, const Tensor& grad_ema, const Tensor& param_s
       at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
         alignas(64) C s[CHUNK], yhat[CHUNK], row[CHUNK], row2[CHUNK];
         for (int64_t k = begin; k < end; ++k) {
-          const ChunkRow c(table + k * CHUNK_COLUMNS);
+          const Chunk c(table + k * CHUNK_COLUMNS);
           const PairDecision& dec = decision[c.block];
           if (!dec.due) continue;
           const int64_t n = c.count();

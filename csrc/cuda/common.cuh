@@ -86,16 +86,6 @@ __device__ __forceinline__ double block_sum(double value, double* scratch) {
   return total;
 }
 
-struct Chunk {
-  int64_t start, end, block, param, local, ring_origin, ring_stride;
-  __device__ explicit Chunk(const int64_t* row)
-      : start(row[C_START]), end(row[C_END]), block(row[C_BLOCK]), param(row[C_PARAM]),
-        local(row[C_START] - row[C_PARAM_START]), ring_origin(row[C_RING_ORIGIN]),
-        ring_stride(row[C_RING_STRIDE]) {}
-  __device__ int64_t count() const { return end - start; }
-  __device__ int64_t ring(int64_t i) const { return ring_origin + i * ring_stride + start; }
-};
-
 // The first element of this thread's pack at iteration `it`.
 __device__ __forceinline__ int64_t pack_start(int it) {
   return (static_cast<int64_t>(it) * THREADS + threadIdx.x) * VEC;
@@ -126,14 +116,6 @@ inline const float* grad_scale_ptr(const std::optional<at::Tensor>& grad_scale) 
   TORCH_CHECK(grad_scale->is_cuda() && grad_scale->scalar_type() == at::kFloat,
               "mlbfgs_fused: grad_scale must be a float32 CUDA tensor");
   return grad_scale->const_data_ptr<float>();
-}
-
-// g = grad / grad_scale (negated under maximize) + weight_decay * theta: torch's order,
-// so weight decay pulls toward zero when maximising too (docs/design.md, "The step", 1).
-template <typename C>
-__device__ __forceinline__ C effective_gradient(C grad, C theta, C inv_scale, C weight_decay, bool maximize) {
-  const C g = grad * (maximize ? -inv_scale : inv_scale);
-  return g + weight_decay * theta;
 }
 
 }  // namespace cuda

@@ -27,6 +27,7 @@ __global__ void __launch_bounds__(THREADS) gradient_dots_kernel(
   grad += c.local;
   const T* theta = reinterpret_cast<const T*>(pointers[c.param]) + c.local;
   const C inv_scale = grad_scale == nullptr ? C(1) : static_cast<C>(1.0 / *grad_scale);
+  const C signed_scale = maximize ? -inv_scale : inv_scale;
   const C wd = static_cast<C>(weight_decay);
   const bool vec = aligned(grad) && aligned(theta);
   double gg = 0.0;
@@ -38,7 +39,7 @@ __global__ void __launch_bounds__(THREADS) gradient_dots_kernel(
     if (weight_decay != 0.0) load(theta + x, vec, n - x, th);
 #pragma unroll
     for (int l = 0; l < VEC; ++l) {
-      const C v = x + l < n ? effective_gradient<C>(gr[l], th[l], inv_scale, wd, maximize) : C(0);
+      const C v = x + l < n ? effective_gradient<C>(gr[l], th[l], signed_scale, wd) : C(0);
       g[x + l] = v;
       gg += static_cast<double>(v) * v;
     }

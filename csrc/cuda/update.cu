@@ -36,6 +36,7 @@ __global__ void __launch_bounds__(THREADS) update_kernel(
   const C scale = static_cast<C>(shared_scale), mu = static_cast<C>(momentum);
   const C neg_lr = -static_cast<C>(*lr), wd = static_cast<C>(weight_decay);
   const C inv_scale = grad_scale == nullptr ? C(1) : static_cast<C>(1.0 / *grad_scale);
+  const C signed_scale = maximize ? -inv_scale : inv_scale;
   const double* cf = coef + b * width;
   const T* grad = reinterpret_cast<const T*>(pointers[n_params + c.param]);
   T* theta_ptr = reinterpret_cast<T*>(pointers[c.param]) + c.local;
@@ -62,7 +63,7 @@ __global__ void __launch_bounds__(THREADS) update_kernel(
       load(buf_ptr + x, vec, left, buf);
 #pragma unroll
       for (int l = 0; l < VEC; ++l) {
-        g[l] = effective_gradient<C>(gr[l], th[l], inv_scale, wd, maximize);
+        g[l] = effective_gradient<C>(gr[l], th[l], signed_scale, wd);
         d[l] = static_cast<C>(cf[0]) * g[l];
       }
       for (int64_t i = 0; i < m; ++i) {
