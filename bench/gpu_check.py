@@ -319,44 +319,44 @@ def speed_md(compare: dict | None, memory: dict | None) -> list[str]:
     lines = []
     if compare and compare.get("rows"):
         bw = compare["bandwidth"]["bytes_per_s"]
-        sizes = sorted({r["n"] for r in compare["rows"]})
-        names = list(dict.fromkeys(r["contender"] for r in compare["rows"]))
-        cell = {(r["contender"], r["n"]): r for r in compare["rows"]}
         lines += ["", f"## Step time, m = {SPEED_M}: ms (time / {compare.get('ours')}, % of the copy bandwidth, "
-                      f"{bw / 1e9:.0f} GB/s read + written)", "",
-                  "| contender | " + " | ".join(_n(n) for n in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
-        for name in names:
-            row = []
-            for n in sizes:
-                r = cell.get((name, n))
-                if r is None:
-                    row.append("")
-                elif "median_s" in r:
-                    ratio = f"{r['time_vs_ours']:.2f}x, " if r.get("time_vs_ours") else ""
-                    row.append(f"{r['median_s'] * 1e3:.3g} ({ratio}{100 * r['fraction_of_copy_bandwidth']:.0f}%)")
-                else:
-                    row.append("skipped" if "skipped" in r else "ERROR")
-            lines.append(f"| {name} | " + " | ".join(row) + " |")
+                      f"{bw / 1e9:.0f} GB/s read + written)", ""]
+
+        def timing(r):
+            ratio = f"{r['time_vs_ours']:.2f}x, " if r.get("time_vs_ours") else ""
+            return f"{r['median_s'] * 1e3:.3g} ({ratio}{100 * r['fraction_of_copy_bandwidth']:.0f}%)"
+
+        lines += _contender_table(compare["rows"], "median_s", timing)
         missing = [f"N={_n(c['n'])}: {', '.join(c['unavailable'])}" for c in compare.get("cases", []) if c.get("unavailable")]
         if missing:
             lines += ["", "Not running here: " + "; ".join(missing)]
     if memory and memory.get("rows"):
-        sizes = sorted({r["n"] for r in memory["rows"]})
-        names = list(dict.fromkeys(r["contender"] for r in memory["rows"]))
-        cell = {(r["contender"], r["n"]): r for r in memory["rows"]}
-        lines += ["", "## Memory: peak per step above what is held, and state held, bytes per parameter", "",
-                  "| contender | " + " | ".join(_n(n) for n in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
-        for name in names:
-            row = []
-            for n in sizes:
-                r = cell.get((name, n))
-                if r is None:
-                    row.append("")
-                elif "peak_bytes" in r:
-                    row.append(f"{r['peak_bytes_per_param']:.3g} / {r['state_bytes_per_param']:.3g}")
-                else:
-                    row.append("skipped" if "skipped" in r else "ERROR")
-            lines.append(f"| {name} | " + " | ".join(row) + " |")
+        lines += ["", "## Memory: peak per step above what is held, and state held, bytes per parameter", ""]
+        lines += _contender_table(
+            memory["rows"], "peak_bytes",
+            lambda r: f"{r['peak_bytes_per_param']:.3g} / {r['state_bytes_per_param']:.3g}",
+        )
+    return lines
+
+
+def _contender_table(rows: list[dict], measured_key: str, text) -> list[str]:
+    """A markdown table of contenders by N: ``text(row)`` where the row holds
+    ``measured_key``, else "skipped" or "ERROR"."""
+    sizes = sorted({r["n"] for r in rows})
+    names = list(dict.fromkeys(r["contender"] for r in rows))
+    cell = {(r["contender"], r["n"]): r for r in rows}
+    lines = ["| contender | " + " | ".join(_n(n) for n in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+    for name in names:
+        row = []
+        for n in sizes:
+            r = cell.get((name, n))
+            if r is None:
+                row.append("")
+            elif measured_key in r:
+                row.append(text(r))
+            else:
+                row.append("skipped" if "skipped" in r else "ERROR")
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
     return lines
 
 
