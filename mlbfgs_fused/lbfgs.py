@@ -16,8 +16,8 @@ from ._line_search import Point, _strong_wolfe
 __all__ = ["LBFGS"]
 
 # The settings that shape the one quasi-Newton model and its loop: the same in every group.
-_GLOBAL_KEYS = ("max_iter", "max_eval", "tolerance_grad", "tolerance_change", "history_size",
-                "line_search_fn", "maximize")
+_GLOBAL_KEYS = ("max_iter", "max_eval", "max_eval_given", "tolerance_grad", "tolerance_change",
+                "history_size", "line_search_fn", "maximize")
 _CURVATURE_MIN = 1e-10  # torch's rule: a pair is stored only when s.y > 1e-10
 
 
@@ -112,17 +112,19 @@ class LBFGS(Optimizer):
             )
         if line_search_fn not in (None, "strong_wolfe"):
             raise RuntimeError("only 'strong_wolfe' is supported")
-        for name, value in (("max_iter", max_iter), ("history_size", history_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        for name, value, least in (("max_iter", max_iter, 0), ("history_size", history_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"Invalid {name} value: {value}")
-        if max_eval is None:
-            max_eval = max_iter * 5 // 4
-        if isinstance(max_eval, bool) or not isinstance(max_eval, int) or max_eval < 1:
+        max_eval_given = max_eval is not None
+        if not max_eval_given:
+            max_eval = max_iter * 5 // 4  # torch's default, with torch's meaning (see step)
+        elif isinstance(max_eval, bool) or not isinstance(max_eval, int) or max_eval < 1:
             raise ValueError(f"Invalid max_eval value: {max_eval}")
         defaults = dict(
             lr=lr,
             max_iter=max_iter,
             max_eval=max_eval,
+            max_eval_given=max_eval_given,
             tolerance_grad=tolerance_grad,
             tolerance_change=tolerance_change,
             history_size=history_size,
@@ -255,6 +257,7 @@ class LBFGS(Optimizer):
         closure = torch.enable_grad()(closure)
         cfg = self.param_groups[0]  # the loop settings are the same in every group
         max_iter, max_eval = cfg["max_iter"], cfg["max_eval"]
+        exact = cfg.get("max_eval_given", True)
         tolerance_grad, tolerance_change = cfg["tolerance_grad"], cfg["tolerance_change"]
         m = self.defaults["history_size"]
         if self._arenas is None:
@@ -262,9 +265,9 @@ class LBFGS(Optimizer):
         arenas = self._arenas
         home = arenas[0].device
         lr = float(self.param_groups[0]["lr"])
-        lr_ref = lr if lr != 0 else 1.0
         for arena in arenas:
-            arena.scale = float(self.param_groups[arena.group]["lr"]) / lr_ref
+            # The first group's lr is torch's lr (it is in t); with lr = 0 no step moves at all.
+            arena.scale = float(self.param_groups[arena.group]["lr"]) / lr if lr != 0 else 1.0
 
         state = self.state[self._first_param()]
         state.setdefault("func_evals", 0)
@@ -305,11 +308,14 @@ class LBFGS(Optimizer):
             ls_func_evals = 0
             opt_cond = False
             stop = False
-            if cfg["line_search_fn"] is not None and current_evals >= max_eval:
+            if cfg["line_search_fn"] is not None and exact and current_evals >= max_eval:
                 t, stop = 0.0, True  # no evaluation left to try a step with
             elif cfg["line_search_fn"] is not None:
+                # torch's line search may take one evaluation past its max_eval (it
+                # budgets the trials after the first); a max_eval the user set holds.
+                budget = max_eval - current_evals + (0 if exact else 1)
                 point, ls_func_evals, gmax = self._line_search(
-                    closure, arenas, f, gtd, t, d_max, gmax, max_eval - current_evals, tolerance_change
+                    closure, arenas, f, gtd, t, d_max, gmax, budget, tolerance_change
                 )
                 t, f = point.t, point.f
                 gradient_at = "g" if point.index == ls_func_evals else ("prev" if point.index == 0 else "kept")
