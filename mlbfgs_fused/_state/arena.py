@@ -35,7 +35,13 @@ BLOCK_STATE_KEYS = (*BLOCK_COUNTER_DTYPES, "history_s", "history_y", "gram")
 
 
 class Arena:
-    """The state of one group's parameters on one (device, dtype), and its views."""
+    """The state of one group's parameters on one (device, dtype), and its views.
+
+    ``PARAM_KEYS`` names the per-element buffers; the first of them is the one whose
+    saved copy tells a checkpoint's memory order and completeness (:meth:`fill`).
+    :class:`~.lbfgs_arena.LBFGSArena` is LBFGS's arena over the same machinery."""
+
+    PARAM_KEYS: tuple[str, ...] = PARAM_STATE_KEYS
 
     def __init__(
         self,
@@ -136,17 +142,18 @@ class Arena:
         it too, from the memory order the saved per-element state was laid out in
         (docs/design.md, "State layout")."""
         owners = self.blocks_by_param()
-        saved_orders = [saved_strides(state[p].get("momentum_buffer"), p) for p in self.params]
+        lead = self.PARAM_KEYS[0]
+        saved_orders = [saved_strides(state[p].get(lead), p) for p in self.params]
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 p_state = state[p]
-                for key in PARAM_STATE_KEYS:
+                for key in self.PARAM_KEYS:
                     view = self.param_view(self.flat_state[key], i)
                     if key in p_state:
                         _copy_checked(view, p_state[key], key)
                     elif key == "param_ema":
                         view.copy_(p)  # the EMA of the parameters starts at the parameters
-                if owners.get(i) and "momentum_buffer" in p_state and "blocks" not in p_state:
+                if owners.get(i) and lead in p_state and "blocks" not in p_state:
                     raise ValueError(
                         f"loaded optimizer state lacks 'blocks' (the curvature history of the "
                         f"{len(owners[i])} block(s) starting in a parameter of shape {tuple(p.shape)}) "
@@ -160,7 +167,7 @@ class Arena:
         owners = self.blocks_by_param()
         for i, p in enumerate(self.params):
             p_state = state[p]
-            for key in PARAM_STATE_KEYS:
+            for key in self.PARAM_KEYS:
                 p_state[key] = self.param_view(self.flat_state[key], i)
             self._point_blocks(p_state, owners.get(i, []))
 

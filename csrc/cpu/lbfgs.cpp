@@ -1,0 +1,468 @@
+// LBFGS's passes on the CPU (the contract: csrc/lbfgs.h; schemas: csrc/ops.cpp).
+//
+// As the mL-BFGS passes (csrc/cpu/passes.cpp): at::parallel_for over the fixed chunks
+// of csrc/ops.h, each chunk in stack buffers of the arithmetic type C (float for
+// float32 parameters, double for float64) with at::vec::Vectorized inner loops, and
+// float64 partial sums per chunk added in chunk order, so every result is the same
+// for any thread count. The ring rows are streamed a sub-block of every row at a time
+// (Note [interleaved ring streams] in passes.cpp). Nothing is allocated.
+//
+// The user's parameters and gradients are reached through the plan's address table
+// (int64 [count, 2]: the data_ptr of each parameter and of its gradient, 0 for none),
+// dense and in the arena's element order. Bytes per element (E parameter bytes, H
+// history bytes, m slots, float32 and m = 10 in brackets):
+//   lbfgs_gradient_dots  reads E (grad) + 2 m H, and with a pair candidate 2 E more (d, prev)
+//                        [(8m + 12) N = 92 N]
+//   lbfgs_direction      reads E (grad) + 2 m H + 2 E (d, prev), writes 2 E (d, prev) and,
+//                        with a pair accepted, 2 H (its slot); moving the parameters
+//                        reads and writes E more [(8m + 36) N = 116 N with the move]
+//   lbfgs_move           reads 2 E, writes E
+// so an iteration without line search moves (16 m + 48) N bytes, (8 m + 48) N with a
+// 16-bit history.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+
+#include "../dispatch.h"
+#include "../lbfgs.h"
+
+namespace mlbfgs_fused {
+namespace lbfgs {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t SB = 256;  // sub-block of a ring row, see passes.cpp
+constexpr int64_t MAX_INTERLEAVED = 32;
+
+// A chunk of a T array as C values: the array itself when T is C, else converted.
+template <typename C, typename T>
+inline const C* as_compute(const T* src, int64_t n, C* buffer) {
+  if constexpr (std::is_same_v<C, T>) {
+    return src;
+  } else if constexpr (std::is_same_v<C, float> &&
+                       (std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>)) {
+    using Vec = at::vec::Vectorized<T>;
+    constexpr int64_t W = at::vec::Vectorized<float>::size();
+    int64_t x = 0;
+    for (; x + Vec::size() <= n; x += Vec::size()) {
+      const auto [lo, hi] = at::vec::convert_to_float<T>(Vec::loadu(src + x));
+      lo.store(buffer + x);
+      hi.store(buffer + x + W);
+    }
+    for (; x < n; ++x) buffer[x] = static_cast<float>(src[x]);
+    return buffer;
+  } else {
+    for (int64_t x = 0; x < n; ++x) buffer[x] = static_cast<C>(src[x]);
+    return buffer;
+  }
+}
+
+template <typename C>
+inline double lane_sum(const at::vec::Vectorized<C>& v) {
+  constexpr int64_t W = at::vec::Vectorized<C>::size();
+  C lanes[W];
+  v.store(lanes);
+  double total = 0.0;
+  for (int64_t l = 0; l < W; ++l) total += static_cast<double>(lanes[l]);
+  return total;
+}
+
+template <typename H>
+inline const H* ring_row(const H* hs, const H* hy, const Chunk& c, int64_t i, int64_t m) {
+  return i < m ? hs + c.ring(i) : hy + c.ring(i - m);
+}
+
+// out[k * 2m + i] = v_k . r_i over the chunk for the K vectors v_k and the ring rows
+// r_i = s_0 .. s_{m-1}, y_0 .. y_{m-1}; rows of unheld slots are 0 and not read.
+template <typename C, typename H, int K>
+inline void ring_dots(const C* const* v, const H* hs, const H* hy, const Chunk& c, int64_t m,
+                      int64_t held, int64_t n, double* out, C* row) {
+  using Vec = at::vec::Vectorized<C>;
+  constexpr int64_t W = Vec::size();
+  static_assert(SB % W == 0, "a sub-block is whole vectors");
+  for (int k = 0; k < K; ++k) {
+    for (int64_t i = 0; i < 2 * m; ++i) out[k * 2 * m + i] = 0.0;
+  }
+  auto used = [&](int64_t i) { return (i < m ? i : i - m) < held; };
+  if (m > MAX_INTERLEAVED) {  // one row after another
+    for (int64_t i = 0; i < 2 * m; ++i) {
+      if (!used(i)) continue;
+      const C* r = as_compute<C, H>(ring_row(hs, hy, c, i, m), n, row);
+      for (int k = 0; k < K; ++k) {
+        Vec a0(C(0)), a1(C(0));
+        int64_t x = 0;
+        for (; x + 2 * W <= n; x += 2 * W) {
+          a0 = at::vec::fmadd(Vec::loadu(v[k] + x), Vec::loadu(r + x), a0);
+          a1 = at::vec::fmadd(Vec::loadu(v[k] + x + W), Vec::loadu(r + x + W), a1);
+        }
+        double total = lane_sum<C>(a0 + a1);
+        for (; x < n; ++x) total += static_cast<double>(v[k][x] * r[x]);
+        out[k * 2 * m + i] = total;
+      }
+    }
+    return;
+  }
+  Vec acc[2 * MAX_INTERLEAVED * K];
+  for (int64_t i = 0; i < 2 * m * K; ++i) acc[i] = Vec(C(0));
+  int64_t x0 = 0;
+  for (; x0 + SB <= n; x0 += SB) {
+    for (int64_t i = 0; i < 2 * m; ++i) {
+      if (!used(i)) continue;
+      const C* r = as_compute<C, H>(ring_row(hs, hy, c, i, m) + x0, SB, row);
+      Vec a[K];
+      for (int k = 0; k < K; ++k) a[k] = acc[i * K + k];
+      for (int64_t x = 0; x < SB; x += W) {
+        const Vec rv = Vec::loadu(r + x);
+        for (int k = 0; k < K; ++k) a[k] = at::vec::fmadd(Vec::loadu(v[k] + x0 + x), rv, a[k]);
+      }
+      for (int k = 0; k < K; ++k) acc[i * K + k] = a[k];
+    }
+  }
+  for (int64_t i = 0; i < 2 * m; ++i) {
+    if (!used(i)) continue;
+    const H* src = ring_row(hs, hy, c, i, m);
+    for (int k = 0; k < K; ++k) {
+      double total = lane_sum<C>(acc[i * K + k]);
+      for (int64_t x = x0; x < n; ++x) total += static_cast<double>(v[k][x] * static_cast<C>(src[x]));
+      out[k * 2 * m + i] = total;
+    }
+  }
+}
+
+// d += sum_i c_s[i] s_i + c_y[i] y_i over the chunk; cf = (c_g, c_s, c_y); slots whose
+// coefficients are both 0 (unheld) are not read.
+template <typename C, typename H>
+inline void ring_combine(C* d, const double* cf, const H* hs, const H* hy, const Chunk& c, int64_t m,
+                         int64_t n, C* row, C* row2) {
+  using Vec = at::vec::Vectorized<C>;
+  constexpr int64_t W = Vec::size();
+  int64_t held[MAX_INTERLEAVED];
+  int64_t count = 0;
+  if (m > MAX_INTERLEAVED) {
+    for (int64_t i = 0; i < m; ++i) {
+      if (cf[1 + i] == 0.0 && cf[1 + m + i] == 0.0) continue;
+      const C cs = static_cast<C>(cf[1 + i]), cy = static_cast<C>(cf[1 + m + i]);
+      const C* s_i = as_compute<C, H>(hs + c.ring(i), n, row);
+      const C* y_i = as_compute<C, H>(hy + c.ring(i), n, row2);
+      const Vec vs(cs), vy(cy);
+      int64_t x = 0;
+      for (; x + W <= n; x += W) {
+        const Vec acc = at::vec::fmadd(vs, Vec::loadu(s_i + x), Vec::loadu(d + x));
+        at::vec::fmadd(vy, Vec::loadu(y_i + x), acc).store(d + x);
+      }
+      for (; x < n; ++x) d[x] += cs * s_i[x] + cy * y_i[x];
+    }
+    return;
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    if (cf[1 + i] != 0.0 || cf[1 + m + i] != 0.0) held[count++] = i;
+  }
+  int64_t x0 = 0;
+  for (; x0 + SB <= n; x0 += SB) {
+    Vec acc[SB / W];
+    for (int64_t v = 0; v < SB / W; ++v) acc[v] = Vec::loadu(d + x0 + v * W);
+    for (int64_t k = 0; k < count; ++k) {
+      const int64_t i = held[k];
+      const Vec cs(static_cast<C>(cf[1 + i])), cy(static_cast<C>(cf[1 + m + i]));
+      const C* s_i = as_compute<C, H>(hs + c.ring(i) + x0, SB, row);
+      const C* y_i = as_compute<C, H>(hy + c.ring(i) + x0, SB, row2);
+      for (int64_t v = 0; v < SB / W; ++v) {
+        acc[v] = at::vec::fmadd(cy, Vec::loadu(y_i + v * W), at::vec::fmadd(cs, Vec::loadu(s_i + v * W), acc[v]));
+      }
+    }
+    for (int64_t v = 0; v < SB / W; ++v) acc[v].store(d + x0 + v * W);
+  }
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t i = held[k];
+    const C cs = static_cast<C>(cf[1 + i]), cy = static_cast<C>(cf[1 + m + i]);
+    const H* s_i = hs + c.ring(i);
+    const H* y_i = hy + c.ring(i);
+    for (int64_t x = x0; x < n; ++x) d[x] += cs * static_cast<C>(s_i[x]) + cy * static_cast<C>(y_i[x]);
+  }
+}
+
+void check_tables(const Tensor& addresses, const Tensor& chunks) {
+  TORCH_CHECK(addresses.dtype() == at::kLong && addresses.is_contiguous() && addresses.dim() == 2 &&
+                  addresses.size(1) == 2 && addresses.device().is_cpu(),
+              "mlbfgs_fused: malformed address table");
+  TORCH_CHECK(chunks.dtype() == at::kLong && chunks.is_contiguous() && chunks.dim() == 2 &&
+                  chunks.size(1) == CHUNK_COLUMNS,
+              "mlbfgs_fused: malformed chunk table");
+}
+
+// The chunk's gradient as C values into g: from `source` (arena order, effective) or the
+// user's gradient (negated under maximize; zeros where there is none).
+template <typename C, typename T>
+inline void chunk_gradient(const int64_t* table, const T* source, const Chunk& c, bool maximize, C* g) {
+  const int64_t n = c.count();
+  if (source != nullptr) {
+    const C* src = as_compute<C, T>(source + c.start, n, g);
+    if (src != g) std::copy(src, src + n, g);
+    return;
+  }
+  const T* grad = reinterpret_cast<const T*>(table[c.param * 2 + 1]);
+  if (grad == nullptr) {
+    std::fill(g, g + n, C(0));
+    return;
+  }
+  const C* src = as_compute<C, T>(grad + c.local, n, g);
+  if (maximize) {
+    for (int64_t x = 0; x < n; ++x) g[x] = -src[x];
+  } else if (src != g) {
+    std::copy(src, src + n, g);
+  }
+}
+
+template <typename H, typename C>
+inline C as_stored(C x) {
+  return static_cast<C>(static_cast<H>(x));
+}
+
+// -- lbfgs_gradient_dots ------------------------------------------------------------------
+void lbfgs_gradient_dots(const Tensor& addresses, const std::optional<Tensor>& source,
+                         const Tensor& history_s, const Tensor& history_y, const Tensor& direction,
+                         const Tensor& prev, const Tensor& chunks, const Tensor& pair_count,
+                         const Tensor& partials, double alpha, bool maximize, bool pair, bool ring,
+                         int64_t m) {
+  check_tables(addresses, chunks);
+  const int64_t W = partial_width(m);
+  const int64_t P = chunks.size(0);
+  TORCH_CHECK(partials.dtype() == at::kDouble && partials.is_contiguous() && partials.size(0) == P &&
+                  partials.size(1) == W,
+              "mlbfgs_fused::lbfgs_gradient_dots: partials must be float64 [chunks, ", W, "]");
+  const int64_t held = ring ? std::min<int64_t>(*pair_count.const_data_ptr<int64_t>(), m) : 0;
+  dispatch_types(direction.scalar_type(), history_s.scalar_type(), "mlbfgs_fused::lbfgs_gradient_dots",
+                 [&](auto t_tag, auto h_tag) {
+    using T = typename decltype(t_tag)::type;
+    using H = typename decltype(h_tag)::type;
+    using C = at::opmath_type<T>;
+    const int64_t* table = addresses.const_data_ptr<int64_t>();
+    const T* src = source.has_value() && source->defined() ? source->const_data_ptr<T>() : nullptr;
+    const H* hs = history_s.const_data_ptr<H>();
+    const H* hy = history_y.const_data_ptr<H>();
+    const T* d_all = direction.const_data_ptr<T>();
+    const T* prev_all = prev.const_data_ptr<T>();
+    const int64_t* ctab = chunks.const_data_ptr<int64_t>();
+    double* out_all = partials.data_ptr<double>();
+    const C c_alpha = static_cast<C>(alpha);
+    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+      alignas(64) C g[CHUNK], s[CHUNK], y[CHUNK], row[CHUNK];
+      for (int64_t k = begin; k < end; ++k) {
+        const Chunk c(ctab + k * CHUNK_COLUMNS);
+        const int64_t n = c.count();
+        double* out = out_all + k * W;
+        double* sc = out + 6 * m;
+        chunk_gradient<C, T>(table, src, c, maximize, g);
+        const T* dp = d_all + c.start;
+        double gg = 0.0, gd = 0.0, gl1 = 0.0;
+        C gmax = C(0);
+        for (int64_t x = 0; x < n; ++x) {
+          const double gx = static_cast<double>(g[x]);
+          gg += gx * gx;
+          gd += gx * static_cast<double>(dp[x]);
+          gl1 += std::abs(gx);
+          gmax = std::max(gmax, std::abs(g[x]));
+        }
+        sc[P_GG] = gg;
+        sc[P_GD] = gd;
+        sc[P_GL1] = gl1;
+        sc[P_GMAX] = static_cast<double>(gmax);
+        if (pair) {
+          const T* pp = prev_all + c.start;
+          double ss = 0.0, sy = 0.0, yy = 0.0, sg = 0.0, yg = 0.0;
+          for (int64_t x = 0; x < n; ++x) {
+            s[x] = as_stored<H, C>(c_alpha * static_cast<C>(dp[x]));
+            y[x] = as_stored<H, C>(g[x] - static_cast<C>(pp[x]));
+            const double sx = s[x], yx = y[x], gx = g[x];
+            ss += sx * sx;
+            sy += sx * yx;
+            yy += yx * yx;
+            sg += sx * gx;
+            yg += yx * gx;
+          }
+          sc[P_SS] = ss;
+          sc[P_SY] = sy;
+          sc[P_YY] = yy;
+          sc[P_SG] = sg;
+          sc[P_YG] = yg;
+        }
+        if (ring) {
+          if (pair) {
+            const C* v[3] = {g, s, y};
+            ring_dots<C, H, 3>(v, hs, hy, c, m, held, n, out, row);
+          } else {
+            const C* v[1] = {g};
+            ring_dots<C, H, 1>(v, hs, hy, c, m, held, n, out, row);
+          }
+        }
+      }
+    });
+  });
+}
+
+// -- lbfgs_two_loop -----------------------------------------------------------------------
+void lbfgs_two_loop(const Tensor& partials, const Tensor& arena_rows_t, const Tensor& scales_t,
+                    const std::optional<Tensor>& loss, const Tensor& gram, const Tensor& pair_count,
+                    const Tensor& sums, const Tensor& model, const Tensor& coef, const Tensor& read,
+                    bool pair, bool direction, int64_t m) {
+  const int64_t A = scales_t.numel();
+  const int64_t W = partial_width(m);
+  TORCH_CHECK(arena_rows_t.numel() == A + 1 && arena_rows_t.dtype() == at::kLong && scales_t.dtype() == at::kDouble,
+              "mlbfgs_fused::lbfgs_two_loop: arena_rows int64 [A + 1], scales float64 [A]");
+  const int64_t* arena_rows = arena_rows_t.const_data_ptr<int64_t>();
+  const double* scales = scales_t.const_data_ptr<double>();
+  TORCH_CHECK(sums.numel() >= (A + 1) * W && model.numel() >= model_size(m) && coef.numel() >= 2 * m + 1 &&
+                  read.numel() >= READ_FIXED + A,
+              "mlbfgs_fused::lbfgs_two_loop: scratch too small");
+  const double* part = partials.const_data_ptr<double>();
+  double* s = sums.data_ptr<double>();
+  double* total = s + A * W;
+  // Columns needed: the scalars always, the ring's dots of g with a direction, of s and
+  // y with a pair.
+  const int64_t ring_hi = direction ? (pair ? 6 * m : 2 * m) : 0;
+  std::fill(total, total + W, 0.0);
+  for (int64_t a = 0; a < A; ++a) {
+    double* row = s + a * W;
+    std::fill(row, row + W, 0.0);
+    for (int64_t k = arena_rows[a]; k < arena_rows[a + 1]; ++k) {
+      const double* p = part + k * W;
+      for (int64_t j = 0; j < ring_hi; ++j) row[j] += p[j];
+      for (int64_t j = 6 * m; j < W; ++j) {
+        row[j] = max_column(j, m) ? std::max(row[j], p[j]) : row[j] + p[j];
+      }
+    }
+    for (int64_t j = 0; j < W; ++j) total[j] = max_column(j, m) ? std::max(total[j], row[j]) : total[j] + row[j];
+  }
+  double* r = read.data_ptr<double>();
+  if (loss.has_value() && loss->defined()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, loss->scalar_type(), "lbfgs_two_loop", [&] {
+      r[READ_LOSS] = static_cast<double>(*loss->const_data_ptr<scalar_t>());
+    });
+  }
+  lbfgs_read(s, A, scales, m, r);
+  if (direction) {
+    lbfgs_model(s, A, scales, gram.const_data_ptr<double>(), *pair_count.const_data_ptr<int64_t>(), m, pair,
+                model.data_ptr<double>(), coef.data_ptr<double>(), r);
+  }
+}
+
+// -- lbfgs_direction ----------------------------------------------------------------------
+void lbfgs_direction(const Tensor& addresses, const std::optional<Tensor>& source, const Tensor& history_s,
+                     const Tensor& history_y, const Tensor& direction, const Tensor& prev,
+                     const std::optional<Tensor>& saved, const Tensor& chunks, const Tensor& coef,
+                     const Tensor& model, const Tensor& partials, const std::optional<Tensor>& gram,
+                     const std::optional<Tensor>& pair_count, double alpha, double move, bool push,
+                     bool combine, bool do_move, bool save, bool maximize, int64_t m) {
+  check_tables(addresses, chunks);
+  const int64_t W = partial_width(m);
+  const int64_t P = chunks.size(0);
+  const double* fixed = model.const_data_ptr<double>() + 3 * m * m;
+  const bool accept = push && fixed[MODEL_ACCEPT] > 0.5;
+  const int64_t slot = static_cast<int64_t>(fixed[MODEL_SLOT]);
+  TORCH_CHECK(!save || (saved.has_value() && saved->defined()), "mlbfgs_fused::lbfgs_direction: no saved buffer");
+  dispatch_types(direction.scalar_type(), history_s.scalar_type(), "mlbfgs_fused::lbfgs_direction",
+                 [&](auto t_tag, auto h_tag) {
+    using T = typename decltype(t_tag)::type;
+    using H = typename decltype(h_tag)::type;
+    using C = at::opmath_type<T>;
+    const int64_t* table = addresses.const_data_ptr<int64_t>();
+    const T* src = source.has_value() && source->defined() ? source->const_data_ptr<T>() : nullptr;
+    H* hs = history_s.data_ptr<H>();
+    H* hy = history_y.data_ptr<H>();
+    T* d_all = direction.data_ptr<T>();
+    T* prev_all = prev.data_ptr<T>();
+    T* saved_all = save ? saved->data_ptr<T>() : nullptr;
+    const int64_t* ctab = chunks.const_data_ptr<int64_t>();
+    const double* cf = coef.const_data_ptr<double>();
+    double* out_all = partials.data_ptr<double>();
+    const C c_alpha = static_cast<C>(alpha), c_move = static_cast<C>(move), c_g = static_cast<C>(cf[0]);
+    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+      alignas(64) C g[CHUNK], d[CHUNK], row[CHUNK], row2[CHUNK];
+      for (int64_t k = begin; k < end; ++k) {
+        const Chunk c(ctab + k * CHUNK_COLUMNS);
+        const int64_t n = c.count();
+        chunk_gradient<C, T>(table, src, c, maximize, g);
+        T* dp = d_all + c.start;
+        T* pp = prev_all + c.start;
+        if (accept) {  // the pair, as the ring stores it, into its slot
+          H* s_row = hs + c.ring(slot);
+          H* y_row = hy + c.ring(slot);
+          for (int64_t x = 0; x < n; ++x) {
+            s_row[x] = static_cast<H>(c_alpha * static_cast<C>(dp[x]));
+            y_row[x] = static_cast<H>(g[x] - static_cast<C>(pp[x]));
+          }
+        }
+        if (!combine) continue;
+        for (int64_t x = 0; x < n; ++x) d[x] = c_g * g[x];
+        ring_combine<C, H>(d, cf, hs, hy, c, m, n, row, row2);
+        T* theta = reinterpret_cast<T*>(table[c.param * 2]) + c.local;
+        T* sp = save ? saved_all + c.start : nullptr;
+        C dmax = C(0);
+        for (int64_t x = 0; x < n; ++x) {
+          const T dx = static_cast<T>(d[x]);
+          dp[x] = dx;
+          pp[x] = static_cast<T>(g[x]);
+          dmax = std::max(dmax, std::abs(static_cast<C>(dx)));
+        }
+        if (save) std::copy(theta, theta + n, sp);
+        if (do_move) {
+          for (int64_t x = 0; x < n; ++x) {
+            theta[x] = static_cast<T>(static_cast<C>(theta[x]) + c_move * static_cast<C>(dp[x]));
+          }
+        }
+        out_all[k * W + 6 * m + P_DMAX] = static_cast<double>(dmax);
+      }
+    });
+  });
+  if (push && gram.has_value() && gram->defined()) {  // the model becomes the state
+    std::copy(model.const_data_ptr<double>(), model.const_data_ptr<double>() + 3 * m * m, gram->data_ptr<double>());
+    *pair_count->data_ptr<int64_t>() = static_cast<int64_t>(fixed[MODEL_COUNT]);
+  }
+}
+
+// -- lbfgs_move -----------------------------------------------------------------------------
+void lbfgs_move(const Tensor& addresses, const std::optional<Tensor>& saved, const Tensor& direction,
+                const Tensor& chunks, double alpha) {
+  check_tables(addresses, chunks);
+  const int64_t P = chunks.size(0);
+  AT_DISPATCH_FLOATING_TYPES(direction.scalar_type(), "mlbfgs_fused::lbfgs_move", [&] {
+    using T = scalar_t;
+    using C = at::opmath_type<T>;
+    const int64_t* table = addresses.const_data_ptr<int64_t>();
+    const T* saved_all = saved.has_value() && saved->defined() ? saved->const_data_ptr<T>() : nullptr;
+    const T* d_all = direction.const_data_ptr<T>();
+    const int64_t* ctab = chunks.const_data_ptr<int64_t>();
+    const C c_alpha = static_cast<C>(alpha);
+    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const Chunk c(ctab + k * CHUNK_COLUMNS);
+        T* theta = reinterpret_cast<T*>(table[c.param * 2]) + c.local;
+        const T* base = saved_all != nullptr ? saved_all + c.start : theta;
+        const T* dp = d_all + c.start;
+        for (int64_t x = 0; x < c.count(); ++x) {
+          theta[x] = static_cast<T>(static_cast<C>(base[x]) + c_alpha * static_cast<C>(dp[x]));
+        }
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mlbfgs_fused_native, CPU, m) {
+  m.impl("lbfgs_gradient_dots", &lbfgs_gradient_dots);
+  m.impl("lbfgs_two_loop", &lbfgs_two_loop);
+  m.impl("lbfgs_direction", &lbfgs_direction);
+  m.impl("lbfgs_move", &lbfgs_move);
+}
+
+}  // namespace lbfgs
+}  // namespace mlbfgs_fused
