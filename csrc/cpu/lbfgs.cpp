@@ -4,8 +4,8 @@
 // of csrc/ops.h, each chunk in stack buffers of the arithmetic type C (float for
 // float32 parameters, double for float64) with at::vec::Vectorized inner loops, and
 // float64 partial sums per chunk added in chunk order, so every result is the same
-// for any thread count. The ring rows are streamed a sub-block of every row at a time
-// (Note [interleaved ring streams] in passes.cpp). Nothing is allocated.
+// for any thread count. The ring rows are read a few at a time over a chunk (see
+// ring_dots). Nothing is allocated.
 //
 // The user's parameters and gradients are reached through the plan's address table
 // (int64 [count, 2]: the data_ptr of each parameter and of its gradient, 0 for none),
@@ -39,8 +39,6 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t SB = 256;  // sub-block of a ring row, see passes.cpp
-constexpr int64_t MAX_INTERLEAVED = 32;
 
 // A chunk of a T array as C values: the array itself when T is C, else converted.
 template <typename C, typename T>
@@ -80,112 +78,87 @@ inline const H* ring_row(const H* hs, const H* hy, const Chunk& c, int64_t i, in
   return i < m ? hs + c.ring(i) : hy + c.ring(i - m);
 }
 
+// Ring rows in groups of RB, each group streamed over the whole chunk at once: a few
+// long streams per pass keep the memory system busy where one row at a time restarts
+// its stream at every chunk and all 2m rows at once overwhelm the prefetchers (measured
+// on one core: see bench/README.md, "LBFGS"). Partial sums stay per chunk, so the
+// results do not depend on the thread count.
+constexpr int RB = 4;
+
 // out[k * 2m + i] = v_k . r_i over the chunk for the K vectors v_k and the ring rows
 // r_i = s_0 .. s_{m-1}, y_0 .. y_{m-1}; rows of unheld slots are 0 and not read.
 template <typename C, typename H, int K>
 inline void ring_dots(const C* const* v, const H* hs, const H* hy, const Chunk& c, int64_t m,
-                      int64_t held, int64_t n, double* out, C* row) {
+                      int64_t held, int64_t n, double* out, C* rows_buffer) {
   using Vec = at::vec::Vectorized<C>;
   constexpr int64_t W = Vec::size();
-  static_assert(SB % W == 0, "a sub-block is whole vectors");
   for (int k = 0; k < K; ++k) {
     for (int64_t i = 0; i < 2 * m; ++i) out[k * 2 * m + i] = 0.0;
   }
-  auto used = [&](int64_t i) { return (i < m ? i : i - m) < held; };
-  if (m > MAX_INTERLEAVED) {  // one row after another
-    for (int64_t i = 0; i < 2 * m; ++i) {
-      if (!used(i)) continue;
-      const C* r = as_compute<C, H>(ring_row(hs, hy, c, i, m), n, row);
+  // The held rows, s_0 .. s_{held-1} then y_0 .. y_{held-1} (held slots are the first ones).
+  const int64_t count = 2 * held;
+  auto rows = [&](int64_t q) { return q < held ? q : m + q - held; };
+  for (int64_t first = 0; first < count; first += RB) {
+    const int64_t r_n = std::min<int64_t>(RB, count - first);
+    const C* r[RB];
+    for (int64_t q = 0; q < RB; ++q) {
+      const int64_t i = rows(first + std::min(q, r_n - 1));  // a short group repeats its last row
+      r[q] = as_compute<C, H>(ring_row(hs, hy, c, i, m), n, rows_buffer + q * CHUNK);
+    }
+    Vec acc[RB][K];
+    for (int q = 0; q < RB; ++q) {
+      for (int k = 0; k < K; ++k) acc[q][k] = Vec(C(0));
+    }
+    int64_t x = 0;
+    for (; x + W <= n; x += W) {
+      Vec vv[K];
+      for (int k = 0; k < K; ++k) vv[k] = Vec::loadu(v[k] + x);
+      for (int q = 0; q < RB; ++q) {
+        const Vec rv = Vec::loadu(r[q] + x);
+        for (int k = 0; k < K; ++k) acc[q][k] = at::vec::fmadd(vv[k], rv, acc[q][k]);
+      }
+    }
+    for (int64_t q = 0; q < r_n; ++q) {
+      const int64_t i = rows(first + q);
       for (int k = 0; k < K; ++k) {
-        Vec a0(C(0)), a1(C(0));
-        int64_t x = 0;
-        for (; x + 2 * W <= n; x += 2 * W) {
-          a0 = at::vec::fmadd(Vec::loadu(v[k] + x), Vec::loadu(r + x), a0);
-          a1 = at::vec::fmadd(Vec::loadu(v[k] + x + W), Vec::loadu(r + x + W), a1);
-        }
-        double total = lane_sum<C>(a0 + a1);
-        for (; x < n; ++x) total += static_cast<double>(v[k][x] * r[x]);
+        double total = lane_sum<C>(acc[q][k]);
+        for (int64_t t = x; t < n; ++t) total += static_cast<double>(v[k][t] * r[q][t]);
         out[k * 2 * m + i] = total;
       }
-    }
-    return;
-  }
-  Vec acc[2 * MAX_INTERLEAVED * K];
-  for (int64_t i = 0; i < 2 * m * K; ++i) acc[i] = Vec(C(0));
-  int64_t x0 = 0;
-  for (; x0 + SB <= n; x0 += SB) {
-    for (int64_t i = 0; i < 2 * m; ++i) {
-      if (!used(i)) continue;
-      const C* r = as_compute<C, H>(ring_row(hs, hy, c, i, m) + x0, SB, row);
-      Vec a[K];
-      for (int k = 0; k < K; ++k) a[k] = acc[i * K + k];
-      for (int64_t x = 0; x < SB; x += W) {
-        const Vec rv = Vec::loadu(r + x);
-        for (int k = 0; k < K; ++k) a[k] = at::vec::fmadd(Vec::loadu(v[k] + x0 + x), rv, a[k]);
-      }
-      for (int k = 0; k < K; ++k) acc[i * K + k] = a[k];
-    }
-  }
-  for (int64_t i = 0; i < 2 * m; ++i) {
-    if (!used(i)) continue;
-    const H* src = ring_row(hs, hy, c, i, m);
-    for (int k = 0; k < K; ++k) {
-      double total = lane_sum<C>(acc[i * K + k]);
-      for (int64_t x = x0; x < n; ++x) total += static_cast<double>(v[k][x] * static_cast<C>(src[x]));
-      out[k * 2 * m + i] = total;
     }
   }
 }
 
-// d += sum_i c_s[i] s_i + c_y[i] y_i over the chunk; cf = (c_g, c_s, c_y); slots whose
-// coefficients are both 0 (unheld) are not read.
+// d += sum_i c_s[i] s_i + c_y[i] y_i over the chunk for the held slots (the first
+// `held`; the others' coefficients are 0 and they are not read); cf = (c_g, c_s, c_y).
+// RB rows a group, as ring_dots.
 template <typename C, typename H>
 inline void ring_combine(C* d, const double* cf, const H* hs, const H* hy, const Chunk& c, int64_t m,
-                         int64_t n, C* row, C* row2) {
+                         int64_t held, int64_t n, C* rows_buffer) {
   using Vec = at::vec::Vectorized<C>;
   constexpr int64_t W = Vec::size();
-  int64_t held[MAX_INTERLEAVED];
-  int64_t count = 0;
-  if (m > MAX_INTERLEAVED) {
-    for (int64_t i = 0; i < m; ++i) {
-      if (cf[1 + i] == 0.0 && cf[1 + m + i] == 0.0) continue;
-      const C cs = static_cast<C>(cf[1 + i]), cy = static_cast<C>(cf[1 + m + i]);
-      const C* s_i = as_compute<C, H>(hs + c.ring(i), n, row);
-      const C* y_i = as_compute<C, H>(hy + c.ring(i), n, row2);
-      const Vec vs(cs), vy(cy);
-      int64_t x = 0;
-      for (; x + W <= n; x += W) {
-        const Vec acc = at::vec::fmadd(vs, Vec::loadu(s_i + x), Vec::loadu(d + x));
-        at::vec::fmadd(vy, Vec::loadu(y_i + x), acc).store(d + x);
-      }
-      for (; x < n; ++x) d[x] += cs * s_i[x] + cy * y_i[x];
+  const int64_t count = 2 * held;
+  auto rows = [&](int64_t q) { return q < held ? q : m + q - held; };
+  for (int64_t first = 0; first < count; first += RB) {
+    const int64_t r_n = std::min<int64_t>(RB, count - first);
+    const C* r[RB];
+    C coef[RB];
+    for (int64_t q = 0; q < RB; ++q) {
+      const int64_t i = rows(first + std::min(q, r_n - 1));
+      r[q] = as_compute<C, H>(ring_row(hs, hy, c, i, m), n, rows_buffer + q * CHUNK);
+      coef[q] = q < r_n ? static_cast<C>(cf[1 + i]) : C(0);  // a repeated row adds 0
     }
-    return;
-  }
-  for (int64_t i = 0; i < m; ++i) {
-    if (cf[1 + i] != 0.0 || cf[1 + m + i] != 0.0) held[count++] = i;
-  }
-  int64_t x0 = 0;
-  for (; x0 + SB <= n; x0 += SB) {
-    Vec acc[SB / W];
-    for (int64_t v = 0; v < SB / W; ++v) acc[v] = Vec::loadu(d + x0 + v * W);
-    for (int64_t k = 0; k < count; ++k) {
-      const int64_t i = held[k];
-      const Vec cs(static_cast<C>(cf[1 + i])), cy(static_cast<C>(cf[1 + m + i]));
-      const C* s_i = as_compute<C, H>(hs + c.ring(i) + x0, SB, row);
-      const C* y_i = as_compute<C, H>(hy + c.ring(i) + x0, SB, row2);
-      for (int64_t v = 0; v < SB / W; ++v) {
-        acc[v] = at::vec::fmadd(cy, Vec::loadu(y_i + v * W), at::vec::fmadd(cs, Vec::loadu(s_i + v * W), acc[v]));
-      }
+    Vec vc[RB];
+    for (int q = 0; q < RB; ++q) vc[q] = Vec(coef[q]);
+    int64_t x = 0;
+    for (; x + W <= n; x += W) {
+      Vec acc = Vec::loadu(d + x);
+      for (int q = 0; q < RB; ++q) acc = at::vec::fmadd(vc[q], Vec::loadu(r[q] + x), acc);
+      acc.store(d + x);
     }
-    for (int64_t v = 0; v < SB / W; ++v) acc[v].store(d + x0 + v * W);
-  }
-  for (int64_t k = 0; k < count; ++k) {
-    const int64_t i = held[k];
-    const C cs = static_cast<C>(cf[1 + i]), cy = static_cast<C>(cf[1 + m + i]);
-    const H* s_i = hs + c.ring(i);
-    const H* y_i = hy + c.ring(i);
-    for (int64_t x = x0; x < n; ++x) d[x] += cs * static_cast<C>(s_i[x]) + cy * static_cast<C>(y_i[x]);
+    for (; x < n; ++x) {
+      for (int q = 0; q < RB; ++q) d[x] += coef[q] * r[q][x];
+    }
   }
 }
 
@@ -254,7 +227,8 @@ void lbfgs_gradient_dots(const Tensor& addresses, const std::optional<Tensor>& s
     double* out_all = partials.data_ptr<double>();
     const C c_alpha = static_cast<C>(alpha);
     at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-      alignas(64) C g[CHUNK], s[CHUNK], y[CHUNK], row[CHUNK];
+      alignas(64) C g[CHUNK], s[CHUNK], y[CHUNK];
+      alignas(64) C row[std::is_same_v<C, H> ? 1 : RB * CHUNK];  // widened rows of a narrower ring
       for (int64_t k = begin; k < end; ++k) {
         const Chunk c(ctab + k * CHUNK_COLUMNS);
         const int64_t n = c.count();
@@ -262,37 +236,58 @@ void lbfgs_gradient_dots(const Tensor& addresses, const std::optional<Tensor>& s
         double* sc = out + 6 * m;
         chunk_gradient<C, T>(table, src, c, maximize, g);
         const T* dp = d_all + c.start;
-        double gg = 0.0, gd = 0.0, gl1 = 0.0;
-        C gmax = C(0);
-        for (int64_t x = 0; x < n; ++x) {
-          const double gx = static_cast<double>(g[x]);
-          gg += gx * gx;
-          gd += gx * static_cast<double>(dp[x]);
-          gl1 += std::abs(gx);
-          gmax = std::max(gmax, std::abs(g[x]));
+        // Four accumulators each: independent chains, and the order fixed by the chunk.
+        double gg[4] = {}, gd[4] = {}, gl1[4] = {};
+        C gmax[4] = {};
+        int64_t x = 0;
+        for (; x + 4 <= n; x += 4) {
+          for (int l = 0; l < 4; ++l) {
+            const double gx = static_cast<double>(g[x + l]);
+            gg[l] += gx * gx;
+            gd[l] += gx * static_cast<double>(dp[x + l]);
+            gl1[l] += std::abs(gx);
+            gmax[l] = std::max(gmax[l], std::abs(g[x + l]));
+          }
         }
-        sc[P_GG] = gg;
-        sc[P_GD] = gd;
-        sc[P_GL1] = gl1;
-        sc[P_GMAX] = static_cast<double>(gmax);
+        for (; x < n; ++x) {
+          const double gx = static_cast<double>(g[x]);
+          gg[0] += gx * gx;
+          gd[0] += gx * static_cast<double>(dp[x]);
+          gl1[0] += std::abs(gx);
+          gmax[0] = std::max(gmax[0], std::abs(g[x]));
+        }
+        sc[P_GG] = (gg[0] + gg[1]) + (gg[2] + gg[3]);
+        sc[P_GD] = (gd[0] + gd[1]) + (gd[2] + gd[3]);
+        sc[P_GL1] = (gl1[0] + gl1[1]) + (gl1[2] + gl1[3]);
+        sc[P_GMAX] = static_cast<double>(std::max(std::max(gmax[0], gmax[1]), std::max(gmax[2], gmax[3])));
         if (pair) {
           const T* pp = prev_all + c.start;
-          double ss = 0.0, sy = 0.0, yy = 0.0, sg = 0.0, yg = 0.0;
-          for (int64_t x = 0; x < n; ++x) {
-            s[x] = as_stored<H, C>(c_alpha * static_cast<C>(dp[x]));
-            y[x] = as_stored<H, C>(g[x] - static_cast<C>(pp[x]));
-            const double sx = s[x], yx = y[x], gx = g[x];
-            ss += sx * sx;
-            sy += sx * yx;
-            yy += yx * yx;
-            sg += sx * gx;
-            yg += yx * gx;
+          for (int64_t t = 0; t < n; ++t) {
+            s[t] = as_stored<H, C>(c_alpha * static_cast<C>(dp[t]));
+            y[t] = as_stored<H, C>(g[t] - static_cast<C>(pp[t]));
           }
-          sc[P_SS] = ss;
-          sc[P_SY] = sy;
-          sc[P_YY] = yy;
-          sc[P_SG] = sg;
-          sc[P_YG] = yg;
+          double acc[5][4] = {};
+          int64_t t = 0;
+          for (; t + 4 <= n; t += 4) {
+            for (int l = 0; l < 4; ++l) {
+              const double sx = s[t + l], yx = y[t + l], gx = g[t + l];
+              acc[0][l] += sx * sx;
+              acc[1][l] += sx * yx;
+              acc[2][l] += yx * yx;
+              acc[3][l] += sx * gx;
+              acc[4][l] += yx * gx;
+            }
+          }
+          for (; t < n; ++t) {
+            const double sx = s[t], yx = y[t], gx = g[t];
+            acc[0][0] += sx * sx;
+            acc[1][0] += sx * yx;
+            acc[2][0] += yx * yx;
+            acc[3][0] += sx * gx;
+            acc[4][0] += yx * gx;
+          }
+          const Scalar columns[5] = {P_SS, P_SY, P_YY, P_SG, P_YG};
+          for (int q = 0; q < 5; ++q) sc[columns[q]] = (acc[q][0] + acc[q][1]) + (acc[q][2] + acc[q][3]);
         }
         if (ring) {
           if (pair) {
@@ -367,6 +362,8 @@ void lbfgs_direction(const Tensor& addresses, const std::optional<Tensor>& sourc
   const double* fixed = model.const_data_ptr<double>() + 3 * m * m;
   const bool accept = push && fixed[MODEL_ACCEPT] > 0.5;
   const int64_t slot = static_cast<int64_t>(fixed[MODEL_SLOT]);
+  // The held slots of the ring the coefficients are over (the pair's, if any, included).
+  const int64_t held = std::min<int64_t>(static_cast<int64_t>(fixed[MODEL_COUNT]), m);
   TORCH_CHECK(!save || (saved.has_value() && saved->defined()), "mlbfgs_fused::lbfgs_direction: no saved buffer");
   dispatch_types(direction.scalar_type(), history_s.scalar_type(), "mlbfgs_fused::lbfgs_direction",
                  [&](auto t_tag, auto h_tag) {
@@ -385,7 +382,8 @@ void lbfgs_direction(const Tensor& addresses, const std::optional<Tensor>& sourc
     double* out_all = partials.data_ptr<double>();
     const C c_alpha = static_cast<C>(alpha), c_move = static_cast<C>(move), c_g = static_cast<C>(cf[0]);
     at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-      alignas(64) C g[CHUNK], d[CHUNK], row[CHUNK], row2[CHUNK];
+      alignas(64) C g[CHUNK], d[CHUNK];
+      alignas(64) C row[std::is_same_v<C, H> ? 1 : RB * CHUNK];
       for (int64_t k = begin; k < end; ++k) {
         const Chunk c(ctab + k * CHUNK_COLUMNS);
         const int64_t n = c.count();
@@ -402,7 +400,7 @@ void lbfgs_direction(const Tensor& addresses, const std::optional<Tensor>& sourc
         }
         if (!combine) continue;
         for (int64_t x = 0; x < n; ++x) d[x] = c_g * g[x];
-        ring_combine<C, H>(d, cf, hs, hy, c, m, n, row, row2);
+        ring_combine<C, H>(d, cf, hs, hy, c, m, held, n, row);
         T* theta = reinterpret_cast<T*>(table[c.param * 2]) + c.local;
         T* sp = save ? saved_all + c.start : nullptr;
         C dmax = C(0);
