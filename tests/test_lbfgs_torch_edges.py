@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from cases import backend_params
 from mlbfgs_fused import LBFGS
 
 EDGES = {
@@ -37,6 +38,9 @@ EDGES = {
     "converges_on_tolerance_grad": dict(tolerance_grad=1e-2, max_iter=30, history_size=4),
 }
 CLOSURES = ("tensor", "float", "shape_1")
+# Every edge on the portable and the C++ backends; through the Triton interpreter, a few.
+BACKENDS = backend_params(["foreach", "cpp", "triton"])
+TRITON_EDGES = ("max_iter_1", "max_iter_0", "history_size_1", "lr_0", "tolerance_change_nan", "tensor_lr")
 
 
 def _problem():
@@ -73,10 +77,13 @@ def _run(cls, settings: dict, line_search_fn, closure_kind: str, steps: int = 4,
     return trace
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("closure_kind", CLOSURES)
 @pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
 @pytest.mark.parametrize("edge", list(EDGES))
-def test_every_edge_matches_torch(edge, line_search_fn, closure_kind):
+def test_every_edge_matches_torch(edge, line_search_fn, closure_kind, backend):
+    if backend == "triton" and (edge not in TRITON_EDGES or closure_kind != "tensor"):
+        pytest.skip("the Triton interpreter: a few edges")
     settings = EDGES[edge]
     steps = 4
     if edge == "lr_0" and line_search_fn is not None:
@@ -84,7 +91,7 @@ def test_every_edge_matches_torch(edge, line_search_fn, closure_kind):
         # iteration's t is a tensor, later ones the float lr); ours does not.
         settings, steps = dict(settings, max_iter=1), 1
     theirs = _run(torch.optim.LBFGS, settings, line_search_fn, closure_kind, steps)
-    ours = _run(LBFGS, settings, line_search_fn, closure_kind, steps)
+    ours = _run(LBFGS, settings, line_search_fn, closure_kind, steps, backend=backend)
     for step, ((f_t, evals_t, iters_t, x_t), (f_o, evals_o, iters_o, x_o)) in enumerate(zip(theirs, ours)):
         assert (evals_o, iters_o) == (evals_t, iters_t), f"step {step}"
         assert f_o == pytest.approx(f_t, rel=1e-10, abs=1e-300), f"step {step}"
