@@ -47,7 +47,7 @@ def lbfgs_direction_kernel(
     DT = d_ptr.dtype.element_ty
     HDT = hist_s_ptr.dtype.element_ty
     w = tl.program_id(0).to(tl.int64)
-    _, tile_lo, tile_hi, tile_step, ring_origin, ring_stride = worker_geometry(workers_ptr, w, WCOL, ALIGNED)
+    block, tile_lo, tile_hi, tile_step, ring_origin, ring_stride = worker_geometry(workers_ptr, w, WCOL, ALIGNED)
     fixed = model_ptr + 3 * M * M
     if PUSH:
         accept = tl.load(fixed + MODEL_ACCEPT) > 0.5
@@ -91,7 +91,7 @@ def lbfgs_direction_kernel(
             tl.store(prev_ptr + start + lane, g.to(DT), mask=inside)
             dmax = tl.maximum(dmax, tl.max(tl.where(inside, tl.abs(d_out.to(tl.float64)), 0.0), axis=0))
             if SAVE | MOVE:
-                theta_base, _ = user_tensor(addresses_ptr, param, 0, DT, ALIGNED)
+                theta_base, has_theta = user_tensor(addresses_ptr, param, 0, DT, ALIGNED)
                 theta = tl.load(theta_base + local + lane, mask=inside, other=0.0)
                 if SAVE:
                     tl.store(saved_ptr + start + lane, theta, mask=inside)
@@ -118,13 +118,13 @@ def lbfgs_move_kernel(
     CDT = tl.float64 if F64 else tl.float32
     DT = d_ptr.dtype.element_ty
     w = tl.program_id(0).to(tl.int64)
-    _, tile_lo, tile_hi, tile_step, _, _ = worker_geometry(workers_ptr, w, WCOL, ALIGNED)
+    block, tile_lo, tile_hi, tile_step, ring_origin, ring_stride = worker_geometry(workers_ptr, w, WCOL, ALIGNED)
     alpha = tl.load(steps_ptr + 1).to(CDT)
     lane = tl.arange(0, TILE)
     for k in range(tile_lo, tile_hi, tile_step):
         start, count, param, local = tile_geometry(tiles_ptr, k, TCOL, ALIGNED)
         inside = lane < count
-        theta_base, _ = user_tensor(addresses_ptr, param, 0, DT, ALIGNED)
+        theta_base, has_theta = user_tensor(addresses_ptr, param, 0, DT, ALIGNED)
         if FROM_SAVED:
             base = tl.load(saved_ptr + start + lane, mask=inside, other=0.0).to(CDT)
         else:

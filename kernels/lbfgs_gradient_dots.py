@@ -38,7 +38,7 @@ def lbfgs_gradient_dots_kernel(
     DT = d_ptr.dtype.element_ty
     HDT = hist_s_ptr.dtype.element_ty
     w = tl.program_id(0).to(tl.int64)
-    _, tile_lo, tile_hi, tile_step, ring_origin, ring_stride = worker_geometry(workers_ptr, w, WCOL, ALIGNED)
+    block, tile_lo, tile_hi, tile_step, ring_origin, ring_stride = worker_geometry(workers_ptr, w, WCOL, ALIGNED)
     held = tl.minimum(tl.load(pair_count_ptr), M)
     alpha = tl.load(steps_ptr).to(CDT)  # s = alpha d
 

@@ -167,9 +167,9 @@ def lbfgs_two_loop_kernel(
             + tl.sum(tl.load(SS_ptr + here_slot * M + j, mask=valid, other=0.0) * c_s, axis=0)
             + tl.sum(tl.load(SY_ptr + here_slot * M + j, mask=valid, other=0.0) * c_y, axis=0)
         )
-        a = tl.sum(tl.where(here, rho, 0.0), axis=0) * s_dot_q
-        alpha = tl.where(here, a, alpha)
-        c_y = tl.where(here, c_y - a, c_y)
+        alpha_k = tl.sum(tl.where(here, rho, 0.0), axis=0) * s_dot_q
+        alpha = tl.where(here, alpha_k, alpha)
+        c_y = tl.where(here, c_y - alpha_k, c_y)
     any_held = n_held > 0
     newest = (pair_count - 1 + M) % M
     yy_newest = tl.where(any_held, tl.load(YY_ptr + newest * M + newest), 1.0)
