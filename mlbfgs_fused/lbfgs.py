@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends
+from . import _bounds, backends
 from ._line_search import Point, _strong_wolfe
 from ._state.arena import is_dense
 from ._state.layout import arena_layout
@@ -35,7 +35,7 @@ _GLOBAL_KEYS = ("max_iter", "max_eval", "max_eval_given", "tolerance_grad", "tol
                 "history_size", "line_search_fn", "maximize", "foreach", "fused", "backend", "history_dtype")
 # Keys a group saved by an older version lacks, with the meaning they had then.
 _OLDER_GROUPS = {"max_eval_given": True, "maximize": False, "foreach": None, "fused": None, "backend": None,
-                 "history_dtype": None}
+                 "history_dtype": None, "bounds": None}
 _PARAM_DTYPES = (torch.float32, torch.float64)
 _HISTORY_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
@@ -119,6 +119,19 @@ class LBFGS(Optimizer):
             the CPU, Triton on CUDA, where available; ``foreach`` otherwise).
         backend: a backend by name: ``"foreach"``, ``"cpp"``, ``"triton"``, ``"cuda"``.
         history_dtype: the history's storage dtype (default: the parameters').
+        bounds: ``(lower, upper)``, the box ``lower <= p <= upper`` for every group that
+            does not set its own ``bounds`` (default: None, no bound). Each of ``lower``,
+            ``upper`` is None (no bound), a number, or, in a group of one parameter, a
+            tensor of that parameter's shape; entries may be infinite. With a bound in
+            any group the step is L-BFGS-B (docs/design.md, "Bounds in LBFGS"): the
+            parameters are projected into the box, every trial point lies in it, the
+            step is the generalized Cauchy point and the subspace minimisation on the
+            compact representation, the line search Moré and Thuente's on the feasible
+            segment (``line_search_fn`` is not used), a pair is kept unless
+            ``s.y <= eps (-g.s)``; the run stops when the projected gradient's max-norm
+            is at most ``tolerance_grad`` or when ``f`` decreases by at most
+            ``tolerance_change * max(|f_old|, |f|, 1)`` (scipy's ``gtol`` and ``ftol``).
+            ``lr`` scales the first trial step and must be the same in every group.
     """
 
     def __init__(
@@ -137,7 +150,9 @@ class LBFGS(Optimizer):
         fused: bool | None = None,
         backend: str | None = None,
         history_dtype: torch.dtype | None = None,
+        bounds: tuple | None = None,
     ):
+        _bounds.group_bounds(bounds)  # bounds: its form checked now (a group checks the rest)
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -174,6 +189,7 @@ class LBFGS(Optimizer):
             fused=fused,
             backend=backend,
             history_dtype=history_dtype,
+            bounds=bounds,  # bounds: the default of every group
         )
         self._plan = None
         super().__init__(params, defaults)
@@ -191,7 +207,13 @@ class LBFGS(Optimizer):
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         history_dtype = self.defaults["history_dtype"]
-        for p in param_group["params"] if not isinstance(param_group["params"], Tensor) else [param_group["params"]]:
+        params = param_group["params"]
+        if not isinstance(params, (Tensor, set)):
+            params = param_group["params"] = list(params)
+        # bounds: checked against the group's parameters and the other groups' lr.
+        _bounds.check_group({"lr": lr, "bounds": param_group.get("bounds", self.defaults["bounds"])},
+                            params, self.param_groups)
+        for p in [params] if isinstance(params, Tensor) else params:
             if isinstance(p, Tensor) and p.dtype not in _PARAM_DTYPES:
                 raise ValueError(f"LBFGS optimizes float32 and float64 parameters, got {p.dtype}")
             if isinstance(p, Tensor) and history_dtype == torch.float64 and p.dtype != torch.float64:
@@ -381,6 +403,8 @@ class LBFGS(Optimizer):
                 and returns the loss.
         """
         closure = torch.enable_grad()(closure)
+        if _bounds.bounded(self):  # bounds: L-BFGS-B (mlbfgs_fused/_bounds.py)
+            return _bounds.step(self, closure)
         cfg = self.param_groups[0]  # the loop settings are the same in every group
         max_iter, max_eval = cfg["max_iter"], cfg["max_eval"]
         exact = cfg["max_eval_given"]
