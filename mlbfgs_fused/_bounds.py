@@ -428,8 +428,9 @@ class _Box:
         inside = (dt_min < end - start) | (torch.arange(n + 1, device=self.home) == count)
         j = torch.argmax(inside.to(torch.int8))  # the first segment holding its minimiser (B11)
         unbounded = ((d != 0) & torch.isinf(t)).any()
-        dt = torch.where((j < count) | unbounded, dt_min[j].clamp(min=0.0), 0.0).nan_to_num(0.0)
-        t_c = start[j] + dt
+        at = j.view(1)  # indexed by a tensor: no read of j
+        dt = torch.where((j < count) | unbounded, dt_min.index_select(0, at)[0].clamp(min=0.0), 0.0).nan_to_num(0.0)
+        t_c = start.index_select(0, at)[0] + dt
         rank = torch.empty_like(order)
         rank[order] = torch.arange(n, device=self.home)
         passed = rank < j

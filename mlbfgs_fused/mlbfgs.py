@@ -19,6 +19,10 @@ from ._state.layout import arena_layout
 __all__ = ["MLBFGS"]
 
 
+_NO_BOUNDS = ("MLBFGS does not take bounds: its stochastic steps have no line search to keep them in a box; "
+              "use mlbfgs_fused.LBFGS(params, bounds=(lower, upper)) (L-BFGS-B)")
+
+
 class MLBFGS(Optimizer):
     r"""Momentum-smoothed, block-diagonal stochastic L-BFGS (mL-BFGS).
 
@@ -74,6 +78,7 @@ class MLBFGS(Optimizer):
             (``"sharded"``). Foreach backend only. See mlbfgs_fused/distributed/.
         process_group: the ``torch.distributed`` group of ``distributed`` (default: the
             default group).
+        bounds: not taken (ValueError): bound constraints are ``LBFGS``'s.
 
     A parameter whose ``.grad`` is None at a step is left untouched. A step whose
     gradient holds a NaN or Inf changes nothing and is counted in
@@ -112,7 +117,10 @@ class MLBFGS(Optimizer):
         variant: str = "paper",
         distributed: str | None = None,
         process_group=None,
+        bounds=None,
     ):
+        if bounds is not None:  # bounds: LBFGS's (docs/design.md, "Bounds in LBFGS")
+            raise ValueError(_NO_BOUNDS)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -156,6 +164,8 @@ class MLBFGS(Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
         param_group = dict(param_group)  # the caller's dict is left as it was
+        if param_group.get("bounds") is not None:
+            raise ValueError(_NO_BOUNDS)
         explicit_blocks = "blocks" in param_group
         # torch extracts names, fills defaults, raises its own errors and warnings, appends.
         super().add_param_group(param_group)
