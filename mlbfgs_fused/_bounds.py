@@ -37,6 +37,7 @@ from .reference.lbfgsb import EPS, STEP_MAX_UNBOUNDED, more_thuente
 __all__ = ["bounded", "check_group", "group_bounds", "step"]
 
 _CHUNK = 1 << 16  # columns of the ring per chunk of a widened product
+_GCP_CHUNK = 1 << 17  # breakpoints per chunk of the Cauchy point's prefix sums
 MAX_LS = 20  # evaluations per line search (L-BFGS-B's)
 
 # The vector the host reads after each evaluation, and after each direction.
@@ -284,19 +285,20 @@ class _Box:
             self._add_combination(self.part(out, a), S, cs)
         return out
 
-    def W_rows(self, index: Tensor, model) -> Tensor:
-        """Rows ``index`` of ``W`` (``[len(index), 2k]``): the ring's columns there."""
-        rows = None
+    def W_cols(self, index: Tensor, model) -> Tensor:
+        """Rows ``index`` of ``W``, transposed (``[2k, len(index)]``): the ring's columns there."""
+        out = None
+        rows = model.slots[:, None]
         for a, arena in enumerate(self.arenas):
             S, Y = arena.rings()
             lo, hi = self.offsets[a], self.offsets[a + 1]
-            local = (index - lo).clamp(0, hi - lo - 1).to(arena.device)
-            part = torch.cat([Y[:, local][model.slots].t(), model.theta.to(arena.device) * S[:, local][model.slots].t()],
-                             1).to(self.home, torch.float64)
+            local = (index - lo).clamp(0, hi - lo - 1).to(arena.device)[None, :]
+            part = torch.cat([Y[rows.to(arena.device), local].double(),
+                              model.theta.to(arena.device) * S[rows.to(arena.device), local].double()]).to(self.home)
             if len(self.arenas) > 1:
-                part = torch.where(((index >= lo) & (index < hi))[:, None], part, 0.0)
-            rows = part if rows is None else rows + part
-        return rows
+                part = torch.where(((index >= lo) & (index < hi))[None, :], part, 0.0)
+            out = part if out is None else out + part
+        return out
 
     def free_gram(self, free: Tensor, model) -> Tensor:
         """``W_F^T W_F`` (``2k x 2k``) from the Gram blocks over the free variables (B15):
@@ -403,24 +405,24 @@ class _Box:
         f2 = theta * dd                                                        # (B10) without W
         if k:
             p0 = self.Wt(d, model)
-            P = torch.zeros(2 * k, **f64)  # sums of d_b w_b, z_b w_b over the breakpoints passed
-            C = torch.zeros(2 * k, **f64)
+            P = torch.zeros(2 * k, 1, **f64)  # sums of d_b w_b, z_b w_b over the breakpoints passed
+            C = torch.zeros(2 * k, 1, **f64)
             quad = torch.zeros(2, n + 1, **f64)  # p_j M c_j, p_j M p_j
-            for lo in range(0, n + 1, _CHUNK):
-                hi = min(n + 1, lo + _CHUNK)
-                last = hi == n + 1  # the chunk holding segment n (past every variable)
-                b_hi = n if last else hi
-                w = self.W_rows(order[lo:b_hi], model)                         # [C, 2k]
-                dw = d_b[lo:b_hi, None] * w
-                zw = z_b[lo:b_hi, None] * w
-                P_j = torch.cat([P[None], P + torch.cumsum(dw, 0)])[: hi - lo]
-                C_j = torch.cat([C[None], C + torch.cumsum(zw, 0)])[: hi - lo]
-                P, C = P + dw.sum(0), C + zw.sum(0)
-                p = p0 - P_j
-                c = start[lo:hi, None] * p + C_j
-                pM = p @ M
-                quad[0, lo:hi] = (pM * c).sum(1)
-                quad[1, lo:hi] = (pM * p).sum(1)
+            Mt = M.t().contiguous()
+            for lo in range(0, n + 1, _GCP_CHUNK):
+                hi = min(n + 1, lo + _GCP_CHUNK)
+                b_hi = min(n, hi)  # the last chunk holds segment n (past every variable) too
+                w = self.W_cols(order[lo:b_hi], model)                         # [2k, C]
+                dw = w * d_b[lo:b_hi]
+                zw = w.mul_(z_b[lo:b_hi])
+                P_j = torch.cat([P, P + torch.cumsum(dw, 1)], 1)[:, : hi - lo]  # before each segment
+                C_j = torch.cat([C, C + torch.cumsum(zw, 1)], 1)[:, : hi - lo]
+                P, C = P + dw.sum(1, keepdim=True), C + zw.sum(1, keepdim=True)
+                p = P_j.neg_().add_(p0[:, None])                               # p_j = W^T d^j
+                c = C_j.addcmul_(start[lo:hi], p)                              # c_j = W^T z^j
+                pM = Mt @ p
+                quad[0, lo:hi] = (pM * c).sum(0)
+                quad[1, lo:hi] = (pM * p).sum(0)
             f1 = f1 - quad[0]
             f2 = f2 - quad[1]
         f2 = torch.maximum(f2, EPS * f2[:1])

@@ -32,7 +32,7 @@ SCIPY_PROBLEMS = ["bounded_rosenbrock", "nonnegative_least_squares", "box_quadra
                   "upper_bounds_only", "infeasible_start"]
 # scipy's gtol and ftol (= factr * eps): tight enough that both runs end at the optimum to far
 # better than 1e-6, loose enough that neither ends on rounding noise.
-PGTOL, FACTR = 1e-6, 10.0
+PGTOL, FACTR = 1e-6, 1.0
 FTOL = FACTR * float(np.finfo(float).eps)
 
 
@@ -154,6 +154,7 @@ def test_pieces_chunks_and_groups_equal_the_whole(monkeypatch):
     fg, x0, lower, upper, m = _problem(name)
     whole, whole_losses, _ = _run(name)
     monkeypatch.setattr(_bounds, "_CHUNK", 7)
+    monkeypatch.setattr(_bounds, "_GCP_CHUNK", 5)
     cuts = [0, 17, 41, x0.numel()]
     parts = [x0[a:b].clone().requires_grad_() for a, b in zip(cuts, cuts[1:])]
     parts[1] = parts[1].detach().reshape(4, 6).requires_grad_()
