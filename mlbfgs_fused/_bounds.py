@@ -38,6 +38,9 @@ __all__ = ["bounded", "check_group", "group_bounds", "step"]
 
 _CHUNK = 1 << 16  # columns of the ring per chunk of a widened product
 _GCP_CHUNK = 1 << 17  # breakpoints per chunk of the Cauchy point's prefix sums
+_FIRST_CHUNK = 256  # on the CPU, the first chunk (the next ones 4 times larger, up to _GCP_CHUNK)
+_HEAD = 4096  # on the CPU, the breakpoints searched before a full sort
+SEARCH_ON_HOST = True  # on the CPU, stop the Cauchy point's search at the first chunk that holds it
 MAX_LS = 20  # evaluations per line search (L-BFGS-B's)
 
 # The vector the host reads after each evaluation, and after each direction.
@@ -262,14 +265,16 @@ class _Box:
             hi = min(out.numel(), lo + _CHUNK)
             out[lo:hi] += (R[:, lo:hi].double().t() @ c).to(out.device)
 
-    def Wt(self, v: Tensor, model) -> Tensor:
-        """``W^T v = [Y v; theta S v]`` (``2k``) (B3)."""
+    def Wt(self, v: Tensor, model, full: bool = False) -> Tensor:
+        """``W^T v = [Y v; theta S v]`` (``2k``) (B3); over every slot (``2m``, slot order) when ``full``."""
         slots, theta = model.slots, model.theta
         yv = sv = 0.0
         for a, arena in enumerate(self.arenas):
             S, Y = arena.rings()
             yv = yv + self._ring_dots(Y, self.part(v, a))
             sv = sv + self._ring_dots(S, self.part(v, a))
+        if full:
+            return torch.cat([yv, theta * sv])
         return torch.cat([yv[slots], theta * sv[slots]])
 
     def W(self, c: Tensor, model, out: Tensor) -> Tensor:
@@ -286,15 +291,15 @@ class _Box:
         return out
 
     def W_cols(self, index: Tensor, model) -> Tensor:
-        """Rows ``index`` of ``W``, transposed (``[2k, len(index)]``): the ring's columns there."""
+        """Rows ``index`` of ``W`` over every slot, transposed (``[2m, len(index)]``, slot
+        order; rows of unheld slots meet zeros in ``model.M_slots``): the ring's columns there."""
         out = None
-        rows = model.slots[:, None]
         for a, arena in enumerate(self.arenas):
             S, Y = arena.rings()
             lo, hi = self.offsets[a], self.offsets[a + 1]
-            local = (index - lo).clamp(0, hi - lo - 1).to(arena.device)[None, :]
-            part = torch.cat([Y[rows.to(arena.device), local].double(),
-                              model.theta.to(arena.device) * S[rows.to(arena.device), local].double()]).to(self.home)
+            local = (index - lo).clamp(0, hi - lo - 1).to(arena.device)
+            part = torch.cat([Y.index_select(1, local), S.index_select(1, local)]).to(self.home, torch.float64)
+            part[self.m :] *= model.theta
             if len(self.arenas) > 1:
                 part = torch.where(((index >= lo) & (index < hi))[None, :], part, 0.0)
             out = part if out is None else out + part
@@ -343,7 +348,11 @@ class _Box:
         A = Dinv @ L.t() @ Tinv
         M = torch.cat([torch.cat([-Dinv + A @ L @ Dinv, A], 1), torch.cat([A.t(), Tinv], 1)], 0)
         Minv = torch.cat([torch.cat([-torch.diag(D), L.t()], 1), torch.cat([L, theta * SS], 1)], 0)
-        return SimpleNamespace(k=k, slots=slots, theta=theta, M=M, Minv=Minv, info=info)
+        # M over every slot ([2m, 2m], slot order: Y's slots then S's), zero where no pair is held.
+        where = torch.cat([slots, slots + m])
+        M_slots = torch.zeros(2 * m, 2 * m, **f64)
+        M_slots[where[:, None], where[None, :]] = M
+        return SimpleNamespace(k=k, slots=slots, theta=theta, M=M, Minv=Minv, M_slots=M_slots, info=info)
 
     def push(self, s: Tensor, y: Tensor) -> None:
         """The pair into slot ``count % m`` of the rings and its row and column into ``gram``
@@ -377,70 +386,100 @@ class _Box:
 
     # -- the direction ------------------------------------------------------------------
     def cauchy_point(self, model):
-        """The generalized Cauchy point (B7)-(B13), every segment at once, on the device.
+        """The generalized Cauchy point (B7)-(B13): ``(xcp, c = W^T (xcp - x), free)``.
 
-        Returns ``(xcp, c = W^T (xcp - x), free)``. The breakpoints are sorted; the
-        derivatives ``f'_j``, ``f''_j`` of every segment come from prefix sums over the
-        breakpoints passed (B13), in chunks of breakpoints (the prefix carried from
-        chunk to chunk), and the GCP's segment is the first whose minimiser falls inside
-        it: an argmax, no host read."""
+        The breakpoints are sorted; the derivatives ``f'_j``, ``f''_j`` of every segment
+        come from prefix sums over the breakpoints passed (B13), and the GCP's segment is
+        the first whose minimiser falls inside it (:meth:`_first_segment`): an argmax, no
+        host read. Where the device is the host (the CPU) the segments are searched from
+        the start and the search stops at the first chunk that holds the GCP, the nearest
+        ``_HEAD`` breakpoints taken first (``topk``) so that a full sort is needed only
+        when the GCP lies beyond them."""
         x, g, lower, upper = self.x, self.g, self.lower, self.upper
-        n, k, theta, M = self.n, model.k, model.theta, model.M
-        f64 = dict(dtype=torch.float64, device=self.home)
+        n = self.n
         t = torch.where(g < 0, (x - upper) / g, torch.where(g > 0, (x - lower) / g, math.inf))  # (B7)
         held = ((x <= lower) & (g >= 0)) | ((x >= upper) & (g <= 0))
         t = torch.where(held, 0.0, t)
         d = torch.where(t > 0, -g, 0.0)  # (B8)
         is_break = (t > 0) & torch.isfinite(t)
-        keys, order = torch.sort(torch.where(is_break, t, math.inf), stable=True)
-        count = is_break.sum()
         towards = torch.where(d > 0, upper, lower)
-        d_b = torch.where(is_break, d, 0.0)[order]
-        z_b = torch.where(is_break, towards - x, 0.0)[order]
-        zero = torch.zeros(1, **f64)
-        start = torch.cat([zero, keys])                                        # t_{j-1}, j = 0..n
-        end = torch.cat([keys, torch.full((1,), math.inf, **f64)])
-        dd = (d * d).sum() - torch.cat([zero, torch.cumsum(d_b * d_b, 0)])     # ||d^j||^2
-        f1 = -dd + theta * start * dd                                          # (B9) without W
-        f2 = theta * dd                                                        # (B10) without W
-        if k:
-            p0 = self.Wt(d, model)
-            P = torch.zeros(2 * k, 1, **f64)  # sums of d_b w_b, z_b w_b over the breakpoints passed
-            C = torch.zeros(2 * k, 1, **f64)
-            quad = torch.zeros(2, n + 1, **f64)  # p_j M c_j, p_j M p_j
-            Mt = M.t().contiguous()
-            for lo in range(0, n + 1, _GCP_CHUNK):
-                hi = min(n + 1, lo + _GCP_CHUNK)
-                b_hi = min(n, hi)  # the last chunk holds segment n (past every variable) too
-                w = self.W_cols(order[lo:b_hi], model)                         # [2k, C]
-                dw = w * d_b[lo:b_hi]
-                zw = w.mul_(z_b[lo:b_hi])
-                P_j = torch.cat([P, P + torch.cumsum(dw, 1)], 1)[:, : hi - lo]  # before each segment
-                C_j = torch.cat([C, C + torch.cumsum(zw, 1)], 1)[:, : hi - lo]
-                P, C = P + dw.sum(1, keepdim=True), C + zw.sum(1, keepdim=True)
-                p = P_j.neg_().add_(p0[:, None])                               # p_j = W^T d^j
-                c = C_j.addcmul_(start[lo:hi], p)                              # c_j = W^T z^j
-                pM = Mt @ p
-                quad[0, lo:hi] = (pM * c).sum(0)
-                quad[1, lo:hi] = (pM * p).sum(0)
-            f1 = f1 - quad[0]
-            f2 = f2 - quad[1]
-        f2 = torch.maximum(f2, EPS * f2[:1])
-        dt_min = -f1 / f2
-        inside = (dt_min < end - start) | (torch.arange(n + 1, device=self.home) == count)
-        j = torch.argmax(inside.to(torch.int8))  # the first segment holding its minimiser (B11)
-        unbounded = ((d != 0) & torch.isinf(t)).any()
-        at = j.view(1)  # indexed by a tensor: no read of j
-        dt = torch.where((j < count) | unbounded, dt_min.index_select(0, at)[0].clamp(min=0.0), 0.0).nan_to_num(0.0)
-        t_c = start.index_select(0, at)[0] + dt
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(n, device=self.home)
-        passed = rank < j
+        path = SimpleNamespace(
+            keys=torch.where(is_break, t, math.inf),
+            count=is_break.sum(),
+            d=torch.where(is_break, d, 0.0),
+            z=torch.where(is_break, towards - x, 0.0),
+            dd=d.dot(d),
+            unbounded=((d != 0) & torch.isinf(t)).any(),
+            p0=self.Wt(d, model, full=True) if model.k else None,
+        )
+        found = None
+        host = SEARCH_ON_HOST and self.home.type == "cpu"
+        if host and n > _HEAD:
+            found = self._first_segment(*torch.topk(path.keys, _HEAD, largest=False, sorted=True), path, model,
+                                        False, host)
+        if found is None:
+            found = self._first_segment(*torch.sort(path.keys, stable=True), path, model, True, host)
+        order, j, t_c = found
+        passed = torch.zeros(n, dtype=torch.bool, device=self.home)
+        passed.scatter_(0, order, torch.arange(order.numel(), device=self.home) < j)
         moved = torch.minimum(torch.maximum(x + t_c * d, lower), upper)
         xcp = torch.where(passed, towards, torch.where(d != 0, moved, x))
         free = (t > 0) & ~passed
-        c = self.Wt(xcp - x, model) if k else torch.zeros(0, **f64)
+        c = self.Wt(xcp - x, model) if model.k else torch.zeros(0, dtype=torch.float64, device=self.home)
         return xcp, c, free
+
+    def _first_segment(self, keys: Tensor, order: Tensor, path, model, complete: bool, host: bool):
+        """``(order, j, t_c)``: the GCP's segment ``j`` among the breakpoints ``order``
+        (sorted, ``keys`` their times) and its path time ``t_c`` (B9)-(B11), (B13); None
+        when ``order`` is the head of the breakpoints only (not ``complete``) and the GCP
+        lies beyond it. Segment ``j`` starts at breakpoint ``j - 1`` (0 for ``j = 0``)."""
+        L = keys.numel()
+        segments = L + 1 if complete else L
+        f64 = dict(dtype=torch.float64, device=self.home)
+        zero = torch.zeros(1, **f64)
+        d_b, z_b = path.d[order], path.z[order]
+        start = torch.cat([zero, keys])[:segments]                                      # t_{j-1}
+        length = torch.cat([keys, torch.full((1,), math.inf, **f64)])[:segments] - start
+        dd = path.dd - torch.cat([zero, torch.cumsum(d_b * d_b, 0)])[:segments]          # ||d^j||^2
+        theta = model.theta
+        f1 = -dd + theta * start * dd                                                    # (B9) without W
+        f2 = theta * dd                                                                  # (B10) without W
+        first_is_gcp = torch.arange(segments, device=self.home) == path.count  # past the last breakpoint
+        if model.k:
+            p0, M = path.p0, model.M_slots
+            f2_first = f2[0] - p0 @ M @ p0
+            P = torch.zeros(p0.numel(), 1, **f64)  # sums of d_b w_b, z_b w_b over the breakpoints passed
+            C = torch.zeros(p0.numel(), 1, **f64)
+            dt_min = torch.full((segments,), math.nan, **f64)
+            inside = torch.zeros(segments, dtype=torch.bool, device=self.home)
+            lo, size = 0, (_FIRST_CHUNK if host else _GCP_CHUNK)
+            while lo < segments:
+                hi = min(segments, lo + size)
+                w = self.W_cols(order[lo : min(L, hi)], model)                   # [2m, C]
+                dw = w * d_b[lo : min(L, hi)]
+                zw = w.mul_(z_b[lo : min(L, hi)])
+                P_j = torch.cat([P, P + torch.cumsum(dw, 1)], 1)[:, : hi - lo]  # before each segment
+                C_j = torch.cat([C, C + torch.cumsum(zw, 1)], 1)[:, : hi - lo]
+                P, C = P + dw.sum(1, keepdim=True), C + zw.sum(1, keepdim=True)
+                p = P_j.neg_().add_(p0[:, None])                                # p_j = W^T d^j
+                c = C_j.addcmul_(start[lo:hi], p)                               # c_j = W^T z^j
+                pM = M @ p                                                      # M is symmetric
+                f1_j = f1[lo:hi] - (pM * c).sum(0)
+                f2_j = torch.maximum(f2[lo:hi] - (pM * p).sum(0), EPS * f2_first)
+                dt_min[lo:hi] = -f1_j / f2_j
+                inside[lo:hi] = (dt_min[lo:hi] < length[lo:hi]) | first_is_gcp[lo:hi]
+                if host and bool(inside[lo:hi].any()):
+                    break  # the host is the device: no need to look further
+                lo, size = hi, min(4 * size, _GCP_CHUNK)
+        else:
+            dt_min = -f1 / torch.maximum(f2, EPS * f2[0])
+            inside = (dt_min < length) | first_is_gcp
+        if not complete and not bool(inside.any()):
+            return None
+        j = torch.argmax(inside.to(torch.int8))  # the first segment holding its minimiser (B11)
+        at = j.view(1)  # indexed by a tensor: no read of j
+        dt = torch.where((j < path.count) | path.unbounded, dt_min.index_select(0, at)[0].clamp(min=0.0), 0.0)
+        return order, j, start.index_select(0, at)[0] + dt.nan_to_num(0.0)
 
     def target(self, model) -> Tensor:
         """``z`` of the iteration into ``self.z``: the GCP then the subspace step (B14)-(B17)."""

@@ -34,6 +34,9 @@ SCIPY_PROBLEMS = ["bounded_rosenbrock", "nonnegative_least_squares", "box_quadra
 # better than 1e-6, loose enough that neither ends on rounding noise.
 PGTOL, FACTR = 1e-6, 1.0
 FTOL = FACTR * float(np.finfo(float).eps)
+# Against the reference: a decrease of 10 eps |f| ends the runs before the last steps are
+# rounding noise, so that both take the same steps to the end.
+REFERENCE_FACTR = 10.0
 
 
 @pytest.fixture(autouse=True)
@@ -130,8 +133,9 @@ def test_follows_the_float64_reference(name):
         ref_losses.append(f)
         return f, g
 
-    ref = minimize_lbfgsb(recorded, x0, lower, upper, m=m, pgtol=PGTOL, factr=FACTR)
-    x, losses, opt = _run(name, shape=(x0.numel(),) if name != "box_quadratic" else (10, 10))
+    ref = minimize_lbfgsb(recorded, x0, lower, upper, m=m, pgtol=PGTOL, factr=REFERENCE_FACTR)
+    x, losses, opt = _run(name, shape=(x0.numel(),) if name != "box_quadratic" else (10, 10),
+                          tolerance_change=REFERENCE_FACTR * FTOL / FACTR)
     state = opt.state[opt.param_groups[0]["params"][0]]
     assert state["func_evals"] == len(losses)
     # Over a hundred evaluations rounding (the ring products are summed in another order)
@@ -147,14 +151,20 @@ def test_follows_the_float64_reference(name):
         torch.testing.assert_close(x, ref.x, rtol=0, atol=1e-9)
 
 
-def test_pieces_chunks_and_groups_equal_the_whole(monkeypatch):
+@pytest.mark.parametrize("search_on_host", [True, False])
+def test_pieces_chunks_and_groups_equal_the_whole(monkeypatch, search_on_host):
     """The variables split over three groups (one parameter each, tensor bounds, one of them of
-    another shape), the breakpoint sums and ring products in chunks of 7: the same run."""
+    another shape), the breakpoint sums and ring products in chunks of a few, the Cauchy point
+    searched among the nearest 9 breakpoints first (or, as on a GPU, everywhere at once): the
+    same run."""
     name = "infeasible_start"
+    monkeypatch.setattr(_bounds, "SEARCH_ON_HOST", search_on_host)
     fg, x0, lower, upper, m = _problem(name)
     whole, whole_losses, _ = _run(name)
     monkeypatch.setattr(_bounds, "_CHUNK", 7)
     monkeypatch.setattr(_bounds, "_GCP_CHUNK", 5)
+    monkeypatch.setattr(_bounds, "_FIRST_CHUNK", 2)
+    monkeypatch.setattr(_bounds, "_HEAD", 9)
     cuts = [0, 17, 41, x0.numel()]
     parts = [x0[a:b].clone().requires_grad_() for a, b in zip(cuts, cuts[1:])]
     parts[1] = parts[1].detach().reshape(4, 6).requires_grad_()
@@ -268,6 +278,8 @@ def test_host_reads_one_copy_per_evaluation_and_one_per_direction(monkeypatch):
         copies.append(self.numel())
         return original(self)
 
+    # As on a GPU: the Cauchy point's search without the CPU's early stop (a read per chunk).
+    monkeypatch.setattr(_bounds, "SEARCH_ON_HOST", False)
     monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
     with _HostReads() as reads:
         opt.step(closure)
