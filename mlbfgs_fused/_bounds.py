@@ -246,10 +246,11 @@ class _Box:
 
     # -- products with the ring (W = [Y^T, theta S^T] over the held slots) --------------
     def _ring_dots(self, R: Tensor, v: Tensor) -> Tensor:
-        """``R v`` (``[m]`` float64 on the home device) for a ring ``R`` and a float64 slice ``v``."""
+        """``R v`` (``[m]``, or ``[m, j]`` for ``v`` ``[n, j]``; float64 on the home device) for a
+        ring ``R`` and float64 ``v``."""
         if R.dtype == torch.float64 and R.device == v.device:
             return R @ v
-        total = torch.zeros(R.shape[0], dtype=torch.float64, device=R.device)
+        total = torch.zeros(R.shape[0], *v.shape[1:], dtype=torch.float64, device=R.device)
         for lo in range(0, v.numel(), _CHUNK):
             hi = min(v.numel(), lo + _CHUNK)
             total += R[:, lo:hi].double() @ v[lo:hi].to(R.device)
@@ -364,11 +365,9 @@ class _Box:
             S, Y = arena.rings()
             S[slot].copy_(self.part(s, a))
             Y[slot].copy_(self.part(y, a))
-            s_a = S[slot].to(self.home, torch.float64)
-            y_a = Y[slot].to(self.home, torch.float64)
-            rows = rows + torch.stack([self._ring_dots(S, s_a), self._ring_dots(S, y_a),
-                                       self._ring_dots(Y, s_a), self._ring_dots(Y, y_a)])
-        ss, sy, ys, yy = rows.unbind(0)  # s_i.s, s_i.y, y_i.s, y_i.y
+            pair = torch.stack([S[slot], Y[slot]], 1).to(self.home, torch.float64)  # [n, 2]: one pass per ring
+            rows = rows + torch.cat([self._ring_dots(S, pair), self._ring_dots(Y, pair)], 1)
+        ss, sy, ys, yy = rows.t().unbind(0)  # s_i.s, s_i.y, y_i.s, y_i.y
         gram = self.plan.gram
         gram[0, slot, :] = ss
         gram[0, :, slot] = ss
