@@ -42,7 +42,7 @@ TORCH_LIBRARY(mlbfgs_fused_native, m) {
   m.def(
       "lbfgs_gradient_dots(Tensor addresses, Tensor? source, Tensor history_s, Tensor history_y, "
       "Tensor direction, Tensor prev, Tensor chunks, Tensor pair_count, Tensor(a!) partials, "
-      "float alpha, bool maximize, bool pair, bool ring, int m) -> ()");
+      "float alpha, bool maximize, bool pair, bool ring, bool gd, bool l1, int m) -> ()");
   m.def(
       "lbfgs_two_loop(Tensor partials, Tensor arena_rows, Tensor scales, Tensor? loss, Tensor gram, "
       "Tensor pair_count, Tensor(a!) sums, Tensor(b!) model, Tensor(c!) coef, Tensor(d!) read, "

@@ -340,11 +340,13 @@ class LBFGS(Optimizer):
                 vec /= world
         return vec.tolist()
 
-    def _evaluate(self, closure, plan, alphas, pair: bool, ring: bool, index: int = 0):
-        """Run the closure and the passes of an evaluation; read once."""
+    def _evaluate(self, closure, plan, alphas, pair: bool, ring: bool, index: int = 0, gd: bool = False,
+                  l1: bool = False):
+        """Run the closure and the passes of an evaluation; read once. ``gd``: a line-search
+        trial (``g . p`` is read); ``l1``: the first iteration's step needs ``|g|_1``."""
         loss = closure()
         plan.bind()
-        plan.gradient_dots(SOURCE_GRAD, alphas, pair, ring)
+        plan.gradient_dots(SOURCE_GRAD, alphas, pair, ring, gd, l1)
         on_device = isinstance(loss, Tensor) and loss.device == plan.home and loss.numel() == 1
         plan.two_loop(loss if on_device else None, pair, ring)
         return loss, self._evaluation(plan, loss if not on_device else None, ring, index)
@@ -398,7 +400,8 @@ class LBFGS(Optimizer):
         state.setdefault("n_iter", 0)
         step_sizes = [self.state[a.params[0]]["step_size"] for a in arenas]
 
-        orig_loss, point = self._evaluate(closure, plan, step_sizes, state["n_iter"] > 0, max_iter > 0)
+        orig_loss, point = self._evaluate(closure, plan, step_sizes, state["n_iter"] > 0, max_iter > 0,
+                                          l1=state["n_iter"] == 0)
         current_evals = 1
         state["func_evals"] += 1
         if not math.isfinite(point.f) or point.gmax <= tolerance_grad:
@@ -499,7 +502,7 @@ class LBFGS(Optimizer):
             k = len(points)
             # The dots with the ring only where this point may start another iteration.
             ring = more_iterations and k < evals_left
-            _, trial = self._evaluate(closure, plan, [step * s for s in scales], True, ring, index=k)
+            _, trial = self._evaluate(closure, plan, [step * s for s in scales], True, ring, index=k, gd=True)
             points[k] = trial
             return trial.f, trial.gtd
 

@@ -185,7 +185,7 @@ def test_the_passes_agree_with_the_foreach_plan(backend):
         closure()
         with torch.no_grad():  # as in a step: the passes write the parameters
             plan.bind()
-            plan.gradient_dots(SOURCE_GRAD, [0.7], True, True)
+            plan.gradient_dots(SOURCE_GRAD, [0.7], True, True, True, True)
             plan.two_loop(None, True, True)
             read = plan.read[:6].clone()
             coef, model = plan.coef.clone(), plan.model.clone()
@@ -348,3 +348,43 @@ def test_a_checkpoint_that_does_not_fit_is_refused_whole():
     after = opt.state_dict()
     torch.testing.assert_close(after["state"][0]["gram"], before["state"][0]["gram"])
     opt.step(closure)  # still steps
+
+
+@pytest.mark.parametrize("backend", backend_params(FUSED))
+def test_a_gradient_whose_layout_changes_in_place_is_read_as_laid_out(backend):
+    """The same gradient tensor, transposed in place between evaluations (same object and
+    storage, other strides): every evaluation reads it as laid out then. torch.optim.LBFGS,
+    which takes contiguous gradients only, is given a contiguous copy."""
+    dev = _device(backend)
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(6, 6, generator=gen, dtype=torch.float64).to(dev)
+    b = torch.randn(6, 6, generator=gen, dtype=torch.float64).to(dev)
+    start = torch.randn(6, 6, generator=gen, dtype=torch.float64).to(dev)
+    results = []
+    for ours, make in ((False, torch.optim.LBFGS), (True, lambda params, **kw: LBFGS(params, backend=backend, **kw))):
+        w = start.clone().requires_grad_()
+        grad = torch.empty_like(w)
+        opt = make([w], history_size=3, max_iter=4 if _slow(backend) else 10, line_search_fn="strong_wolfe")
+
+        def closure():
+            with torch.enable_grad():
+                loss = 0.5 * ((a @ w - b) ** 2).sum() + (w**4).sum() / 4
+                g, = torch.autograd.grad(loss, w)
+            if not ours:
+                w.grad = g.contiguous()
+                return loss
+            with torch.no_grad():
+                if flip:
+                    grad.t_()  # in place: the same tensor object, the other layout
+                grad.copy_(g)
+            w.grad = grad
+            return loss
+
+        flip = False  # one step with the layout of the first evaluation, then it flips
+        opt.step(closure)
+        flip = True
+        opt.step(closure)
+        results.append((w.detach().clone(), opt.state[w]["func_evals"], opt.state[w]["n_iter"]))
+    (w_torch, *counters_torch), (w_ours, *counters_ours) = results
+    assert counters_ours == counters_torch
+    assert _relative_difference([w_torch], [w_ours]) <= 1e-10

@@ -127,9 +127,12 @@ class LBFGSPlan:
         ``data_ptr`` changed)."""
         raise NotImplementedError
 
-    def gradient_dots(self, source: int, alphas: list[float], pair: bool, ring: bool) -> None:
+    def gradient_dots(self, source: int, alphas: list[float], pair: bool, ring: bool, gd: bool = False,
+                      l1: bool = False) -> None:
         """The gradient's dots with the ring (``ring``) and with the pair candidate
-        (``pair``), its norms, and ``g . d``: partial sums per piece."""
+        (``pair``), ``g.g`` and ``max |g|``, with ``gd`` ``g . d`` (a line-search trial), with
+        ``l1`` ``|g|_1`` (the first iteration's step): partial sums per piece. The read
+        vector's entries not asked for hold whatever they held."""
         raise NotImplementedError
 
     def two_loop(self, loss: Tensor | None, pair: bool, direction: bool) -> None:
