@@ -10,9 +10,10 @@ Per configuration (``N``, history ``m``, line search or not, iterations per ``st
 each contender first runs ``m + 2`` iterations (a full, wrapped history), then
 ``--repeats`` timed steps, round robin between the contenders; the median and the spread
 (min .. max) of the per-iteration times are reported. ``--iters 1`` is the stochastic
-pattern: one iteration per ``step()``, with torch's default ``max_eval`` (its line search
-then takes up to two evaluations). The tolerances are negative, so every step runs all
-its iterations. After the timing, one more step of each contender runs under counters:
+pattern: one iteration per ``step()``, with torch's default ``max_eval`` without a line
+search and ``max_eval=25`` with one (torch's default of 1 leaves the search one trial,
+after which it stalls at ``t = 0`` on this problem). The tolerances are negative, so every
+step runs all its iterations. After the timing, one more step of each contender runs under counters:
 host reads (``aten._local_scalar_dense``, i.e. ``.item()``/``float()``/``bool()`` of a
 tensor, plus ``Tensor.tolist`` calls) and storages allocated, per iteration.
 
@@ -129,8 +130,10 @@ def measure(n: int, history: int, iters: int, repeats: int, line_search_fn, dtyp
         closure = problem.closure_for(x, clock)
         settings = dict(history_size=history, tolerance_grad=-1.0, tolerance_change=-1.0,
                         line_search_fn=line_search_fn)
-        if iters == 1:  # the stochastic pattern: torch's defaults (max_eval = 1), one iteration a step
-            opt = make([x], max_iter=1, **settings)
+        if iters == 1:  # the stochastic pattern: one iteration a step
+            # torch's default max_eval (1) leaves the line search one trial, after which it
+            # stalls (t = 0 from about the tenth step on this problem): 25, its trial cap.
+            opt = make([x], max_iter=1, max_eval=25 if line_search_fn else None, **settings)
             for _ in range(history + 2):
                 opt.step(closure)
         else:

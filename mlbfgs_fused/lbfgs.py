@@ -344,7 +344,8 @@ class LBFGS(Optimizer):
                   l1: bool = False):
         """Run the closure and the passes of an evaluation; read once. ``gd``: a line-search
         trial (``g . p`` is read); ``l1``: the first iteration's step needs ``|g|_1``."""
-        loss = closure()
+        with torch.enable_grad():  # as torch wraps the closure, without a wrapper per step
+            loss = closure()
         plan.bind()
         plan.gradient_dots(SOURCE_GRAD, alphas, pair, ring, gd, l1)
         on_device = isinstance(loss, Tensor) and loss.device == plan.home and loss.numel() == 1
@@ -382,7 +383,6 @@ class LBFGS(Optimizer):
             closure (Callable): A closure that reevaluates the model
                 and returns the loss.
         """
-        closure = torch.enable_grad()(closure)
         cfg = self.param_groups[0]  # the loop settings are the same in every group
         max_iter, max_eval = cfg["max_iter"], cfg["max_eval"]
         exact = cfg["max_eval_given"]
