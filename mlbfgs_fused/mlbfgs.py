@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends
-from ._checks import blocks_as_indices, check_parameters, check_unique, validate_hyperparameters
+from ._checks import blocks_as_indices, check_parameters, drop_duplicates, validate_hyperparameters
 from ._state.arena import BLOCK_STATE_KEYS, PARAM_STATE_KEYS, Arena, same_order
 from ._state.layout import arena_layout
 
@@ -161,7 +161,7 @@ class MLBFGS(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            check_unique(group["params"], len(self.param_groups) - 1)
+            drop_duplicates(group)  # after torch's own warning
             if isinstance(group["blocks"], (list, tuple)):
                 group["blocks"] = blocks_as_indices(
                     group["blocks"], group["params"], explicit_blocks, group.get("param_names")
@@ -293,11 +293,11 @@ class MLBFGS(Optimizer):
         # gradient in a later group cannot leave an earlier one updated.
         for group in self.param_groups:
             backend = backends.select(group)
-            backends.check_devices(group["params"], backend)
+            backends.check_devices(backends.stepped_params(group), backend)
             backend.module.check_gradients(group)
         work = []
         for index, group in enumerate(self.param_groups):
-            if not any(p.grad is not None for p in group["params"]):
+            if not any(p.grad is not None and p.device.type != "meta" for p in group["params"]):
                 continue
             self._init_group(index, group)
             plan = self._arenas[index].plan
@@ -381,7 +381,8 @@ class MLBFGS(Optimizer):
         check_parameters(params, group["history_dtype"])  # after model.to(...) or p.data = ...
         by_kind: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
-            by_kind.setdefault((p.device, p.dtype), []).append(i)
+            if p.device.type != "meta":  # no state until materialised (model.to_empty)
+                by_kind.setdefault((p.device, p.dtype), []).append(i)
         layouts = []
         for indices in by_kind.values():
             blocks = group["blocks"]

@@ -274,10 +274,23 @@ def test_fused_optimizer_of_meta_parameters_is_built_then_steps_after_to_empty()
 
 
 # -- 8, 15. structural changes after stepping; errors that say what the user did -------------
-def test_a_parameter_listed_twice_in_a_group_is_refused_naming_it():
-    p, q = Parameter(torch.randn(2)), Parameter(torch.randn(3))
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"lists the same parameter twice \(positions 0 and 2\)"):
-        MLBFGS([p, q, p])
+def test_a_parameter_listed_twice_in_a_group_is_stepped_once_as_its_single_twin():
+    """torch warns (and would step it twice); MLBFGS keeps it once, after the warning, so
+    the optimizer steps exactly as one built with each parameter once."""
+    gen = torch.Generator().manual_seed(2)
+    p, q = Parameter(torch.randn(2, generator=gen)), Parameter(torch.randn(3, generator=gen))
+    p2, q2 = Parameter(p.detach().clone()), Parameter(q.detach().clone())
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = MLBFGS([p, q, p], **FAST)
+    twin = MLBFGS([p2, q2], **FAST)
+    assert len(opt.param_groups[0]["params"]) == 2
+    for _ in range(6):
+        grads = [torch.randn(2, generator=gen), torch.randn(3, generator=gen)]
+        for (a, b), g in zip(((p, p2), (q, q2)), grads):
+            a.grad, b.grad = g + a.detach(), g + b.detach()
+        opt.step()
+        twin.step()
+    assert torch.equal(p, p2) and torch.equal(q, q2)
 
 
 @pytest.mark.parametrize(
@@ -536,3 +549,42 @@ def test_triton_bfloat16_step_is_the_float32_step_stored_with_the_devices_roundi
         reference.step()
         assert torch.equal(ours.detach(), stored(wide.detach()))
         assert torch.equal(opt.state[ours]["momentum_buffer"], stored(reference.state[wide]["momentum_buffer"]))
+
+
+# -- PyTorch's generic tests: a tensor lr of any 1-element shape, fused=True with a meta parameter
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_two_dimensional_one_element_lr_is_the_float_lr(backend):
+    """torch's test_tensor_lr (num_dim=2) passes ``lr=torch.tensor([[1e-3]])``."""
+    device = backend_device(backend)
+    runs = []
+    for lr in (1e-2, torch.tensor([[1e-2]], device=device)):
+        gen = torch.Generator().manual_seed(6)
+        w = Parameter(torch.randn(10, 5, generator=gen).to(device))
+        b = Parameter(torch.randn(10, generator=gen).to(device))
+        opt = MLBFGS([w, b], lr=lr, backend=backend, **{k: v for k, v in FAST.items() if k != "lr"})
+        for _ in range(5):
+            w.grad = torch.randn(10, 5, generator=gen).to(device) + w.detach()
+            b.grad = torch.randn(10, generator=gen).to(device) + b.detach()
+            opt.step()
+        runs.append((w.detach().clone(), b.detach().clone()))
+    for x, y in zip(*runs):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_checks_only_the_parameters_it_steps():
+    """As torch's fused optimizers: a parameter without a gradient is not stepped and not
+    checked (here the meta parameter an optimizer still holds after ``model.to_empty``)."""
+    p_cpu = Parameter(torch.randn(3))
+    p_meta = Parameter(torch.empty(3, device="meta"))
+    twin = Parameter(p_cpu.detach().clone())
+    opt = MLBFGS([p_cpu, p_meta], lr=0.1, fused=True, normalize=True)
+    sgd = torch.optim.SGD([twin], lr=0.1, momentum=0.9)
+    p_cpu.grad = torch.randn(3)
+    twin.grad = p_cpu.grad.clone()
+    opt.step()
+    sgd.step()
+    assert torch.equal(p_cpu, twin)
+    assert not opt.state.get(p_meta)
+    p_meta.grad = torch.empty(3, device="meta")  # now it would be stepped: torch's error
+    with pytest.raises(RuntimeError, match=r"supported devices: \['cpu', 'cuda'\] but torch.float32 and meta"):
+        opt.step()
