@@ -31,7 +31,7 @@ def test_matches_reference(blocks, dtype, tol):
     counts = []
     for params in groups:
         for p in params:
-            counts += [(int(b["pair_count"]), int(b["skipped_pairs"])) for b in opt.state[p].get("blocks", [])]
+            counts += [(int(b["pair_count"]), int(b["skipped_pairs"])) for b in opt.block_states(p)]
     ref_counts = []
     for g in ref.groups:
         for b in g.blocks:
@@ -66,7 +66,7 @@ def test_bfloat16_history_close_to_reference():
         sc, torch.float32, backend="foreach", history_dtype=torch.bfloat16
     )
     assert max(errors) < 1e-2
-    assert opt.state[groups[0][0]]["blocks"][0]["history_s"].dtype == torch.bfloat16
+    assert opt.block_states(groups[0][0])[0]["history_s"].dtype == torch.bfloat16
 
 
 def test_non_finite_steps_shift_the_pair_schedule():
@@ -75,7 +75,7 @@ def test_non_finite_steps_shift_the_pair_schedule():
     sc.nan_steps = (5, 14, 15)
     opt, groups, ref, errors = run_against_reference(sc, torch.float64, backend="foreach")
     assert max(errors) < 1e-10
-    block = opt.state[groups[0][0]]["blocks"][0]
+    block = opt.block_states(groups[0][0])[0]
     assert int(block["skipped_steps"]) == 3 and float(block["step"]) == 37
     assert ref.groups[0].skipped_steps == 3
 

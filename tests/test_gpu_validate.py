@@ -145,7 +145,7 @@ def _narrow_case(backend, device, dtype, history):
     else:
         _, _, _, foreach_errors = run_against_reference(sc, dtype, device, backend="foreach")
         assert max(errors) <= 1.5 * max(foreach_errors) and max(errors) < 6e-2, (errors, foreach_errors)
-    block = opt.state[groups[0][0]]["blocks"][0]
+    block = opt.block_states(groups[0][0])[0]
     assert block["history_s"].dtype == history and groups[0][0].dtype == dtype
     assert int(block["pair_count"]) > 3  # pairs pushed, the ring of three wrapped
 

@@ -22,7 +22,7 @@ def test_half_precision_close_to_reference(dtype, blocks, variant):
     sc = standard_scenario(blocks, steps=20, seed=1, variant=variant, normalize=True)
     opt, groups, ref, errors = run_against_reference(sc, dtype, backend="foreach")
     assert max(errors) < TOLERANCE[dtype]
-    block = opt.state[groups[0][0]]["blocks"][0]
+    block = opt.block_states(groups[0][0])[0]
     assert block["history_s"].dtype == dtype and int(block["pair_count"]) == 4
     assert int(block["skipped_steps"]) == 0
 
@@ -40,7 +40,7 @@ def test_large_finite_half_gradients_are_never_skipped(dtype):
         noise = torch.randn(n, generator=gen)
         p.grad = (300 * torch.sign(noise) + (p.detach().float() - target)).to(dtype)
         opt.step()
-    block = opt.state[p]["blocks"][0]
+    block = opt.block_states(p)[0]
     assert int(block["skipped_steps"]) == 0 and int(block["step"]) == 150
     assert int(block["pair_count"]) > 0
     assert torch.isfinite(p).all()
@@ -75,7 +75,7 @@ def test_float16_pairs_are_judged_on_the_averages_as_stored(backend, normalize):
         opt.step()
         assert torch.isfinite(W).all() and torch.isfinite(b).all()
     for p in (W, b):
-        block = opt.state[p]["blocks"][0]
+        block = opt.block_states(p)[0]
         held = min(int(block["pair_count"]), 2)
         curvature = torch.diagonal(block["gram"][1])  # s_i . yhat_i per slot
         assert (curvature[:held] > 0).all(), p.shape

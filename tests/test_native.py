@@ -53,7 +53,7 @@ def _counters(opt, groups):
         (int(b["pair_count"]), int(b["skipped_pairs"]))
         for params in groups
         for p in params
-        for b in opt.state[p].get("blocks", [])
+        for b in opt.block_states(p)
     ]
 
 
@@ -92,7 +92,7 @@ def test_non_finite_steps_change_nothing_but_the_counters(threads):
     sc.nan_steps = (5, 14, 15)
     opt, groups, ref, errors = run_against_reference(sc, torch.float64, backend="cpp")
     assert max(errors) < 1e-10
-    block = opt.state[groups[0][0]]["blocks"][0]
+    block = opt.block_states(groups[0][0])[0]
     assert int(block["skipped_steps"]) == 3 and int(block["step"]) == 37
     assert ref.groups[0].skipped_steps == 3
 
@@ -102,7 +102,7 @@ def test_narrow_history_close_to_reference(history):
     sc = _scenario("group")
     opt, groups, _, errors = run_against_reference(sc, torch.float32, backend="cpp", history_dtype=history)
     assert max(errors) < 1e-2
-    assert opt.state[groups[0][0]]["blocks"][0]["history_s"].dtype == history
+    assert opt.block_states(groups[0][0])[0]["history_s"].dtype == history
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -198,7 +198,7 @@ def test_no_allocation_of_size_n_on_any_step():
             opt.step()
         if step >= 1:  # after the first step built the arena and its tables
             assert tracker.peak_bytes < 1024, (step, tracker.allocations)
-    assert int(opt.state[params[0]]["blocks"][0]["pair_count"]) >= 2
+    assert int(opt.block_states(params[0])[0]["pair_count"]) >= 2
 
 
 def test_amp_grad_scale_and_found_inf():
@@ -223,7 +223,7 @@ def test_amp_grad_scale_and_found_inf():
     opt.found_inf = torch.tensor(2.0)  # a sum over devices
     opt.step()
     assert all(torch.equal(a, p) for a, p in zip(before, groups2[0]))
-    assert int(opt.state[groups2[0][0]]["blocks"][0]["skipped_steps"]) == 1
+    assert int(opt.block_states(groups2[0][0])[0]["skipped_steps"]) == 1
 
 
 @pytest.mark.parametrize("layout", ["transposed", "channels_last", "strided"])

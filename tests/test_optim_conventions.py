@@ -74,12 +74,7 @@ def _assert_same_state(opt1, opt2):
     assert s1["state"].keys() == s2["state"].keys()
     for pid, st in s1["state"].items():
         for key, value in st.items():
-            if key == "blocks":
-                for b1, b2 in zip(value, s2["state"][pid]["blocks"]):
-                    for k in b1:
-                        assert b1[k].dtype == b2[k].dtype and torch.equal(b1[k], b2[k]), k
-            else:
-                assert torch.equal(value, s2["state"][pid][key]), key
+            assert value.dtype == s2["state"][pid][key].dtype and torch.equal(value, s2["state"][pid][key]), key
 
 
 # -- construction errors (test_errors, get_error_inputs_for_all_optims) -------------
@@ -374,12 +369,12 @@ def test_load_nontensor_step():
         opt.step()
     sd = copy.deepcopy(opt.state_dict())
     for st in sd["state"].values():
-        for block in st.get("blocks", []):
-            block["step"] = block["step"].item()
+        if "block_step" in st:
+            st["block_step"] = st["block_step"].tolist()  # plain Python numbers, as older checkpoints held
     opt.load_state_dict(sd)
     opt.step()
-    assert opt.state[params[0]]["blocks"][0]["step"].dtype == torch.int64
-    assert int(opt.state[params[0]]["blocks"][0]["step"]) == 4
+    assert opt.block_states(params[0])[0]["step"].dtype == torch.int64
+    assert int(opt.block_states(params[0])[0]["step"]) == 4
 
 
 # -- hooks -------------------------------------------------------------------------------
@@ -463,7 +458,7 @@ def test_load_state_dict_post_hook_and_non_parameter_state(backend):
     assert opt.state["ran_load_state_dict_pre_hook2"] is True
     _random_grads([param], 3)
     opt.step()
-    assert int(opt.state[param]["blocks"][0]["step"]) == 4
+    assert int(opt.block_states(param)[0]["step"]) == 4
 
 
 def test_load_state_dict_pre_hook_that_returns_a_new_state_dict_is_honoured_for_block_state():
@@ -471,28 +466,25 @@ def test_load_state_dict_pre_hook_that_returns_a_new_state_dict_is_honoured_for_
     blocks used to load anyway)."""
     param, opt = _stepped_optimizer(steps=5)
     sd = copy.deepcopy(opt.state_dict())
-    (block,) = sd["state"][0]["blocks"]
-    assert int(block["pair_count"]) > 0
+    assert int(sd["state"][0]["pair_count"]) > 0
 
     def reset_history(optimizer, state_dict):
         state_dict = copy.deepcopy(state_dict)
-        for b in state_dict["state"][0]["blocks"]:
-            for key in ("history_s", "history_y", "gram"):
-                b[key].zero_()
-            for key in ("pair_count", "skipped_pairs", "skipped_steps"):
-                b[key].zero_()
-            b["step"].fill_(41)
+        first = state_dict["state"][0]
+        for key in ("history_s", "history_y", "gram", "pair_count", "skipped_pairs", "skipped_steps"):
+            first[key].zero_()
+        first["block_step"].fill_(41)
         return state_dict
 
     opt.register_load_state_dict_pre_hook(reset_history)
     opt.load_state_dict(sd)
-    (loaded,) = opt.state[param]["blocks"]
+    (loaded,) = opt.block_states(param)
     assert int(loaded["step"]) == 41 and int(loaded["pair_count"]) == 0
     assert not loaded["gram"].any() and not loaded["history_s"].any()
-    assert int(sd["state"][0]["blocks"][0]["step"]) == 5  # the caller's dict is untouched
+    assert int(sd["state"][0]["block_step"]) == 5  # the caller's dict is untouched
     _random_grads([param], 5)
     opt.step()  # and the arena was built from what the hook returned
-    assert int(opt.state[param]["blocks"][0]["step"]) == 42
+    assert int(opt.block_states(param)[0]["step"]) == 42
 
 
 def test_load_state_dict_post_hook_sees_block_state_in_its_own_dtypes():
@@ -500,14 +492,12 @@ def test_load_state_dict_post_hook_sees_block_state_in_its_own_dtypes():
     seen = {}
 
     def post_hook(optimizer):
-        (block,) = optimizer.state[param]["blocks"]
-        seen.update({key: value.dtype for key, value in block.items()})
-        seen["momentum_buffer"] = optimizer.state[param]["momentum_buffer"].dtype
+        seen.update({key: value.dtype for key, value in optimizer.state[param].items() if key != "param_ema"})
 
     opt.register_load_state_dict_post_hook(post_hook)
     opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert seen == {
-        "step": torch.int64,
+        "block_step": torch.int64,
         "pair_count": torch.int64,
         "skipped_pairs": torch.int64,
         "skipped_steps": torch.int64,
@@ -515,6 +505,9 @@ def test_load_state_dict_post_hook_sees_block_state_in_its_own_dtypes():
         "history_y": torch.bfloat16,
         "gram": torch.float64,
         "momentum_buffer": torch.float32,
+        "grad_ema": torch.float32,
+        "param_snapshot": torch.float32,
+        "grad_snapshot": torch.float32,
     }
 
 
@@ -759,8 +752,8 @@ def test_model_converted_after_stepping_keeps_training(to, backend):
     assert first.dtype == target.get("dtype", torch.float32) and first.device.type == target.get("device", dev)
     state = opt.state[first]
     assert state["momentum_buffer"].dtype == first.dtype and state["momentum_buffer"].device == first.device
-    assert state["blocks"][0]["gram"].dtype == torch.float64 and state["blocks"][0]["gram"].device == first.device
-    assert int(state["blocks"][0]["step"]) == 6 and int(state["blocks"][0]["pair_count"]) == 2
+    assert state["gram"].dtype == torch.float64 and state["gram"].device == first.device
+    assert int(state["block_step"]) == 6 and int(state["pair_count"]) == 2
 
 
 def test_converting_part_of_a_block_raises_a_clear_error_and_changes_nothing():
@@ -780,12 +773,12 @@ def test_converting_part_of_a_block_raises_a_clear_error_and_changes_nothing():
     a.data = a.data.float()
     _random_grads([a, b], 5)
     opt.step()
-    assert int(opt.state[a]["blocks"][0]["step"]) == int(before["state"][0]["blocks"][0]["step"]) + 1
+    assert int(opt.block_states(a)[0]["step"]) == int(before["state"][0]["block_step"]) + 1
     # Converting the whole block at once is fine.
     a.data, b.data = a.data.double(), b.data.double()
     _random_grads([a, b], 6)
     opt.step()
-    assert opt.state[a]["blocks"][0]["history_s"].dtype == torch.float64
+    assert opt.block_states(a)[0]["history_s"].dtype == torch.float64
 
 
 def test_parameter_that_changed_shape_raises_a_clear_error():
@@ -819,4 +812,4 @@ def test_compiled_step_is_one_graph_from_the_first_step_and_matches_eager():
             for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
                 assert torch.equal(p, q), i
     _assert_same_state(eager, opt)
-    assert int(opt.state[compiled_model.weight]["blocks"][0]["pair_count"]) > 0
+    assert int(opt.block_states(compiled_model.weight)[0]["pair_count"]) > 0

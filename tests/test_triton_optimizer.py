@@ -57,7 +57,7 @@ def _counters(opt, groups):
     out = []
     for params in groups:
         for p in params:
-            for b in opt.state[p].get("blocks", []):
+            for b in opt.block_states(p):
                 out.append({k: b[k].item() for k in ("step", "pair_count", "skipped_pairs", "skipped_steps")})
     return out
 
@@ -94,7 +94,7 @@ def test_bfloat16_history_close_to_reference():
         sc, torch.float32, _device(), backend="triton", history_dtype=torch.bfloat16
     )
     assert max(errors) < 1e-2
-    assert opt.state[groups[0][0]]["blocks"][0]["history_s"].dtype == torch.bfloat16
+    assert opt.block_states(groups[0][0])[0]["history_s"].dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("other", ["triton", "foreach"])
@@ -115,13 +115,8 @@ def test_nan_gradient_in_one_group_skips_every_group(other):
     after_state = opt.state_dict()["state"]
     for pid, state in before_state.items():  # the parameters of both groups
         for key, value in state.items():
-            if key != "blocks":
-                assert torch.equal(after_state[pid][key], value), key
-                continue
-            for blk_before, blk_after in zip(value, after_state[pid]["blocks"]):
-                for k in blk_before:
-                    expected = blk_before[k] + 1 if k == "skipped_steps" else blk_before[k]
-                    assert torch.equal(blk_after[k], expected), k
+            expected = value + 1 if key == "skipped_steps" else value
+            assert torch.equal(after_state[pid][key], expected), key
     set_grads(sc, groups, 23)  # the same step again, finite: both groups move
     opt.step()
     for params, before in zip(groups, before_params):
@@ -457,7 +452,7 @@ def test_backend_selection():
         opt = MLBFGS([p], **kwargs)
         assert backends.select(opt.param_groups[0]).name == "foreach"
     # fused=None takes the Triton path when every parameter is a CUDA tensor.
-    cuda, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    cuda, cpu = SimpleNamespace(is_cuda=True, grad=None), SimpleNamespace(is_cuda=False, grad=None)
     group = dict(backend=None, fused=None, foreach=None)
     assert backends.select({**group, "params": [cuda, cuda]}).name == "triton"
     assert backends.select({**group, "params": [cuda, cpu]}).name == "foreach"
@@ -698,7 +693,7 @@ def test_captured_steps_replay_bit_for_bit_like_eager(backend):
             assert torch.equal(a, b)
         for a, b in zip(state_tensors(eager_opt), state_tensors(graph_opt)):
             assert a.dtype == b.dtype and torch.equal(a, b)
-    pairs = [int(b["pair_count"]) for p in graph_params for b in graph_opt.state[p]["blocks"]]
+    pairs = [int(b["pair_count"]) for p in graph_params for b in graph_opt.block_states(p)]
     assert min(pairs) >= 5, pairs  # the replays pushed pairs (and the ring of three wrapped)
 
 
@@ -734,7 +729,7 @@ def test_inductor_compiled_step_matches_eager_on_the_gpu():
             step()
             for p, q in zip(eager_params, compiled_params):
                 torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=f"step {i}")
-    assert min(int(b["pair_count"]) for p in compiled_params for b in opt.state[p]["blocks"]) > 0
+    assert min(int(b["pair_count"]) for p in compiled_params for b in opt.block_states(p)) > 0
 
 
 @needs_cuda

@@ -20,7 +20,7 @@ def test_released_variant_matches_reference(blocks, dtype, tol):
     assert sum(b.damped_pairs for b in blocks_ref) > 0
     counts = [
         (int(b["pair_count"]), int(b["skipped_pairs"]))
-        for params in groups for p in params for b in opt.state[p].get("blocks", [])
+        for params in groups for p in params for b in opt.block_states(p)
     ]
     ref_counts = [(g.t // g.h["update_period"] - 1 - b.skipped_pairs, b.skipped_pairs)
                   for g in ref.groups for b in g.blocks]
@@ -73,7 +73,7 @@ def test_non_finite_gradient_in_one_group_skips_every_group():
     assert max(errors) < 1e-10
     for params in groups:
         for p in params:
-            for block in opt.state[p].get("blocks", []):
+            for block in opt.block_states(p):
                 assert int(block["skipped_steps"]) == 2 and int(block["step"]) == 22
     assert [g.skipped_steps for g in ref.groups] == [2, 2]
     # Against a reference that skipped group 1 alone, group 0 would have diverged.
