@@ -646,14 +646,16 @@ def write_sweep_report(result: dict, out: Path) -> Path:
     loads = [r["load_average"] for p in result["problems"].values() for r in p["runs"] if r.get("load_average") is not None]
     lines = ["# Training: MLBFGS's step length, the paper's rule, SGD with momentum and AdamW", "",
              f"Machine: {stamp.get('cpu') or stamp.get('gpu')} ({stamp.get('cpu_count')} cores), {stamp.get('torch_threads')} "
-             f"torch thread(s), torch {stamp.get('torch')}, commit {stamp.get('commit', '?')[:12]}"
-             f"{' (uncommitted changes)' if stamp.get('dirty') else ''}, {stamp.get('date')}.",
-             "", f"Command: `{result.get('command', 'python -m bench.train --sweep --stress')}` "
-             f"({result.get('elapsed_s', 0) / 60:.0f} minutes).", ""]
+             f"torch thread(s), torch {stamp.get('torch')}, Python {stamp.get('python')}.",
+             "", "Commands, one process at a time, each writing its part into `training_sweep.json`:", ""]
+    for c in result.get("commands", []):
+        lines.append(f"- `{c['command']}`: {', '.join(c['parts'])}; {c['elapsed_s'] / 60:.1f} minutes, commit "
+                     f"{c['commit'][:12]}{' (uncommitted changes)' if c['dirty'] else ''}, {c['date']}")
+    lines.append("")
     if stamp.get("device") == "cpu":
         lines += [f"Wall-clock times come from a shared {stamp.get('cpu_count')}-core machine (other work ran beside "
-                  f"this one; load average {min(loads):.1f}-{max(loads):.1f} during the runs): compare them only "
-                  "within this run.", ""] if loads else []
+                  f"this one; 1-minute load average {min(loads):.1f}-{max(loads):.1f} at the end of the runs): compare "
+                  "them only within one problem, whose runs alternate between the optimizers.", ""] if loads else []
     lines += ["Protocol: " + "; ".join([
         f"every optimizer gets the same sweep budget, {len(next(iter(result['lr_grids'].values())))} learning rates "
         "on a log grid about half a decade apart (below)",
@@ -703,19 +705,21 @@ def sweep_main(args, parser, optimizers, device, out: Path, argv) -> dict:
         if args.smoke:  # the digits MLP, tiny: checks that it runs
             problems, specs = ("digits-mlp",), {"digits-mlp": SMOKE_PROBLEM}
         seeds = (0, 1) if args.smoke else tuple(range(args.seeds))
-        result.update(run_sweep(device, problems, optimizers, seeds, problem_specs=specs, verbose=not args.smoke))
+        fresh = run_sweep(device, problems, optimizers, seeds, problem_specs=specs, verbose=not args.smoke)
+        merged = {**previous.get("problems", {}), **fresh["problems"]}  # problems not run again are kept
+        result.update(fresh, problems={p: merged[p] for p in sorted(merged, key=list(PROBLEMS).index)})
     if args.stress:
         kwargs = dict(seeds=range(2), epochs=1) if args.smoke else {}
         result["stress"] = run_stress(device, verbose=not args.smoke, **kwargs)
     if "problems" not in result:
         parser.error("--stress alone needs the sweep's results in the folder first (run --sweep)")
     command = "python -m bench.train " + shlex.join(argv if argv is not None else sys.argv[1:])
-    elapsed = time.perf_counter() - started
-    if args.sweep and args.stress:
-        result.update(command=command, elapsed_s=elapsed)
-    else:  # one part again: its command beside the other's
-        result.setdefault("reruns", []).append({"command": command, "elapsed_s": elapsed})
-    result["machine"] = machine_stamp(device)
+    stamp = machine_stamp(device)
+    result.setdefault("commands", []).append({
+        "command": command, "elapsed_s": time.perf_counter() - started, "date": stamp["date"],
+        "commit": stamp["commit"], "dirty": stamp["dirty"],
+        "parts": list(problems if args.sweep else []) + (["stress"] if args.stress else [])})
+    result["machine"] = stamp
     path.write_text(json.dumps(result, indent=1))
     print(f"sweep results in {path}; report {write_sweep_report(result, out)}")
     return result
