@@ -133,9 +133,12 @@ def test_every_backend_meets_the_bar(backend):
 
 
 def test_the_loss_scale_does_not_change_the_steps():
-    """d / ||d|| is the same for any positive multiple of the loss, the warm-up's d = g
-    included (the pairs' y and the two-loop's H scale inversely): the loss curves over
-    their initial values coincide."""
+    """Every step is lr long whatever the scale of the loss, the warm-up's d = g / ||g||
+    included, so the loss curves over their initial values coincide. (Exactly here: the
+    curvature of this problem is the same along every direction its gradients take, so
+    the two-loop's direction is scale-free too. In general Powell damping compares s.y /
+    s.s with fixed bounds and mixes 1% of s into y, so a pair's curvature depends on the
+    scale; the length of the step does not.)"""
     curves = [torch.tensor(losses("steplr+plateau", scale)) / scale for scale in SCALES]
     for curve in curves[1:]:
         assert torch.allclose(curve, curves[0], rtol=1e-4, atol=1e-6 * curves[0][0].item())
