@@ -466,6 +466,46 @@ def run_stress(device, seeds=None, epochs=None, optimizers=None, verbose=True) -
             "record_every": RECORD_EVERY, "rows": rows}
 
 
+# -- the cost of a step, measured round-robin ---------------------------------------
+def measure_step_times(device, problems: dict, optimizers, rounds: int = 6, block: int = 50, specs=None) -> dict:
+    """Seconds per training step (forward, backward, step) of each optimizer at its chosen
+    learning rate, timed in blocks of ``block`` steps taken in turn, the order rotated
+    every round, so that a busy spell of a shared machine falls on every optimizer alike;
+    the median over ``rounds`` block means (a block of 50 holds one MLBFGS pair step at
+    ``update_period=50``), after one untimed block each."""
+    out = {}
+    for pname, problem in problems.items():
+        spec = (specs or PROBLEMS)[pname]
+        data, _ = split_validation(load_dataset(spec.dataset), spec.val_size, spec.train_size)
+        x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+        runs = {}
+        for name in optimizers:
+            torch.manual_seed(0)
+            model = MODELS[spec.model](data).to(device)
+            opt, _ = make_optimizer(name, list(model.parameters()), device, lr=problem["chosen_lr"][name])
+            runs[name] = (model, opt, torch.Generator().manual_seed(0))
+        means = {name: [] for name in optimizers}
+        for r in range(rounds + 1):
+            order = list(optimizers[r % len(optimizers):]) + list(optimizers[: r % len(optimizers)])
+            for name in order:
+                model, opt, gen = runs[name]
+                batches = [torch.randint(len(y_train), (spec.batch_size,), generator=gen).to(device) for _ in range(block)]
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for idx in batches:
+                    opt.zero_grad()
+                    loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+                    loss.backward()
+                    opt.step()
+                loss.item()
+                if r:
+                    means[name].append((time.perf_counter() - t0) / block)
+        out[pname] = {name: {"step_ms": 1e3 * statistics.median(v), "block_ms": [1e3 * t for t in v]}
+                      for name, v in means.items()}
+    return {"rounds": rounds, "block": block, "load_average": load_average(), "problems": out}
+
+
 # -- the sweep's report -------------------------------------------------------------
 def target_accuracy(problem: dict, fraction: float = TARGET_FRACTION) -> float:
     """``fraction`` of the best optimizer's mean final accuracy on the curves' test
@@ -494,9 +534,11 @@ def _mean_std(values) -> tuple[float, float]:
 
 def sweep_tables(result: dict) -> str:
     problems, lines = result["problems"], []
+    step_times = result.get("step_times", {}).get("problems", {})
     lines += ["| problem | optimizer | lr (chosen) | test acc % (mean ± std) | min - max | test loss | "
-              "steps to target | seconds to target | reached | median step ms |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "steps to target | reached | seconds to target, in the runs | median step ms, in the runs | "
+              "step ms, round-robin | steps to target x round-robin step, s |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for pname, problem in problems.items():
         target = target_accuracy(problem)
         for name in result["optimizers"]:
@@ -507,16 +549,21 @@ def sweep_tables(result: dict) -> str:
             steps = f"{statistics.mean(h[0] for h in hits):.0f}" if hits else "-"
             secs = f"{statistics.mean(h[1] for h in hits):.1f}" if hits else "-"
             backend = f" ({mine[0]['backend']})" if mine[0].get("backend") else ""
+            rr = step_times.get(pname, {}).get(name, {}).get("step_ms")
+            estimate = f"{statistics.mean(h[0] for h in hits) * rr / 1e3:.1f}" if rr and hits else "-"
             lines.append(
                 f"| {pname} | {name}{backend} | {problem['chosen_lr'][name]:g} | {acc_m:.2f} ± {acc_s:.2f} | "
                 f"{100 * min(r['final_test_acc'] for r in mine):.2f} - {100 * max(r['final_test_acc'] for r in mine):.2f} | "
-                f"{loss_m:.4f} | {steps} | {secs} | {len(hits)}/{len(mine)} | "
-                f"{statistics.median(r['median_step_ms'] for r in mine):.2f} |")
+                f"{loss_m:.4f} | {steps} | {len(hits)}/{len(mine)} | {secs} | "
+                f"{statistics.median(r['median_step_ms'] for r in mine):.2f} | {f'{rr:.2f}' if rr else '-'} | {estimate} |")
     lines += ["", "Targets (test accuracy on the curves' test images, "
               f"{100 * result['target_fraction']:.0f}% of the best optimizer's mean final value, rounded down to 0.5%): "
               + ", ".join(f"{p} {100 * target_accuracy(pr):.1f}% ({pr['eval_subset']} images)" for p, pr in problems.items())
               + ". Steps and seconds to target: the mean over the seeds that reach it, at the test points "
-              "(every 1/16 of a run), so a resolution of 1/16 of the run.", ""]
+              "(every 1/16 of a run), so a resolution of 1/16 of the run. Seconds in the runs: the training "
+              "wall-clock of each run, taken as the machine's load came; round-robin: the median step of each "
+              "optimizer timed in turns of 50 steps in one process (`measure_step_times`), the fairer cost "
+              "of a step on a shared machine.", ""]
     lines += ["Learning-rate sweep: final validation accuracy % per learning rate (seed "
               f"{result['seeds'][0]}); **bold** the chosen one, `div` a run that went non-finite.", ""]
     for pname, problem in problems.items():
@@ -712,13 +759,17 @@ def sweep_main(args, parser, optimizers, device, out: Path, argv) -> dict:
         kwargs = dict(seeds=range(2), epochs=1) if args.smoke else {}
         result["stress"] = run_stress(device, verbose=not args.smoke, **kwargs)
     if "problems" not in result:
-        parser.error("--stress alone needs the sweep's results in the folder first (run --sweep)")
+        parser.error("--stress and --step-times alone need the sweep's results in the folder first (run --sweep)")
+    if args.step_times:
+        kwargs = dict(rounds=1, block=2, specs={p: SMOKE_PROBLEM for p in result["problems"]}) if args.smoke else {}
+        result["step_times"] = measure_step_times(device, result["problems"], result["optimizers"], **kwargs)
     command = "python -m bench.train " + shlex.join(argv if argv is not None else sys.argv[1:])
     stamp = machine_stamp(device)
     result.setdefault("commands", []).append({
         "command": command, "elapsed_s": time.perf_counter() - started, "date": stamp["date"],
         "commit": stamp["commit"], "dirty": stamp["dirty"],
-        "parts": list(problems if args.sweep else []) + (["stress"] if args.stress else [])})
+        "parts": list(problems if args.sweep else []) + (["stress"] if args.stress else [])
+        + (["step-times"] if args.step_times else [])})
     result["machine"] = stamp
     path.write_text(json.dumps(result, indent=1))
     print(f"sweep results in {path}; report {write_sweep_report(result, out)}")
@@ -740,6 +791,8 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true",
                         help="the learning-rate sweep on --problems, chosen on a validation split (training_sweep.*)")
     parser.add_argument("--stress", action="store_true", help="the loss-scale stress case of the digits MLP")
+    parser.add_argument("--step-times", action="store_true",
+                        help="the cost of a step of each optimizer of the sweep, timed round-robin")
     parser.add_argument("--problems", default=",".join(PROBLEMS), help=f"of the sweep, comma-separated, of {tuple(PROBLEMS)}")
     parser.add_argument("--report-only", action="store_true", help="rebuild training_sweep.md and its plots from the JSON")
     args = parser.parse_args(argv)
@@ -755,7 +808,7 @@ def main(argv=None):
     device = default_device()
     out = args.out or results_dir(device)
     out.mkdir(parents=True, exist_ok=True)
-    if args.sweep or args.stress or args.report_only:
+    if args.sweep or args.stress or args.step_times or args.report_only:
         return sweep_main(args, parser, optimizers, device, out, argv)
     if args.smoke:
         result = run_training(device, dataset="digits", models=models, optimizers=optimizers, seeds=(0, 1),

@@ -86,7 +86,7 @@ def test_climb_after_first_pair_and_time_to_target():
 
 
 def test_sweep_and_stress_smoke(tmp_path):
-    result = train.main(["--sweep", "--stress", "--smoke", "--threads", "1", "--out", str(tmp_path)])
+    result = train.main(["--sweep", "--stress", "--step-times", "--smoke", "--threads", "1", "--out", str(tmp_path)])
     problem = result["problems"]["digits-mlp"]
     names = result["optimizers"]
     assert names == list(train.SWEEP_OPTIMIZERS)
@@ -97,6 +97,7 @@ def test_sweep_and_stress_smoke(tmp_path):
     stress = result["stress"]
     assert {(r["optimizer"], r["loss_scale"]) for r in stress["rows"]} == {
         (n, s) for n in ("mlbfgs", "mlbfgs-paper") for s in (1.0, 50.0)}
+    assert set(result["step_times"]["problems"]["digits-mlp"]) == set(names)
     report = (tmp_path / "training_sweep.md").read_text()
     assert "| digits-mlp | mlbfgs" in report and "Stress" in report
     for name in ("training_sweep.json", "training_sweep_digits-mlp.png", "training_sweep_lr.png", "training_sweep_stress.png"):
