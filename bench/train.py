@@ -562,8 +562,11 @@ def sweep_tables(result: dict) -> str:
               + ". Steps and seconds to target: the mean over the seeds that reach it, at the test points "
               "(every 1/16 of a run), so a resolution of 1/16 of the run. Seconds in the runs: the training "
               "wall-clock of each run, taken as the machine's load came; round-robin: the median step of each "
-              "optimizer timed in turns of 50 steps in one process (`measure_step_times`), the fairer cost "
-              "of a step on a shared machine.", ""]
+              "optimizer timed in turns of 50 steps in one process (`measure_step_times`"
+              + (f", 1-minute load average {result['step_times']['load_average']:.1f} at its end"
+                 if result.get("step_times", {}).get("load_average") is not None else "")
+              + "), the fairer comparison of the cost of a step on a shared machine (its absolute values carry "
+              "that moment's load).", ""]
     lines += ["Learning-rate sweep: final validation accuracy % per learning rate (seed "
               f"{result['seeds'][0]}); **bold** the chosen one, `div` a run that went non-finite.", ""]
     for pname, problem in problems.items():
