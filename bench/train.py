@@ -315,7 +315,8 @@ PROBLEMS = {
 SMOKE_PROBLEM = Problem("digits", "mlp", batch_size=64, epochs=1, val_size=100, train_size=256, evals=2)
 
 
-def split_validation(data: Dataset, val_size: int, train_size: int | None = None) -> tuple[Dataset, tuple[Tensor, Tensor]]:
+def split_validation(data: Dataset, val_size: int,
+                     train_size: int | None = None) -> tuple[Dataset, tuple[Tensor, Tensor]]:
     """``data`` with ``val_size`` training examples held out (a fixed draw), and those."""
     perm = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(VALIDATION_SEED))
     val, rest = perm[:val_size], perm[val_size:]
@@ -456,7 +457,8 @@ def run_stress(device, seeds=None, epochs=None, optimizers=None, verbose=True) -
                                 loss_scale=scale, schedule=cfg["schedule"], stop_when_diverged=True)
                 climb, warmup = climb_after_first_pair(rec, cfg["update_period"])
                 rows.append({"optimizer": name, "loss_scale": scale, "seed": seed, "climb": climb,
-                             "warmup_ratio": warmup, "first_loss": rec["first_loss"], "diverged": rec["diverged"], "final_test_acc": rec["final_test_acc"],
+                             "warmup_ratio": warmup, "first_loss": rec["first_loss"], "diverged": rec["diverged"],
+                             "final_test_acc": rec["final_test_acc"],
                              "step": rec["step"], "train_loss": rec["train_loss"]})
                 if verbose:
                     print(f"  stress x{scale:g} {name:13s} seed {seed}: climb after the first pair {climb:.3g}x"
@@ -489,7 +491,8 @@ def measure_step_times(device, problems: dict, optimizers, rounds: int = 6, bloc
             order = list(optimizers[r % len(optimizers):]) + list(optimizers[: r % len(optimizers)])
             for name in order:
                 model, opt, gen = runs[name]
-                batches = [torch.randint(len(y_train), (spec.batch_size,), generator=gen).to(device) for _ in range(block)]
+                batches = [torch.randint(len(y_train), (spec.batch_size,), generator=gen).to(device)
+                           for _ in range(block)]
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -553,12 +556,16 @@ def sweep_tables(result: dict) -> str:
             estimate = f"{statistics.mean(h[0] for h in hits) * rr / 1e3:.1f}" if rr and hits else "-"
             lines.append(
                 f"| {pname} | {name}{backend} | {problem['chosen_lr'][name]:g} | {acc_m:.2f} ± {acc_s:.2f} | "
-                f"{100 * min(r['final_test_acc'] for r in mine):.2f} - {100 * max(r['final_test_acc'] for r in mine):.2f} | "
+                f"{100 * min(r['final_test_acc'] for r in mine):.2f} - "
+                f"{100 * max(r['final_test_acc'] for r in mine):.2f} | "
                 f"{loss_m:.4f} | {steps} | {len(hits)}/{len(mine)} | {secs} | "
-                f"{statistics.median(r['median_step_ms'] for r in mine):.2f} | {f'{rr:.2f}' if rr else '-'} | {estimate} |")
+                f"{statistics.median(r['median_step_ms'] for r in mine):.2f} | "
+                f"{f'{rr:.2f}' if rr else '-'} | {estimate} |")
     lines += ["", "Targets (test accuracy on the curves' test images, "
-              f"{100 * result['target_fraction']:.0f}% of the best optimizer's mean final value, rounded down to 0.5%): "
-              + ", ".join(f"{p} {100 * target_accuracy(pr):.1f}% ({pr['eval_subset']} images)" for p, pr in problems.items())
+              f"{100 * result['target_fraction']:.0f}% of the best optimizer's mean final value, rounded down "
+              "to 0.5%): "
+              + ", ".join(f"{p} {100 * target_accuracy(pr):.1f}% ({pr['eval_subset']} images)"
+                          for p, pr in problems.items())
               + ". Steps and seconds to target: the mean over the seeds that reach it, at the test points "
               "(every 1/16 of a run), so a resolution of 1/16 of the run. Seconds in the runs: the training "
               "wall-clock of each run, taken as the machine's load came; round-robin: the median step of each "
@@ -570,8 +577,8 @@ def sweep_tables(result: dict) -> str:
     lines += ["Learning-rate sweep: final validation accuracy % per learning rate (seed "
               f"{result['seeds'][0]}); **bold** the chosen one, `div` a run that went non-finite.", ""]
     for pname, problem in problems.items():
-        lines += [f"| {pname} | " + " | ".join(f"lr {i + 1}" for i in range(len(next(iter(result['lr_grids'].values()))))) + " |",
-                  "| --- |" + " --- |" * len(next(iter(result["lr_grids"].values())))]
+        n_lrs = len(next(iter(result["lr_grids"].values())))
+        lines += [f"| {pname} | " + " | ".join(f"lr {i + 1}" for i in range(n_lrs)) + " |", "| --- |" + " --- |" * n_lrs]
         for name in result["optimizers"]:
             cells = []
             for row in (r for r in problem["sweep"] if r["optimizer"] == name):
