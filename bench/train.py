@@ -19,9 +19,11 @@ the best learning rate by validation accuracy is then run with every seed and
 reported on the test split (accuracy and loss against steps and wall-clock,
 time-to-target accuracy). ``--stress`` adds the loss-scale stress case of the digits
 MLP (batch 64, ``update_period=10``, loss x 50): how many seeds' running-mean loss
-climbs after the first curvature pair. Both write ``training_sweep.json``,
-``training_sweep.md`` and ``training_sweep_*.png``; ``--report-only`` rebuilds the last
-two from the JSON.
+climbs after the first curvature pair. ``--step-times`` times each optimizer's step in
+turns in one process (a shared machine's load then falls on all alike). Each part can
+run as its own command; all write into ``training_sweep.json``, then
+``training_sweep.md`` and ``training_sweep_*.png``, which ``--report-only`` rebuilds
+from the JSON.
 
 Optimizers (``--optimizers``): ``mlbfgs`` (the library's default,
 ``normalize="always"``: ``lr`` is the step length from the first step on),
