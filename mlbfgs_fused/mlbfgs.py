@@ -296,14 +296,17 @@ class MLBFGS(Optimizer):
         amp = self._amp_scaling()
         # Everything that can raise happens before the first write, so a bad
         # gradient in a later group cannot leave an earlier one updated.
-        for group in self.param_groups:
+        stepped = [i for i, group in enumerate(self.param_groups) if any(p.grad is not None for p in group["params"])]
+        for index in stepped:  # a group without gradients is not stepped, nor checked
+            group = self.param_groups[index]
             backend = backends.select(group)
             backends.check_devices(backends.stepped_params(group), backend)
             backend.module.check_gradients(group)
         work = []
-        for index, group in enumerate(self.param_groups):
-            if not any(p.grad is not None and p.device.type != "meta" for p in group["params"]):
-                continue
+        for index in stepped:
+            group = self.param_groups[index]
+            if all(p.grad is None or p.device.type == "meta" for p in group["params"]):
+                continue  # only meta parameters: nothing to step (foreach=True would get here)
             self._init_group(index, group)
             plan = self._arenas[index].plan
             if plan.prepare(group):

@@ -583,3 +583,22 @@ def test_fused_checks_only_the_parameters_it_steps():
     p_meta.grad = torch.empty(3, device="meta")  # now it would be stepped: torch's error
     with pytest.raises(RuntimeError, match=r"supported devices: \['cpu', 'cuda'\] but torch.float32 and meta"):
         opt.step()
+
+
+def test_fused_optimizer_whose_parameters_were_replaced_by_to_empty_steps_nothing():
+    """PyTorch's test_fused_error_on_params_on_meta: ``model.to_empty`` gives the model new
+    parameters, so the optimizer's (meta, gradients set to None) have nothing to step."""
+    with torch.device("meta"):
+        model = torch.nn.Linear(2, 3)
+    opt = MLBFGS(model.parameters(), fused=True)
+    with torch.device("meta"):
+        for p in model.parameters():
+            p.grad = torch.rand_like(p)
+    with pytest.raises(RuntimeError, match="`fused=True` requires all the params to be floating point Tensors"):
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        p.grad = torch.rand_like(p)
+    opt.step()  # the optimizer's own parameters have no gradient: nothing happens
+    assert not any(opt.state.values())
