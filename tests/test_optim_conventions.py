@@ -1,8 +1,8 @@
 """MLBFGS held to the generic conventions PyTorch's own optimizer suite holds torch.optim to.
 
 Each test follows one of ``test/test_optim.py``'s generic tests (named in its docstring)
-on MLBFGS's foreach backend, and on the Triton backend (through the interpreter when
-there is no GPU) where that is cheap; then the cases of issue 8 that torch's suite does
+on MLBFGS's foreach backend, and on every registered backend (tests/cases.py; Triton
+through the interpreter when there is no GPU) where that is cheap; then the cases of issue 8 that torch's suite does
 not cover: momentum schedules, old checkpoints, hooks that see and change block state,
 a model converted after stepping, and a compiled first step.
 """
@@ -29,18 +29,11 @@ from torch.optim.lr_scheduler import (
 )
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from cases import BACKENDS, backend_device
 from mlbfgs_fused import MLBFGS
-from mlbfgs_fused.backends import triton as _triton
-
-_NEEDS_TRITON = pytest.mark.skipif(not _triton.available(), reason="Triton does not import")
-BACKENDS = ["foreach", pytest.param("triton", marks=_NEEDS_TRITON)]
 
 # Short update periods so that a few steps form pairs and use them.
 FAST = dict(update_period=2, history_size=2)
-
-
-def _device(backend: str) -> str:
-    return "cuda" if backend == "triton" and not _triton.interpreting() else "cpu"
 
 
 def _weight_bias(device="cpu", contiguous=True, seed=0):
@@ -159,7 +152,7 @@ def test_goes_right_direction(scheduler, contiguous, maximize):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_goes_right_direction_on_each_backend(backend):
-    weight, bias, inpt = _weight_bias(_device(backend))
+    weight, bias, inpt = _weight_bias(backend_device(backend))
     opt = MLBFGS([weight, bias], backend=backend, **DIRECTION)
     closure = functools.partial(_closure, opt, weight, bias, inpt)
     initial = closure().item()
@@ -185,7 +178,7 @@ def test_param_group_with_lrscheduler_goes_right_direction():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tensor_lr_matches_float_lr(backend):
     """test_tensor_lr: a 1-element Tensor lr steps exactly as the same float."""
-    dev = _device(backend)
+    dev = backend_device(backend)
     runs = []
     for lr in (0.05, torch.tensor(0.05)):
         weight, bias, inpt = _weight_bias(dev)
@@ -194,6 +187,24 @@ def test_tensor_lr_matches_float_lr(backend):
             opt.step(functools.partial(_closure, opt, weight, bias, inpt))
         runs.append((weight, bias))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lr_scheduler_drives_float_and_tensor_lr(backend):
+    """A scheduler changes a float lr and a tensor lr alike, and the step reads the new
+    value: in the warm-up without normalisation or momentum, theta -= lr * g exactly."""
+    dev = backend_device(backend)
+    for lr in (0.1, torch.tensor(0.1), torch.tensor(0.1, device=dev)):
+        p = Parameter(torch.randn(4, device=dev))
+        opt = MLBFGS([p], lr=lr, momentum=0.0, normalize=False, update_period=1000, backend=backend)
+        sched = StepLR(opt, step_size=1, gamma=0.5)
+        for expected in (0.1, 0.05, 0.025):
+            grad = torch.randn(4, device=dev)
+            p.grad = grad.clone()
+            before = p.detach().clone()
+            opt.step()
+            sched.step()
+            torch.testing.assert_close(p.detach(), before - expected * grad)
 
 
 def test_param_groups_weight_decay():
@@ -230,7 +241,7 @@ def test_param_groups_lr():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_step_is_noop_when_params_have_no_grad(backend):
-    params = [torch.randn(2, 3, device=_device(backend)) for _ in range(2)]
+    params = [torch.randn(2, 3, device=backend_device(backend)) for _ in range(2)]
     before = [p.clone() for p in params]
     opt = MLBFGS(params, backend=backend)
     assert opt.step(lambda: torch.tensor([1.0])).item() == 1.0
@@ -239,7 +250,7 @@ def test_step_is_noop_when_params_have_no_grad(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_step_is_noop_for_zero_grads(backend):
-    param = torch.randn(5, 1, device=_device(backend), requires_grad=True)
+    param = torch.randn(5, 1, device=backend_device(backend), requires_grad=True)
     before = param.detach().clone()
     opt = MLBFGS([param], backend=backend)
     param.grad = torch.zeros_like(param)
@@ -265,11 +276,15 @@ def test_non_empty_state():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_zero_grad_follows_torch(backend, set_to_none):
-    model = torch.nn.Linear(4, 3).to(_device(backend))
+    """A step leaves the gradients as they were (the same tensors, the same values);
+    zero_grad then sets them to None or zeroes them in place, as torch.optim does."""
+    model = torch.nn.Linear(4, 3).to(backend_device(backend))
     opt = MLBFGS(model.parameters(), backend=backend)
     for _ in range(2):  # the second zero_grad runs after the backend bound its buffers
-        model(torch.randn(2, 4, device=_device(backend))).sum().backward()
+        model(torch.randn(2, 4, device=backend_device(backend))).sum().backward()
+        grads = [(p.grad, p.grad.clone()) for p in model.parameters()]
         opt.step()
+        assert all(p.grad is g and torch.equal(g, value) for p, (g, value) in zip(model.parameters(), grads))
         opt.zero_grad(set_to_none=set_to_none)
         for p in model.parameters():
             if set_to_none:
@@ -337,7 +352,7 @@ def test_save_load_equality_with_weights_only():
 def test_deepcopy_and_pickle_continue_bit_identically(backend):
     """test_deepcopy_copies_all_public_attrs, and more: the copy owns its state and
     steps exactly as the original."""
-    dev = _device(backend)
+    dev = backend_device(backend)
     params = [Parameter(torch.randn(2, 3, device=dev)) for _ in range(2)]
     opt = MLBFGS(params, backend=backend, **FAST)
     for step in range(4):
@@ -444,7 +459,7 @@ def test_load_state_dict_post_hook_and_non_parameter_state(backend):
     """test_load_state_dict_post_hook / _pre_post_hook. The post-hook leaves bools in
     ``optimizer.state``: saving, loading and stepping go on around them (this raised
     ``TypeError: argument of type 'bool' is not iterable``)."""
-    param = Parameter(torch.rand(2, 3, device=_device(backend)))
+    param = Parameter(torch.rand(2, 3, device=backend_device(backend)))
     opt = MLBFGS([param], backend=backend, **FAST)
     opt.register_load_state_dict_post_hook(_load_state_dict_post_hook)
     opt.load_state_dict(opt.state_dict())
@@ -662,7 +677,7 @@ NEWER_GROUP_KEYS = (
 def test_can_load_older_state_dict(backend):
     """test_can_load_older_state_dict: groups without the keys added since load with
     torch's (and our) defaults, and the optimizer keeps stepping exactly as before."""
-    dev = _device(backend)
+    dev = backend_device(backend)
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Conv2d(4, 2, 1, stride=2), torch.nn.BatchNorm2d(2)).to(dev)
     inpt = torch.rand(1, 4, 16, 16, device=dev)
@@ -711,7 +726,7 @@ def test_loading_a_bad_group_raises_before_anything_is_loaded():
 # -- 9. a model converted after stepping ------------------------------------------------------
 CONVERSIONS = [
     ("float64", "foreach"),
-    pytest.param("float64", "triton", marks=_NEEDS_TRITON),
+    *(pytest.param("float64", *b.values, marks=b.marks, id=f"float64-{b.id}") for b in BACKENDS if b.id != "foreach"),
     pytest.param(
         "cuda", "foreach", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
     ),
@@ -723,7 +738,7 @@ def test_model_converted_after_stepping_keeps_training(to, backend):
     """``model.to(torch.float64)`` (or to a GPU) after some steps: the state follows the
     parameters, and the run continues exactly as one resumed from a checkpoint into
     the converted model."""
-    dev = _device(backend)
+    dev = backend_device(backend)
     target = dict(dtype=torch.float64) if to == "float64" else dict(device=to)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).to(dev)
