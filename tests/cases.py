@@ -188,6 +188,18 @@ NARROW = (
 )
 PRECISIONS = FULL + NARROW
 
+# Triton's interpreter stores bfloat16 by truncation where a GPU rounds to nearest
+# (tests/test_nothing_silently_wrong.py checks the device's rounding), so bfloat16
+# parameters drift further from the reference there, each store biased toward zero:
+# measured 6.6e-2 over 4 seeds (foreach 1.8e-2).
+INTERPRETED_BFLOAT16 = 1.5e-1
+
+
+def rounds_as_the_device(precision: Precision, backend: str) -> bool:
+    """Whether the backend's stores of ``precision.param`` round as the device does here
+    (not where Triton's interpreter truncates bfloat16)."""
+    return not (precision.param == torch.bfloat16 and interpreted(backend))
+
 
 def tolerance(precision: Precision, backend: str, variant: str = "paper") -> float:
     """The bound of ``precision`` for ``backend`` and ``variant``: the larger of the entries
@@ -195,6 +207,8 @@ def tolerance(precision: Precision, backend: str, variant: str = "paper") -> flo
     bounds = [precision.tolerance if backend != "foreach" or precision.foreach is None else precision.foreach]
     if variant == "released" and precision.released is not None:
         bounds.append(precision.released)
+    if not rounds_as_the_device(precision, backend):
+        bounds.append(INTERPRETED_BFLOAT16)
     return max(bounds)
 
 

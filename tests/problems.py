@@ -32,6 +32,7 @@ class Scenario:
     # steps at which a gradient holds a NaN: every group's, or only those of ``nan_groups``
     nan_steps: tuple[int, ...] = ()
     nan_groups: tuple[int, ...] | None = None
+    nan_value: float = float("nan")  # what those steps put there (an infinity is as non-finite)
     noise: float = 0.3
 
     def __post_init__(self):
@@ -53,7 +54,7 @@ class Scenario:
         g = self.A[group] @ (theta.double() - self.theta_star[group]) + self.noise_seq[group][step]
         if step in self.nan_steps and (self.nan_groups is None or group in self.nan_groups):
             g = g.clone()
-            g[len(g) // 2] = float("nan")
+            g[len(g) // 2] = self.nan_value
         return g
 
     def has_grad(self, group: int, step: int) -> list[bool]:
@@ -174,7 +175,7 @@ def reference_run(sc: Scenario) -> ReferenceRun:
     ]
     blocks = [h.get("blocks", "group") for h in sc.hyper]
     key = repr((sc.shapes, hyper, blocks, sc.steps, sc.seed, sorted(sc.absent.items()), sc.nan_steps,
-                sc.nan_groups, sc.noise))
+                sc.nan_groups, sc.nan_value, sc.noise))
     ref = _REFERENCE_RUNS.get(key)
     if ref is None:
         ref = ReferenceRun(sc, [h.get("blocks", "group") for h in sc.hyper])
