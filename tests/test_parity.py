@@ -11,6 +11,12 @@ reference (tests/cases.py, ``PRECISIONS``: float32 below 1e-4, float64 below 1e-
 narrow histories and 16-bit parameters as calibrated there), the counters of every block
 equal to the reference's, and that the scenario exercised what it claims (the ring
 wrapped, damping active, a skipped pair, skipped steps).
+
+Where a backend's kernels run through an interpreter (Triton without a GPU, about a
+second a step), a smaller set of the cases runs (``interpreter_runs``: each feature
+once); all of them run where its kernels are compiled. A setting a backend does not
+take (tests/cases.py, ``LIMITS``) skips its cases, and the backend's error for it is
+checked instead.
 """
 
 from __future__ import annotations
