@@ -239,15 +239,7 @@ def run_training(device, dataset="fashion-mnist", models=("cnn", "mlp"), optimiz
         epochs = {"cnn": 2, "mlp": 3} if device.type == "cpu" else {"cnn": 10, "mlp": 10}
     elif isinstance(epochs, int):
         epochs = {m: epochs for m in models}
-    left_out = {}
-    backend = mlbfgs_backend(device)
-    for name in optimizers:
-        variant = HYPERPARAMETERS[name].get("variant")
-        reason = variant and variant_runs(variant, backend, device)
-        if reason:
-            left_out[name] = reason
-            print(f"  {name} left out: {reason}", flush=True)
-    optimizers = [name for name in optimizers if name not in left_out]
+    optimizers, left_out = _runnable(optimizers, device)
     runs = []
     for model_kind in models:
         # Seed-major: a slow spell of a shared machine falls on every optimizer, not on one.

@@ -14,7 +14,6 @@ import functools
 import io
 import pickle
 import re
-import warnings
 
 import pytest
 import torch
@@ -805,26 +804,3 @@ def test_parameter_that_changed_shape_raises_a_clear_error():
         opt.step()
 
 
-# -- 10. torch.compile(fullgraph=True), first step included ----------------------------------
-def test_compiled_step_is_one_graph_from_the_first_step_and_matches_eager():
-    def make():
-        torch.manual_seed(0)
-        model = torch.nn.Linear(4, 3)
-        return model, MLBFGS(model.parameters(), backend="foreach", **FAST)
-
-    eager_model, eager = make()
-    compiled_model, opt = make()
-    torch._dynamo.reset()
-    step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's note that it ignores the profiler's record_function
-        for i in range(5):  # a pair forms at step 4 and is used after
-            grads = [torch.randn_like(p) for p in eager_model.parameters()]
-            for p, q, g in zip(eager_model.parameters(), compiled_model.parameters(), grads):
-                p.grad, q.grad = g.clone(), g.clone()
-            eager.step()
-            step()
-            for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
-                assert torch.equal(p, q), i
-    _assert_same_state(eager, opt)
-    assert int(opt.block_states(compiled_model.weight)[0]["pair_count"]) > 0
