@@ -227,7 +227,6 @@ class NativeArena:
         self.gram_partials = scratch(P, 4 * m)
         self.coef = scratch(B, 2 * m + 1)
         self.probe = scratch(())
-        self.params = arena.params
         # A distributed rank may hold none of the arena's elements (its blocks are there).
         self.holds_elements = bool(arena.params)
         self.partial = arena.partial_blocks

@@ -315,7 +315,6 @@ class TritonArena:
                 group["update_period"], a.m, pair, counters,
             )
 
-
     # -- a rank's part of each block (Arena.partial_blocks) -----------------------
     def complete_dots(self, group: dict) -> None:
         """Pass 1's per-block sums (with the candidate pair's where one can be due),
