@@ -233,6 +233,22 @@ def run_found_inf(mode: str, rank: int, world_size: int, backend: str = "foreach
     return block_counters(opt)
 
 
+def run_scarce(backend: str, mode: str | None, steps: int = 11) -> torch.Tensor:
+    """Three elements in two tensors: at W = 3 "sharded" leaves a rank without a block's
+    elements (it still takes part in every collective), "blockwise" a rank without blocks."""
+    from mlbfgs_fused import MLBFGS
+
+    gen = torch.Generator().manual_seed(7)
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen, dtype=torch.float64)) for n in (2, 1)]
+    kwargs = {} if mode is None else {"distributed": mode}
+    opt = MLBFGS(params, lr=0.05, history_size=2, update_period=2, blocks="tensor", backend=backend, **kwargs)
+    for t in range(steps):
+        for p in params:
+            p.grad = p.detach() * torch.linspace(0.5, 1.5, p.numel(), dtype=torch.float64) + 0.1 * t
+        opt.step()
+    return torch.cat([p.detach() for p in params])
+
+
 # -- DDP ----------------------------------------------------------------------------
 DDP_STEPS, DDP_BATCH = 16, 4
 
@@ -297,6 +313,10 @@ def worker(rank: int, world_size: int, out_dir: str, cases: tuple[str, ...], bac
         for mode in modes_of(backend):
             for case in cases_of(backend, cases):
                 results[(backend, mode, case)] = run_case(case, mode, rank, world_size, backend)
+    if world_size == 3:
+        for backend in (b for b in backends if b != TINY):
+            for mode in MODES:
+                results[(backend, mode, "scarce")] = run_scarce(backend, mode)
     if extras:  # on the backends that run every case (Triton's checkpoints: torch.save)
         for backend in (b for b in backends if b != TINY):
             for mode in MODES:

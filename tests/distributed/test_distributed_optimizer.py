@@ -21,6 +21,7 @@ from dist_cases import (
     modes_of,
     run_case,
     run_ddp,
+    run_scarce,
     scenario,
     state_list,
     worker,
@@ -205,6 +206,21 @@ def test_loading_another_world_size_raises(ranks):
             other, single_process = results[0][(backend, mode, "checkpoint")]["load_errors"]
             assert "rank 0 of 7" in other and "resharding is not supported" in other
             assert "single-process optimizer" in single_process
+
+
+def test_ranks_without_elements_or_blocks(ranks):
+    """At W = 3 on three elements a "sharded" rank holds no element and a "blockwise"
+    rank no block; they still take part in every collective."""
+    world_size, results = ranks
+    if world_size != 3:
+        pytest.skip("runs at W = 3")
+    for backend in BACKENDS:
+        expected = run_scarce(backend, None)
+        for mode in MODES:
+            for res in results:
+                got = res[(backend, mode, "scarce")]
+                assert _relative(got, expected) < 1e-12, (backend, mode)
+        assert _relative(expected, run_scarce(backend, None, steps=0)) > 1e-2  # it moved
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
