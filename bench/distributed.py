@@ -87,7 +87,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _worker(rank: int, world_size: int, port: int, backend: str, mode: str | None, shapes, steps: int,
+def _worker(rank: int, world_size: int, init_method: str, backend: str, mode: str | None, shapes, steps: int,
             out: str, device_type: str) -> None:
     torch.set_num_threads(1)
     if device_type == "cuda":
@@ -96,7 +96,7 @@ def _worker(rank: int, world_size: int, port: int, backend: str, mode: str | Non
     else:
         device = torch.device("cpu")
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
-                            init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+                            init_method=init_method, rank=rank, world_size=world_size)
     counter = Counter()
     from mlbfgs_fused import MLBFGS
 
@@ -139,14 +139,6 @@ def _worker(rank: int, world_size: int, port: int, backend: str, mode: str | Non
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def default_backends(device_type: str) -> tuple[str, ...]:
     """The backends that run on the device type (Triton's interpreter does not time)."""
     from mlbfgs_fused import backends
@@ -169,7 +161,9 @@ def run(worlds=(1, 2), backends=None, modes=("sharded", "blockwise"), smoke: boo
                 for w in worlds:
                     if mode is None and w != 1:
                         continue
-                    mp.spawn(_worker, args=(w, _free_port(), backend, mode, shapes, steps, out, device_type),
+                    # The ranks meet through a fresh file (no TCP port another run could take).
+                    init_method = "file://" + str(Path(out, f"rendezvous_{backend}_{mode}_{w}"))
+                    mp.spawn(_worker, args=(w, init_method, backend, mode, shapes, steps, out, device_type),
                              nprocs=w, join=True)
                     ranks = [json.loads(Path(out, f"{backend}_{mode}_{w}_{r}.json").read_text()) for r in range(w)]
                     rows.append({

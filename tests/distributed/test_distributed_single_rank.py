@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_harness import free_port
+from dist_harness import rendezvous
 from mlbfgs_fused import MLBFGS
 from problems import run_scenario, standard_scenario, state_tensors
 
@@ -19,8 +19,9 @@ def test_needs_a_process_group():
 
 
 @pytest.fixture(scope="module")
-def group():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+def group(tmp_path_factory):
+    init_method = rendezvous(str(tmp_path_factory.mktemp("rendezvous")))
+    dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
