@@ -14,7 +14,7 @@ from . import backends
 from ._line_search import Point, _strong_wolfe
 from ._state.arena import is_dense
 from ._state.layout import arena_layout
-from ._state.lbfgs_arena import LBFGS_BLOCK_KEYS, LBFGSArena
+from ._state.lbfgs_arena import LBFGSArena
 from .backends._lbfgs import (
     READ_FIXED,
     READ_GTD,
@@ -77,8 +77,8 @@ class LBFGS(Optimizer):
     torch does, and the model: ``gram`` (``[3, m, m]`` float64: ``S S^T``, ``S Y^T``,
     ``Y Y^T`` in slot order, the Gram convention of MLBFGS) and ``pair_count``. Each
     parameter's state holds its slice of ``direction`` (torch's ``d``) and ``prev_grad``;
-    the first parameter of each (group, device, dtype) its ring (``blocks``:
-    ``history_s``, ``history_y``, ``[m, n]``) and ``step_size`` (the last step was
+    the first parameter of each (group, device, dtype) its ring (``history_s``,
+    ``history_y``, ``[m, n]``, as an MLBFGS block's) and ``step_size`` (the last step was
     ``step_size * direction``). torch's own keys (``d``, ``old_dirs``, ...) are not kept,
     so checkpoints do not move between the two classes; those of earlier versions of
     this class load.
@@ -224,8 +224,7 @@ class LBFGS(Optimizer):
         state = {}
         for key, value in state_dict["state"].items():
             if isinstance(value, dict):
-                kept[key] = {k: value[k] for k in ("gram", "pair_count", "blocks", "history_s", "history_y")
-                             if k in value}
+                kept[key] = {k: value[k] for k in ("gram", "pair_count", "history_s", "history_y") if k in value}
                 value = {k: v for k, v in value.items() if k not in kept[key]}
             state[key] = value
         previous = (self.state, self.param_groups, self._plan)
@@ -235,11 +234,7 @@ class LBFGS(Optimizer):
             params = [p for g in self.param_groups for p in g["params"]]
             for pid, p in zip(saved_ids, params):
                 for k, v in kept.get(pid, {}).items():
-                    if k == "blocks":
-                        v = [{name: torch.as_tensor(x).to(p.device) for name, x in b.items()} for b in v]
-                    else:
-                        v = torch.as_tensor(v).to(p.device)
-                    self.state[p][k] = v
+                    self.state[p][k] = torch.as_tensor(v).to(p.device)
             _upgrade_state(self.state, self.param_groups[0]["params"][0], self._arena_firsts())
             self._plan = None
             self._setup()  # checks the loaded state now, not at the next step
@@ -543,8 +538,8 @@ def _upgrade_state(state: dict, first: Tensor, arena_firsts: list[Tensor]) -> No
       same ring and ``direction``.
 
     The Gram blocks are read out of the old matrix (unheld slots are masked by
-    ``pair_count`` today); the ring moves into ``blocks``; ``direction`` held the step,
-    so ``step_size`` is 1."""
+    ``pair_count`` today); the ring keeps its keys; ``direction`` held the step, so
+    ``step_size`` is 1."""
     model = state.get(first, {})
     gram = model.get("gram")
     old = False
@@ -561,11 +556,5 @@ def _upgrade_state(state: dict, first: Tensor, arena_firsts: list[Tensor]) -> No
         p_state = state.get(p)
         if p_state is None:
             continue
-        if "history_s" in p_state or "history_y" in p_state:
-            if "blocks" not in p_state:
-                p_state["blocks"] = [{k: p_state[k] for k in LBFGS_BLOCK_KEYS if k in p_state}]
-            for k in LBFGS_BLOCK_KEYS:
-                p_state.pop(k, None)
-            old = True
         if old and "direction" in p_state:
             p_state.setdefault("step_size", 1.0)
