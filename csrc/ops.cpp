@@ -10,7 +10,8 @@
 //                  pair-forming step; nothing unless `ok`; `mode` (csrc/ops.h
 //                  UpdateMode) picks the variant's order;
 //   push           on a due step the pair (ring slot, Gram row from the ring as
-//                  stored) and the snapshots; the counters every step.
+//                  stored) and the snapshots; the counters every step
+//                  (push_pairs then commit: the same in two ops).
 #include <torch/library.h>
 
 #include "ops.h"
@@ -38,11 +39,28 @@ TORCH_LIBRARY(mlbfgs_fused_native, m) {
       "Tensor ok, Tensor(g!) step, Tensor(h!) pair_count, Tensor(i!) skipped_pairs, "
       "Tensor(j!) skipped_steps, float pair_momentum, float damping, float sigma_low, "
       "float sigma_high, float eps, int period, int m) -> ()");
+  // A rank that holds part of each block (distributed "sharded") completes the per-block
+  // sums across ranks between the passes (docs/design.md, "Distributed"): block_sums
+  // adds a block's partial rows in chunk order, and two_loop, push_pairs and commit then
+  // read the completed sums through a block table with one row per block. push_pairs
+  // and commit are push's two halves, with the Gram rows' sums completed in between.
+  m.def("block_sums(Tensor partials, Tensor blocks, Tensor(a!) sums) -> ()");
+  m.def(
+      "push_pairs(Tensor param_ema, Tensor grad_ema, Tensor(a!) param_snapshot, "
+      "Tensor(b!) grad_snapshot, Tensor(c!) history_s, Tensor(d!) history_y, Tensor chunks, "
+      "Tensor blocks, Tensor pair_partials, Tensor(e!) gram_partials, Tensor ok, Tensor step, "
+      "Tensor pair_count, float pair_momentum, float damping, float sigma_low, "
+      "float sigma_high, float eps, int period, int m) -> ()");
+  m.def(
+      "commit(Tensor(a!) gram, Tensor blocks, Tensor pair_partials, Tensor gram_partials, "
+      "Tensor ok, Tensor(b!) step, Tensor(c!) pair_count, Tensor(d!) skipped_pairs, "
+      "Tensor(e!) skipped_steps, float damping, float sigma_low, float sigma_high, float eps, "
+      "int period, int m) -> ()");
   // LBFGS's passes (csrc/lbfgs.h; csrc/cpu/lbfgs.cpp, csrc/cuda/lbfgs_*.cu).
   m.def(
       "lbfgs_gradient_dots(Tensor addresses, Tensor? source, Tensor history_s, Tensor history_y, "
       "Tensor direction, Tensor prev, Tensor chunks, Tensor pair_count, Tensor(a!) partials, "
-      "float alpha, bool maximize, bool pair, bool ring, int m) -> ()");
+      "float alpha, bool maximize, bool pair, bool ring, bool gd, bool l1, int m) -> ()");
   m.def(
       "lbfgs_two_loop(Tensor partials, Tensor arena_rows, Tensor scales, Tensor? loss, Tensor gram, "
       "Tensor pair_count, Tensor(a!) sums, Tensor(b!) model, Tensor(c!) coef, Tensor(d!) read, "

@@ -560,7 +560,8 @@ def step(optimizer, closure):
 
     def evaluate(at: Tensor, pair: bool) -> tuple[object, list[float]]:
         """The closure at the parameters (``at`` holds them), its gradient into ``gt``; one read."""
-        loss = closure()
+        with torch.enable_grad():  # as torch wraps the closure
+            loss = closure()
         box.read_grads(gt)
         on_device = isinstance(loss, Tensor) and loss.numel() == 1 and loss.device == box.home
         if on_device:

@@ -14,7 +14,7 @@ from . import _bounds, backends
 from ._line_search import Point, _strong_wolfe
 from ._state.arena import is_dense
 from ._state.layout import arena_layout
-from ._state.lbfgs_arena import LBFGS_BLOCK_KEYS, LBFGSArena
+from ._state.lbfgs_arena import LBFGSArena
 from .backends._lbfgs import (
     READ_FIXED,
     READ_GTD,
@@ -77,8 +77,8 @@ class LBFGS(Optimizer):
     torch does, and the model: ``gram`` (``[3, m, m]`` float64: ``S S^T``, ``S Y^T``,
     ``Y Y^T`` in slot order, the Gram convention of MLBFGS) and ``pair_count``. Each
     parameter's state holds its slice of ``direction`` (torch's ``d``) and ``prev_grad``;
-    the first parameter of each (group, device, dtype) its ring (``blocks``:
-    ``history_s``, ``history_y``, ``[m, n]``) and ``step_size`` (the last step was
+    the first parameter of each (group, device, dtype) its ring (``history_s``,
+    ``history_y``, ``[m, n]``, as an MLBFGS block's) and ``step_size`` (the last step was
     ``step_size * direction``). torch's own keys (``d``, ``old_dirs``, ...) are not kept,
     so checkpoints do not move between the two classes; those of earlier versions of
     this class load.
@@ -246,8 +246,7 @@ class LBFGS(Optimizer):
         state = {}
         for key, value in state_dict["state"].items():
             if isinstance(value, dict):
-                kept[key] = {k: value[k] for k in ("gram", "pair_count", "blocks", "history_s", "history_y")
-                             if k in value}
+                kept[key] = {k: value[k] for k in ("gram", "pair_count", "history_s", "history_y") if k in value}
                 value = {k: v for k, v in value.items() if k not in kept[key]}
             state[key] = value
         previous = (self.state, self.param_groups, self._plan)
@@ -257,11 +256,7 @@ class LBFGS(Optimizer):
             params = [p for g in self.param_groups for p in g["params"]]
             for pid, p in zip(saved_ids, params):
                 for k, v in kept.get(pid, {}).items():
-                    if k == "blocks":
-                        v = [{name: torch.as_tensor(x).to(p.device) for name, x in b.items()} for b in v]
-                    else:
-                        v = torch.as_tensor(v).to(p.device)
-                    self.state[p][k] = v
+                    self.state[p][k] = torch.as_tensor(v).to(p.device)
             _upgrade_state(self.state, self.param_groups[0]["params"][0], self._arena_firsts())
             self._plan = None
             self._setup()  # checks the loaded state now, not at the next step
@@ -362,11 +357,14 @@ class LBFGS(Optimizer):
                 vec /= world
         return vec.tolist()
 
-    def _evaluate(self, closure, plan, alphas, pair: bool, ring: bool, index: int = 0):
-        """Run the closure and the passes of an evaluation; read once."""
-        loss = closure()
+    def _evaluate(self, closure, plan, alphas, pair: bool, ring: bool, index: int = 0, gd: bool = False,
+                  l1: bool = False):
+        """Run the closure and the passes of an evaluation; read once. ``gd``: a line-search
+        trial (``g . p`` is read); ``l1``: the first iteration's step needs ``|g|_1``."""
+        with torch.enable_grad():  # as torch wraps the closure, without a wrapper per step
+            loss = closure()
         plan.bind()
-        plan.gradient_dots(SOURCE_GRAD, alphas, pair, ring)
+        plan.gradient_dots(SOURCE_GRAD, alphas, pair, ring, gd, l1)
         on_device = isinstance(loss, Tensor) and loss.device == plan.home and loss.numel() == 1
         plan.two_loop(loss if on_device else None, pair, ring)
         return loss, self._evaluation(plan, loss if not on_device else None, ring, index)
@@ -402,7 +400,6 @@ class LBFGS(Optimizer):
             closure (Callable): A closure that reevaluates the model
                 and returns the loss.
         """
-        closure = torch.enable_grad()(closure)
         if _bounds.bounded(self):  # bounds: L-BFGS-B (mlbfgs_fused/_bounds.py)
             return _bounds.step(self, closure)
         cfg = self.param_groups[0]  # the loop settings are the same in every group
@@ -422,7 +419,8 @@ class LBFGS(Optimizer):
         state.setdefault("n_iter", 0)
         step_sizes = [self.state[a.params[0]]["step_size"] for a in arenas]
 
-        orig_loss, point = self._evaluate(closure, plan, step_sizes, state["n_iter"] > 0, max_iter > 0)
+        orig_loss, point = self._evaluate(closure, plan, step_sizes, state["n_iter"] > 0, max_iter > 0,
+                                          l1=state["n_iter"] == 0)
         current_evals = 1
         state["func_evals"] += 1
         if not math.isfinite(point.f) or point.gmax <= tolerance_grad:
@@ -523,7 +521,7 @@ class LBFGS(Optimizer):
             k = len(points)
             # The dots with the ring only where this point may start another iteration.
             ring = more_iterations and k < evals_left
-            _, trial = self._evaluate(closure, plan, [step * s for s in scales], True, ring, index=k)
+            _, trial = self._evaluate(closure, plan, [step * s for s in scales], True, ring, index=k, gd=True)
             points[k] = trial
             return trial.f, trial.gtd
 
@@ -564,8 +562,8 @@ def _upgrade_state(state: dict, first: Tensor, arena_firsts: list[Tensor]) -> No
       same ring and ``direction``.
 
     The Gram blocks are read out of the old matrix (unheld slots are masked by
-    ``pair_count`` today); the ring moves into ``blocks``; ``direction`` held the step,
-    so ``step_size`` is 1."""
+    ``pair_count`` today); the ring keeps its keys; ``direction`` held the step, so
+    ``step_size`` is 1."""
     model = state.get(first, {})
     gram = model.get("gram")
     old = False
@@ -582,11 +580,5 @@ def _upgrade_state(state: dict, first: Tensor, arena_firsts: list[Tensor]) -> No
         p_state = state.get(p)
         if p_state is None:
             continue
-        if "history_s" in p_state or "history_y" in p_state:
-            if "blocks" not in p_state:
-                p_state["blocks"] = [{k: p_state[k] for k in LBFGS_BLOCK_KEYS if k in p_state}]
-            for k in LBFGS_BLOCK_KEYS:
-                p_state.pop(k, None)
-            old = True
         if old and "direction" in p_state:
             p_state.setdefault("step_size", 1.0)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bench.memory import AllocationTracker
-from cases import backend_params, skip_reason
+from cases import backend_device, backend_params, interpreted, skip_reason
 from lbfgs_problems import PROBLEMS, run
 from mlbfgs_fused import LBFGS
 from mlbfgs_fused.backends._lbfgs import SOURCE_GRAD, SOURCE_KEPT, SOURCE_PREV
@@ -23,21 +23,6 @@ from test_lbfgs import _HostReads
 
 FUSED = ["cpp", "triton", "cuda"]
 ALL = ["foreach", *FUSED]
-
-
-def _slow(name: str) -> bool:
-    """The Triton interpreter runs a kernel as Python: a few small cases only."""
-    if name != "triton":
-        return False
-    from mlbfgs_fused.backends import triton
-
-    return triton.interpreting()
-
-
-def _device(name: str) -> str:
-    from cases import backend_device
-
-    return backend_device(name)
 
 
 def _check_parity(backend, problem, steps=3, **kwargs):
@@ -74,7 +59,7 @@ PARITY = [
 @pytest.mark.parametrize("problem,line_search_fn,history_size,settings", PARITY,
                          ids=[f"{p}-{ls}-{m}" for p, ls, m, _ in PARITY])
 def test_every_backend_matches_torch(backend, problem, line_search_fn, history_size, settings):
-    if _slow(backend) and not (problem == "least_squares" and history_size == 100):
+    if interpreted(backend) and not (problem == "least_squares" and history_size == 100):
         pytest.skip("the Triton interpreter: one problem")
     _check_parity(backend, problem, line_search_fn=line_search_fn, history_size=history_size, **settings)
 
@@ -88,7 +73,7 @@ def test_every_backend_follows_the_float64_reference(backend, line_search_fn):
     A = torch.randn(40, 12, generator=g, dtype=torch.float64)
     rhs = torch.randn(40, generator=g, dtype=torch.float64)
     x0 = torch.randn(12, generator=g, dtype=torch.float64)
-    dev = _device(backend)
+    dev = backend_device(backend)
     a = x0[:4].clone().to(dev).requires_grad_()
     b = x0[4:7].clone().to(dev, torch.float32).requires_grad_()
     c = x0[7:].clone().to(dev).requires_grad_()
@@ -153,8 +138,8 @@ def test_float32_parameters_and_a_narrow_history_follow_the_reference(backend, h
     """12 iterations in float32 (a float32 or bfloat16 history) near the float64 reference's.
     Without the line search: in float32 its decisions can differ from float64's on this
     problem (torch.optim.LBFGS's do too), and the runs then part."""
-    n = 300 if _slow(backend) else 3000
-    x, x0, fg, closure_for = _quadratic(n, torch.float32, _device(backend))
+    n = 300 if interpreted(backend) else 3000
+    x, x0, fg, closure_for = _quadratic(n, torch.float32, backend_device(backend))
     kwargs = dict(history_size=5, max_iter=6, tolerance_grad=0.0, tolerance_change=0.0)
     opt = LBFGS([x], backend=backend, history_dtype=history_dtype, **kwargs)
     ref = ReferenceLBFGS(**kwargs)
@@ -162,7 +147,7 @@ def test_float32_parameters_and_a_narrow_history_follow_the_reference(backend, h
     for _ in range(2):
         opt.step(closure_for(opt))
         x_ref = ref.step(x_ref, fg)
-    ring = opt.state[x]["blocks"][0]["history_s"]
+    ring = opt.state[x]["history_s"]
     assert ring.dtype == (history_dtype or torch.float32)
     err = float((x.detach().double().cpu() - x_ref).norm() / x_ref.norm())
     assert err < rtol
@@ -172,8 +157,8 @@ def test_float32_parameters_and_a_narrow_history_follow_the_reference(backend, h
 def test_the_passes_agree_with_the_foreach_plan(backend):
     """The same passes on the same state give the same partial sums, model, direction and
     ring: each fused pass against the torch ops of the foreach plan (float64)."""
-    n, m = (700, 3) if _slow(backend) else (9000, 6)
-    dev = _device(backend)
+    n, m = (700, 3) if interpreted(backend) else (9000, 6)
+    dev = backend_device(backend)
     outs = {}
     for name in ("foreach", backend):
         x, _, _, closure_for = _quadratic(n, torch.float64, dev, seed=3)
@@ -185,7 +170,7 @@ def test_the_passes_agree_with_the_foreach_plan(backend):
         closure()
         with torch.no_grad():  # as in a step: the passes write the parameters
             plan.bind()
-            plan.gradient_dots(SOURCE_GRAD, [0.7], True, True)
+            plan.gradient_dots(SOURCE_GRAD, [0.7], True, True, True, True)
             plan.two_loop(None, True, True)
             read = plan.read[:6].clone()
             coef, model = plan.coef.clone(), plan.model.clone()
@@ -207,7 +192,7 @@ def test_push_alone_then_the_direction_equals_the_fused_pass(backend):
     then the direction without a push: the same state as the one fused pass."""
     states = []
     for fused in (True, False):
-        x, _, _, closure_for = _quadratic(500, torch.float64, _device(backend), seed=4)
+        x, _, _, closure_for = _quadratic(500, torch.float64, backend_device(backend), seed=4)
         opt = LBFGS([x], backend=backend, history_size=3, max_iter=4, tolerance_grad=-1.0, tolerance_change=-1.0)
         closure = closure_for(opt)
         opt.step(closure)
@@ -234,15 +219,15 @@ def test_push_alone_then_the_direction_equals_the_fused_pass(backend):
 def test_one_read_per_evaluation_and_no_allocation(backend, line_search_fn, monkeypatch):
     """After the first step: no scalar read, one ``tolist`` per closure evaluation; on the
     fused backends nothing allocated in a step (the closure allocates nothing itself)."""
-    n = 200 if _slow(backend) else 5000
-    dev = _device(backend)
+    n = 200 if interpreted(backend) else 5000
+    dev = backend_device(backend)
     x = torch.randn(n, dtype=torch.float32, device=dev, requires_grad=True)
     a = torch.linspace(1.0, 10.0, n, device=dev)
     grad = torch.empty_like(x)
     loss = torch.empty((), device=dev)
     x.grad = grad
     opt = LBFGS([x], backend=backend, line_search_fn=line_search_fn, history_size=4,
-                max_iter=3 if _slow(backend) else 8, tolerance_grad=0.0, tolerance_change=0.0)
+                max_iter=3 if interpreted(backend) else 8, tolerance_grad=0.0, tolerance_change=0.0)
 
     def closure():
         with torch.no_grad():
@@ -263,7 +248,7 @@ def test_one_read_per_evaluation_and_no_allocation(backend, line_search_fn, monk
     assert len(tolist) == evaluations
     if backend != "foreach":
         made = tracker.allocations
-        if _slow(backend):  # the interpreter's own bookkeeping makes empty tensors
+        if interpreted(backend):  # the interpreter's own bookkeeping makes empty tensors
             made = [a for a in made if a.nbytes > 0]
         assert made == [], made[:5]
 
@@ -304,7 +289,7 @@ def test_a_checkpoint_moves_between_backends(backend):
     kwargs = dict(line_search_fn="strong_wolfe", history_size=3, max_iter=4)
 
     def fresh(name):
-        x, _, _, closure_for = _quadratic(300, torch.float64, _device(name), seed=6)
+        x, _, _, closure_for = _quadratic(300, torch.float64, backend_device(name), seed=6)
         opt = LBFGS([x], backend=name, **kwargs)
         return x, opt, closure_for(opt)
 
@@ -318,7 +303,7 @@ def test_a_checkpoint_moves_between_backends(backend):
     with torch.no_grad():
         x2.copy_(x_saved.to(x2.device))
     opt2.load_state_dict(saved)
-    assert opt2.state[x2]["gram"].dtype == torch.float64 and opt2.state[x2]["blocks"][0]["history_s"].shape == (3, 300)
+    assert opt2.state[x2]["gram"].dtype == torch.float64 and opt2.state[x2]["history_s"].shape == (3, 300)
     for _ in range(2):
         opt2.step(closure2)
     torch.testing.assert_close(x2.detach().cpu(), x.detach().cpu(), rtol=1e-10, atol=1e-12)
@@ -338,7 +323,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused_whole():
     opt.step(closure)
     before = copy.deepcopy(opt.state_dict())
     bad = copy.deepcopy(before)
-    bad["state"][0]["blocks"][0]["history_s"] = torch.zeros(3, 9, dtype=torch.float64)
+    bad["state"][0]["history_s"] = torch.zeros(3, 9, dtype=torch.float64)
     with pytest.raises(ValueError, match="history_s"):
         opt.load_state_dict(bad)
     bad = copy.deepcopy(before)
@@ -348,3 +333,43 @@ def test_a_checkpoint_that_does_not_fit_is_refused_whole():
     after = opt.state_dict()
     torch.testing.assert_close(after["state"][0]["gram"], before["state"][0]["gram"])
     opt.step(closure)  # still steps
+
+
+@pytest.mark.parametrize("backend", backend_params(FUSED))
+def test_a_gradient_whose_layout_changes_in_place_is_read_as_laid_out(backend):
+    """The same gradient tensor, transposed in place between evaluations (same object and
+    storage, other strides): every evaluation reads it as laid out then. torch.optim.LBFGS,
+    which takes contiguous gradients only, is given a contiguous copy."""
+    dev = backend_device(backend)
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(6, 6, generator=gen, dtype=torch.float64).to(dev)
+    b = torch.randn(6, 6, generator=gen, dtype=torch.float64).to(dev)
+    start = torch.randn(6, 6, generator=gen, dtype=torch.float64).to(dev)
+    results = []
+    for ours, make in ((False, torch.optim.LBFGS), (True, lambda params, **kw: LBFGS(params, backend=backend, **kw))):
+        w = start.clone().requires_grad_()
+        grad = torch.empty_like(w)
+        opt = make([w], history_size=3, max_iter=4 if interpreted(backend) else 10, line_search_fn="strong_wolfe")
+
+        def closure():
+            with torch.enable_grad():
+                loss = 0.5 * ((a @ w - b) ** 2).sum() + (w**4).sum() / 4
+                g, = torch.autograd.grad(loss, w)
+            if not ours:
+                w.grad = g.contiguous()
+                return loss
+            with torch.no_grad():
+                if flip:
+                    grad.t_()  # in place: the same tensor object, the other layout
+                grad.copy_(g)
+            w.grad = grad
+            return loss
+
+        flip = False  # one step with the layout of the first evaluation, then it flips
+        opt.step(closure)
+        flip = True
+        opt.step(closure)
+        results.append((w.detach().clone(), opt.state[w]["func_evals"], opt.state[w]["n_iter"]))
+    (w_torch, *counters_torch), (w_ours, *counters_ours) = results
+    assert counters_ours == counters_torch
+    assert _relative_difference([w_torch], [w_ours]) <= 1e-10

@@ -29,6 +29,9 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 #include "../dispatch.h"
 #include "../lbfgs.h"
@@ -73,9 +76,70 @@ inline double lane_sum(const at::vec::Vectorized<C>& v) {
   return total;
 }
 
+// out[q] = a_q . b_q over n elements with float64 products (no finite input overflows
+// them), Q dots in one pass: float32 widened four lanes at a time where AVX2 is built in.
+template <int Q, typename C>
+inline void products64(const C* const (&a)[Q], const C* const (&b)[Q], int64_t n, double (&out)[Q]) {
+  int64_t x = 0;
+  for (int q = 0; q < Q; ++q) out[q] = 0.0;
+  if constexpr (std::is_same_v<C, double>) {
+    using Vec = at::vec::Vectorized<double>;
+    constexpr int64_t W = Vec::size();
+    Vec acc[Q];
+    for (int q = 0; q < Q; ++q) acc[q] = Vec(0.0);
+    for (; x + W <= n; x += W) {
+      for (int q = 0; q < Q; ++q) acc[q] = at::vec::fmadd(Vec::loadu(a[q] + x), Vec::loadu(b[q] + x), acc[q]);
+    }
+    for (int q = 0; q < Q; ++q) out[q] = lane_sum<double>(acc[q]);
+  } else {
+#if defined(__AVX2__) && defined(__FMA__)
+    if constexpr (std::is_same_v<C, float>) {
+      __m256d acc[Q];
+      for (int q = 0; q < Q; ++q) acc[q] = _mm256_setzero_pd();
+      for (; x + 4 <= n; x += 4) {
+        for (int q = 0; q < Q; ++q) {
+          acc[q] = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(a[q] + x)), _mm256_cvtps_pd(_mm_loadu_ps(b[q] + x)),
+                                   acc[q]);
+        }
+      }
+      for (int q = 0; q < Q; ++q) {
+        double lanes[4];
+        _mm256_storeu_pd(lanes, acc[q]);
+        out[q] = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+      }
+    }
+#endif
+  }
+  for (; x < n; ++x) {
+    for (int q = 0; q < Q; ++q) out[q] += static_cast<double>(a[q][x]) * static_cast<double>(b[q][x]);
+  }
+}
+
+// max |x| over n elements (exact in any type).
+template <typename C>
+inline C abs_max(const C* v, int64_t n) {
+  using Vec = at::vec::Vectorized<C>;
+  constexpr int64_t W = Vec::size();
+  Vec acc(C(0));
+  int64_t x = 0;
+  for (; x + W <= n; x += W) acc = at::vec::maximum(acc, Vec::loadu(v + x).abs());
+  C lanes[W];
+  acc.store(lanes);
+  C top = C(0);
+  for (int64_t l = 0; l < W; ++l) top = std::max(top, lanes[l]);
+  for (; x < n; ++x) top = std::max(top, std::abs(v[x]));
+  return top;
+}
+
 template <typename H>
 inline const H* ring_row(const H* hs, const H* hy, const Chunk& c, int64_t i, int64_t m) {
   return i < m ? hs + c.ring(i) : hy + c.ring(i - m);
+}
+
+// Whether ring rows of H are widened in registers (16-bit rows under float32 arithmetic).
+template <typename C, typename H>
+constexpr bool narrow16() {
+  return std::is_same_v<C, float> && (std::is_same_v<H, at::BFloat16> || std::is_same_v<H, at::Half>);
 }
 
 // Ring rows in groups of RB, each group streamed over the whole chunk at once: a few
@@ -98,6 +162,41 @@ inline void ring_dots(const C* const* v, const H* hs, const H* hy, const Chunk& 
   // The held rows, s_0 .. s_{held-1} then y_0 .. y_{held-1} (held slots are the first ones).
   const int64_t count = 2 * held;
   auto rows = [&](int64_t q) { return q < held ? q : m + q - held; };
+  if constexpr (narrow16<C, H>()) {
+    // A 16-bit ring under float32 arithmetic: widened in registers, 2 W elements a step.
+    using HVec = at::vec::Vectorized<H>;
+    static_assert(HVec::size() == 2 * W, "a 16-bit vector widens to two float vectors");
+    for (int64_t first = 0; first < count; first += RB) {
+      const int64_t r_n = std::min<int64_t>(RB, count - first);
+      const H* r[RB];
+      for (int64_t q = 0; q < RB; ++q) r[q] = ring_row(hs, hy, c, rows(first + std::min(q, r_n - 1)), m);
+      Vec acc[RB][K];
+      for (int q = 0; q < RB; ++q) {
+        for (int k = 0; k < K; ++k) acc[q][k] = Vec(C(0));
+      }
+      int64_t x = 0;
+      for (; x + 2 * W <= n; x += 2 * W) {
+        Vec lo[K], hi[K];
+        for (int k = 0; k < K; ++k) {
+          lo[k] = Vec::loadu(v[k] + x);
+          hi[k] = Vec::loadu(v[k] + x + W);
+        }
+        for (int q = 0; q < RB; ++q) {
+          const auto [r_lo, r_hi] = at::vec::convert_to_float<H>(HVec::loadu(r[q] + x));
+          for (int k = 0; k < K; ++k) acc[q][k] = at::vec::fmadd(hi[k], r_hi, at::vec::fmadd(lo[k], r_lo, acc[q][k]));
+        }
+      }
+      for (int64_t q = 0; q < r_n; ++q) {
+        const int64_t i = rows(first + q);
+        for (int k = 0; k < K; ++k) {
+          double total = lane_sum<C>(acc[q][k]);
+          for (int64_t t = x; t < n; ++t) total += static_cast<double>(v[k][t] * static_cast<C>(r[q][t]));
+          out[k * 2 * m + i] = total;
+        }
+      }
+    }
+    return;
+  }
   for (int64_t first = 0; first < count; first += RB) {
     const int64_t r_n = std::min<int64_t>(RB, count - first);
     const C* r[RB];
@@ -139,6 +238,34 @@ inline void ring_combine(C* d, const double* cf, const H* hs, const H* hy, const
   constexpr int64_t W = Vec::size();
   const int64_t count = 2 * held;
   auto rows = [&](int64_t q) { return q < held ? q : m + q - held; };
+  if constexpr (narrow16<C, H>()) {
+    using HVec = at::vec::Vectorized<H>;
+    for (int64_t first = 0; first < count; first += RB) {
+      const int64_t r_n = std::min<int64_t>(RB, count - first);
+      const H* r[RB];
+      C coef[RB];
+      for (int64_t q = 0; q < RB; ++q) {
+        const int64_t i = rows(first + std::min(q, r_n - 1));
+        r[q] = ring_row(hs, hy, c, i, m);
+        coef[q] = q < r_n ? static_cast<C>(cf[1 + i]) : C(0);
+      }
+      int64_t x = 0;
+      for (; x + 2 * W <= n; x += 2 * W) {
+        Vec lo = Vec::loadu(d + x), hi = Vec::loadu(d + x + W);
+        for (int q = 0; q < RB; ++q) {
+          const auto [r_lo, r_hi] = at::vec::convert_to_float<H>(HVec::loadu(r[q] + x));
+          lo = at::vec::fmadd(Vec(coef[q]), r_lo, lo);
+          hi = at::vec::fmadd(Vec(coef[q]), r_hi, hi);
+        }
+        lo.store(d + x);
+        hi.store(d + x + W);
+      }
+      for (; x < n; ++x) {
+        for (int q = 0; q < RB; ++q) d[x] += coef[q] * static_cast<C>(r[q][x]);
+      }
+    }
+    return;
+  }
   for (int64_t first = 0; first < count; first += RB) {
     const int64_t r_n = std::min<int64_t>(RB, count - first);
     const C* r[RB];
@@ -204,7 +331,7 @@ void lbfgs_gradient_dots(const Tensor& addresses, const std::optional<Tensor>& s
                          const Tensor& history_s, const Tensor& history_y, const Tensor& direction,
                          const Tensor& prev, const Tensor& chunks, const Tensor& pair_count,
                          const Tensor& partials, double alpha, bool maximize, bool pair, bool ring,
-                         int64_t m) {
+                         bool want_gd, bool want_l1, int64_t m) {
   check_tables(addresses, chunks);
   const int64_t W = partial_width(m);
   const int64_t P = chunks.size(0);
@@ -228,7 +355,8 @@ void lbfgs_gradient_dots(const Tensor& addresses, const std::optional<Tensor>& s
     const C c_alpha = static_cast<C>(alpha);
     at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
       alignas(64) C g[CHUNK], s[CHUNK], y[CHUNK];
-      alignas(64) C row[std::is_same_v<C, H> ? 1 : RB * CHUNK];  // widened rows of a narrower ring
+      // Widened rows of a ring of another dtype (16-bit rows are widened in registers).
+      alignas(64) C row[std::is_same_v<C, H> || narrow16<C, H>() ? 1 : RB * CHUNK];
       for (int64_t k = begin; k < end; ++k) {
         const Chunk c(ctab + k * CHUNK_COLUMNS);
         const int64_t n = c.count();
@@ -236,58 +364,42 @@ void lbfgs_gradient_dots(const Tensor& addresses, const std::optional<Tensor>& s
         double* sc = out + 6 * m;
         chunk_gradient<C, T>(table, src, c, maximize, g);
         const T* dp = d_all + c.start;
-        // Four accumulators each: independent chains, and the order fixed by the chunk.
-        double gg[4] = {}, gd[4] = {}, gl1[4] = {};
-        C gmax[4] = {};
-        int64_t x = 0;
-        for (; x + 4 <= n; x += 4) {
-          for (int l = 0; l < 4; ++l) {
-            const double gx = static_cast<double>(g[x + l]);
-            gg[l] += gx * gx;
-            gd[l] += gx * static_cast<double>(dp[x + l]);
-            gl1[l] += std::abs(gx);
-            gmax[l] = std::max(gmax[l], std::abs(g[x + l]));
+        const C* d = as_compute<C, T>(dp, n, s);  // s is free until the pair is formed
+        {
+          const C* a[2] = {g, g};
+          const C* b[2] = {g, d};
+          double dots[2];
+          if (want_gd) {
+            products64<2, C>(a, b, n, dots);
+            sc[P_GD] = dots[1];
+          } else {
+            const C* a1[1] = {g};
+            double gg[1];
+            products64<1, C>(a1, a1, n, gg);
+            dots[0] = gg[0];
           }
+          sc[P_GG] = dots[0];
         }
-        for (; x < n; ++x) {
-          const double gx = static_cast<double>(g[x]);
-          gg[0] += gx * gx;
-          gd[0] += gx * static_cast<double>(dp[x]);
-          gl1[0] += std::abs(gx);
-          gmax[0] = std::max(gmax[0], std::abs(g[x]));
+        sc[P_GMAX] = static_cast<double>(abs_max<C>(g, n));
+        if (want_l1) {
+          double l1 = 0.0;
+          for (int64_t x = 0; x < n; ++x) l1 += std::abs(static_cast<double>(g[x]));
+          sc[P_GL1] = l1;
         }
-        sc[P_GG] = (gg[0] + gg[1]) + (gg[2] + gg[3]);
-        sc[P_GD] = (gd[0] + gd[1]) + (gd[2] + gd[3]);
-        sc[P_GL1] = (gl1[0] + gl1[1]) + (gl1[2] + gl1[3]);
-        sc[P_GMAX] = static_cast<double>(std::max(std::max(gmax[0], gmax[1]), std::max(gmax[2], gmax[3])));
         if (pair) {
           const T* pp = prev_all + c.start;
           for (int64_t t = 0; t < n; ++t) {
-            s[t] = as_stored<H, C>(c_alpha * static_cast<C>(dp[t]));
             y[t] = as_stored<H, C>(g[t] - static_cast<C>(pp[t]));
           }
-          double acc[5][4] = {};
-          int64_t t = 0;
-          for (; t + 4 <= n; t += 4) {
-            for (int l = 0; l < 4; ++l) {
-              const double sx = s[t + l], yx = y[t + l], gx = g[t + l];
-              acc[0][l] += sx * sx;
-              acc[1][l] += sx * yx;
-              acc[2][l] += yx * yx;
-              acc[3][l] += sx * gx;
-              acc[4][l] += yx * gx;
-            }
+          for (int64_t t = 0; t < n; ++t) {  // after y: d may be s itself
+            s[t] = as_stored<H, C>(c_alpha * static_cast<C>(d[t]));
           }
-          for (; t < n; ++t) {
-            const double sx = s[t], yx = y[t], gx = g[t];
-            acc[0][0] += sx * sx;
-            acc[1][0] += sx * yx;
-            acc[2][0] += yx * yx;
-            acc[3][0] += sx * gx;
-            acc[4][0] += yx * gx;
-          }
+          const C* a[5] = {s, s, y, s, y};
+          const C* b[5] = {s, y, y, g, g};
+          double dots[5];
+          products64<5, C>(a, b, n, dots);
           const Scalar columns[5] = {P_SS, P_SY, P_YY, P_SG, P_YG};
-          for (int q = 0; q < 5; ++q) sc[columns[q]] = (acc[q][0] + acc[q][1]) + (acc[q][2] + acc[q][3]);
+          for (int q = 0; q < 5; ++q) sc[columns[q]] = dots[q];
         }
         if (ring) {
           if (pair) {
@@ -383,7 +495,7 @@ void lbfgs_direction(const Tensor& addresses, const std::optional<Tensor>& sourc
     const C c_alpha = static_cast<C>(alpha), c_move = static_cast<C>(move), c_g = static_cast<C>(cf[0]);
     at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
       alignas(64) C g[CHUNK], d[CHUNK];
-      alignas(64) C row[std::is_same_v<C, H> ? 1 : RB * CHUNK];
+      alignas(64) C row[std::is_same_v<C, H> || narrow16<C, H>() ? 1 : RB * CHUNK];
       for (int64_t k = begin; k < end; ++k) {
         const Chunk c(ctab + k * CHUNK_COLUMNS);
         const int64_t n = c.count();
@@ -403,13 +515,11 @@ void lbfgs_direction(const Tensor& addresses, const std::optional<Tensor>& sourc
         ring_combine<C, H>(d, cf, hs, hy, c, m, held, n, row);
         T* theta = reinterpret_cast<T*>(table[c.param * 2]) + c.local;
         T* sp = save ? saved_all + c.start : nullptr;
-        C dmax = C(0);
         for (int64_t x = 0; x < n; ++x) {
-          const T dx = static_cast<T>(d[x]);
-          dp[x] = dx;
+          dp[x] = static_cast<T>(d[x]);
           pp[x] = static_cast<T>(g[x]);
-          dmax = std::max(dmax, std::abs(static_cast<C>(dx)));
         }
+        const C dmax = abs_max<C>(as_compute<C, T>(dp, n, d), n);
         if (save) std::copy(theta, theta + n, sp);
         if (do_move) {
           for (int64_t x = 0; x < n; ++x) {

@@ -483,34 +483,26 @@ void update(at::TensorList params, at::ArrayRef<std::optional<Tensor>> grads,
 }
 
 // -- push ---------------------------------------------------------------------------------
+// One op on a single process; a rank that holds part of each block (distributed
+// "sharded") runs its two halves as push_pairs and commit, so that the pair's sums and
+// the Gram rows are completed across ranks in between (docs/design.md, "Distributed").
 struct PairDecision {
   bool due = false, forms = false, accepted = false;
   double phi = 0.0;
   int64_t slot = 0;
 };
 
-void push(const Tensor& param_ema, const Tensor& grad_ema, const Tensor& param_snapshot,
-          const Tensor& grad_snapshot, const Tensor& history_s, const Tensor& history_y,
-          const Tensor& gram, const Tensor& chunks, const Tensor& blocks,
-          const Tensor& pair_partials, const Tensor& gram_partials, const Tensor& ok,
-          const Tensor& step, const Tensor& pair_count, const Tensor& skipped_pairs,
-          const Tensor& skipped_steps, double pair_momentum, double damping, double sigma_low,
-          double sigma_high, double eps, int64_t period, int64_t m) {
-  check_chunks(chunks);
+// The per-block decisions, from the update pass's partial sums in chunk order (rows
+// [B_FIRST, B_END) of pair_partials).
+std::vector<PairDecision> pair_decisions(const Tensor& blocks, const Tensor& pair_partials,
+                                         const int64_t* step_ptr, const int64_t* count,
+                                         double damping, double sigma_low, double sigma_high,
+                                         double eps, int64_t period, int64_t m, bool& any_due) {
   const int64_t B = blocks.size(0);
-  int64_t* step_ptr = step.data_ptr<int64_t>();
-  int64_t* count = pair_count.data_ptr<int64_t>();
-  int64_t* skipped_p = skipped_pairs.data_ptr<int64_t>();
-  int64_t* skipped_s = skipped_steps.data_ptr<int64_t>();
-  if (!ok.item<bool>()) {
-    for (int64_t b = 0; b < B; ++b) skipped_s[b] += 1;
-    return;
-  }
-  // The per-block decisions, from the update pass's partial sums in chunk order.
   const int64_t* btab = blocks.const_data_ptr<int64_t>();
   const double* pp = pair_partials.const_data_ptr<double>();
   std::vector<PairDecision> decision(B);
-  bool any_due = false;
+  any_due = false;
   for (int64_t b = 0; b < B; ++b) {
     PairDecision& dec = decision[b];
     dec.due = pair_due(step_ptr[b], period);
@@ -527,68 +519,84 @@ void push(const Tensor& param_ema, const Tensor& grad_ema, const Tensor& param_s
     const double curvature = dec.phi * sy + (1.0 - dec.phi) * ss;  // s.yhat
     dec.accepted = std::isfinite(curvature) && curvature > eps;
   }
-  if (any_due) {
-    const int64_t P = chunks.size(0);
-    const int64_t gw = 4 * m;
-    dispatch_types(param_ema.scalar_type(), history_s.scalar_type(), "mlbfgs_fused::push", [&](auto t_tag, auto h_tag) {
-      using T = typename decltype(t_tag)::type;
-      using H = typename decltype(h_tag)::type;
-      using C = at::opmath_type<T>;
-      H* hs = history_s.data_ptr<H>();
-      H* hy = history_y.data_ptr<H>();
-      const T* P_all = param_ema.const_data_ptr<T>();
-      const T* G_all = grad_ema.const_data_ptr<T>();
-      T* P0_all = param_snapshot.data_ptr<T>();
-      T* G0_all = grad_snapshot.data_ptr<T>();
-      const int64_t* table = chunks.const_data_ptr<int64_t>();
-      double* gram_out = gram_partials.data_ptr<double>();
-      at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-        alignas(64) C s[CHUNK], yhat[CHUNK], row[CHUNK], row2[CHUNK];
-        for (int64_t k = begin; k < end; ++k) {
-          const Chunk c(table + k * CHUNK_COLUMNS);
-          const PairDecision& dec = decision[c.block];
-          if (!dec.due) continue;
-          const int64_t n = c.count();
-          const T* Pp = P_all + c.start;
-          const T* Gp = G_all + c.start;
-          T* P0 = P0_all + c.start;
-          T* G0 = G0_all + c.start;
-          if (dec.accepted) {
-            const int64_t pc = count[c.block];
-            const C r = pc > 0 ? static_cast<C>(pair_momentum) : C(0);
-            const C phi = static_cast<C>(dec.phi);
-            const int64_t newest = c.ring((pc - 1 + m) % m);
-            H* s_row = hs + c.ring(dec.slot);
-            H* y_row = hy + c.ring(dec.slot);
-            for (int64_t x = 0; x < n; ++x) {
-              const C sx = lerp<C>(static_cast<C>(Pp[x]) - static_cast<C>(P0[x]), static_cast<C>(hs[newest + x]), r);
-              const C yx = lerp<C>(static_cast<C>(Gp[x]) - static_cast<C>(G0[x]), static_cast<C>(hy[newest + x]), r);
-              // The rows as stored: the Gram matrices stay those of the ring.
-              s_row[x] = static_cast<H>(sx);
-              y_row[x] = static_cast<H>(lerp<C>(sx, yx, phi));
-              s[x] = static_cast<C>(s_row[x]);
-              yhat[x] = static_cast<C>(y_row[x]);
-            }
-            double* out = gram_out + k * gw;
-            for (int64_t j = 0; j < m; ++j) {
-              const bool new_row = j == dec.slot;
-              const C* s_j = new_row ? s : as_compute<C, H>(hs + c.ring(j), n, row);
-              const C* y_j = new_row ? yhat : as_compute<C, H>(hy + c.ring(j), n, row2);
-              const auto [ss, sy_col] = dot2<C>(s_j, s, yhat, n);  // S S^T [slot, j], S Y^T [j, slot]
-              const auto [sy_row, yy] = dot2<C>(y_j, s, yhat, n);  // S Y^T [slot, j], Y Y^T [slot, j]
-              out[j] = ss;
-              out[m + j] = sy_col;
-              out[2 * m + j] = sy_row;
-              out[3 * m + j] = yy;
-            }
+  return decision;
+}
+
+// Per chunk of a block with a pair due: the accepted pair into its ring slot with its
+// Gram partials, then the snapshots.
+void push_chunks(const std::vector<PairDecision>& decision, const Tensor& param_ema,
+                 const Tensor& grad_ema, const Tensor& param_snapshot, const Tensor& grad_snapshot,
+                 const Tensor& history_s, const Tensor& history_y, const Tensor& chunks,
+                 const Tensor& gram_partials, const int64_t* count, double pair_momentum,
+                 int64_t m) {
+  const int64_t P = chunks.size(0);
+  const int64_t gw = 4 * m;
+  dispatch_types(param_ema.scalar_type(), history_s.scalar_type(), "mlbfgs_fused::push", [&](auto t_tag, auto h_tag) {
+    using T = typename decltype(t_tag)::type;
+    using H = typename decltype(h_tag)::type;
+    using C = at::opmath_type<T>;
+    H* hs = history_s.data_ptr<H>();
+    H* hy = history_y.data_ptr<H>();
+    const T* P_all = param_ema.const_data_ptr<T>();
+    const T* G_all = grad_ema.const_data_ptr<T>();
+    T* P0_all = param_snapshot.data_ptr<T>();
+    T* G0_all = grad_snapshot.data_ptr<T>();
+    const int64_t* table = chunks.const_data_ptr<int64_t>();
+    double* gram_out = gram_partials.data_ptr<double>();
+    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+      alignas(64) C s[CHUNK], yhat[CHUNK], row[CHUNK], row2[CHUNK];
+      for (int64_t k = begin; k < end; ++k) {
+        const Chunk c(table + k * CHUNK_COLUMNS);
+        const PairDecision& dec = decision[c.block];
+        if (!dec.due) continue;
+        const int64_t n = c.count();
+        const T* Pp = P_all + c.start;
+        const T* Gp = G_all + c.start;
+        T* P0 = P0_all + c.start;
+        T* G0 = G0_all + c.start;
+        if (dec.accepted) {
+          const int64_t pc = count[c.block];
+          const C r = pc > 0 ? static_cast<C>(pair_momentum) : C(0);
+          const C phi = static_cast<C>(dec.phi);
+          const int64_t newest = c.ring((pc - 1 + m) % m);
+          H* s_row = hs + c.ring(dec.slot);
+          H* y_row = hy + c.ring(dec.slot);
+          for (int64_t x = 0; x < n; ++x) {
+            const C sx = lerp<C>(static_cast<C>(Pp[x]) - static_cast<C>(P0[x]), static_cast<C>(hs[newest + x]), r);
+            const C yx = lerp<C>(static_cast<C>(Gp[x]) - static_cast<C>(G0[x]), static_cast<C>(hy[newest + x]), r);
+            // The rows as stored: the Gram matrices stay those of the ring.
+            s_row[x] = static_cast<H>(sx);
+            y_row[x] = static_cast<H>(lerp<C>(sx, yx, phi));
+            s[x] = static_cast<C>(s_row[x]);
+            yhat[x] = static_cast<C>(y_row[x]);
           }
-          std::copy(Pp, Pp + n, P0);
-          std::copy(Gp, Gp + n, G0);
+          double* out = gram_out + k * gw;
+          for (int64_t j = 0; j < m; ++j) {
+            const bool new_row = j == dec.slot;
+            const C* s_j = new_row ? s : as_compute<C, H>(hs + c.ring(j), n, row);
+            const C* y_j = new_row ? yhat : as_compute<C, H>(hy + c.ring(j), n, row2);
+            const auto [ss, sy_col] = dot2<C>(s_j, s, yhat, n);  // S S^T [slot, j], S Y^T [j, slot]
+            const auto [sy_row, yy] = dot2<C>(y_j, s, yhat, n);  // S Y^T [slot, j], Y Y^T [slot, j]
+            out[j] = ss;
+            out[m + j] = sy_col;
+            out[2 * m + j] = sy_row;
+            out[3 * m + j] = yy;
+          }
         }
-      });
+        std::copy(Pp, Pp + n, P0);
+        std::copy(Gp, Gp + n, G0);
+      }
     });
-  }
-  // Counters, and the accepted pairs' Gram rows from the chunk sums in chunk order.
+  });
+}
+
+// Counters, and the accepted pairs' Gram rows from the chunk sums in chunk order (rows
+// [B_FIRST, B_END) of gram_partials).
+void commit_blocks(const std::vector<PairDecision>& decision, const Tensor& blocks,
+                   const Tensor& gram_partials, const Tensor& gram, int64_t* step_ptr,
+                   int64_t* count, int64_t* skipped_p, int64_t m) {
+  const int64_t B = blocks.size(0);
+  const int64_t* btab = blocks.const_data_ptr<int64_t>();
   const double* gp = gram_partials.const_data_ptr<double>();
   double* gram_ptr = gram.data_ptr<double>();
   std::vector<double> rows(4 * m);
@@ -618,6 +626,94 @@ void push(const Tensor& param_ema, const Tensor& grad_ema, const Tensor& param_s
   }
 }
 
+void push(const Tensor& param_ema, const Tensor& grad_ema, const Tensor& param_snapshot,
+          const Tensor& grad_snapshot, const Tensor& history_s, const Tensor& history_y,
+          const Tensor& gram, const Tensor& chunks, const Tensor& blocks,
+          const Tensor& pair_partials, const Tensor& gram_partials, const Tensor& ok,
+          const Tensor& step, const Tensor& pair_count, const Tensor& skipped_pairs,
+          const Tensor& skipped_steps, double pair_momentum, double damping, double sigma_low,
+          double sigma_high, double eps, int64_t period, int64_t m) {
+  check_chunks(chunks);
+  const int64_t B = blocks.size(0);
+  int64_t* step_ptr = step.data_ptr<int64_t>();
+  int64_t* count = pair_count.data_ptr<int64_t>();
+  int64_t* skipped_s = skipped_steps.data_ptr<int64_t>();
+  if (!ok.item<bool>()) {
+    for (int64_t b = 0; b < B; ++b) skipped_s[b] += 1;
+    return;
+  }
+  bool any_due = false;
+  const auto decision = pair_decisions(blocks, pair_partials, step_ptr, count, damping, sigma_low,
+                                       sigma_high, eps, period, m, any_due);
+  if (any_due) {
+    push_chunks(decision, param_ema, grad_ema, param_snapshot, grad_snapshot, history_s, history_y,
+                chunks, gram_partials, count, pair_momentum, m);
+  }
+  commit_blocks(decision, blocks, gram_partials, gram, step_ptr, count,
+                skipped_pairs.data_ptr<int64_t>(), m);
+}
+
+// push's first half: the pairs and snapshots, counters untouched.
+void push_pairs(const Tensor& param_ema, const Tensor& grad_ema, const Tensor& param_snapshot,
+                const Tensor& grad_snapshot, const Tensor& history_s, const Tensor& history_y,
+                const Tensor& chunks, const Tensor& blocks, const Tensor& pair_partials,
+                const Tensor& gram_partials, const Tensor& ok, const Tensor& step,
+                const Tensor& pair_count, double pair_momentum, double damping, double sigma_low,
+                double sigma_high, double eps, int64_t period, int64_t m) {
+  check_chunks(chunks);
+  if (!ok.item<bool>()) return;
+  const int64_t* count = pair_count.const_data_ptr<int64_t>();
+  bool any_due = false;
+  const auto decision = pair_decisions(blocks, pair_partials, step.const_data_ptr<int64_t>(), count,
+                                       damping, sigma_low, sigma_high, eps, period, m, any_due);
+  if (any_due) {
+    push_chunks(decision, param_ema, grad_ema, param_snapshot, grad_snapshot, history_s, history_y,
+                chunks, gram_partials, count, pair_momentum, m);
+  }
+}
+
+// push's second half: the counters and the accepted pairs' Gram rows.
+void commit(const Tensor& gram, const Tensor& blocks, const Tensor& pair_partials,
+            const Tensor& gram_partials, const Tensor& ok, const Tensor& step,
+            const Tensor& pair_count, const Tensor& skipped_pairs, const Tensor& skipped_steps,
+            double damping, double sigma_low, double sigma_high, double eps, int64_t period,
+            int64_t m) {
+  const int64_t B = blocks.size(0);
+  int64_t* step_ptr = step.data_ptr<int64_t>();
+  int64_t* count = pair_count.data_ptr<int64_t>();
+  if (!ok.item<bool>()) {
+    int64_t* skipped_s = skipped_steps.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) skipped_s[b] += 1;
+    return;
+  }
+  bool any_due = false;
+  const auto decision = pair_decisions(blocks, pair_partials, step_ptr, count, damping, sigma_low,
+                                       sigma_high, eps, period, m, any_due);
+  commit_blocks(decision, blocks, gram_partials, gram, step_ptr, count,
+                skipped_pairs.data_ptr<int64_t>(), m);
+}
+
+// Per block, the sum of its rows [B_FIRST, B_END) of a partial-sum matrix, in chunk
+// order (as two_loop and push add them): what a rank holding part of each block
+// completes across ranks before two_loop, push_pairs and commit read it back through
+// a block table with one row per block.
+void block_sums(const Tensor& partials, const Tensor& blocks, const Tensor& sums) {
+  const int64_t B = blocks.size(0);
+  const int64_t width = sums.size(1);
+  TORCH_CHECK(sums.size(0) == B && (partials.size(0) == 0 || partials.size(1) == width),
+              "mlbfgs_fused::block_sums: shapes do not match");
+  const int64_t* btab = blocks.const_data_ptr<int64_t>();
+  const double* part = partials.const_data_ptr<double>();
+  double* out = sums.data_ptr<double>();
+  for (int64_t b = 0; b < B; ++b) {
+    double* row = out + b * width;
+    std::fill(row, row + width, 0.0);
+    for (int64_t k = btab[b * BLOCK_COLUMNS + B_FIRST]; k < btab[b * BLOCK_COLUMNS + B_END]; ++k) {
+      for (int64_t j = 0; j < width; ++j) row[j] += part[k * width + j];
+    }
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mlbfgs_fused_native, CPU, m) {
@@ -625,6 +721,9 @@ TORCH_LIBRARY_IMPL(mlbfgs_fused_native, CPU, m) {
   m.impl("two_loop", &two_loop);
   m.impl("update", &update);
   m.impl("push", &push);
+  m.impl("push_pairs", &push_pairs);
+  m.impl("commit", &commit);
+  m.impl("block_sums", &block_sums);
 }
 
 }  // namespace mlbfgs_fused

@@ -4,6 +4,7 @@
 // against them. A row's K dots are reduced per warp by shuffles and written to shared
 // memory, and the warps' values added in order once per batch of rows, so a row costs
 // no __syncthreads of its own.
+// g.d and |g|_1 are always computed here (the flags gd, l1 only save the CPU's time).
 // Bytes per element: reads E (g) + E (d) + 2 m H [+ E prev with a pair candidate];
 // writes 6m + 10 doubles per chunk.
 #include "lbfgs_common.cuh"
@@ -133,7 +134,8 @@ __global__ void __launch_bounds__(THREADS) lbfgs_gradient_dots_kernel(
 void lbfgs_gradient_dots(const at::Tensor& addresses, const std::optional<at::Tensor>& source,
                          const at::Tensor& history_s, const at::Tensor& history_y, const at::Tensor& direction,
                          const at::Tensor& prev, const at::Tensor& chunks, const at::Tensor& pair_count,
-                         const at::Tensor& partials, double alpha, bool maximize, bool pair, bool ring, int64_t m) {
+                         const at::Tensor& partials, double alpha, bool maximize, bool pair, bool ring, bool gd,
+                         bool l1, int64_t m) {
   check_tables(addresses, chunks);
   const c10::cuda::CUDAGuard guard(direction.device());
   const int64_t P = chunks.size(0);

@@ -10,9 +10,10 @@ the ``[N]`` slice at ``i * N`` (the layout of an MLBFGS block). Per parameter ``
     ``direction`` (torch's ``d``: the last direction, unscaled) and ``prev_grad`` (the
     gradient the last direction was formed at; torch's ``prev_flat_grad``).
 
-Per arena, in ``state[its first parameter]``: ``blocks`` (one dict: ``history_s``,
-``history_y``, ``[m, N]`` views in slot order) and ``step_size`` (a float: the last
-step was ``step_size * direction``; torch's ``t`` times the group's share of ``lr``).
+Per arena, in ``state[its first parameter]``: ``history_s`` and ``history_y`` (``[m, N]``
+views in slot order, the keys and layout of an MLBFGS block starting in a parameter) and
+``step_size`` (a float: the last step was ``step_size * direction``; torch's ``t`` times
+the group's share of ``lr``).
 
 The model that spans every arena (one quasi-Newton model over all parameters) is the
 optimizer's, in ``state[first parameter]``: ``gram`` (``[3, m, m]`` float64, ``S S^T``,
@@ -38,6 +39,7 @@ class LBFGSArena(Arena):
     arena order; ``group``: its parameter group."""
 
     PARAM_KEYS = LBFGS_PARAM_KEYS
+    BLOCK_KEYS = LBFGS_BLOCK_KEYS
 
     def __init__(self, params: list[Tensor], layout: ArenaLayout, history_size: int,
                  history_dtype: torch.dtype | None, group: int, index: int):
@@ -73,6 +75,9 @@ class LBFGSArena(Arena):
 
     def block_state(self, b: int) -> dict:
         return {"history_s": self.history_view(self.history_s, b), "history_y": self.history_view(self.history_y, b)}
+
+    def owned_state(self, blocks: list[int]) -> dict:
+        return self.block_state(blocks[0])  # one block: the arena
 
     def first_non_finite(self) -> str | None:
         buffers = {**self.flat_state, "history_s": self.history_s, "history_y": self.history_y}

@@ -127,9 +127,12 @@ class LBFGSPlan:
         ``data_ptr`` changed)."""
         raise NotImplementedError
 
-    def gradient_dots(self, source: int, alphas: list[float], pair: bool, ring: bool) -> None:
+    def gradient_dots(self, source: int, alphas: list[float], pair: bool, ring: bool, gd: bool = False,
+                      l1: bool = False) -> None:
         """The gradient's dots with the ring (``ring``) and with the pair candidate
-        (``pair``), its norms, and ``g . d``: partial sums per piece."""
+        (``pair``), ``g.g`` and ``max |g|``, with ``gd`` ``g . d`` (a line-search trial), with
+        ``l1`` ``|g|_1`` (the first iteration's step): partial sums per piece. The read
+        vector's entries not asked for hold whatever they held."""
         raise NotImplementedError
 
     def two_loop(self, loss: Tensor | None, pair: bool, direction: bool) -> None:
@@ -238,7 +241,7 @@ def select(group: dict) -> Backend:
                 + f"; the available backends are {usable}"
             )
         return backend
-    params = group["params"]
+    params = stepped_params(group)
     if group["fused"]:
         return _fused_for(params)
     if group["fused"] is None and not group["foreach"]:
@@ -250,6 +253,14 @@ def select(group: dict) -> Backend:
             if name == "cpp":
                 _warn_unavailable(backend)
     return REGISTRY["foreach"]
+
+
+def stepped_params(group: dict) -> list:
+    """The parameters a backend is chosen and checked for: those with a gradient, as
+    torch checks ``fused=True`` (a parameter without one is not stepped), or all of them
+    while none has one (at construction)."""
+    with_grad = [p for p in group["params"] if p.grad is not None]
+    return with_grad or list(group["params"])
 
 
 def check_devices(params, backend: Backend) -> None:

@@ -103,7 +103,8 @@ class ForeachLBFGSPlan(LBFGSPlanBase, LBFGSPlan):
             work[1:].copy_(narrow)
 
     # -- the passes -------------------------------------------------------------------
-    def gradient_dots(self, source: int, alphas: list[float], pair: bool, ring: bool) -> None:
+    def gradient_dots(self, source: int, alphas: list[float], pair: bool, ring: bool, gd: bool = False,
+                      l1: bool = False) -> None:
         m = self.m
         for a, arena in enumerate(self.arenas):
             g = self._gradient(a, source)
@@ -121,8 +122,10 @@ class ForeachLBFGSPlan(LBFGSPlanBase, LBFGSPlan):
             col = functools.partial(scalar_column, m)
             g, d = work[0], arena.direction
             out[col(P_GG)] = _dot(g, g, wide)
-            out[col(P_GD)] = _dot(g, d, wide)
-            out[col(P_GL1)] = torch.linalg.vector_norm(g, 1, dtype=torch.float64)
+            if gd:
+                out[col(P_GD)] = _dot(g, d, wide)
+            if l1:
+                out[col(P_GL1)] = torch.linalg.vector_norm(g, 1, dtype=torch.float64)
             out[col(P_GMAX)] = torch.linalg.vector_norm(g, float("inf"))
             if pair:
                 s, y = work[1], work[2]

@@ -44,16 +44,22 @@ class AddressTable:
         self.host_rows = self.host.numpy()
         self.entries: list[int] | None = None
         self.stages: dict[int, Tensor] = {}
+        self.orders = [state_strides(p) for p in arena.params]
+        self.seen: list | None = None  # the gradient objects (and addresses) the table was made from
 
     def refresh(self) -> None:
         params = self.arena.params
+        seen = [(p.data_ptr(), _identity(p.grad)) for p in params]
+        if seen == self.seen and not self.stages:
+            return  # the same tensors, laid out as last time: nothing to check or write
+        self.seen = None
         entries = []
         for i, p in enumerate(params):
             g = p.grad
             address = 0
             if g is not None:
                 _check_gradient(p, g)
-                if not same_order(p.shape, g.stride(), state_strides(p)):
+                if not same_order(p.shape, g.stride(), self.orders[i]):
                     stage = self.stages.get(i)
                     if stage is None:
                         stage = self.stages[i] = torch.empty_like(p)
@@ -66,6 +72,16 @@ class AddressTable:
             if self.host is not self.table:
                 self.table.copy_(self.host, non_blocking=True)
             self.entries = entries
+        self.seen = seen
+
+
+def _identity(g: Tensor | None) -> tuple | None:
+    """What a table entry's checks depend on: the object, its storage and its layout."""
+    if g is None:
+        return None
+    if g.layout != torch.strided:
+        return (id(g), g.layout)
+    return (id(g), g.data_ptr(), g.shape, g.stride(), g.dtype, g.device)
 
 
 def _check_gradient(p: Tensor, g: Tensor) -> None:
@@ -126,12 +142,13 @@ class NativeLBFGSPlan(LBFGSPlanBase, LBFGSPlan):
             return None
         return self.kept[a] if source == SOURCE_KEPT else self.arenas[a].prev_grad
 
-    def gradient_dots(self, source: int, alphas: list[float], pair: bool, ring: bool) -> None:
+    def gradient_dots(self, source: int, alphas: list[float], pair: bool, ring: bool, gd: bool = False,
+                      l1: bool = False) -> None:
         op = _ops().lbfgs_gradient_dots
         for a, arena in enumerate(self.arenas):
             op(self.tables[a].table, self._source(a, source), arena.history_s, arena.history_y, arena.direction,
                arena.prev_grad, self.chunks[a], self.pair_count, self.partial_rows[a], alphas[a], self.maximize,
-               pair, ring, self.m)
+               pair, ring, gd, l1, self.m)
 
     def two_loop(self, loss: Tensor | None, pair: bool, direction: bool) -> None:
         _ops().lbfgs_two_loop(self.partials, self.arena_rows, self.scales_t, loss, self.gram, self.pair_count,

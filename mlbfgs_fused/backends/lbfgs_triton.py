@@ -90,7 +90,9 @@ class TritonLBFGSPlan(LBFGSPlanBase, LBFGSPlan):
             return None
         return self.kept[a] if source == SOURCE_KEPT else self.arenas[a].prev_grad
 
-    def gradient_dots(self, source: int, alphas: list[float], pair: bool, ring: bool) -> None:
+    def gradient_dots(self, source: int, alphas: list[float], pair: bool, ring: bool, gd: bool = False,
+                      l1: bool = False) -> None:
+        # g.d and |g|_1 ride along with the pass's other sums: a GPU is bound by the bytes.
         self._set_steps(0, alphas)
         with self.guard:
             for a, arena in enumerate(self.arenas):
