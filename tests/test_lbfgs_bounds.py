@@ -201,6 +201,28 @@ def test_float32_parameters_stay_in_the_box():
     assert abs(f - _scipy(name).fun) <= 1e-4 * abs(_scipy(name).fun)
 
 
+@pytest.mark.parametrize("history_dtype", [torch.float32, torch.bfloat16])
+def test_narrower_history(history_dtype):
+    """A float32 or bfloat16 ring (its products widened to float64): the same optimum."""
+    name = "box_quadratic"
+    fg, _, lower, upper, _ = _problem(name)
+    x, losses, _ = _run(name, history_dtype=history_dtype)
+    f, g = fg(x)
+    assert bool(((x >= lower) & (x <= upper)).all())
+    assert abs(f - _scipy(name).fun) <= 1e-6 * abs(_scipy(name).fun)
+    assert float(projected_gradient(x, g, lower, upper).abs().max()) < 1e-5
+    assert len(losses) <= 2 * _scipy(name).nfev
+
+
+def test_bench_runs_at_a_tiny_size():
+    from bench import lbfgsb as bench_lbfgsb
+
+    (row,) = bench_lbfgsb.main(["--smoke"])
+    ours, theirs = row["mlbfgs_fused.LBFGS"], row["scipy L-BFGS-B"]
+    assert ours["median_s"] > 0 and theirs["median_s"] > 0
+    assert ours["f"] == pytest.approx(theirs["f"], rel=1e-6)
+
+
 def test_start_is_projected_and_every_trial_is_feasible():
     name = "infeasible_start"
     fg, x0, lower, upper, m = _problem(name)
