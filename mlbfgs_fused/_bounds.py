@@ -236,13 +236,13 @@ class _Box:
         return torch.minimum(torch.maximum(x - g, self.lower), self.upper).sub_(x).abs_().max()
 
     def max_step(self, x: Tensor, d: Tensor, cap: float) -> Tensor:
-        """The largest ``a`` in ``[0, cap]`` with ``x + a d`` in the box (B17, B18), on the device."""
-        down = (d < 0) & torch.isfinite(self.lower)
-        up = (d > 0) & torch.isfinite(self.upper)
-        room = torch.where(down, self.lower - x, torch.where(up, self.upper - x, 0.0))
-        ratio = torch.where(down | up, room / torch.where(down | up, d, 1.0), math.inf)
-        return ratio.min().clamp(0.0, cap) if ratio.numel() else torch.tensor(cap, dtype=torch.float64,
-                                                                               device=self.home)
+        """The largest ``a`` in ``[0, cap]`` with ``x + a d`` in the box (B17, B18), on the device:
+        the least ``(bound - x) / d`` over the variables that move (an infinite bound gives
+        ``inf``; a variable past its bound by rounding, a negative ratio: 0)."""
+        if not x.numel():
+            return torch.tensor(cap, dtype=torch.float64, device=self.home)
+        ratio = torch.where(d < 0, self.lower, self.upper).sub_(x).div_(d)
+        return torch.where(d != 0, ratio, math.inf).min().clamp(0.0, cap)
 
     # -- products with the ring (W = [Y^T, theta S^T] over the held slots) --------------
     def _ring_dots(self, R: Tensor, v: Tensor) -> Tensor:
