@@ -17,7 +17,7 @@ import pytest
 import scipy.optimize
 import torch
 
-from cases import backend_params
+from cases import backend_params, skip_reason
 from mlbfgs_fused import LBFGS, MLBFGS, _bounds
 from mlbfgs_fused.reference import minimize_lbfgsb
 from mlbfgs_fused.reference.lbfgsb import projected_gradient
@@ -120,6 +120,36 @@ def test_against_scipy_through_triton(backend):
     r = _summary("box_quadratic", backend)
     assert r["feasible"] and r["objective"] <= 1e-6 and r["projected_gradient"] < 1e-5
     assert r["evals"] <= 1.5 * r["scipy_evals"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("backend", ["foreach", "triton", "cuda"])
+def test_on_a_gpu(backend, monkeypatch):
+    """On CUDA tensors: the CPU's run (the Cauchy point's search without a host read), and no
+    read of a scalar beyond the closure's own."""
+    if skip_reason(backend):
+        pytest.skip(skip_reason(backend))
+    name = "box_quadratic"
+    fg, x0, lower, upper, m = _problem(name)
+    monkeypatch.setattr(_bounds, "SEARCH_ON_HOST", False)
+    on_cpu, cpu_losses, _ = _run(name)
+    x = x0.cuda().requires_grad_()
+    losses = []
+
+    def closure():
+        f, g = fg(x.detach().cpu())
+        losses.append(f)
+        x.grad = g.cuda()
+        return torch.tensor(f, dtype=F64, device="cuda")
+
+    opt = LBFGS([x], bounds=(lower.cuda(), upper.cuda()), history_size=m, max_iter=15000, max_eval=15000,
+                tolerance_grad=PGTOL, tolerance_change=FTOL, backend=backend)
+    opt.step(closure)
+    assert len(losses) == len(cpu_losses)
+    torch.testing.assert_close(x.detach().cpu(), on_cpu, rtol=0, atol=1e-9)
+    r = _scipy(name)
+    assert abs(fg(x.detach().cpu())[0] - r.fun) <= 1e-6 * abs(r.fun)
 
 
 @pytest.mark.parametrize("name", SCIPY_PROBLEMS + ["unbounded", "negative_curvature", "ramp_past_the_box"])
