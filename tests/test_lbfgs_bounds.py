@@ -253,6 +253,30 @@ def test_bench_runs_at_a_tiny_size():
     assert ours["f"] == pytest.approx(theirs["f"], rel=1e-6)
 
 
+def test_steps_carry_on_where_the_last_one_stopped():
+    """Many steps of 5 iterations take the iterations of one long step (the memory, the
+    first-iteration rules and the pairs carry over; each step only evaluates its start
+    once more), and lr = 0.5 (a shorter first trial) reaches the same optimum."""
+    name = "logistic_in_a_box"
+    fg, x0, lower, upper, m = _problem(name)
+    whole, _, long_run = _run(name)
+    iterations = long_run.state[long_run.param_groups[0]["params"][0]]["n_iter"]
+    x = x0.clone().requires_grad_()
+
+    def closure():
+        f, g = fg(x.detach())
+        x.grad = g
+        return f
+
+    opt = LBFGS([x], bounds=(lower, upper), history_size=m, max_iter=5, max_eval=100, tolerance_grad=PGTOL,
+                tolerance_change=FTOL)
+    while opt.state[x].get("n_iter", 0) < iterations:
+        opt.step(closure)
+    torch.testing.assert_close(x.detach(), whole, rtol=0, atol=0)
+    shorter, _, _ = _run(name, lr=0.5)
+    assert fg(shorter)[0] == pytest.approx(fg(whole)[0], rel=1e-10)
+
+
 def test_start_is_projected_and_every_trial_is_feasible():
     name = "infeasible_start"
     fg, x0, lower, upper, m = _problem(name)
