@@ -40,7 +40,10 @@ _CHUNK = 1 << 16  # columns of the ring per chunk of a widened product
 _GCP_CHUNK = 1 << 17  # breakpoints per chunk of the Cauchy point's prefix sums
 _FIRST_CHUNK = 256  # on the CPU, the first chunk (the next ones 4 times larger, up to _GCP_CHUNK)
 _HEAD = 4096  # on the CPU, the breakpoints searched before a full sort
-SEARCH_ON_HOST = True  # on the CPU, stop the Cauchy point's search at the first chunk that holds it
+# On the CPU, where the host is the device and a read costs nothing, reads that pick the cheaper
+# path: the Cauchy point's search stops at the first chunk that holds it, and the free
+# variables' Gram blocks are taken over the smaller of the free and the bound variables.
+CPU_SHORTCUTS = True
 MAX_LS = 20  # evaluations per line search (L-BFGS-B's)
 
 # The vector the host reads after each evaluation, and after each direction.
@@ -308,20 +311,21 @@ class _Box:
 
     def free_gram(self, free: Tensor, model) -> Tensor:
         """``W_F^T W_F`` (``2k x 2k``) from the Gram blocks over the free variables (B15):
-        one masked product of the ring with itself."""
+        one masked product of the ring with itself; on the CPU, over the bound variables
+        when they are fewer, subtracted from ``gram`` (``W^T W`` over every variable)."""
         m = self.m
+        complement = CPU_SHORTCUTS and self.home.type == "cpu" and bool(2 * free.sum() > self.n)
+        mask = ~free if complement else free
         blocks = torch.zeros(3, m, m, dtype=torch.float64, device=self.home)
         for a, arena in enumerate(self.arenas):
             S, Y = arena.rings()
-            mask = self.part(free, a).to(arena.device)
+            part = self.part(mask, a).to(arena.device)
             for lo in range(0, arena.numel, _CHUNK):
                 hi = min(arena.numel, lo + _CHUNK)
                 Sc, Yc = S[:, lo:hi].double(), Y[:, lo:hi].double()
-                SF = Sc * mask[lo:hi]
-                blocks += torch.stack([SF @ Sc.t(), SF @ Yc.t(), (Yc * mask[lo:hi]) @ Yc.t()]).to(self.home)
-        slots, t = model.slots, model.theta
-        SS, SY, YY = blocks[:, slots][:, :, slots].unbind(0)
-        return torch.cat([torch.cat([YY, t * SY.t()], 1), torch.cat([t * SY, t * t * SS], 1)], 0)
+                SF = Sc * part[lo:hi]
+                blocks += torch.stack([SF @ Sc.t(), SF @ Yc.t(), (Yc * part[lo:hi]) @ Yc.t()]).to(self.home)
+        return _WtW(self.plan.gram - blocks if complement else blocks, model)
 
     # -- the memory -------------------------------------------------------------------
     def held(self) -> int:
@@ -412,7 +416,7 @@ class _Box:
             p0=self.Wt(d, model, full=True) if model.k else None,
         )
         found = None
-        host = SEARCH_ON_HOST and self.home.type == "cpu"
+        host = CPU_SHORTCUTS and self.home.type == "cpu"
         if host and n > _HEAD:
             found = self._first_segment(*torch.topk(path.keys, _HEAD, largest=False, sorted=True), path, model,
                                         False, host)
@@ -497,7 +501,7 @@ class _Box:
         if F is not None:
             r.mul_(F)
         # (B15) du = r / theta + W_F K^{-1} W_F^T r / theta^2, K = M^{-1} - W_F^T W_F / theta
-        WtW = self.free_gram(free, model) if free is not None else self._full_gram(model)
+        WtW = self.free_gram(free, model) if free is not None else _WtW(self.plan.gram, model)
         K = model.Minv - WtW / theta
         v, info = torch.linalg.solve_ex(K, self.Wt(r, model))
         du = self.W(v, model, torch.empty_like(x)).div_(theta * theta).add_(r / theta)
@@ -514,11 +518,13 @@ class _Box:
         self.z.copy_(torch.where(on_bound & ~descent, back, z))
         return self.z, model.info + info
 
-    def _full_gram(self, model) -> Tensor:
-        """``W^T W`` over every variable, from ``gram`` (no ring pass)."""
-        slots, t = model.slots, model.theta
-        SS, SY, YY = self.plan.gram[:, slots][:, :, slots].unbind(0)
-        return torch.cat([torch.cat([YY, t * SY.t()], 1), torch.cat([t * SY, t * t * SS], 1)], 0)
+
+def _WtW(blocks: Tensor, model) -> Tensor:
+    """``W^T W`` (``2k x 2k``, B15) from Gram blocks ``[3, m, m]`` (``S S^T``, ``S Y^T``,
+    ``Y Y^T`` in slot order) over some variables: the held slots, in recency order."""
+    slots, t = model.slots, model.theta
+    SS, SY, YY = blocks[:, slots][:, :, slots].unbind(0)
+    return torch.cat([torch.cat([YY, t * SY.t()], 1), torch.cat([t * SY, t * t * SS], 1)], 0)
 
 
 # ----------------------------------------------------------------------------------
