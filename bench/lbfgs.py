@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -250,7 +251,8 @@ def main(argv=None) -> list[dict]:
     if not args.smoke:
         out = args.out or results_dir(device) / "lbfgs.json"
         with open(out, "w") as f:
-            json.dump({"machine": machine_stamp(device), "argv": argv, "dtype": args.dtype,
+            command = argv if argv is not None else sys.argv[1:]
+            json.dump({"machine": machine_stamp(device), "argv": command, "dtype": args.dtype,
                        "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
     return rows
 

@@ -35,46 +35,15 @@
 
 #include "../dispatch.h"
 #include "../lbfgs.h"
+#include "chunk.h"
 
 namespace mlbfgs_fused {
 namespace lbfgs {
 namespace {
 
 using at::Tensor;
-
-
-// A chunk of a T array as C values: the array itself when T is C, else converted.
-template <typename C, typename T>
-inline const C* as_compute(const T* src, int64_t n, C* buffer) {
-  if constexpr (std::is_same_v<C, T>) {
-    return src;
-  } else if constexpr (std::is_same_v<C, float> &&
-                       (std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>)) {
-    using Vec = at::vec::Vectorized<T>;
-    constexpr int64_t W = at::vec::Vectorized<float>::size();
-    int64_t x = 0;
-    for (; x + Vec::size() <= n; x += Vec::size()) {
-      const auto [lo, hi] = at::vec::convert_to_float<T>(Vec::loadu(src + x));
-      lo.store(buffer + x);
-      hi.store(buffer + x + W);
-    }
-    for (; x < n; ++x) buffer[x] = static_cast<float>(src[x]);
-    return buffer;
-  } else {
-    for (int64_t x = 0; x < n; ++x) buffer[x] = static_cast<C>(src[x]);
-    return buffer;
-  }
-}
-
-template <typename C>
-inline double lane_sum(const at::vec::Vectorized<C>& v) {
-  constexpr int64_t W = at::vec::Vectorized<C>::size();
-  C lanes[W];
-  v.store(lanes);
-  double total = 0.0;
-  for (int64_t l = 0; l < W; ++l) total += static_cast<double>(lanes[l]);
-  return total;
-}
+using cpu::as_compute;
+using cpu::lane_sum;
 
 // out[q] = a_q . b_q over n elements with float64 products (no finite input overflows
 // them), Q dots in one pass: float32 widened four lanes at a time where AVX2 is built in.

@@ -99,7 +99,11 @@ def _check_gradient(p: Tensor, g: Tensor) -> None:
         )
 
 
-class NativeLBFGSPlan(LBFGSPlanBase, LBFGSPlan):
+class AddressedLBFGSPlan(LBFGSPlanBase):
+    """What the plans that reach the user's tensors through address tables share (C++,
+    CUDA C++, Triton): the tables, the arenas' per-piece partial sums in one matrix
+    (``pieces[a]`` rows for arena ``a``), their per-arena sums, the scales on the device."""
+
     def __init__(self, arenas: list[LBFGSArena], gram: Tensor, pair_count: Tensor, maximize: bool,
                  line_search: bool):
         dev = gram.device
@@ -107,20 +111,17 @@ class NativeLBFGSPlan(LBFGSPlanBase, LBFGSPlan):
         self.scales_host = torch.ones(len(arenas), dtype=torch.float64, pin_memory=dev.type == "cuda")
         self._scales = [1.0] * len(arenas)
         super().__init__(arenas, gram, pair_count, maximize, line_search)
-        m = self.m
-        self.chunks = []
+        self.tables = [AddressTable(a) for a in arenas]
+
+    def _partials(self, pieces: list[int]) -> None:
+        dev, W = self.home, partial_width(self.m)
         rows = [0]
-        for arena in arenas:
-            table, _ = chunk_tables(arena.layout, m)
-            chunks = torch.tensor(table, dtype=torch.int64).view(-1, CHUNK_COLUMNS).to(dev)
-            self.chunks.append(chunks)
-            rows.append(rows[-1] + chunks.shape[0])
-        W = partial_width(m)
+        for count in pieces:
+            rows.append(rows[-1] + count)
         self.partials = torch.zeros(rows[-1], W, dtype=torch.float64, device=dev)
         self.partial_rows = [self.partials[a:b] for a, b in zip(rows, rows[1:])]
         self.arena_rows = torch.tensor(rows, dtype=torch.int64).to(dev)
-        self.sums = torch.zeros(len(arenas) + 1, W, dtype=torch.float64, device=dev)
-        self.tables = [AddressTable(a) for a in arenas]
+        self.sums = torch.zeros(len(self.arenas) + 1, W, dtype=torch.float64, device=dev)
 
     @property
     def scales(self) -> list[float]:
@@ -133,14 +134,37 @@ class NativeLBFGSPlan(LBFGSPlanBase, LBFGSPlan):
             self.scales_host.numpy()[:] = self._scales
             self.scales_t.copy_(self.scales_host, non_blocking=True)
 
-    def bind(self) -> None:
-        for table in self.tables:
-            table.refresh()
-
     def _source(self, a: int, source: int) -> Tensor | None:
         if source == SOURCE_GRAD:
             return None
         return self.kept[a] if source == SOURCE_KEPT else self.arenas[a].prev_grad
+
+    def _direction(self, source: int, alphas: list[float], moves: list[float] | None, save: bool, push: bool,
+                   combine: bool) -> None:
+        """The one direction pass: the pair pushed (``push``), ``d`` formed (``combine``)."""
+        raise NotImplementedError
+
+    def push(self, source: int, alphas: list[float]) -> None:
+        self._direction(source, alphas, None, False, True, False)
+
+    def direction(self, source: int, alphas: list[float], moves: list[float] | None, save: bool,
+                  push: bool) -> None:
+        self._direction(source, alphas, moves, save, push, True)
+
+
+class NativeLBFGSPlan(AddressedLBFGSPlan, LBFGSPlan):
+    def __init__(self, arenas: list[LBFGSArena], gram: Tensor, pair_count: Tensor, maximize: bool,
+                 line_search: bool):
+        super().__init__(arenas, gram, pair_count, maximize, line_search)
+        self.chunks = []
+        for arena in arenas:
+            table, _ = chunk_tables(arena.layout, self.m)
+            self.chunks.append(torch.tensor(table, dtype=torch.int64).view(-1, CHUNK_COLUMNS).to(self.home))
+        self._partials([c.shape[0] for c in self.chunks])
+
+    def bind(self) -> None:
+        for table in self.tables:
+            table.refresh()
 
     def gradient_dots(self, source: int, alphas: list[float], pair: bool, ring: bool, gd: bool = False,
                       l1: bool = False) -> None:
@@ -164,13 +188,6 @@ class NativeLBFGSPlan(LBFGSPlanBase, LBFGSPlan):
                self.partial_rows[a], self.gram if commit else None, self.pair_count if commit else None,
                alphas[a], 0.0 if moves is None else moves[a], push, combine, moves is not None, save,
                self.maximize, self.m)
-
-    def push(self, source: int, alphas: list[float]) -> None:
-        self._direction(source, alphas, None, False, True, False)
-
-    def direction(self, source: int, alphas: list[float], moves: list[float] | None, save: bool,
-                  push: bool) -> None:
-        self._direction(source, alphas, moves, save, push, True)
 
     def move(self, alphas: list[float], from_saved: bool) -> None:
         op = _ops().lbfgs_move

@@ -21,27 +21,22 @@ from torch import Tensor
 
 from .._state.lbfgs_arena import LBFGSArena
 from . import LBFGSPlan
-from ._lbfgs import SOURCE_GRAD, SOURCE_KEPT, LBFGSPlanBase, partial_width
-from .lbfgs_native import AddressTable
+from .lbfgs_native import AddressedLBFGSPlan
 
 
-class TritonLBFGSPlan(LBFGSPlanBase, LBFGSPlan):
+class TritonLBFGSPlan(AddressedLBFGSPlan, LBFGSPlan):
     def __init__(self, arenas: list[LBFGSArena], gram: Tensor, pair_count: Tensor, maximize: bool,
                  line_search: bool, tile: int | None = None):
         from ..kernels import common, lbfgs_direction, lbfgs_gradient_dots, lbfgs_two_loop
         from . import triton as _triton
 
         dev = gram.device
-        self.scales_t = torch.ones(len(arenas), dtype=torch.float64, device=dev)
-        self.scales_host = torch.ones(len(arenas), dtype=torch.float64, pin_memory=dev.type == "cuda")
-        self._scales = [1.0] * len(arenas)
         super().__init__(arenas, gram, pair_count, maximize, line_search)
         self.k_dots, self.k_two_loop, self.k_direction = lbfgs_gradient_dots, lbfgs_two_loop, lbfgs_direction
         self.tile = _triton.TILE if tile is None else tile
         cap = _triton.worker_cap(dev)
         self.guard = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
         self.tiles, self.workers, self.tiles_aligned = [], [], []
-        rows = [0]
         for arena in arenas:
             tiles, workers, _ = _triton.plan_tables(arena.layout, self.m, self.tile, cap)
             align = common.ALIGN
@@ -51,28 +46,11 @@ class TritonLBFGSPlan(LBFGSPlanBase, LBFGSPlan):
             )
             self.tiles.append(_triton._table(tiles, 4, dev))
             self.workers.append(_triton._table(workers, 6, dev))
-            rows.append(rows[-1] + len(workers))
-        W = partial_width(self.m)
-        self.partials = torch.zeros(rows[-1], W, dtype=torch.float64, device=dev)
-        self.partial_rows = [self.partials[a:b] for a, b in zip(rows, rows[1:])]
-        self.arena_rows = torch.tensor(rows, dtype=torch.int64).to(dev)
-        self.sums = torch.zeros(len(arenas) + 1, W, dtype=torch.float64, device=dev)
+        self._partials([w.shape[0] for w in self.workers])
         self.steps = torch.zeros(len(arenas), 2, dtype=torch.float64, device=dev)
         self.step_slots = [row.unbind(0) for row in self.steps]
         self.step_values = [[0.0, 0.0] for _ in arenas]
-        self.tables = [AddressTable(a) for a in arenas]
         self.aligned = [False] * len(arenas)
-
-    @property
-    def scales(self) -> list[float]:
-        return self._scales
-
-    @scales.setter
-    def scales(self, values: list[float]) -> None:
-        if list(values) != self._scales:
-            self._scales = list(values)
-            self.scales_host.numpy()[:] = self._scales
-            self.scales_t.copy_(self.scales_host, non_blocking=True)
 
     def bind(self) -> None:
         for a, table in enumerate(self.tables):
@@ -84,11 +62,6 @@ class TritonLBFGSPlan(LBFGSPlanBase, LBFGSPlan):
             if self.step_values[a][column] != value:
                 self.step_slots[a][column].fill_(value)
                 self.step_values[a][column] = value
-
-    def _source(self, a: int, source: int) -> Tensor | None:
-        if source == SOURCE_GRAD:
-            return None
-        return self.kept[a] if source == SOURCE_KEPT else self.arenas[a].prev_grad
 
     def gradient_dots(self, source: int, alphas: list[float], pair: bool, ring: bool, gd: bool = False,
                       l1: bool = False) -> None:
@@ -125,13 +98,6 @@ class TritonLBFGSPlan(LBFGSPlanBase, LBFGSPlan):
                     self.gram if commit else None, self.pair_count if commit else None, self.steps[a],
                     self.m, self.maximize, push, combine, moves is not None, self.tile, self.aligned[a],
                 )
-
-    def push(self, source: int, alphas: list[float]) -> None:
-        self._direction(source, alphas, None, False, True, False)
-
-    def direction(self, source: int, alphas: list[float], moves: list[float] | None, save: bool,
-                  push: bool) -> None:
-        self._direction(source, alphas, moves, save, push, True)
 
     def move(self, alphas: list[float], from_saved: bool) -> None:
         self._set_steps(1, alphas)
