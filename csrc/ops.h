@@ -40,9 +40,12 @@ enum StatsColumn : int64_t { S_GG, S_DD, S_HELD, STATS_COLUMNS };
 //   UPDATE_RELEASED_AVERAGES    a released due step before its push: E1 EMAs and the
 //                               candidate's sums, no direction;
 //   UPDATE_RELEASED_AFTER_PUSH  a released due step after its push: G = g (E2) and the
-//                               direction with the pair just pushed (E4).
+//                               direction with the pair just pushed (E4);
+//   UPDATE_PAPER_PAIR           the paper's order with the pair pushed in this pass where
+//                               due (its candidate's sums came with pass 1; the CPU).
 enum UpdateMode : int64_t {
-  UPDATE_PAPER, UPDATE_RELEASED, UPDATE_RELEASED_AVERAGES, UPDATE_RELEASED_AFTER_PUSH
+  UPDATE_PAPER, UPDATE_RELEASED, UPDATE_RELEASED_AVERAGES, UPDATE_RELEASED_AFTER_PUSH,
+  UPDATE_PAPER_PAIR
 };
 // Per-chunk partial sums of a pair-forming step's candidate: s.s, s.y, y.y.
 enum PairColumn : int64_t { P_SS, P_SY, P_YY, PAIR_COLUMNS };
