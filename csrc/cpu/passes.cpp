@@ -95,17 +95,41 @@ inline Vec<C> load_n(const T* p, int64_t count) {
   }
 }
 
-// Store the first `count` lanes of v (all when Full) as T.
+#if defined(CPU_CAPABILITY_AVX2)
+// float -> bfloat16, rounded to nearest even as c10::BFloat16 rounds (a NaN stays a
+// NaN): 32-bit lanes whose top 16 bits are the bfloat16.
+inline __m256i bfloat16_bits(const __m256 v) {
+  const __m256i x = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc00000), nan);
+}
+#endif
+
+// Store the first `count` lanes of v (all when Full) as T (16-bit T rounded a vector at
+// a time where the build has AVX2 and F16C; the same bits as c10's scalar conversions).
 template <bool Full, typename T, typename C>
 inline void store_n(T* p, const Vec<C>& v, int64_t count) {
   if constexpr (Full && std::is_same_v<C, T>) {
     v.store(p);
-  } else {
-    alignas(64) C lanes[Vec<C>::size()];
-    v.store(lanes);
-    const int64_t k = Full ? Vec<C>::size() : count;
-    for (int64_t l = 0; l < k; ++l) p[l] = static_cast<T>(lanes[l]);
+    return;
   }
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (Full && std::is_same_v<C, float> && std::is_same_v<T, at::BFloat16>) {
+    const __m256i top = _mm256_srli_epi32(bfloat16_bits(v), 16);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1)));
+    return;
+  } else if constexpr (Full && std::is_same_v<C, float> && std::is_same_v<T, at::Half>) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return;
+  }
+#endif
+  alignas(64) C lanes[Vec<C>::size()];
+  v.store(lanes);
+  const int64_t k = Full ? Vec<C>::size() : count;
+  for (int64_t l = 0; l < k; ++l) p[l] = static_cast<T>(lanes[l]);
 }
 
 // v as a store to T and a load back would give it.
@@ -113,7 +137,15 @@ template <typename T, typename C>
 inline Vec<C> rounded(const Vec<C>& v) {
   if constexpr (std::is_same_v<C, T>) {
     return v;
-  } else {
+  }
+#if defined(CPU_CAPABILITY_AVX2)
+  else if constexpr (std::is_same_v<C, float> && std::is_same_v<T, at::BFloat16>) {
+    return _mm256_castsi256_ps(_mm256_and_si256(bfloat16_bits(v), _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+  } else if constexpr (std::is_same_v<C, float> && std::is_same_v<T, at::Half>) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#endif
+  else {
     alignas(64) C lanes[Vec<C>::size()];
     v.store(lanes);
     for (int64_t l = 0; l < Vec<C>::size(); ++l) lanes[l] = static_cast<C>(static_cast<T>(lanes[l]));
@@ -155,6 +187,22 @@ struct Sum64 {
     return t;
   }
 };
+// A candidate pair's s.s, s.y, y.y (float64 products).
+template <typename C>
+struct PairSums {
+  Sum64<C> ss, sy, yy;
+  void add(const Vec<C>& s, const Vec<C>& y) {
+    ss.add(s, s);
+    sy.add(s, y);
+    yy.add(y, y);
+  }
+  void write(double* out) const {
+    out[P_SS] = ss.total();
+    out[P_SY] = sy.total();
+    out[P_YY] = yy.total();
+  }
+};
+
 #if defined(CPU_CAPABILITY_AVX2)
 template <>
 struct Sum64<float> {
@@ -169,6 +217,33 @@ struct Sum64<float> {
     _mm256_store_pd(l, lo);
     _mm256_store_pd(h, hi);
     return ((l[0] + l[1]) + (l[2] + l[3])) + ((h[0] + h[1]) + (h[2] + h[3]));
+  }
+};
+template <>
+struct PairSums<float> {
+  __m256d ss[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
+  __m256d sy[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
+  __m256d yy[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
+  void add(const Vec<float>& s8, const Vec<float>& y8) {
+    const __m256 s = s8, y = y8;
+    const __m256d sd[2] = {_mm256_cvtps_pd(_mm256_castps256_ps128(s)), _mm256_cvtps_pd(_mm256_extractf128_ps(s, 1))};
+    const __m256d yd[2] = {_mm256_cvtps_pd(_mm256_castps256_ps128(y)), _mm256_cvtps_pd(_mm256_extractf128_ps(y, 1))};
+    for (int h = 0; h < 2; ++h) {
+      ss[h] = _mm256_fmadd_pd(sd[h], sd[h], ss[h]);
+      sy[h] = _mm256_fmadd_pd(sd[h], yd[h], sy[h]);
+      yy[h] = _mm256_fmadd_pd(yd[h], yd[h], yy[h]);
+    }
+  }
+  static double total(const __m256d* v) {  // the order of Sum64<float>::total
+    alignas(32) double l[4], h[4];
+    _mm256_store_pd(l, v[0]);
+    _mm256_store_pd(h, v[1]);
+    return ((l[0] + l[1]) + (l[2] + l[3])) + ((h[0] + h[1]) + (h[2] + h[3]));
+  }
+  void write(double* out) const {
+    out[P_SS] = total(ss);
+    out[P_SY] = total(sy);
+    out[P_YY] = total(yy);
   }
 };
 template <>
@@ -200,39 +275,57 @@ V* scratch(int64_t count, int slot) {
 }
 
 // -- the dots of a sub-block against ring rows -------------------------------------------
-// acc[2 r + e] += u . row_r over [0, n), e the parity of the vector's index: R rows at a
-// time, two chains each, the loop over rows inside the loop over vectors.
-template <int R, typename C, typename H>
-inline void dots_rows(const C* u, const H* const* rows, int64_t x0, int64_t n, Vec<C>* acc) {
+// The accumulators are named locals, not arrays: an array of vectors may alias the rows
+// (a vector type may alias anything), which would make the compiler store it back at
+// every iteration. The last whole vector and a partial one of a sub-block are added
+// to the accumulators in memory (only at a parameter's end).
+
+// acc[2 r + e] += u . row_r over [0, n), e the parity of the vector's index: four rows
+// at a time, two chains each, the loop over rows inside the loop over vectors.
+template <typename C, typename H>
+inline void dots_rows4(const C* u, const H* const* rows, int64_t x0, int64_t n, Vec<C>* acc) {
   constexpr int64_t W = Vec<C>::size();
-  Vec<C> a[2 * R];
-  const H* p[R];
-  for (int r = 0; r < R; ++r) {
-    a[2 * r] = acc[2 * r];
-    a[2 * r + 1] = acc[2 * r + 1];
-    p[r] = rows[r] + x0;
-  }
+  const H *p0 = rows[0] + x0, *p1 = rows[1] + x0, *p2 = rows[2] + x0, *p3 = rows[3] + x0;
+  Vec<C> a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3], a4 = acc[4], a5 = acc[5], a6 = acc[6], a7 = acc[7];
   int64_t x = 0;
   for (; x + 2 * W <= n; x += 2 * W) {
     const Vec<C> u0 = Vec<C>::loadu(u + x), u1 = Vec<C>::loadu(u + x + W);
-    for (int r = 0; r < R; ++r) {
-      a[2 * r] = at::vec::fmadd(u0, load<C>(p[r] + x), a[2 * r]);
-      a[2 * r + 1] = at::vec::fmadd(u1, load<C>(p[r] + x + W), a[2 * r + 1]);
+    a0 = at::vec::fmadd(u0, load<C>(p0 + x), a0);
+    a1 = at::vec::fmadd(u1, load<C>(p0 + x + W), a1);
+    a2 = at::vec::fmadd(u0, load<C>(p1 + x), a2);
+    a3 = at::vec::fmadd(u1, load<C>(p1 + x + W), a3);
+    a4 = at::vec::fmadd(u0, load<C>(p2 + x), a4);
+    a5 = at::vec::fmadd(u1, load<C>(p2 + x + W), a5);
+    a6 = at::vec::fmadd(u0, load<C>(p3 + x), a6);
+    a7 = at::vec::fmadd(u1, load<C>(p3 + x + W), a7);
+  }
+  acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = a4, acc[5] = a5, acc[6] = a6, acc[7] = a7;
+  const H* p[4] = {p0, p1, p2, p3};
+  for (; x < n; x += W) {  // a parameter's last vectors
+    const int64_t k = std::min(W, n - x);
+    const Vec<C> u0 = k == W ? Vec<C>::loadu(u + x) : Vec<C>::loadu(u + x, k);
+    for (int r = 0; r < 4; ++r) {
+      acc[2 * r] = at::vec::fmadd(u0, k == W ? load<C>(p[r] + x) : load<C>(p[r] + x, k), acc[2 * r]);
     }
   }
-  if (x + W <= n) {
-    const Vec<C> u0 = Vec<C>::loadu(u + x);
-    for (int r = 0; r < R; ++r) a[2 * r] = at::vec::fmadd(u0, load<C>(p[r] + x), a[2 * r]);
-    x += W;
+}
+
+template <typename C, typename H>
+inline void dots_row1(const C* u, const H* row, int64_t x0, int64_t n, Vec<C>* acc) {
+  constexpr int64_t W = Vec<C>::size();
+  const H* p0 = row + x0;
+  Vec<C> a0 = acc[0], a1 = acc[1];
+  int64_t x = 0;
+  for (; x + 2 * W <= n; x += 2 * W) {
+    a0 = at::vec::fmadd(Vec<C>::loadu(u + x), load<C>(p0 + x), a0);
+    a1 = at::vec::fmadd(Vec<C>::loadu(u + x + W), load<C>(p0 + x + W), a1);
   }
-  if (x < n) {
-    const Vec<C> u0 = Vec<C>::loadu(u + x, static_cast<int>(n - x));
-    for (int r = 0; r < R; ++r) a[2 * r] = at::vec::fmadd(u0, load<C>(p[r] + x, n - x), a[2 * r]);
+  for (; x < n; x += W) {
+    const int64_t k = std::min(W, n - x);
+    a0 = k == W ? at::vec::fmadd(Vec<C>::loadu(u + x), load<C>(p0 + x), a0)
+                : at::vec::fmadd(Vec<C>::loadu(u + x, k), load<C>(p0 + x, k), a0);
   }
-  for (int r = 0; r < R; ++r) {
-    acc[2 * r] = a[2 * r];
-    acc[2 * r + 1] = a[2 * r + 1];
-  }
+  acc[0] = a0, acc[1] = a1;
 }
 
 // Every row of `rows` (count of them) against u; acc holds two chains per row.
@@ -240,78 +333,82 @@ template <typename C, typename H>
 inline void dots_all_rows(const C* u, const H* const* rows, int64_t count, int64_t x0, int64_t n,
                           Vec<C>* acc) {
   int64_t r = 0;
-  for (; r + 4 <= count; r += 4) dots_rows<4, C, H>(u, rows + r, x0, n, acc + 2 * r);
-  switch (count - r) {
-    case 3: dots_rows<3, C, H>(u, rows + r, x0, n, acc + 2 * r); break;
-    case 2: dots_rows<2, C, H>(u, rows + r, x0, n, acc + 2 * r); break;
-    case 1: dots_rows<1, C, H>(u, rows + r, x0, n, acc + 2 * r); break;
-    default: break;
+  for (; r + 4 <= count; r += 4) dots_rows4<C, H>(u, rows + r, x0, n, acc + 2 * r);
+  for (; r < count; ++r) dots_row1<C, H>(u, rows[r], x0, n, acc + 2 * r);
+}
+
+// acc[2 r + k] += (k ? v : u) . row_r: four rows at a time, one chain per (row, vector),
+// each row vector loaded once for both products.
+template <typename C, typename H>
+inline void dots2_rows4(const C* u, const C* v, const H* const* rows, int64_t x0, int64_t n, Vec<C>* acc) {
+  constexpr int64_t W = Vec<C>::size();
+  const H *p0 = rows[0] + x0, *p1 = rows[1] + x0, *p2 = rows[2] + x0, *p3 = rows[3] + x0;
+  Vec<C> a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3], a4 = acc[4], a5 = acc[5], a6 = acc[6], a7 = acc[7];
+  int64_t x = 0;
+  for (; x + W <= n; x += W) {
+    const Vec<C> u0 = Vec<C>::loadu(u + x), v0 = Vec<C>::loadu(v + x);
+    const Vec<C> q0 = load<C>(p0 + x), q1 = load<C>(p1 + x), q2 = load<C>(p2 + x), q3 = load<C>(p3 + x);
+    a0 = at::vec::fmadd(u0, q0, a0);
+    a1 = at::vec::fmadd(v0, q0, a1);
+    a2 = at::vec::fmadd(u0, q1, a2);
+    a3 = at::vec::fmadd(v0, q1, a3);
+    a4 = at::vec::fmadd(u0, q2, a4);
+    a5 = at::vec::fmadd(v0, q2, a5);
+    a6 = at::vec::fmadd(u0, q3, a6);
+    a7 = at::vec::fmadd(v0, q3, a7);
+  }
+  acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = a4, acc[5] = a5, acc[6] = a6, acc[7] = a7;
+  if (x < n) {  // a parameter's last, partial vector
+    const Vec<C> u0 = Vec<C>::loadu(u + x, n - x), v0 = Vec<C>::loadu(v + x, n - x);
+    const H* p[4] = {p0, p1, p2, p3};
+    for (int r = 0; r < 4; ++r) {
+      const Vec<C> q = load<C>(p[r] + x, n - x);
+      acc[2 * r] = at::vec::fmadd(u0, q, acc[2 * r]);
+      acc[2 * r + 1] = at::vec::fmadd(v0, q, acc[2 * r + 1]);
+    }
   }
 }
 
-// acc[4 r + 2 k + e] += (k ? v : u) . row_r: two rows at a time, four chains each.
-template <int R, typename C, typename H>
-inline void dots2_rows(const C* u, const C* v, const H* const* rows, int64_t x0, int64_t n, Vec<C>* acc) {
+template <typename C, typename H>
+inline void dots2_row1(const C* u, const C* v, const H* row, int64_t x0, int64_t n, Vec<C>* acc) {
   constexpr int64_t W = Vec<C>::size();
-  Vec<C> a[4 * R];
-  const H* p[R];
-  for (int r = 0; r < R; ++r) {
-    for (int k = 0; k < 4; ++k) a[4 * r + k] = acc[4 * r + k];
-    p[r] = rows[r] + x0;
-  }
+  const H* p0 = row + x0;
+  Vec<C> a0 = acc[0], a1 = acc[1];
   int64_t x = 0;
-  for (; x + 2 * W <= n; x += 2 * W) {
-    const Vec<C> u0 = Vec<C>::loadu(u + x), u1 = Vec<C>::loadu(u + x + W);
-    const Vec<C> v0 = Vec<C>::loadu(v + x), v1 = Vec<C>::loadu(v + x + W);
-    for (int r = 0; r < R; ++r) {
-      const Vec<C> q0 = load<C>(p[r] + x), q1 = load<C>(p[r] + x + W);
-      a[4 * r] = at::vec::fmadd(u0, q0, a[4 * r]);
-      a[4 * r + 1] = at::vec::fmadd(u1, q1, a[4 * r + 1]);
-      a[4 * r + 2] = at::vec::fmadd(v0, q0, a[4 * r + 2]);
-      a[4 * r + 3] = at::vec::fmadd(v1, q1, a[4 * r + 3]);
-    }
+  for (; x + W <= n; x += W) {
+    const Vec<C> q = load<C>(p0 + x);
+    a0 = at::vec::fmadd(Vec<C>::loadu(u + x), q, a0);
+    a1 = at::vec::fmadd(Vec<C>::loadu(v + x), q, a1);
   }
-  for (; x < n; x += W) {
-    const int64_t k = std::min<int64_t>(W, n - x);
-    const Vec<C> u0 = k == W ? Vec<C>::loadu(u + x) : Vec<C>::loadu(u + x, static_cast<int>(k));
-    const Vec<C> v0 = k == W ? Vec<C>::loadu(v + x) : Vec<C>::loadu(v + x, static_cast<int>(k));
-    for (int r = 0; r < R; ++r) {
-      const Vec<C> q0 = k == W ? load<C>(p[r] + x) : load<C>(p[r] + x, k);
-      a[4 * r] = at::vec::fmadd(u0, q0, a[4 * r]);
-      a[4 * r + 2] = at::vec::fmadd(v0, q0, a[4 * r + 2]);
-    }
+  if (x < n) {
+    const Vec<C> q = load<C>(p0 + x, n - x);
+    a0 = at::vec::fmadd(Vec<C>::loadu(u + x, n - x), q, a0);
+    a1 = at::vec::fmadd(Vec<C>::loadu(v + x, n - x), q, a1);
   }
-  for (int r = 0; r < R; ++r) {
-    for (int k = 0; k < 4; ++k) acc[4 * r + k] = a[4 * r + k];
-  }
+  acc[0] = a0, acc[1] = a1;
 }
 
 template <typename C, typename H>
 inline void dots2_all_rows(const C* u, const C* v, const H* const* rows, int64_t count, int64_t x0,
                            int64_t n, Vec<C>* acc) {
   int64_t r = 0;
-  for (; r + 2 <= count; r += 2) dots2_rows<2, C, H>(u, v, rows + r, x0, n, acc + 4 * r);
-  if (r < count) dots2_rows<1, C, H>(u, v, rows + r, x0, n, acc + 4 * r);
+  for (; r + 4 <= count; r += 4) dots2_rows4<C, H>(u, v, rows + r, x0, n, acc + 2 * r);
+  for (; r < count; ++r) dots2_row1<C, H>(u, v, rows[r], x0, n, acc + 2 * r);
 }
 
 // -- a step's per-element pieces -----------------------------------------------------------
-// How the averages move (docs/design.md, "The step", 6, and "The released variant", E1).
+// How the averages move (docs/design.md, "The step", 6, and "The released variant", E1):
+// lerp weights (paper) or the sample's weight and the decay (released); both start at
+// their first sample.
 template <typename C>
 struct Averages {
-  bool lerp_form = true;      // paper: lerp(a, sample, w); released: decay * a + w * sample
-  C w_param = 1, w_grad = 1;  // lerp weights (paper) or sample weights (released)
+  C w_param = 1, w_grad = 1;
   C decay_param = 0, decay_grad = 0;
-  Averages(bool first, bool released, double beta_p, double beta_g) : lerp_form(!released) {
+  Averages(bool first, bool released, double beta_p, double beta_g) {
     w_param = first ? C(1) : static_cast<C>(released ? 1.0 : 1 - beta_p);
     w_grad = first ? C(1) : static_cast<C>(released ? 1.0 : 1 - beta_g);
     decay_param = first ? C(0) : static_cast<C>(beta_p);
     decay_grad = first ? C(0) : static_cast<C>(beta_g);
-  }
-  Vec<C> param(const Vec<C>& a, const Vec<C>& theta) const {
-    return lerp_form ? lerp<C>(a, theta, w_param) : a * Vec<C>(decay_param) + theta * Vec<C>(w_param);
-  }
-  Vec<C> grad(const Vec<C>& a, const Vec<C>& g) const {
-    return lerp_form ? lerp<C>(a, g, w_grad) : a * Vec<C>(decay_grad) + g * Vec<C>(w_grad);
   }
 };
 
@@ -325,18 +422,21 @@ struct Gradient {
   }
 };
 
-// A sub-block's effective gradient into g (and theta into th when read); theta is read
-// when `need_theta`. Adds g.g (float64 products) to gg.
-template <typename C, typename T>
-inline void gradient_subblock(const T* grad, const T* theta, int64_t n, const Gradient<C>& eff,
-                              bool need_theta, C* g, C* th, Sum64<C>& gg) {
+// A sub-block's effective gradient into g (and theta into th where NeedTheta; zero
+// otherwise). Pass 1 (SumSquares) adds g.g, from float64 products, to gg.
+template <bool NeedTheta, bool SumSquares, typename C, typename T>
+inline void gradient_subblock(const T* grad, const T* theta, int64_t n, const Gradient<C>& eff, C* g,
+                              C* th, Sum64<C>& gg) {
   for_vectors<C>(n, [&](int64_t x, int64_t k, auto full) {
     constexpr bool F = decltype(full)::value;
-    const Vec<C> t = need_theta ? load_n<F, C>(theta + x, k) : Vec<C>(C(0));
+    Vec<C> t(C(0));
+    if constexpr (NeedTheta) {
+      t = load_n<F, C>(theta + x, k);
+      t.store(th + x);
+    }
     const Vec<C> v = eff(load_n<F, C>(grad + x, k), t);
     v.store(g + x);
-    t.store(th + x);
-    gg.add(v, v);
+    if constexpr (SumSquares) gg.add(v, v);
   });
 }
 
@@ -383,29 +483,61 @@ struct Candidate {
   }
 };
 
-// The averages this step writes over a sub-block, rounded to T, into Pn and Gn (where
-// there is no gradient they stay as they are); written back to P, G when `write`.
-template <typename C, typename T>
-inline void averages_subblock(T* P, T* G, const C* th, const C* g, bool has_grad, bool write,
-                              bool reset_grad, const Averages<C>& avg, int64_t n, C* Pn, C* Gn) {
+// The averages this step writes over a sub-block, rounded to T: written back to P, G
+// where Write, kept in Pn, Gn where Keep (a pair's candidate). Form: the paper's lerp,
+// the released code's sums (E1), or G = g (E2, released after its push; P as it is).
+enum AverageForm { AVERAGE_LERP, AVERAGE_SUM, AVERAGE_RESET_GRAD };
+
+template <int Form, bool Write, bool Keep, typename C, typename T>
+inline void averages_subblock(T* P, T* G, const C* th, const C* g, const Averages<C>& avg, int64_t n,
+                              C* Pn, C* Gn) {
   for_vectors<C>(n, [&](int64_t x, int64_t k, auto full) {
     constexpr bool F = decltype(full)::value;
-    Vec<C> p = load_n<F, C>(P + x, k), q = load_n<F, C>(G + x, k);
-    if (has_grad) {
-      if (reset_grad) {  // released after its push: G = g (E2)
-        q = rounded<T, C>(Vec<C>::loadu(g + x));
-      } else {
-        p = rounded<T, C>(avg.param(p, Vec<C>::loadu(th + x)));
-        q = rounded<T, C>(avg.grad(q, Vec<C>::loadu(g + x)));
-      }
-      if (write) {
-        if (!reset_grad) store_n<F, T, C>(P + x, p, k);
-        store_n<F, T, C>(G + x, q, k);
-      }
+    Vec<C> p = load_n<F, C>(P + x, k), q;
+    if constexpr (Form == AVERAGE_RESET_GRAD) {
+      q = rounded<T, C>(Vec<C>::loadu(g + x));
+    } else if constexpr (Form == AVERAGE_LERP) {
+      p = rounded<T, C>(lerp<C>(p, Vec<C>::loadu(th + x), avg.w_param));
+      q = rounded<T, C>(lerp<C>(load_n<F, C>(G + x, k), Vec<C>::loadu(g + x), avg.w_grad));
+    } else {
+      p = rounded<T, C>(p * Vec<C>(avg.decay_param) + Vec<C>::loadu(th + x) * Vec<C>(avg.w_param));
+      q = rounded<T, C>(load_n<F, C>(G + x, k) * Vec<C>(avg.decay_grad) + Vec<C>::loadu(g + x) * Vec<C>(avg.w_grad));
     }
-    p.store(Pn + x);
-    q.store(Gn + x);
+    if constexpr (Write) {
+      if constexpr (Form != AVERAGE_RESET_GRAD) store_n<F, T, C>(P + x, p, k);
+      store_n<F, T, C>(G + x, q, k);
+    }
+    if constexpr (Keep) {
+      p.store(Pn + x);
+      q.store(Gn + x);
+    }
   });
+}
+
+// The averages as they are (a chunk without a gradient), into Pn, Gn.
+template <typename C, typename T>
+inline void averages_as_stored(const T* P, const T* G, int64_t n, C* Pn, C* Gn) {
+  for_vectors<C>(n, [&](int64_t x, int64_t k, auto full) {
+    constexpr bool F = decltype(full)::value;
+    load_n<F, C>(P + x, k).store(Pn + x);
+    load_n<F, C>(G + x, k).store(Gn + x);
+  });
+}
+
+// averages_subblock with the form and Keep chosen at run time (once per sub-block).
+template <bool Write, typename C, typename T>
+inline void averages_dispatch(int form, bool keep, T* P, T* G, const C* th, const C* g, const Averages<C>& avg,
+                              int64_t n, C* Pn, C* Gn) {
+  if (form == AVERAGE_LERP) {
+    keep ? averages_subblock<AVERAGE_LERP, Write, true, C, T>(P, G, th, g, avg, n, Pn, Gn)
+         : averages_subblock<AVERAGE_LERP, Write, false, C, T>(P, G, th, g, avg, n, Pn, Gn);
+  } else if (form == AVERAGE_SUM) {
+    keep ? averages_subblock<AVERAGE_SUM, Write, true, C, T>(P, G, th, g, avg, n, Pn, Gn)
+         : averages_subblock<AVERAGE_SUM, Write, false, C, T>(P, G, th, g, avg, n, Pn, Gn);
+  } else {
+    keep ? averages_subblock<AVERAGE_RESET_GRAD, Write, true, C, T>(P, G, th, g, avg, n, Pn, Gn)
+         : averages_subblock<AVERAGE_RESET_GRAD, Write, false, C, T>(P, G, th, g, avg, n, Pn, Gn);
+  }
 }
 
 // The pair of a sub-block where it is due: if accepted, s and yhat = lerp(s, y, phi)
@@ -441,8 +573,8 @@ inline void pair_subblock(const Candidate<C, T, H>& cand, const PairDecision& de
 template <typename C>
 inline void gram_row(const Vec<C>* acc, int64_t m, double* out) {
   for (int64_t r = 0; r < 2 * m; ++r) {
-    const double with_s = lane_sum<C>(acc[4 * r] + acc[4 * r + 1]);
-    const double with_yhat = lane_sum<C>(acc[4 * r + 2] + acc[4 * r + 3]);
+    const double with_s = lane_sum<C>(acc[2 * r]);
+    const double with_yhat = lane_sum<C>(acc[2 * r + 1]);
     if (r < m) {
       out[r] = with_s;           // s_j . s
       out[m + r] = with_yhat;    // s_j . yhat
@@ -495,7 +627,8 @@ struct DotsPass {
     Vec<C>* acc = scratch<Vec<C>>(4 * m, 1);
     std::fill(acc, acc + 4 * m, Vec<C>(C(0)));
     alignas(64) C g[SB], th[SB], Pn[SB], Gn[SB];
-    Sum64<C> gg, ss, sy, yy;
+    Sum64<C> gg;
+    PairSums<C> sums;
     const int64_t pc = pair_count[b];
     const Averages<C> avg(step[b] == 0, false, beta_p, beta_g);
     const Candidate<C, T, H> cand{P0 + c.start, G0 + c.start, rows[(pc - 1 + m) % m],
@@ -505,20 +638,25 @@ struct DotsPass {
     for (int64_t x0 = 0; x0 < n; x0 += SB) {
       const int64_t nb = std::min(SB, n - x0);
       if (has_grad) {
-        gradient_subblock<C, T>(gr + c.local + x0, theta_chunk + x0, nb, eff,
-                                eff.weight_decay != C(0) || pair, g, th, gg);
+        if (eff.weight_decay != C(0) || pair) {
+          gradient_subblock<true, true, C, T>(gr + c.local + x0, theta_chunk + x0, nb, eff, g, th, gg);
+        } else {
+          gradient_subblock<false, true, C, T>(gr + c.local + x0, theta_chunk + x0, nb, eff, g, th, gg);
+        }
         dots_all_rows<C, H>(g, rows, 2 * m, x0, nb, acc);
       }
       if (pair) {
-        averages_subblock<C, T>(const_cast<T*>(P + c.start + x0), const_cast<T*>(G + c.start + x0), th, g,
-                                has_grad, /*write=*/false, /*reset_grad=*/false, avg, nb, Pn, Gn);
+        if (has_grad) {
+          averages_subblock<AVERAGE_LERP, false, true, C, T>(const_cast<T*>(P + c.start + x0),
+                                                            const_cast<T*>(G + c.start + x0), th, g, avg, nb, Pn, Gn);
+        } else {
+          averages_as_stored<C, T>(P + c.start + x0, G + c.start + x0, nb, Pn, Gn);
+        }
         const Candidate<C, T, H> here{cand.P0 + x0, cand.G0 + x0, cand.s_newest + x0, cand.y_newest + x0, cand.r};
         for_vectors<C>(nb, [&](int64_t x, int64_t kk, auto full) {
           Vec<C> s, y;
           here.template at<decltype(full)::value>(x, kk, Pn, Gn, s, y);
-          ss.add(s, s);
-          sy.add(s, y);
-          yy.add(y, y);
+          sums.add(s, y);
         });
       }
     }
@@ -526,12 +664,7 @@ struct DotsPass {
       for (int64_t r = 0; r < 2 * m; ++r) out[r] = lane_sum<C>(acc[2 * r] + acc[2 * r + 1]);
       out[2 * m] = gg.total();
     }
-    if (pair) {
-      double* po = pair_partials + k * PAIR_COLUMNS;
-      po[P_SS] = ss.total();
-      po[P_SY] = sy.total();
-      po[P_YY] = yy.total();
-    }
+    if (pair) sums.write(pair_partials + k * PAIR_COLUMNS);
   }
 };
 
@@ -561,34 +694,68 @@ double two_loop_blocks(const double* part, const int64_t* btab, int64_t B, const
 }
 
 // -- pass 2 ----------------------------------------------------------------------------------
-// d = c_g g + sum_k c_s[k] s_k + c_y[k] y_k over NV vectors at x (in slot order, the
-// same arithmetic for every element), then buf = mu buf + scale d, theta = theta - lr buf.
-template <int NV, bool Full, typename C, typename T, typename H>
-inline void direction_vectors(int64_t x, int64_t x0, int64_t count, const C* g, const C* th, T* theta,
-                              T* buf, const H* const* rows, const C* coefs, int64_t held, C c_g,
-                              C scale, C momentum, C neg_lr) {
-  // x: in the sub-block (g, th); x0 + x: in the chunk (theta, buf, the rows).
-  constexpr int64_t W = Vec<C>::size();
-  Vec<C> a[NV];
-  for (int j = 0; j < NV; ++j) {
-    a[j] = Vec<C>(c_g) * (Full ? Vec<C>::loadu(g + x + j * W) : Vec<C>::loadu(g + x + j * W, count));
+// NOTE [pass 2 runs backwards]: each thread walks its range of chunks first to last in
+// pass 1 and last to first in pass 2, so pass 2 starts on the tiles pass 1 read last
+// (still in L2, or in the last-level cache) and ends on the first ones, where the next
+// step's pass 1 starts. at::parallel_for splits the range alike in both passes, so each
+// thread meets its own tiles. Which chunk writes which partial sums does not change:
+// the same bits.
+// d = c_g g + sum_k c_s[k] s_k + c_y[k] y_k (in slot order, the same arithmetic for
+// every element), then buf = mu buf + scale d, theta = theta - lr buf, for four whole
+// vectors at x (Four) or one vector of `count` elements. x: in the sub-block (g, th);
+// x0 + x: in the chunk (theta, buf, the rows).
+template <typename C, typename T>
+inline void momentum_and_theta(const Vec<C>& d, int64_t at_x, int64_t at_local, int64_t count, bool full,
+                               const C* th, T* theta, T* buf, C scale, C momentum, C neg_lr) {
+  if (full) {
+    const Vec<C> b = load<C>(buf + at_x) * Vec<C>(momentum) + d * Vec<C>(scale);
+    store_n<true, T, C>(buf + at_x, b, count);
+    store_n<true, T, C>(theta + at_x, Vec<C>::loadu(th + at_local) + b * Vec<C>(neg_lr), count);
+  } else {
+    const Vec<C> b = load<C>(buf + at_x, count) * Vec<C>(momentum) + d * Vec<C>(scale);
+    store_n<false, T, C>(buf + at_x, b, count);
+    store_n<false, T, C>(theta + at_x, Vec<C>::loadu(th + at_local, count) + b * Vec<C>(neg_lr), count);
   }
+}
+
+template <typename C, typename T, typename H>
+inline void direction4(int64_t x, int64_t x0, const C* g, const C* th, T* theta, T* buf,
+                       const H* const* rows, const C* coefs, int64_t held, C c_g, C scale, C momentum,
+                       C neg_lr) {
+  constexpr int64_t W = Vec<C>::size();
+  const Vec<C> vg(c_g);
+  Vec<C> a0 = vg * Vec<C>::loadu(g + x), a1 = vg * Vec<C>::loadu(g + x + W);
+  Vec<C> a2 = vg * Vec<C>::loadu(g + x + 2 * W), a3 = vg * Vec<C>::loadu(g + x + 3 * W);
+  const int64_t at = x0 + x;
   for (int64_t k = 0; k < held; ++k) {
     const Vec<C> vs(coefs[k]), vy(coefs[held + k]);
-    const H* s = rows[k] + x0 + x;
-    const H* y = rows[held + k] + x0 + x;
-    for (int j = 0; j < NV; ++j) {
-      a[j] = at::vec::fmadd(vy, load_n<Full, C>(y + j * W, count),
-                            at::vec::fmadd(vs, load_n<Full, C>(s + j * W, count), a[j]));
-    }
+    const H* s = rows[k] + at;
+    const H* y = rows[held + k] + at;
+    a0 = at::vec::fmadd(vy, load<C>(y), at::vec::fmadd(vs, load<C>(s), a0));
+    a1 = at::vec::fmadd(vy, load<C>(y + W), at::vec::fmadd(vs, load<C>(s + W), a1));
+    a2 = at::vec::fmadd(vy, load<C>(y + 2 * W), at::vec::fmadd(vs, load<C>(s + 2 * W), a2));
+    a3 = at::vec::fmadd(vy, load<C>(y + 3 * W), at::vec::fmadd(vs, load<C>(s + 3 * W), a3));
   }
-  for (int j = 0; j < NV; ++j) {
-    T* b_at = buf + x0 + x + j * W;
-    const Vec<C> b = load_n<Full, C>(b_at, count) * Vec<C>(momentum) + a[j] * Vec<C>(scale);
-    store_n<Full, T, C>(b_at, b, count);
-    const Vec<C> t = Full ? Vec<C>::loadu(th + x + j * W) : Vec<C>::loadu(th + x + j * W, count);
-    store_n<Full, T, C>(theta + x0 + x + j * W, t + b * Vec<C>(neg_lr), count);  // theta as read (th)
+  momentum_and_theta<C, T>(a0, at, x, W, true, th, theta, buf, scale, momentum, neg_lr);
+  momentum_and_theta<C, T>(a1, at + W, x + W, W, true, th, theta, buf, scale, momentum, neg_lr);
+  momentum_and_theta<C, T>(a2, at + 2 * W, x + 2 * W, W, true, th, theta, buf, scale, momentum, neg_lr);
+  momentum_and_theta<C, T>(a3, at + 3 * W, x + 3 * W, W, true, th, theta, buf, scale, momentum, neg_lr);
+}
+
+template <typename C, typename T, typename H>
+inline void direction1(int64_t x, int64_t x0, int64_t count, const C* g, const C* th, T* theta, T* buf,
+                       const H* const* rows, const C* coefs, int64_t held, C c_g, C scale, C momentum,
+                       C neg_lr) {
+  constexpr int64_t W = Vec<C>::size();
+  const bool full = count == W;
+  Vec<C> a0 = Vec<C>(c_g) * (full ? Vec<C>::loadu(g + x) : Vec<C>::loadu(g + x, count));
+  const int64_t at = x0 + x;
+  for (int64_t k = 0; k < held; ++k) {
+    const Vec<C> s = full ? load<C>(rows[k] + at) : load<C>(rows[k] + at, count);
+    const Vec<C> y = full ? load<C>(rows[held + k] + at) : load<C>(rows[held + k] + at, count);
+    a0 = at::vec::fmadd(Vec<C>(coefs[held + k]), y, at::vec::fmadd(Vec<C>(coefs[k]), s, a0));
   }
+  momentum_and_theta<C, T>(a0, at, x, count, full, th, theta, buf, scale, momentum, neg_lr);
 }
 
 template <typename T, typename H>
@@ -642,11 +809,11 @@ struct UpdatePass {
     }
     Vec<C>* gram_acc = nullptr;
     if (dec != nullptr && dec->accepted) {
-      gram_acc = scratch<Vec<C>>(8 * m, 0);
-      std::fill(gram_acc, gram_acc + 8 * m, Vec<C>(C(0)));
+      gram_acc = scratch<Vec<C>>(4 * m, 0);
+      std::fill(gram_acc, gram_acc + 4 * m, Vec<C>(C(0)));
     }
     alignas(64) C g[SB], th[SB], Pn[SB], Gn[SB], u[SB], v[SB];
-    Sum64<C> ss, sy, yy;
+    PairSums<C> pair_sums;
     const int64_t pc = pair_count[b];
     const int64_t newest = (pc - 1 + m) % m;
     const Averages<C> avg(step[b] == 0, released, beta_p, beta_g);
@@ -654,31 +821,29 @@ struct UpdatePass {
     const C c_momentum = static_cast<C>(momentum), neg_lr = -static_cast<C>(lr);
     const C r = pc > 0 ? static_cast<C>(pair_momentum) : C(0);
     T* th_chunk = theta[c.param] + c.local;
+    const int form = mode == UPDATE_RELEASED_AFTER_PUSH ? AVERAGE_RESET_GRAD : released ? AVERAGE_SUM : AVERAGE_LERP;
+    Sum64<C> gg_unused;
     T* Pc = P + c.start;
     T* Gc = G + c.start;
     T* bc = buf + c.start;
     for (int64_t x0 = 0; x0 < n; x0 += SB) {
       const int64_t nb = std::min(SB, n - x0);
-      Sum64<C> unused;
-      if (has_grad) gradient_subblock<C, T>(gr + c.local + x0, th_chunk + x0, nb, eff, true, g, th, unused);
-      if (mode != UPDATE_RELEASED_AFTER_PUSH || has_grad) {
-        averages_subblock<C, T>(Pc + x0, Gc + x0, th, g, has_grad, /*write=*/true,
-                                mode == UPDATE_RELEASED_AFTER_PUSH, avg, nb, Pn, Gn);
+      const bool keep = sums || dec != nullptr;  // the candidate needs this step's averages
+      if (has_grad) {
+        gradient_subblock<true, false, C, T>(gr + c.local + x0, th_chunk + x0, nb, eff, g, th, gg_unused);
+        averages_dispatch<true, C, T>(form, keep, Pc + x0, Gc + x0, th, g, avg, nb, Pn, Gn);
+      } else if (keep) {
+        averages_as_stored<C, T>(Pc + x0, Gc + x0, nb, Pn, Gn);
       }
       if (direction && has_grad) {
-        constexpr int64_t W = Vec<C>::size(), NV = 8;
+        constexpr int64_t W = Vec<C>::size();
         int64_t x = 0;
-        for (; x + NV * W <= nb; x += NV * W) {
-          direction_vectors<NV, true, C, T, H>(x, x0, W, g, th, th_chunk, bc, held_rows, coefs, held, c_g,
-                                               c_scale, c_momentum, neg_lr);
+        for (; x + 4 * W <= nb; x += 4 * W) {
+          direction4<C, T, H>(x, x0, g, th, th_chunk, bc, held_rows, coefs, held, c_g, c_scale, c_momentum, neg_lr);
         }
-        for (; x + W <= nb; x += W) {
-          direction_vectors<1, true, C, T, H>(x, x0, W, g, th, th_chunk, bc, held_rows, coefs, held, c_g,
-                                              c_scale, c_momentum, neg_lr);
-        }
-        if (x < nb) {
-          direction_vectors<1, false, C, T, H>(x, x0, nb - x, g, th, th_chunk, bc, held_rows, coefs, held,
-                                               c_g, c_scale, c_momentum, neg_lr);
+        for (; x < nb; x += W) {
+          direction1<C, T, H>(x, x0, std::min(W, nb - x), g, th, th_chunk, bc, held_rows, coefs, held, c_g,
+                              c_scale, c_momentum, neg_lr);
         }
       }
       if (sums) {
@@ -687,9 +852,7 @@ struct UpdatePass {
         for_vectors<C>(nb, [&](int64_t x, int64_t kk, auto full) {
           Vec<C> s, y;
           here.template at<decltype(full)::value>(x, kk, Pn, Gn, s, y);
-          ss.add(s, s);
-          sy.add(s, y);
-          yy.add(y, y);
+          pair_sums.add(s, y);
         });
       }
       if (dec != nullptr) {
@@ -700,12 +863,7 @@ struct UpdatePass {
                                gram_acc);
       }
     }
-    if (sums) {
-      double* po = pair_partials + k * PAIR_COLUMNS;
-      po[P_SS] = ss.total();
-      po[P_SY] = sy.total();
-      po[P_YY] = yy.total();
-    }
+    if (sums) pair_sums.write(pair_partials + k * PAIR_COLUMNS);
     if (gram_acc != nullptr) gram_row<C>(gram_acc, m, gram_partials + k * 4 * m);
   }
 };
@@ -732,18 +890,14 @@ struct PushPass {
     const int64_t n = c.count();
     const H** rows = scratch<const H*>(2 * m, 0);
     ring_rows<H>(hs, hy, c, m, rows);
-    Vec<C>* gram_acc = scratch<Vec<C>>(8 * m, 0);
-    std::fill(gram_acc, gram_acc + 8 * m, Vec<C>(C(0)));
+    Vec<C>* gram_acc = scratch<Vec<C>>(4 * m, 0);
+    std::fill(gram_acc, gram_acc + 4 * m, Vec<C>(C(0)));
     const int64_t pc = pair_count[c.block], newest = (pc - 1 + m) % m;
     const C r = pc > 0 ? static_cast<C>(pair_momentum) : C(0);
     alignas(64) C Pn[SB], Gn[SB], u[SB], v[SB];
     for (int64_t x0 = 0; x0 < n; x0 += SB) {
       const int64_t nb = std::min(SB, n - x0);
-      for_vectors<C>(nb, [&](int64_t x, int64_t kk, auto full) {
-        constexpr bool F = decltype(full)::value;
-        load_n<F, C>(P + c.start + x0 + x, kk).store(Pn + x);
-        load_n<F, C>(G + c.start + x0 + x, kk).store(Gn + x);
-      });
+      averages_as_stored<C, T>(P + c.start + x0, G + c.start + x0, nb, Pn, Gn);
       const Candidate<C, T, H> here{P0 + c.start + x0, G0 + c.start + x0, rows[newest] + x0,
                                     rows[m + newest] + x0, r};
       pair_subblock<C, T, H>(here, dec, hs + c.ring(dec.slot) + x0, hy + c.ring(dec.slot) + x0, rows,
@@ -923,7 +1077,7 @@ void run_update(at::TensorList params, at::ArrayRef<std::optional<Tensor>> grads
                               gram_partials.data_ptr<double>(), gradient_of<C>(grad_scale, weight_decay, maximize),
                               scale, lr, momentum, beta_p, beta_g, pair_momentum, period, m, mode};
   at::parallel_for(0, chunks.size(0), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) pass.chunk(k);
+    for (int64_t k = end; k-- > begin;) pass.chunk(k);  // see NOTE [pass 2 runs backwards]
   });
 }
 
@@ -1051,7 +1205,7 @@ void whole_step(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
                                   scale, h.lr, h.momentum, h.beta_p, h.beta_g, h.pair_momentum, h.period, m,
                                   UPDATE_PAPER_PAIR};
     at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) update.chunk(k);
+      for (int64_t k = end; k-- > begin;) update.chunk(k);  // see NOTE [pass 2 runs backwards]
     });
     commit(B, btab, decision, st.gram_partials.const_data_ptr<double>(), st.gram.data_ptr<double>(), step,
            count, st.skipped_pairs.data_ptr<int64_t>(), m);
