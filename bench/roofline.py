@@ -44,10 +44,18 @@ from .problem import make_history, make_problem
 from .timing import load_average, synchronize
 
 SIZES = (10**3, 10**4, 10**5, 10**6, 10**7)
+CUDA_SIZES = (10**3, 10**5, 10**6, 10**7, 10**8)
+
 HISTORY_SIZES = (5, 10, 20)
 THREADS = (1, 2)
 HISTORY_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 ITEMS = (*PASS_NAMES, "step", "pair_step")
+
+
+def default_sizes(device: torch.device, max_n: float | None = None) -> list[int]:
+    """N = 1e3 (the fixed cost) to 1e7 on the CPU, to 1e8 on CUDA."""
+    sizes = CUDA_SIZES if device.type == "cuda" else SIZES
+    return [n for n in sizes if max_n is None or n <= max_n]
 
 
 # -- the machine --------------------------------------------------------------------------
@@ -270,9 +278,11 @@ def variants_for(device: torch.device, backends: list[str] | None, history_dtype
     return [Variant(b, h) for b in names for h in history_dtypes if h == "float32" or b in fused]
 
 
-def run(device=None, sizes=SIZES, history_sizes=HISTORY_SIZES, threads=THREADS, backends=None,
+def run(device=None, sizes=None, history_sizes=HISTORY_SIZES, threads=None, backends=None,
         history_dtypes=tuple(HISTORY_DTYPES), smoke=False, log=print) -> dict:
     device = device or default_device()
+    sizes = default_sizes(device) if sizes is None else sizes
+    threads = (THREADS if device.type == "cpu" else (torch.get_num_threads(),)) if threads is None else threads
     threads_before = torch.get_num_threads()
     caches = cache_bytes()
     footprints = level_footprints(caches)
@@ -458,20 +468,22 @@ def write(result: dict, out: Path, device) -> Path:
 
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default=",".join(f"{n:g}" for n in SIZES))
+    parser.add_argument("--sizes", default=None, help="comma-separated N (default 1e3..1e7 on the CPU, 1e8 on CUDA)")
     parser.add_argument("--history-sizes", default=",".join(map(str, HISTORY_SIZES)))
-    parser.add_argument("--threads", default=",".join(map(str, THREADS)),
-                        help="thread counts; the first is the baseline, the others run the default backend only")
+    parser.add_argument("--threads", default=None,
+                        help="thread counts (default 1,2 on the CPU); the first is the baseline, the others "
+                             "run the default backend only")
     parser.add_argument("--backends", default=None, help="comma-separated (default: every backend that runs here)")
     parser.add_argument("--history-dtypes", default=",".join(HISTORY_DTYPES))
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<machine>)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one call each: checks the plumbing")
     args = parser.parse_args(argv)
     device = default_device()
-    sizes = [1000, 5000] if args.smoke else [int(float(x)) for x in args.sizes.split(",") if x]
+    sizes = [1000, 5000] if args.smoke else default_sizes(device) if args.sizes is None else [
+        int(float(x)) for x in args.sizes.split(",") if x]
     result = run(device, sizes=sizes,
                  history_sizes=[2] if args.smoke else [int(x) for x in args.history_sizes.split(",") if x],
-                 threads=[int(x) for x in args.threads.split(",") if x],
+                 threads=None if args.threads is None else [int(x) for x in args.threads.split(",") if x],
                  backends=args.backends.split(",") if args.backends else None,
                  history_dtypes=[x for x in args.history_dtypes.split(",") if x], smoke=args.smoke)
     out = args.out or results_dir(device)

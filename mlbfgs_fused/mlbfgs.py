@@ -316,7 +316,7 @@ class MLBFGS(Optimizer):
         # step: every group, every device; decided on the device, never on the host.
         probes = [p for group, plan in work for p in plan.gradient_dots(group, amp)]
         home = probes[0].device
-        total = torch.stack([p.to(home) for p in probes]).sum()
+        total = probes[0] if len(probes) == 1 else torch.stack([p.to(home) for p in probes]).sum()
         ok = torch.isfinite(total)
         if amp is not None and amp.found_inf is not None:
             ok = ok & (amp.found_inf.to(home) == 0)

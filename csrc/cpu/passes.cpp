@@ -2,7 +2,7 @@
 // step as one call (csrc/cpu/step.h).
 //
 // Each pass runs at::parallel_for over the chunks of csrc/ops.h. A chunk is walked in
-// sub-blocks of SB elements: every stream the pass reads (gradient, parameters,
+// sub-blocks of at most SB elements: every stream the pass reads (gradient, parameters,
 // averages, the 2m ring rows) is read once, a sub-block at a time, and everything the
 // sub-block needs is done while its tiles are in L1 (docs/design.md, "The C++ and CUDA
 // backends"). The inner loops are at::vec::Vectorized, 16-bit data widened a vector at
@@ -11,7 +11,7 @@
 // combination), so they run at the FMA units' throughput rather than their latency.
 // Reductions go to a per-chunk float64 row and are added per block in chunk order;
 // within a chunk each product goes to an accumulator chosen by its position in the
-// chunk: the same bits for any thread count and any SB.
+// chunk: the same bits for any thread count and any sub-block size.
 //
 // Bytes per element (E parameter bytes, H history bytes, m slots; float32, m = 10):
 //   gradient_dots  reads E (grad) [+ E theta with weight decay] + 2 m H; on a
@@ -51,8 +51,15 @@ using Vec = at::vec::Vectorized<C>;
 
 // Elements per sub-block: a multiple of two vectors of every arithmetic type, so which
 // accumulator a product goes to depends on its position in the chunk only.
+// The largest sub-block, and the one a pass takes: the 2 m ring rows' tiles of a
+// sub-block within 24 KiB (half of a 48 KiB L1), 64 elements at least.
 constexpr int64_t SB = 256;
 static_assert(CHUNK % SB == 0, "a chunk is whole sub-blocks");
+inline int64_t sub_block(int64_t m, int64_t history_bytes) {
+  int64_t sb = SB;
+  while (sb > 64 && 2 * m * sb * history_bytes > (24 << 10)) sb /= 2;
+  return sb;
+}
 
 // -- vector loads and stores, widening and rounding --------------------------------------
 // A vector of C from W consecutive T values (exact widening for 16-bit T).
@@ -627,6 +634,7 @@ struct DotsPass {
     Vec<C>* acc = scratch<Vec<C>>(4 * m, 1);
     std::fill(acc, acc + 4 * m, Vec<C>(C(0)));
     alignas(64) C g[SB], th[SB], Pn[SB], Gn[SB];
+    const int64_t sb = sub_block(m, sizeof(H));
     Sum64<C> gg;
     PairSums<C> sums;
     const int64_t pc = pair_count[b];
@@ -635,8 +643,8 @@ struct DotsPass {
                                   rows[m + (pc - 1 + m) % m],
                                   pc > 0 ? static_cast<C>(pair_momentum) : C(0)};
     const T* theta_chunk = theta[c.param] + c.local;
-    for (int64_t x0 = 0; x0 < n; x0 += SB) {
-      const int64_t nb = std::min(SB, n - x0);
+    for (int64_t x0 = 0; x0 < n; x0 += sb) {
+      const int64_t nb = std::min(sb, n - x0);
       if (has_grad) {
         if (eff.weight_decay != C(0) || pair) {
           gradient_subblock<true, true, C, T>(gr + c.local + x0, theta_chunk + x0, nb, eff, g, th, gg);
@@ -813,6 +821,7 @@ struct UpdatePass {
       std::fill(gram_acc, gram_acc + 4 * m, Vec<C>(C(0)));
     }
     alignas(64) C g[SB], th[SB], Pn[SB], Gn[SB], u[SB], v[SB];
+    const int64_t sb = sub_block(m, sizeof(H));
     PairSums<C> pair_sums;
     const int64_t pc = pair_count[b];
     const int64_t newest = (pc - 1 + m) % m;
@@ -826,8 +835,8 @@ struct UpdatePass {
     T* Pc = P + c.start;
     T* Gc = G + c.start;
     T* bc = buf + c.start;
-    for (int64_t x0 = 0; x0 < n; x0 += SB) {
-      const int64_t nb = std::min(SB, n - x0);
+    for (int64_t x0 = 0; x0 < n; x0 += sb) {
+      const int64_t nb = std::min(sb, n - x0);
       const bool keep = sums || dec != nullptr;  // the candidate needs this step's averages
       if (has_grad) {
         gradient_subblock<true, false, C, T>(gr + c.local + x0, th_chunk + x0, nb, eff, g, th, gg_unused);
@@ -895,8 +904,9 @@ struct PushPass {
     const int64_t pc = pair_count[c.block], newest = (pc - 1 + m) % m;
     const C r = pc > 0 ? static_cast<C>(pair_momentum) : C(0);
     alignas(64) C Pn[SB], Gn[SB], u[SB], v[SB];
-    for (int64_t x0 = 0; x0 < n; x0 += SB) {
-      const int64_t nb = std::min(SB, n - x0);
+    const int64_t sb = sub_block(m, sizeof(H));
+    for (int64_t x0 = 0; x0 < n; x0 += sb) {
+      const int64_t nb = std::min(sb, n - x0);
       averages_as_stored<C, T>(P + c.start + x0, G + c.start + x0, nb, Pn, Gn);
       const Candidate<C, T, H> here{P0 + c.start + x0, G0 + c.start + x0, rows[newest] + x0,
                                     rows[m + newest] + x0, r};
