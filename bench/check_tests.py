@@ -14,8 +14,10 @@ this module as a plugin (``-p bench.check_tests --check-select=STAGE``):
             marked ``slow`` last, when time remains.
 
 ``--check-report=FILE`` writes what was selected and which ids of :data:`PARITY` were not
-collected. ``--check-pretend-cuda`` makes ``backend="cuda"`` look available while collecting
-(its tests' ids then exist without a GPU; for checking this list, never for running tests).
+collected. Every id exists on every machine (tests/cases.py parametrizes over every
+registered backend, skipped where it cannot run); ``--check-pretend-cuda`` makes
+``backend="cuda"`` look available while collecting (for checking this list as a machine
+with the CUDA C++ kernels collects it, never for running tests).
 """
 
 from __future__ import annotations
@@ -39,40 +41,45 @@ class Case(NamedTuple):
     what: str = ""
 
 
+_P = "tests/test_parity.py::"
 _T = "tests/test_triton_optimizer.py::"
 _K = "tests/test_triton_kernels.py::"
-_N = "tests/test_native.py::"
-_G = "tests/test_gpu_validate.py::"
+
+
+def _whole(backend: str, test: str, params: str, dtype: str, history: str, what: str = "") -> Case:
+    """A whole-step case of tests/test_parity.py on ``backend`` (its id starts with it)."""
+    return Case(f"{_P}{test}[{backend}-{params}]", backend, dtype, history, what=what)
+
+
+_PRECISIONS = {  # tests/cases.py's NARROW: id -> (parameter dtype, history dtype)
+    "f32-bf16": ("float32", "bfloat16"), "f32-f16": ("float32", "float16"), "f64-f32": ("float64", "float32"),
+    "f16-f16": ("float16", "float16"), "bf16-bf16": ("bfloat16", "bfloat16"), "bf16-f32": ("bfloat16", "float32"),
+}
 
 PARITY: tuple[Case, ...] = (
-    # Triton, whole steps against the float64 reference (and foreach on the same device).
-    Case(_T + "test_matches_reference_and_foreach[tensor]", "triton", "float32", "float32",
-         what="blocks per tensor, damping, a skipped pair, the ring wrapped; foreach on the GPU too"),
-    Case(_T + "test_matches_reference_and_foreach[13]", "triton", "float32", "float32",
-         what="blocks that cut tensors"),
-    Case(_T + "test_float64_matches_reference_tightly", "triton", "float64", "float64",
-         what="maximize, no normalisation"),
-    Case(_T + "test_bfloat16_history_close_to_reference", "triton", "float32", "bfloat16"),
-    Case(_G + "test_cuda_backends_narrow_history_and_half_parameters[triton-float32-float16]",
-         "triton", "float32", "float16"),
-    Case(_G + "test_cuda_backends_narrow_history_and_half_parameters[triton-float64-float32]",
-         "triton", "float64", "float32"),
-    Case(_T + "test_half_precision_parameters_close_to_reference[torch.float16-0.02]", "triton", "float16", "float16"),
-    Case(_T + "test_half_precision_parameters_close_to_reference[torch.bfloat16-0.05]", "triton", "bfloat16", "bfloat16"),
-    Case(_T + "test_released_variant_matches_reference[tensor]", "triton", "float32", "float32",
-         what='variant="released"'),
-    Case(_T + "test_amp_grad_scale_is_divided_out_and_found_inf_skips", "triton", "float32", "float32",
-         what="GradScaler's scale and inf check"),
-    Case(_T + "test_nan_gradient_in_one_group_skips_every_group[triton]", "triton", "float32", "float32",
-         what="a non-finite gradient skips the step"),
-    Case(_T + "test_parameter_groups_of_two_dtypes_share_the_step[paper]", "triton", "float64", "float64",
-         what="float32 and float64 arenas in one group"),
+    # Triton, whole steps against the float64 reference (tests/test_parity.py).
+    _whole("triton", "test_matches_reference", "paper-f32-f32-tensor", "float32", "float32",
+           "blocks per tensor, damping, a skipped pair, the ring wrapped, non-finite steps"),
+    _whole("triton", "test_matches_reference", "paper-f32-f32-13", "float32", "float32", "blocks that cut tensors"),
+    _whole("triton", "test_matches_reference", "paper-f64-f64-tensor", "float64", "float64",
+           "every per-element state vector too"),
+    _whole("triton", "test_flags_match_reference", "never-maximize", "float64", "float64",
+           "maximize, weight decay, no normalisation"),
+    *(_whole("triton", "test_precision_matches_reference", f"{p}-paper", *_PRECISIONS[p])
+      for p in ("f32-bf16", "f32-f16", "f64-f32", "f16-f16", "bf16-bf16")),
+    _whole("triton", "test_matches_reference", "released-f32-f32-tensor", "float32", "float32", 'variant="released"'),
+    _whole("triton", "test_amp_grad_scale_and_found_inf", "paper", "float32", "float32",
+           "GradScaler's scale and inf check"),
+    _whole("triton", "test_a_non_finite_gradient_in_one_group_skips_every_group", "nan-in-group0", "float64",
+           "float64", "a non-finite gradient skips the step; a foreach group beside it"),
+    _whole("triton", "test_a_group_of_two_dtypes_steps_as_one_group", "paper", "float64", "float64",
+           "float32 and float64 arenas in one group"),
     Case(_T + "test_aligned_specialization_when_every_tile_starts_on_16_elements", "triton", "float32", "float32",
          what="the aligned specialization (vector loads)"),
-    Case(_T + "test_channels_last_parameters_in_place_and_state_in_their_memory_order", "triton", "float32",
-         "float32", what="channels_last parameters"),
-    Case(_T + "test_gradient_with_other_strides_is_staged", "triton", "float32", "float32",
-         what="a gradient with other strides"),
+    _whole("triton", "test_parameters_in_other_memory_orders", "channels_last", "float32", "float32",
+           "channels_last parameters"),
+    _whole("triton", "test_parameters_in_other_memory_orders", "transposed", "float32", "float32",
+           "a column-major parameter, gradients with other strides"),
     # Triton, one kernel at a time against its formula.
     Case(_K + "test_pass1_inner_products[bf16-3]", "triton", "float32", "bfloat16", ("gradient_dots",)),
     Case(_K + "test_coefficients_match_two_loop[4-pair_counts3]", "triton", "float32", "float32", ("two_loop",)),
@@ -80,25 +87,18 @@ PARITY: tuple[Case, ...] = (
     Case(_K + "test_pass2_skips_every_write_unless_ok", "triton", "float32", "float32", ("update",)),
     Case(_K + "test_push_writes_pair_gram_and_counters[bf16-3-pair_counts0]", "triton", "float32", "bfloat16",
          ("push",)),
-    # The CUDA C++ kernels against the float64 reference.
-    Case(_N + "test_matches_reference[1thread-f32-tensor-cuda]", "cuda", "float32", "float32",
-         what="blocks per tensor, the ring wrapped, a skipped pair"),
-    Case(_N + "test_matches_reference[1thread-f32-[[0, 2], [1]]-cuda]", "cuda", "float32", "float32",
-         what="blocks listed by the user"),
-    Case(_N + "test_matches_reference[1thread-f64-13-cuda]", "cuda", "float64", "float64",
-         what="blocks that cut tensors"),
-    Case(_G + "test_cuda_backends_narrow_history_and_half_parameters[cuda-float32-bfloat16]",
-         "cuda", "float32", "bfloat16"),
-    Case(_G + "test_cuda_backends_narrow_history_and_half_parameters[cuda-float32-float16]",
-         "cuda", "float32", "float16"),
-    Case(_G + "test_cuda_backends_narrow_history_and_half_parameters[cuda-float64-float32]",
-         "cuda", "float64", "float32"),
-    Case(_G + "test_cuda_backends_narrow_history_and_half_parameters[cuda-float16-float16]",
-         "cuda", "float16", "float16"),
-    Case(_G + "test_cuda_backends_narrow_history_and_half_parameters[cuda-bfloat16-bfloat16]",
-         "cuda", "bfloat16", "bfloat16"),
-    Case(_G + "test_cuda_backends_narrow_history_and_half_parameters[cuda-bfloat16-float32]",
-         "cuda", "bfloat16", "float32"),
+    # The CUDA C++ kernels against the float64 reference (tests/test_parity.py).
+    _whole("cuda", "test_matches_reference", "paper-f32-f32-tensor", "float32", "float32",
+           "blocks per tensor, the ring wrapped, a skipped pair, non-finite steps"),
+    _whole("cuda", "test_matches_reference", "paper-f32-f32-lists", "float32", "float32", "blocks listed by the user"),
+    _whole("cuda", "test_matches_reference", "paper-f64-f64-13", "float64", "float64",
+           "blocks that cut tensors, every per-element state vector too"),
+    *(_whole("cuda", "test_precision_matches_reference", f"{p}-paper", *_PRECISIONS[p])
+      for p in ("f32-bf16", "f32-f16", "f64-f32", "f16-f16", "bf16-bf16", "bf16-f32")),
+    _whole("cuda", "test_amp_grad_scale_and_found_inf", "paper", "float32", "float32",
+           "GradScaler's scale and inf check"),
+    _whole("cuda", "test_parameters_in_other_memory_orders", "channels_last", "float32", "float32",
+           "channels_last parameters, gradients with other strides"),
 )
 
 # What PARITY must cover, per CUDA backend: (parameter dtype, history dtype) pairs, each
@@ -122,8 +122,9 @@ GRAPH = (
 LATER = (_T + "test_inductor_compiled_step_matches_eager_on_the_gpu",)
 
 # The ``rest`` selection's order (a cut-off run has run the first): these files first.
-REST_FIRST = ("tests/test_triton_optimizer.py", "tests/test_triton_kernels.py", "tests/test_native.py",
-              "tests/test_optim_conventions.py", "tests/test_amp.py", "tests/test_half_precision.py")
+REST_FIRST = ("tests/test_parity.py", "tests/test_triton_optimizer.py", "tests/test_triton_kernels.py",
+              "tests/test_native.py", "tests/test_optim_conventions.py", "tests/test_amp.py",
+              "tests/test_half_precision.py")
 
 PARITY_IDS = tuple(case.nodeid for case in PARITY)
 
@@ -134,8 +135,9 @@ def parity_files() -> list[str]:
 
 
 def needs_cuda_to_collect(nodeid: str) -> bool:
-    """Ids that exist only where the CUDA C++ kernels run (test_native.py's device parameter)."""
-    return nodeid.startswith(_N) and nodeid.endswith("-cuda]")
+    """Ids that exist only where the CUDA C++ kernels run: none (tests/cases.py collects
+    every registered backend's cases everywhere, skipped where they cannot run)."""
+    return False
 
 
 def select(mode: str, items: list) -> list:
@@ -175,7 +177,7 @@ def pytest_configure(config):
     if config.getoption("check_pretend_cuda"):
         from mlbfgs_fused.backends import native
 
-        native.cuda.available = lambda: True  # read when test_native.py is imported
+        native.cuda.available = lambda: True  # read when tests/cases.py is imported
 
 
 def pytest_collection_modifyitems(config, items):

@@ -87,7 +87,7 @@ def load_mlbfgs_steady_state(opt: MLBFGS, history: History, step: int = STEADY_S
     snapshots and momentum, as after ``step`` steps."""
     (group,) = opt.param_groups
     m = group["history_size"]
-    blocks = [b for p in group["params"] for b in opt.state[p].get("blocks", [])]
+    blocks = [b for p in group["params"] for b in opt.block_states(p)]
     if len(blocks) != 1 or blocks[0]["history_s"].shape != history.S.shape:
         raise ValueError("the benchmark state loader handles one block spanning the group")
     (block,) = blocks

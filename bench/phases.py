@@ -57,7 +57,7 @@ def backend_phases(opt: MLBFGS, m: int, floors: dict | None = None) -> dict[str,
     plan = opt.backend_plan(0)
     assert plan.prepare(group)
     ok = {d: torch.ones((), dtype=torch.bool, device=d) for d in plan.devices}
-    steps = [block["step"] for p in group["params"] for block in opt.state[p].get("blocks", [])]
+    steps = [block["step"] for p in group["params"] for block in opt.block_states(p)]
     period = group["update_period"]
 
     def set_steps(value: int) -> None:

@@ -171,7 +171,7 @@ def _pair_step(opt) -> tuple[Callable[[], None], Callable[[], None]]:
     one. ``capturable`` is on for the step, so the foreach backend's host-side probe of
     the counter (which does not see this write) cannot skip the pair."""
     group = opt.param_groups[0]
-    steps = [b["step"] for p in group["params"] for b in opt.state[p].get("blocks", [])]
+    steps = [b["step"] for p in group["params"] for b in opt.block_states(p)]
     value = 11 * group["update_period"] - 1
 
     def set_due():
@@ -191,7 +191,7 @@ def _pair_step(opt) -> tuple[Callable[[], None], Callable[[], None]]:
 def _accepted(opt) -> int:
     """Pairs accepted so far, over the group's blocks."""
     group = opt.param_groups[0]
-    return sum(int(b["pair_count"]) for p in group["params"] for b in opt.state[p].get("blocks", []))
+    return sum(int(b["pair_count"]) for p in group["params"] for b in opt.block_states(p))
 
 
 def run_case(device, n: int, m: int, threads: int, variants: list[Variant], baselines: bool,

@@ -128,17 +128,17 @@ def check_parameters(params, history_dtype: torch.dtype | None = None) -> None:
             raise RuntimeError(f"MLBFGS: a parameter of shape {tuple(p.shape)} with strides {p.stride()}: {_OVERLAP}")
 
 
-def check_unique(params, index: int) -> None:
-    """A parameter listed twice in one group would own two states: refuse it, saying so."""
-    seen: dict[int, int] = {}
-    for position, p in enumerate(params):
-        if id(p) in seen:
-            raise ValueError(
-                f"parameter group {index} lists the same parameter twice (positions "
-                f"{seen[id(p)]} and {position}); MLBFGS keeps one state per parameter: list "
-                "each parameter once"
-            )
-        seen[id(p)] = position
+def drop_duplicates(group: dict) -> None:
+    """A parameter listed twice in one group is kept once (its first place), with its
+    name: torch warns for it ("will cause an error") and would step it twice; MLBFGS
+    keeps one state per parameter and steps it once."""
+    seen: set[int] = set()
+    keep = [i for i, p in enumerate(group["params"]) if not (id(p) in seen or seen.add(id(p)))]
+    if len(keep) == len(group["params"]):
+        return
+    group["params"] = [group["params"][i] for i in keep]
+    if "param_names" in group:
+        group["param_names"] = [group["param_names"][i] for i in keep]
 
 
 def blocks_as_indices(

@@ -12,8 +12,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends
-from ._checks import blocks_as_indices, check_parameters, check_unique, validate_hyperparameters
-from ._state.arena import BLOCK_STATE_KEYS, PARAM_STATE_KEYS, Arena, same_order
+from ._checks import blocks_as_indices, check_parameters, drop_duplicates, validate_hyperparameters
+from ._state.arena import BLOCK_COUNTER_DTYPES, BLOCK_STATE_KEYS, PARAM_STATE_KEYS, STATE_KEY, Arena, same_order
 from ._state.layout import arena_layout
 
 __all__ = ["MLBFGS"]
@@ -77,7 +77,7 @@ class MLBFGS(Optimizer):
 
     A parameter whose ``.grad`` is None at a step is left untouched. A step whose
     gradient holds a NaN or Inf changes nothing and is counted in
-    ``state[...]["blocks"][...]["skipped_steps"]``.
+    ``skipped_steps`` (see :meth:`block_states`).
 
     ``zero_grad``, ``state_dict``, ``load_state_dict``, hooks, named parameters and
     LR schedulers behave as in ``torch.optim`` (schedulers that cycle momentum
@@ -162,7 +162,7 @@ class MLBFGS(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            check_unique(group["params"], len(self.param_groups) - 1)
+            drop_duplicates(group)  # after torch's own warning
             if isinstance(group["blocks"], (list, tuple)):
                 group["blocks"] = blocks_as_indices(
                     group["blocks"], group["params"], explicit_blocks, group.get("param_names")
@@ -207,12 +207,17 @@ class MLBFGS(Optimizer):
             group = {key: value for key, value in saved.items() if key != "params"}
             _fill_group_defaults(group)
             _validate_group(group)
+        # The block state keeps its own dtypes: set apart from what torch's loader casts.
         blocks = {}
         state = {}
         for key, value in state_dict["state"].items():
-            if isinstance(value, dict) and "blocks" in value:
-                blocks[key] = value["blocks"]
-                value = {k: v for k, v in value.items() if k != "blocks"}
+            if isinstance(value, dict):
+                value = dict(value)
+                if "blocks" in value:  # saved when the block state was a list of dicts per block
+                    value.update(_flat_block_state(value.pop("blocks")))
+                kept = {k: value.pop(k) for k in BLOCK_STATE_KEYS if k in value}
+                if kept:
+                    blocks[key] = kept
             state[key] = value
         # torch's loader does the rest (validation, id mapping, casting, param_names),
         # with the hooks run here instead, around the block state too.
@@ -233,7 +238,7 @@ class MLBFGS(Optimizer):
             params = [p for g in self.param_groups for p in g["params"]]
             for pid, p in zip(saved_ids, params):
                 if pid in blocks:
-                    self.state[p]["blocks"] = [_loaded_block(block, p.device) for block in blocks[pid]]
+                    self.state[p].update({k: torch.as_tensor(v).to(device=p.device) for k, v in blocks[pid].items()})
             for group, live in zip(self.param_groups, live_choices):
                 _keep_backend_choice(group, live)
             self._arenas = {}
@@ -298,14 +303,17 @@ class MLBFGS(Optimizer):
         self._single = None
         # Everything that can raise happens before the first write, so a bad
         # gradient in a later group cannot leave an earlier one updated.
-        for group in self.param_groups:
+        stepped = [i for i, group in enumerate(self.param_groups) if any(p.grad is not None for p in group["params"])]
+        for index in stepped:  # a group without gradients is not stepped, nor checked
+            group = self.param_groups[index]
             backend = backends.select(group)
-            backends.check_devices(group["params"], backend)
+            backends.check_devices(backends.stepped_params(group), backend)
             backend.module.check_gradients(group)
         work = []
-        for index, group in enumerate(self.param_groups):
-            if not any(p.grad is not None for p in group["params"]):
-                continue
+        for index in stepped:
+            group = self.param_groups[index]
+            if all(p.grad is None or p.device.type == "meta" for p in group["params"]):
+                continue  # only meta parameters: nothing to step (foreach=True would get here)
             self._init_group(index, group)
             plan = self._arenas[index].plan
             if plan.prepare(group):
@@ -341,6 +349,19 @@ class MLBFGS(Optimizer):
         """The group's arenas, one per (device, dtype)."""
         self._build_arenas(index, group)
         return self._arenas[index].arenas
+
+    def block_states(self, param: Tensor) -> list[dict]:
+        """The state of each block that starts in ``param`` (arena order; none when no
+        block starts there or before the first step), as views: ``step``,
+        ``pair_count``, ``skipped_pairs``, ``skipped_steps`` (0-dim int64), ``history_s``,
+        ``history_y`` (the ``[m, n_b]`` rings) and ``gram`` (``[3, m, m]``)."""
+        return [
+            arena.block_state(b)
+            for built in self._arenas.values()
+            for arena in built.arenas
+            for i, p in enumerate(arena.params) if p is param  # a distributed rank: every piece
+            for b in arena.blocks_by_param().get(i, [])
+        ]
 
     def backend_plan(self, group_index: int = 0) -> backends.Plan:
         """The plan of the backend that steps group ``group_index``: its passes are the
@@ -390,7 +411,8 @@ class MLBFGS(Optimizer):
         check_parameters(params, group["history_dtype"])  # after model.to(...) or p.data = ...
         by_kind: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
-            by_kind.setdefault((p.device, p.dtype), []).append(i)
+            if p.device.type != "meta":  # no state until materialised (model.to_empty)
+                by_kind.setdefault((p.device, p.dtype), []).append(i)
         layouts = []
         for indices in by_kind.values():
             blocks = group["blocks"]
@@ -459,12 +481,21 @@ def _block_pieces(layout, group_indices: list[int], params: list[Tensor]) -> lis
     return blocks
 
 
-def _loaded_block(block, device: torch.device) -> dict:
-    """A saved block's state on ``device``, each key in its own dtype."""
-    missing = [key for key in BLOCK_STATE_KEYS if not (isinstance(block, dict) and key in block)]
-    if missing:
-        raise ValueError(f"loaded optimizer state has a block without {missing}: the checkpoint is incomplete")
-    return {key: torch.as_tensor(block[key]).to(device=device) for key in BLOCK_STATE_KEYS}
+def _flat_block_state(blocks: list) -> dict:
+    """The block state of a checkpoint that kept it as a list of per-block dicts
+    (``state[p]["blocks"]``) under today's keys (mlbfgs_fused/_state/arena.py)."""
+    old_keys = (*BLOCK_COUNTER_DTYPES, "history_s", "history_y", "gram")
+    for block in blocks:
+        missing = [key for key in old_keys if not (isinstance(block, dict) and key in block)]
+        if missing:
+            raise ValueError(f"loaded optimizer state has a block without {missing}: the checkpoint is incomplete")
+    out = {STATE_KEY[key]: torch.stack([torch.as_tensor(b[key]).reshape(()) for b in blocks])
+           for key in BLOCK_COUNTER_DTYPES}
+    out["gram"] = torch.stack([torch.as_tensor(b["gram"]) for b in blocks])
+    for key in ("history_s", "history_y"):
+        rings = [torch.as_tensor(b[key]) for b in blocks]
+        out[key] = rings[0] if len(rings) == 1 else torch.cat([r.reshape(-1) for r in rings])
+    return out
 
 
 def _check_loaded_entries(p_state: dict, group: dict, index: int, i: int) -> None:

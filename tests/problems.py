@@ -18,6 +18,7 @@ import torch
 from mlbfgs_fused import MLBFGS
 from mlbfgs_fused._state.layout import arena_layout
 from mlbfgs_fused.reference import ReferenceGroup
+from mlbfgs_fused.reference.mlbfgs import DEFAULTS as REFERENCE_HYPERPARAMETERS
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Scenario:
     # steps at which a gradient holds a NaN: every group's, or only those of ``nan_groups``
     nan_steps: tuple[int, ...] = ()
     nan_groups: tuple[int, ...] | None = None
+    nan_value: float = float("nan")  # what those steps put there (an infinity is as non-finite)
     noise: float = 0.3
 
     def __post_init__(self):
@@ -52,7 +54,7 @@ class Scenario:
         g = self.A[group] @ (theta.double() - self.theta_star[group]) + self.noise_seq[group][step]
         if step in self.nan_steps and (self.nan_groups is None or group in self.nan_groups):
             g = g.clone()
-            g[len(g) // 2] = float("nan")
+            g[len(g) // 2] = self.nan_value
         return g
 
     def has_grad(self, group: int, step: int) -> list[bool]:
@@ -125,7 +127,7 @@ class ReferenceRun:
             layout = arena_layout(numels, blocks_per_group[gi])
             offsets = [sum(numels[:i]) for i in range(len(numels))]
             perm = torch.cat([torch.arange(offsets[i], offsets[i] + numels[i]) for i in layout.order])
-            hyper = {k: v for k, v in sc.hyper[gi].items() if k != "blocks"}
+            hyper = reference_hyper(sc.hyper[gi])
             self.groups.append(ReferenceGroup(sc.init[gi][perm], layout.block_bounds, **hyper))
             self.perms.append(perm)
 
@@ -154,13 +156,40 @@ class ReferenceRun:
                 ref.step(g, mask, skip=not finite)
 
 
+def reference_hyper(hyper: dict) -> dict:
+    """A group's settings that the reference's math reads: not ``blocks`` (the bounds say
+    it), nor a group's backend or storage dtypes."""
+    return {k: v for k, v in hyper.items() if k in REFERENCE_HYPERPARAMETERS or k == "variant"}
+
+
+_REFERENCE_RUNS: dict[str, ReferenceRun] = {}
+
+
+def reference_run(sc: Scenario) -> ReferenceRun:
+    """The reference run through the whole of ``sc``: made once per process for each
+    scenario (it depends on neither the backend nor the dtypes under test); read it,
+    never step it."""
+    hyper = [
+        {k: (v.tolist(), str(v.dtype)) if isinstance(v, torch.Tensor) else v for k, v in reference_hyper(h).items()}
+        for h in sc.hyper
+    ]
+    blocks = [h.get("blocks", "group") for h in sc.hyper]
+    key = repr((sc.shapes, hyper, blocks, sc.steps, sc.seed, sorted(sc.absent.items()), sc.nan_steps,
+                sc.nan_groups, sc.nan_value, sc.noise))
+    ref = _REFERENCE_RUNS.get(key)
+    if ref is None:
+        ref = ReferenceRun(sc, [h.get("blocks", "group") for h in sc.hyper])
+        ref.run()
+        _REFERENCE_RUNS[key] = ref
+    return ref
+
+
 def run_against_reference(sc: Scenario, dtype=torch.float32, device="cpu", **opt_kwargs):
     """Run MLBFGS (``opt_kwargs`` choose the backend) and the reference on ``sc``.
 
     Returns ``(optimizer, parameter groups, reference run, relative errors per group)``."""
     opt, groups = run_scenario(sc, dtype, device, **opt_kwargs)
-    ref = ReferenceRun(sc, [h.get("blocks", "group") for h in sc.hyper])
-    ref.run()
+    ref = reference_run(sc)
     errors = [relative_error(flat(params), ref.natural(gi)) for gi, params in enumerate(groups)]
     return opt, groups, ref, errors
 

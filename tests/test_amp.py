@@ -57,8 +57,9 @@ def _train_scaled(unscale_first: bool, inject_inf_at: int | None = None, autocas
 
 
 def _state(model, opt):
+    """Parameters and state, but for the count of skipped steps (the one thing a skip moves)."""
     return [p.detach().clone() for p in model.parameters()] + [
-        v.clone() for s in opt.state.values() for k, v in sorted(s.items()) if k != "blocks"
+        v.clone() for s in opt.state.values() for k, v in sorted(s.items()) if k != "skipped_steps"
     ]
 
 
@@ -72,7 +73,7 @@ def test_grad_scaler_matches_unscaled_training(unscale_first, autocast):
     assert scales == [2.0**12] * STEPS  # no inf: the scale never backed off
     for a, b in zip(_state(model, opt), _state(model_s, opt_s)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    block = opt_s.state[next(model_s.parameters())]["blocks"][0]
+    block = opt_s.block_states(next(model_s.parameters()))[0]
     assert int(block["pair_count"]) > 0 and int(block["skipped_steps"]) == 0
 
 
@@ -102,7 +103,7 @@ def test_injected_inf_skips_the_step_and_backs_off_the_scale(unscale_first):
         opt.step()
     for a, b in zip(_state(model, opt), _state(model_s, opt_s)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    block = opt_s.state[next(model_s.parameters())]["blocks"][0]
+    block = opt_s.block_states(next(model_s.parameters()))[0]
     assert int(block["skipped_steps"]) == 1 and int(block["step"]) == STEPS - 1
 
 
@@ -117,7 +118,7 @@ def test_found_inf_is_a_sum_over_devices(found_inf, moves):
     opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(found_inf)
     opt.step()
     del opt.grad_scale, opt.found_inf
-    block = opt.state[p]["blocks"][0]
+    block = opt.block_states(p)[0]
     assert int(block["skipped_steps"]) == (0 if moves else 1)
     if moves:  # first step: theta - lr * (grad / 8 + wd * theta)
         expected = before - HYPER["lr"] * (p.grad / 8.0 + HYPER["weight_decay"] * before)

@@ -39,7 +39,7 @@ STEP = textwrap.dedent(
     import mlbfgs_fused
     assert not any(name == "mlbfgs_fused._C" for name in sys.modules), "used the pip extension"
     torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
-    assert int(opts[0].state[p]["blocks"][0]["pair_count"]) == 2
+    assert int(opts[0].block_states(p)[0]["pair_count"]) == 2
     print("ok")
     """
 )

@@ -29,7 +29,7 @@ def _step_peaks(dtype=torch.float32, steps=10, **kwargs):
         large = [(a.op, a.numel) for a in tracker.allocations if a.numel >= 1000]
         if t > 1:
             out.append((tracker.peak_bytes, large))
-    assert int(opt.state[params[0]]["blocks"][0]["pair_count"]) >= 1
+    assert int(opt.block_states(params[0])[0]["pair_count"]) >= 1
     return out
 
 
@@ -57,7 +57,7 @@ def test_amp_unscaling_allocates_nothing_parameter_sized():
             opt.step()
         if t:
             assert tracker.peak_bytes < 16 * 1024
-    assert int(opt.state[p]["blocks"][0]["pair_count"]) >= 1
+    assert int(opt.block_states(p)[0]["pair_count"]) >= 1
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,7 @@
 """The GPU validation's plumbing, checked on any machine: its stages, its budget and
 its summary (the GPU itself is exercised where there is one); the GPU check's selection,
-time plan, few files and merge (bench/gpu_check.py, bench/check_tests.py); and the GPU
-parity cases that the check's selection needs and no other test file has (the CUDA C++
-backend with narrow histories and 16-bit parameters, Triton with a float16 history)."""
+time plan, few files and merge (bench/gpu_check.py, bench/check_tests.py). The parity
+cases the check selects are tests/test_parity.py's."""
 
 import json
 import re
@@ -15,8 +14,6 @@ import torch
 
 from bench import check_tests, gpu_check, gpu_validate, planner
 from bench.machine import REPO_DIR
-from mlbfgs_fused.backends import native
-from mlbfgs_fused.backends import triton as _triton
 
 
 def test_env_stage_and_summary(tmp_path):
@@ -118,61 +115,6 @@ def test_merge_keeps_the_compare_rows_of_both_calls(tmp_path, monkeypatch):
     assert sorted((r["n"], r["m"]) for r in rows) == [(100, 5), (100, 10), (1000, 10)]
 
 
-# -- GPU parity cases the check's selection needs (bench/check_tests.py, PARITY) ----------
-NARROW = [  # backend, parameter dtype, history dtype
-    ("triton", torch.float32, torch.float16), ("triton", torch.float64, torch.float32),
-    ("cuda", torch.float32, torch.bfloat16), ("cuda", torch.float32, torch.float16),
-    ("cuda", torch.float64, torch.float32), ("cuda", torch.float16, torch.float16),
-    ("cuda", torch.bfloat16, torch.bfloat16), ("cuda", torch.bfloat16, torch.float32),
-]
-# Against the float64 reference from the same rounded start: narrow histories round the
-# pairs (measured 1e-4 to 8e-4 with float32 parameters, 9e-9 with float64 ones, the C++
-# backend); 16-bit parameters round every state vector (at most 1.5 times the foreach
-# backend's error, whose arithmetic is 16-bit: measured 8e-3 for float16 and 3e-2 for
-# bfloat16, the C++ backend, with the paper's normalisation as in test_native.py).
-NARROW_TOLERANCE = {torch.float32: 5e-3, torch.float64: 1e-6}
-
-
-def _narrow_case(backend, device, dtype, history):
-    from problems import run_against_reference, standard_scenario
-
-    half = dtype in (torch.float16, torch.bfloat16)
-    sc = standard_scenario("tensor", steps=24, seed=7, **({"normalize": True} if half else {}))
-    opt, groups, _, errors = run_against_reference(sc, dtype, device, backend=backend,
-                                                   history_dtype=None if history == dtype else history)
-    if dtype in NARROW_TOLERANCE:
-        assert max(errors) < NARROW_TOLERANCE[dtype], errors
-    else:
-        _, _, _, foreach_errors = run_against_reference(sc, dtype, device, backend="foreach")
-        assert max(errors) <= 1.5 * max(foreach_errors) and max(errors) < 6e-2, (errors, foreach_errors)
-    block = opt.state[groups[0][0]]["blocks"][0]
-    assert block["history_s"].dtype == history and groups[0][0].dtype == dtype
-    assert int(block["pair_count"]) > 3  # pairs pushed, the ring of three wrapped
-
-
-def _runs_on_the_gpu(backend: str) -> bool:
-    if not torch.cuda.is_available():
-        return False
-    return native.cuda.available() if backend == "cuda" else _triton.available() and not _triton.interpreting()
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend,dtype,history", [
-    pytest.param(b, d, h, id=f"{b}-{str(d)[6:]}-{str(h)[6:]}") for b, d, h in NARROW
-])
-def test_cuda_backends_narrow_history_and_half_parameters(backend, dtype, history):
-    if not _runs_on_the_gpu(backend):
-        pytest.skip(f"needs a CUDA GPU and the {backend!r} backend's kernels")
-    _narrow_case(backend, "cuda", dtype, history)
-
-
-def test_the_narrow_history_case_holds_on_the_cpu_backend():
-    """The GPU cases' check, on the C++ backend: what the CUDA C++ kernels are held to."""
-    if native.load_error() is not None:
-        pytest.skip(native.load_error())
-    _narrow_case("cpp", "cpu", torch.bfloat16, torch.float32)
-
-
 # -- the GPU check: its selection ------------------------------------------------------
 class _Item:
     """What bench/check_tests.py reads of a pytest item."""
@@ -188,7 +130,7 @@ class _Item:
 
 
 def test_the_selections_split_the_tests_without_overlap():
-    gpu_parity = next(c.nodeid for c in check_tests.PARITY if c.nodeid.startswith("tests/test_gpu_validate.py"))
+    gpu_parity = next(c.nodeid for c in check_tests.PARITY if c.backend == "cuda")
     items = ([_Item("tests/test_triton_kernels.py::test_slow", slow=True), _Item("tests/test_lbfgs.py::test_plain"),
               _Item("tests/test_native.py::test_plain"),
               _Item("tests/test_lbfgs.py::test_on_the_gpu", cuda=True), _Item(gpu_parity, cuda=True)]

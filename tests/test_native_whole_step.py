@@ -103,7 +103,7 @@ def test_single_call_is_the_passes_to_the_bit(case, threads):
         torch.set_num_threads(before)
     assert calls == sc.steps - 1 and none == 0  # the first step builds the arena
     assert_bit_identical(single, passes)
-    blocks = [b for p in single[1][0] for b in single[0].state[p].get("blocks", [])]
+    blocks = [b for p in single[1][0] for b in single[0].block_states(p)]
     assert sum(int(b["pair_count"]) for b in blocks) > 0
 
 
@@ -113,7 +113,7 @@ def test_single_call_matches_the_reference(history_dtype, tol):
     opt, groups, _, errors = run_against_reference(sc, backend="cpp", history_dtype=history_dtype)
     assert native._whole_step.taken == sc.steps - 1
     assert errors[0] < tol, errors
-    pairs = [int(b["pair_count"]) for p in groups[0] for b in opt.state[p].get("blocks", [])]
+    pairs = [int(b["pair_count"]) for p in groups[0] for b in opt.block_states(p)]
     assert sum(pairs) >= 3
 
 
@@ -253,7 +253,7 @@ def test_rows_as_stored_round_as_torch_rounds(history_dtype, groups):
     opt.step()  # s = theta - 0, y = g - 0 = s, so yhat = s
     pairs = [(params[0], torch.cat(want))] if groups == 1 else list(zip(params, want))
     for p, w in pairs:
-        block = opt.state[p]["blocks"][0]
+        block = opt.block_states(p)[0]
         assert int(block["pair_count"]) == 1
         expected = w.to(history_dtype).view(torch.int16)
         assert torch.equal(block["history_s"][0].view(torch.int16), expected)

@@ -11,10 +11,14 @@ views only; what a backend needs besides (tables, scratch) is its plan's
 
 Per parameter ``p`` (views shaped like ``p``):
     ``momentum_buffer``, ``param_ema``, ``grad_ema``, ``param_snapshot``, ``grad_snapshot``
-Per block, a dict in ``state[first_param]["blocks"]`` (blocks in arena order):
-    ``step`` (int64, steps taken), ``pair_count`` (int64, pairs accepted so far),
-    ``skipped_pairs``, ``skipped_steps`` (int64), ``history_s``, ``history_y``
-    (``[m, n_b]`` rings) and ``gram`` (``[3, m, m]`` float64: ``S S^T``, ``S Y^T``, ``Y Y^T``).
+Per parameter in which ``k >= 1`` blocks start, the state of those blocks (arena order),
+every value a tensor as in any torch optimizer's state:
+    ``block_step``, ``pair_count``, ``skipped_pairs``, ``skipped_steps`` (int64 ``[k]``:
+    steps taken, pairs accepted so far, pairs and steps skipped), ``gram``
+    (``[k, 3, m, m]`` float64: ``S S^T``, ``S Y^T``, ``Y Y^T``) and the rings
+    ``history_s``, ``history_y``: ``[m, n_b]`` for one block, the blocks' ``[m, n_b]``
+    matrices end to end as one flat tensor for several (a parameter cut by ``blocks=<int>``).
+``block_states`` gives them per block, with each ring as its ``[m, n_b]`` matrix.
 """
 
 from __future__ import annotations
@@ -31,7 +35,13 @@ BLOCK_COUNTER_DTYPES = {
     "skipped_pairs": torch.int64,
     "skipped_steps": torch.int64,
 }
-BLOCK_STATE_KEYS = (*BLOCK_COUNTER_DTYPES, "history_s", "history_y", "gram")
+# The block state's keys in optimizer.state: "step" is "block_step" there, since torch
+# gives a state key named "step" a meaning of its own (a float32 count when loading a
+# fused or capturable optimizer).
+STATE_KEY = {"step": "block_step", "pair_count": "pair_count", "skipped_pairs": "skipped_pairs",
+             "skipped_steps": "skipped_steps", "history_s": "history_s", "history_y": "history_y",
+             "gram": "gram"}
+BLOCK_STATE_KEYS = tuple(STATE_KEY.values())
 
 
 class Arena:
@@ -97,10 +107,23 @@ class Arena:
         return history[self.m * lo : self.m * hi].view(self.m, hi - lo)
 
     def block_state(self, b: int) -> dict:
+        """Block ``b``'s state as views: counters (0-dim), rings ``[m, n_b]``, ``gram``."""
         state = {key: counter[b] for key, counter in self.counters.items()}
         state["history_s"] = self.history_view(self.history_s, b)
         state["history_y"] = self.history_view(self.history_y, b)
         state["gram"] = self.gram[b]
+        return state
+
+    def owned_state(self, blocks: list[int]) -> dict:
+        """The state of consecutive blocks (those starting in one parameter) as views,
+        under the keys of optimizer.state (module docstring)."""
+        first, end = blocks[0], blocks[-1] + 1
+        lo, hi = self.layout.block_bounds[first], self.layout.block_bounds[end]
+        state = {STATE_KEY[key]: counter[first:end] for key, counter in self.counters.items()}
+        for key in ("history_s", "history_y"):
+            ring = getattr(self, key)
+            state[key] = self.history_view(ring, first) if len(blocks) == 1 else ring[self.m * lo : self.m * hi]
+        state["gram"] = self.gram[first:end]
         return state
 
     # -- reductions -------------------------------------------------------------
@@ -146,14 +169,7 @@ class Arena:
                         _copy_checked(view, p_state[key], key)
                     elif key == "param_ema":
                         view.copy_(p)  # the EMA of the parameters starts at the parameters
-                if owners.get(i) and "momentum_buffer" in p_state and "blocks" not in p_state:
-                    raise ValueError(
-                        f"loaded optimizer state lacks 'blocks' (the curvature history of the "
-                        f"{len(owners[i])} block(s) starting in a parameter of shape {tuple(p.shape)}) "
-                        "while it holds the parameter's other state: the checkpoint is incomplete; "
-                        "loading it would restart the curvature history from nothing"
-                    )
-                self._copy_blocks(p_state.get("blocks"), owners.get(i, []), saved_orders)
+                self._copy_blocks(p_state, owners.get(i, []), saved_orders, p)
 
     def bind(self, state: dict) -> None:
         """Point ``state`` at the arena's buffers (after :meth:`fill`)."""
@@ -173,23 +189,43 @@ class Arena:
                 return name
         return None
 
-    def _copy_blocks(self, saved: list | None, blocks: list[int], saved_orders: list) -> None:
+    def _copy_blocks(self, p_state: dict, blocks: list[int], saved_orders: list | None, p: Tensor) -> None:
         """Copy the saved state of the blocks starting in one parameter (if any) into
         the arena. A history row covers its block's parameters in their memory order;
         ``saved_orders[i]`` is the order parameter ``i``'s saved rows were written in."""
-        if saved is None:
+        present = [key for key in BLOCK_STATE_KEYS if key in p_state]
+        if not present:
+            if blocks and "momentum_buffer" in p_state:
+                raise ValueError(
+                    f"loaded optimizer state lacks the curvature history of the {len(blocks)} "
+                    f"block(s) starting in a parameter of shape {tuple(p.shape)} (its 'history_s', "
+                    "'gram', ...) while it holds the parameter's other state: the checkpoint is "
+                    "incomplete; loading it would restart the curvature history from nothing"
+                )
             return
-        if len(saved) != len(blocks):
+        if not blocks:
             raise ValueError(
-                "loaded optimizer state has a different block layout "
-                f"({len(saved)} blocks start in a parameter that now starts {len(blocks)})"
+                f"loaded optimizer state has block state ({present}) for a parameter of shape "
+                f"{tuple(p.shape)} in which no block starts: a different block layout"
             )
-        for b, saved_block in zip(blocks, saved):
-            for key, view in self.block_state(b).items():
-                if key in ("history_s", "history_y"):
-                    self._copy_history(view, saved_block[key], key, b, saved_orders)
-                else:
-                    _copy_checked(view, saved_block[key], key)
+        missing = [key for key in BLOCK_STATE_KEYS if key not in p_state]
+        if missing:
+            raise ValueError(f"loaded optimizer state lacks {missing} of a parameter's blocks: the checkpoint is incomplete")
+        views = self.owned_state(blocks)
+        for key, view in views.items():
+            if key not in ("history_s", "history_y"):
+                _copy_checked(view, p_state[key], key)
+                continue
+            saved = p_state[key]
+            if tuple(saved.shape) != tuple(view.shape):
+                _copy_checked(view, saved, key)  # raises, naming the shapes
+            saved = saved.reshape(-1)
+            start = self.m * self.layout.block_bounds[blocks[0]]
+            for b in blocks:  # each block's [m, n_b] matrix, saved end to end
+                lo, hi = self.layout.block_bounds[b], self.layout.block_bounds[b + 1]
+                at = self.m * lo - start
+                segment = saved[at : at + self.m * (hi - lo)].view(self.m, hi - lo)
+                self._copy_history(self.history_view(getattr(self, key), b), segment, key, b, saved_orders)
 
     def _copy_history(self, dst: Tensor, src: Tensor, key: str, b: int, saved_orders: list | None) -> None:
         """``dst`` (the block's ``[m, n_b]`` ring) from ``src``, each parameter's columns
@@ -212,12 +248,14 @@ class Arena:
             )
 
     def _point_blocks(self, p_state: dict, blocks: list[int]) -> None:
-        """Point a parameter's ``"blocks"`` entry at the arena's views of the blocks
-        starting in it (none: the entry is dropped)."""
+        """Point a parameter's block state at the arena's views of the blocks starting in
+        it (none: the keys are dropped)."""
         if blocks:
-            p_state["blocks"] = [self.block_state(b) for b in blocks]
+            p_state.update(self.owned_state(blocks))
         else:
-            p_state.pop("blocks", None)
+            for key in BLOCK_STATE_KEYS:
+                p_state.pop(key, None)
+
 
 def is_dense(t: Tensor) -> bool:
     """Whether ``t``'s elements fill ``numel`` consecutive memory slots, in any

@@ -193,7 +193,7 @@ def select(group: dict) -> Backend:
                 + f"; the available backends are {usable}"
             )
         return backend
-    params = group["params"]
+    params = stepped_params(group)
     if group["fused"]:
         return _fused_for(params)
     if group["fused"] is None and not group["foreach"]:
@@ -205,6 +205,14 @@ def select(group: dict) -> Backend:
             if name == "cpp":
                 _warn_unavailable(backend)
     return REGISTRY["foreach"]
+
+
+def stepped_params(group: dict) -> list:
+    """The parameters a backend is chosen and checked for: those with a gradient, as
+    torch checks ``fused=True`` (a parameter without one is not stepped), or all of them
+    while none has one (at construction)."""
+    with_grad = [p for p in group["params"] if p.grad is not None]
+    return with_grad or list(group["params"])
 
 
 def check_devices(params, backend: Backend) -> None:

@@ -413,8 +413,8 @@ def _scalar(value: float | Tensor, arena: Arena) -> Tensor:
     fill kernel, not a host-to-device copy, so this is safe inside CUDA graph capture;
     and it keeps float64 hyperparameters float64 (``torch.where`` on two Python
     floats would give float32)."""
-    if isinstance(value, Tensor):
-        return value.to(device=arena.device, dtype=arena.dtype)
+    if isinstance(value, Tensor):  # a 1-element lr of any shape, e.g. [1, 1]
+        return value.to(device=arena.device, dtype=arena.dtype).reshape(())
     return torch.full((), value, dtype=arena.dtype, device=arena.device)
 
 

@@ -171,7 +171,7 @@ class ShardArena(Arena):
                         for i in pieces:  # the EMA of the parameters starts at the parameters
                             self.param_view(self.flat_state[key], i).copy_(self.local_param(i))
                 blocks = [b for i in pieces for b in owners.get(i, [])]
-                self._copy_blocks(p_state.get("blocks"), blocks, None)
+                self._copy_blocks(p_state, blocks, None, self.params[pieces[0]])
 
     def bind(self, state: dict) -> None:
         owners = self.blocks_by_param()
