@@ -146,12 +146,12 @@ def summary(samples: list[float]) -> dict:
 
 
 def repeats(step_seconds: float, smoke: bool) -> tuple[int, int]:
-    """(rounds, timed calls per round): about 0.4 s of timed steps per item, 3 to 200 calls."""
+    """(rounds, timed calls per round): about 0.4 s of timed steps per item, 5 to 200 calls,
+    in 5 rounds (a slow spell of a shared machine then spoils one round of every item)."""
     if smoke:
         return 1, 1
-    calls = int(min(200, max(3, 0.4 / max(step_seconds, 1e-6))))
-    rounds = 5 if calls >= 10 else 3
-    return rounds, max(1, calls // rounds)
+    calls = int(min(200, max(5, 0.4 / max(step_seconds, 1e-6))))
+    return 5, max(1, calls // 5)
 
 
 # -- one case: (N, m, threads), every backend and history dtype ----------------------------

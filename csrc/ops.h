@@ -170,4 +170,16 @@ MLBFGS_HOST_DEVICE double two_loop_block(const double* gram, const double* Sg, c
   return c_g * c_g * gg + 2.0 * c_g * cross + quad;
 }
 
+// One block's two-loop from its dots summed in chunk order (sums: S g [m], Y g [m], g.g):
+// the coefficients of d and the block's status row (g.g, ||d||^2, whether it holds a
+// pair). Returns g.g. The CPU's pass 1 and the CUDA two_loop kernel.
+MLBFGS_HOST_DEVICE double block_two_loop(const double* gram, const double* sums, int64_t pair_count,
+                                         int64_t m, double* coef, double* alpha, double* stats) {
+  const double gg = sums[2 * m];
+  stats[S_DD] = two_loop_block(gram, sums, sums + m, gg, pair_count, m, coef, alpha);
+  stats[S_GG] = gg;
+  stats[S_HELD] = pair_count > 0 ? 1.0 : 0.0;
+  return gg;
+}
+
 }  // namespace mlbfgs_fused

@@ -690,13 +690,8 @@ double two_loop_blocks(const double* part, const int64_t* btab, int64_t B, const
     for (int64_t k = btab[b * BLOCK_COLUMNS + B_FIRST]; k < btab[b * BLOCK_COLUMNS + B_END]; ++k) {
       for (int64_t j = 0; j < width; ++j) sums[j] += part[k * width + j];
     }
-    const double gg = sums[2 * m];
-    const double dd = two_loop_block(gram + b * 3 * m * m, sums, sums + m, gg, count[b], m,
-                                     coef + b * width, alpha);
-    stats[b * STATS_COLUMNS + S_GG] = gg;
-    stats[b * STATS_COLUMNS + S_DD] = dd;
-    stats[b * STATS_COLUMNS + S_HELD] = count[b] > 0 ? 1.0 : 0.0;
-    total_gg += gg;
+    total_gg += block_two_loop(gram + b * 3 * m * m, sums, count[b], m, coef + b * width, alpha,
+                               stats + b * STATS_COLUMNS);
   }
   return total_gg;
 }

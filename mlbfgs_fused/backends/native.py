@@ -16,6 +16,7 @@ built the backends report themselves unavailable.
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 from torch import Tensor
@@ -76,7 +77,10 @@ def ops():
 
 def _whole_step_binding():
     """``_C.whole_step_plan`` and ``_C.whole_step`` (csrc/python.cpp), or Nones where the
-    extension is not built or is a library loaded without them (CMake's)."""
+    extension is not built, or where the ops came from a library loaded without them
+    (CMake's): importing the extension then would register the ops a second time."""
+    if _registered("CPU") and f"{__package__.rpartition('.')[0]}._C" not in sys.modules:
+        return None, None
     try:
         from .. import _C
     except ImportError:
