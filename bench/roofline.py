@@ -195,7 +195,10 @@ def _accepted(opt) -> int:
 
 
 def run_case(device, n: int, m: int, threads: int, variants: list[Variant], baselines: bool,
-             adamw: bool, caches: dict, smoke: bool, log=print) -> list[dict]:
+             adamw: bool, caches: dict, smoke: bool, log=print, dram_footprint: int | None = None) -> list[dict]:
+    """Every item of one (N, m, threads), round-robin. Beside the copy at the working set's
+    footprint, a case whose working set is beyond L2 also times the copy larger than the
+    last-level cache (``dram_footprint``), the reference of the out-of-cache target."""
     torch.set_num_threads(threads)
     problem = make_problem(n, device)
     history = make_history(n, m, device)
@@ -214,6 +217,10 @@ def run_case(device, n: int, m: int, threads: int, variants: list[Variant], base
     ws = working_set_bytes(n, m)
     copy = Copy(ws, device)
     items.append(Item("copy:working_set", copy, copy.bytes))
+    level = level_of(ws, caches)
+    if dram_footprint is not None and level != "L2":
+        dram = Copy(dram_footprint, device)
+        items.append(Item("copy:DRAM", dram, dram.bytes))
     if baselines:
         torch_lbfgs = TorchLBFGSDirection(problem.fresh_params(), lr=HYPER["lr"], history_size=m)
         torch_lbfgs.load_steady_state(*history.rows())
@@ -235,13 +242,15 @@ def run_case(device, n: int, m: int, threads: int, variants: list[Variant], base
     rows = []
     copy_item = next(i for i in items if i.name == "copy:working_set")
     copy_rate = copy_item.bytes / summary(copy_item.samples)["median_s"]
-    level = level_of(ws, caches)
+    dram_item = next((i for i in items if i.name == "copy:DRAM"), None)
     for item in items:
         variant, _, what = item.name.partition(":")
         s = summary(item.samples)
         row = {"n": n, "m": m, "threads": threads, "contender": variant, "item": what, **s,
                "bytes": item.bytes, "working_set_bytes": ws, "level": level,
                "copy_bytes_per_s": copy_rate, "load_average": [load_before, load_after]}
+        if dram_item is not None:
+            row["dram_copy_bytes_per_s"] = dram_item.bytes / summary(dram_item.samples)["median_s"]
         if variant in owners:
             v, opt, H = owners[variant]
             row.update(backend=v.backend, history_dtype=v.history)
@@ -303,7 +312,8 @@ def run(device=None, sizes=None, history_sizes=HISTORY_SIZES, threads=None, back
             for m in history_sizes:
                 for n in sizes:
                     result["rows"] += run_case(device, n, m, t, chosen, baselines=t == threads[0],
-                                               adamw=n == min(sizes), caches=caches, smoke=smoke, log=log)
+                                               adamw=n == min(sizes), caches=caches, smoke=smoke, log=log,
+                                               dram_footprint=footprints["DRAM"])
     finally:
         torch.set_num_threads(threads_before)
     result["targets"] = targets(result)
@@ -359,7 +369,9 @@ def targets(result: dict) -> list[dict]:
             for n in (10**6, 10**7):
                 ours = step(n, m, history)
                 if ours:
-                    frac = ours["bytes"] / ours["median_s"] / result["levels"][str(t1)]["DRAM"]["bytes_per_s"]
+                    # The copy larger than the last-level cache, timed in the case's round-robin.
+                    dram = ours.get("dram_copy_bytes_per_s", result["levels"][str(t1)]["DRAM"]["bytes_per_s"])
+                    frac = ours["bytes"] / ours["median_s"] / dram
                     out.append({"target": f"out of cache: >= 85% of DRAM copy bandwidth for the floor bytes at N={_n(n)} ({tag})",
                                 "figure": f"{100 * frac:.0f}% ({100 * ours['fraction_of_copy']:.0f}% of the copy at the working set's footprint)",
                                 "met": frac >= 0.85})
@@ -400,13 +412,14 @@ def markdown(result: dict, stamp: dict | None = None) -> str:
     lines += ["", f"Caches as the OS reports them: L2 {result['caches']['L2'] / 2**20:.3g} MiB, "
               f"last level {result['caches']['LLC'] / 2**20:.4g} MiB. Each row's `% copy` is its bytes per "
               "second over that of a copy whose footprint is the step's working set, timed in the same "
-              "round-robin (`level`: where that footprint falls by the reported sizes). Times: median "
-              "[quartiles] in ms.", ""]
+              "round-robin (`level`: where that footprint falls by the reported sizes); `% DRAM copy`, "
+              "where the working set is beyond L2, is over that of the copy larger than the last-level cache, "
+              "timed in the same round-robin. Times: median [quartiles] in ms.", ""]
     t1 = result["threads"][0]
     # Whole steps.
     lines += ["## Whole steps", "",
-              "| backend | history | m | N | level | step ms | GB/s | % copy | pair step ms | pair / plain | torch two-loop ms | torch / ours |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| backend | history | m | N | level | step ms | GB/s | % copy | % DRAM copy | pair step ms | pair / plain | torch two-loop ms | torch / ours |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if r.get("item") != "step" or "backend" not in r or r["threads"] != t1:
             continue
@@ -415,6 +428,7 @@ def markdown(result: dict, stamp: dict | None = None) -> str:
         lines.append(
             f"| {r['backend']} | {r['history_dtype']} | {r['m']} | {_n(r['n'])} | {r['level']} | {_spread(r)} | "
             f"{r['bytes_per_s'] / 1e9:.1f} | {100 * r['fraction_of_copy']:.0f} | "
+            + (f"{100 * r['bytes_per_s'] / r['dram_copy_bytes_per_s']:.0f} | " if "dram_copy_bytes_per_s" in r else " | ")
             + (f"{_spread(pair)} | {pair['median_s'] / r['median_s']:.2f} | " if pair else "| | ")
             + (f"{_spread(torch_)} | {torch_['median_s'] / r['median_s']:.2f} |" if torch_ else "| |"))
     # Passes.

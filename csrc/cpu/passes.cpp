@@ -601,6 +601,16 @@ inline void ring_rows(const H* hs, const H* hy, const Chunk& c, int64_t m, const
   }
 }
 
+// A prefetch of the next sub-block's tiles of `count` ring rows: the 2 m rows are more
+// streams than the hardware prefetchers follow at once, and a row's tile is a few lines.
+template <typename H>
+inline void prefetch_rows(const H* const* rows, int64_t count, int64_t x, int64_t n) {
+  for (int64_t r = 0; r < count; ++r) {
+    const char* p = reinterpret_cast<const char*>(rows[r] + x);
+    for (int64_t o = 0; o < n * static_cast<int64_t>(sizeof(H)); o += 64) __builtin_prefetch(p + o, 0, 3);
+  }
+}
+
 // -- pass 1 ---------------------------------------------------------------------------------
 template <typename T, typename H>
 struct DotsPass {
@@ -646,6 +656,7 @@ struct DotsPass {
     for (int64_t x0 = 0; x0 < n; x0 += sb) {
       const int64_t nb = std::min(sb, n - x0);
       if (has_grad) {
+        if (x0 + sb < n) prefetch_rows<H>(rows, 2 * m, x0 + sb, std::min(sb, n - x0 - sb));
         if (eff.weight_decay != C(0) || pair) {
           gradient_subblock<true, true, C, T>(gr + c.local + x0, theta_chunk + x0, nb, eff, g, th, gg);
         } else {
@@ -840,6 +851,7 @@ struct UpdatePass {
         averages_as_stored<C, T>(Pc + x0, Gc + x0, nb, Pn, Gn);
       }
       if (direction && has_grad) {
+        if (x0 + sb < n) prefetch_rows<H>(held_rows, 2 * held, x0 + sb, std::min(sb, n - x0 - sb));
         constexpr int64_t W = Vec<C>::size();
         int64_t x = 0;
         for (; x + 4 * W <= nb; x += 4 * W) {
