@@ -1,21 +1,26 @@
-"""Distributed ``MLBFGS`` on W CPU processes (gloo): state per rank, bytes sent, step time.
+"""Distributed ``MLBFGS`` on W processes: state per rank, bytes per collective, step time.
 
-``python -m bench.distributed`` runs W = 1, 2, 4 processes for each mode
-(``distributed=None`` at W = 1 as the baseline, ``"sharded"``, ``"blockwise"``) on
-an MLP-shaped parameter set (about 0.75 M float32 parameters, one block per tensor,
-m = 10, T = 10, so pair steps are timed too). Every rank steps the same replicated
-parameters with the same gradients (what DistributedDataParallel hands it), so the
-numbers are the optimizer's alone. It reports per rank:
+``python -m bench.distributed`` runs, for each backend (default: the fused backends and
+foreach that run on the device: ``cpp`` and ``foreach`` on the CPU, ``triton``, ``cuda``
+and ``foreach`` on CUDA), ``distributed=None`` at W = 1 as the baseline, then
+``"sharded"`` and ``"blockwise"`` at each W (default 1 and 2), on an MLP-shaped
+parameter set (about 0.75 M float32 parameters, one block per tensor, m = 10, T = 10, so
+pair steps are timed too). On the CPU the ranks are gloo processes; with
+``--device cuda`` they are NCCL processes, one GPU each (as many GPUs as the largest W).
+Every rank steps the same replicated parameters with the same gradients (what
+DistributedDataParallel hands it), so the numbers are the optimizer's alone. Per rank:
 
 - state bytes: every tensor of the rank's ``optimizer.state_dict()`` (what it saves);
-- bytes communicated per step, counted by wrapping ``torch.distributed.all_reduce``
-  and the all-gather (payload of each call on this rank: the all-reduced tensor, the
-  all-gather's input), on a plain step and on a pair step;
+- every collective of a plain step and of a pair step, with its bytes, counted by
+  wrapping ``torch.distributed.all_reduce`` and the all-gather (the payload on this
+  rank: the all-reduced tensor, the all-gather's input);
 - the median step time over the timed steps (every rank synchronised by a barrier
   before each step; the slowest rank's time is reported).
 
-On a machine with fewer cores than W the step times measure contention as much as the
-optimizer; the memory and communication columns do not depend on it.
+With as many processes as cores (two processes on a two-core machine) or more, the step
+times measure the processes' contention for the cores, not how the step scales: only
+the memory and communication columns carry over to a machine with a core, or a GPU,
+per rank.
 """
 
 from __future__ import annotations
@@ -39,14 +44,17 @@ SHAPES = [(1000, 500), (500,), (500, 500), (500,), (500, 10), (10,)]
 SMOKE_SHAPES = [(40, 30), (30,), (30, 10), (10,)]
 HYPER = dict(lr=0.01, history_size=10, update_period=10, blocks="tensor")
 COLLECTIVES = ("all_reduce", "all_gather_single", "all_gather_into_tensor")
+CONTENTION = (
+    "{w} processes on {cores} cores: the step times measure contention for the cores, "
+    "not scaling; the state and communication columns do not depend on it"
+)
 
 
 class Counter:
-    """Bytes and calls of each collective issued through ``torch.distributed``."""
+    """Every collective issued through ``torch.distributed``: ``(kind, bytes)`` in order."""
 
     def __init__(self):
-        self.bytes = {"all_reduce": 0, "all_gather": 0}
-        self.calls = {"all_reduce": 0, "all_gather": 0}
+        self.log: list[tuple[str, int]] = []
         for name in COLLECTIVES:
             original = getattr(dist, name, None)
             if original is not None:
@@ -57,31 +65,46 @@ class Counter:
 
         def counted(*args, **kwargs):
             tensor = args[0] if kind == "all_reduce" else args[1]
-            self.bytes[kind] += tensor.numel() * tensor.element_size()
-            self.calls[kind] += 1
+            self.log.append((kind, tensor.numel() * tensor.element_size()))
             return original(*args, **kwargs)
 
         return counted
 
-    def snapshot(self) -> dict:
-        return {"bytes": dict(self.bytes), "calls": dict(self.calls)}
+
+def _summary(calls: list[tuple[str, int]]) -> dict:
+    """Bytes and calls per kind, and each call's bytes in order."""
+    out = {"bytes": {"all_reduce": 0, "all_gather": 0}, "calls": {"all_reduce": 0, "all_gather": 0},
+           "each": {"all_reduce": [], "all_gather": []}}
+    for kind, nbytes in calls:
+        out["bytes"][kind] += nbytes
+        out["calls"][kind] += 1
+        out["each"][kind].append(nbytes)
+    return out
 
 
-def _diff(after: dict, before: dict) -> dict:
-    return {k: {c: after[k][c] - before[k][c] for c in after[k]} for k in after}
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def _worker(rank: int, world_size: int, port: int, mode: str | None, shapes, steps: int, out: str) -> None:
+def _worker(rank: int, world_size: int, init_method: str, backend: str, mode: str | None, shapes, steps: int,
+            out: str, device_type: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
+                            init_method=init_method, rank=rank, world_size=world_size)
     counter = Counter()
     from mlbfgs_fused import MLBFGS
 
     gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
-    targets = [torch.randn(s, generator=gen) for s in shapes]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
+    targets = [torch.randn(s, generator=gen).to(device) for s in shapes]
     kwargs = {} if mode is None else {"distributed": mode}
-    opt = MLBFGS(params, backend="foreach", **HYPER, **kwargs)
+    opt = MLBFGS(params, backend=backend, **HYPER, **kwargs)
     for p in params:
         p.grad = torch.empty_like(p)
     T = HYPER["update_period"]
@@ -90,12 +113,14 @@ def _worker(rank: int, world_size: int, port: int, mode: str | None, shapes, ste
         with torch.no_grad():
             for p, target in zip(params, targets):
                 torch.sub(p, target, out=p.grad)  # the gradient of a quadratic
+        _sync(device)
         dist.barrier()
-        before = counter.snapshot()
+        first = len(counter.log)
         start = time.perf_counter()
         opt.step()
+        _sync(device)
         times.append(time.perf_counter() - start)
-        sent = _diff(counter.snapshot(), before)
+        sent = _summary(counter.log[first:])
         if (t + 1) % T == 0 and t + 1 > T:
             pair = sent
         elif t > 0:
@@ -109,84 +134,116 @@ def _worker(rank: int, world_size: int, port: int, mode: str | None, shapes, ste
     timed = times[T:]  # after the first pair forms
     result = {"rank": rank, "state_bytes": state_bytes, "plain_step": plain, "pair_step": pair,
               "median_step_s": statistics.median(timed)}
-    with open(os.path.join(out, f"{mode}_{world_size}_{rank}.json"), "w") as f:
+    with open(os.path.join(out, f"{backend}_{mode}_{world_size}_{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
+def default_backends(device_type: str) -> tuple[str, ...]:
+    """The backends that run on the device type (Triton's interpreter does not time)."""
+    from mlbfgs_fused import backends
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    wanted = ("triton", "cuda", "foreach") if device_type == "cuda" else ("cpp", "foreach")
+    return tuple(name for name in wanted if backends.get(name).available()
+                 and device_type in backends.get(name).supported_devices())
 
 
-def run(worlds=(1, 2, 4), modes=(None, "sharded", "blockwise"), smoke: bool = False, steps: int = 40) -> list[dict]:
+def run(worlds=(1, 2), backends=None, modes=("sharded", "blockwise"), smoke: bool = False, steps: int = 40,
+        device_type: str = "cpu") -> list[dict]:
     import tempfile
 
     shapes = SMOKE_SHAPES if smoke else SHAPES
+    backends = backends or default_backends(device_type)
     rows = []
     with tempfile.TemporaryDirectory() as out:
-        for mode in modes:
-            for w in worlds:
-                if mode is None and w != 1:
-                    continue
-                mp.spawn(_worker, args=(w, _free_port(), mode, shapes, steps, out), nprocs=w, join=True)
-                ranks = [json.loads(Path(out, f"{mode}_{w}_{r}.json").read_text()) for r in range(w)]
-                rows.append({
-                    "mode": mode or "none",
-                    "world_size": w,
-                    "numel": sum(torch.Size(s).numel() for s in shapes),
-                    "state_bytes_max_rank": max(r["state_bytes"] for r in ranks),
-                    "state_bytes_per_rank": [r["state_bytes"] for r in ranks],
-                    "plain_step": ranks[0]["plain_step"],
-                    "pair_step": ranks[0]["pair_step"],
-                    "median_step_ms": 1e3 * max(r["median_step_s"] for r in ranks),
-                })
+        for backend in backends:
+            for mode in (None, *modes):
+                for w in worlds:
+                    if mode is None and w != 1:
+                        continue
+                    # The ranks meet through a fresh file (no TCP port another run could take).
+                    init_method = "file://" + str(Path(out, f"rendezvous_{backend}_{mode}_{w}"))
+                    mp.spawn(_worker, args=(w, init_method, backend, mode, shapes, steps, out, device_type),
+                             nprocs=w, join=True)
+                    ranks = [json.loads(Path(out, f"{backend}_{mode}_{w}_{r}.json").read_text()) for r in range(w)]
+                    rows.append({
+                        "backend": backend,
+                        "mode": mode or "none",
+                        "world_size": w,
+                        "numel": sum(torch.Size(s).numel() for s in shapes),
+                        "blocks": len(shapes),
+                        "state_bytes_max_rank": max(r["state_bytes"] for r in ranks),
+                        "state_bytes_per_rank": [r["state_bytes"] for r in ranks],
+                        "plain_step": ranks[0]["plain_step"],
+                        "pair_step": ranks[0]["pair_step"],
+                        "median_step_ms": 1e3 * max(r["median_step_s"] for r in ranks),
+                    })
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    base = next((r["state_bytes_max_rank"] for r in rows if r["mode"] == "none"), None)
+def _calls(step: dict | None, kind: str) -> str:
+    """Each call's bytes, ``1,008 + 240 + 3,840``, or ``-``."""
+    each = (step or {}).get("each", {}).get(kind, [])
+    return " + ".join(f"{b:,}" for b in each) if each else "-"
+
+
+def format_table(rows: list[dict], cores: int | None = None) -> str:
     lines = [
-        "| mode | W | state bytes / rank (max) | vs W=1 | all-reduce B/step (calls) | pair step all-reduce B (calls) "
-        "| all-gather B/step | median step ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "| backend | mode | W | state bytes / rank (max) | vs none | all-reduces of a plain step (B each) "
+        "| of a pair step | all-gather per step (rank's input, B) | median step ms |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        plain, pair = r["plain_step"] or {}, r["pair_step"] or {}
-        pb, pc = plain.get("bytes", {}), plain.get("calls", {})
-        qb, qc = pair.get("bytes", {}), pair.get("calls", {})
+        base = next((x["state_bytes_max_rank"] for x in rows
+                     if x["mode"] == "none" and x["backend"] == r["backend"]), None)
         ratio = f"{r['state_bytes_max_rank'] / base:.3f}" if base else "-"
+        gathered = (r["plain_step"] or {}).get("bytes", {}).get("all_gather", 0)
         lines.append(
-            f"| {r['mode']} | {r['world_size']} | {r['state_bytes_max_rank']:,} | {ratio} "
-            f"| {pb.get('all_reduce', 0):,} ({pc.get('all_reduce', 0)}) "
-            f"| {qb.get('all_reduce', 0):,} ({qc.get('all_reduce', 0)}) "
-            f"| {pb.get('all_gather', 0):,} | {r['median_step_ms']:.1f} |"
+            f"| {r['backend']} | {r['mode']} | {r['world_size']} | {r['state_bytes_max_rank']:,} | {ratio} "
+            f"| {_calls(r['plain_step'], 'all_reduce')} | {_calls(r['pair_step'], 'all_reduce')} "
+            f"| {gathered:,} | {r['median_step_ms']:.1f} |"
         )
+    worlds = sorted({r["world_size"] for r in rows if r["world_size"] > 1})
+    if cores is not None and worlds and max(worlds) >= cores:
+        lines.append("")
+        lines.append(CONTENTION.format(w=max(worlds), cores=cores).capitalize() + ".")
     return "\n".join(lines)
 
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worlds", default="1,2,4", help="world sizes (default 1,2,4)")
+    parser.add_argument("--worlds", default="1,2", help="world sizes (default 1,2)")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated backends (default: those that run on the device)")
+    parser.add_argument("--modes", default="sharded,blockwise", help="distributed modes (default sharded,blockwise)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cpu: gloo processes; cuda: NCCL processes, one GPU each")
     parser.add_argument("--steps", type=int, default=40, help="steps per run (default 40)")
     parser.add_argument("--smoke", action="store_true", help="tiny parameters: checks that it runs")
     parser.add_argument("--out", type=Path, default=None,
                         help="results file (default bench/results/<machine>/distributed.json; none with --smoke)")
     args = parser.parse_args(argv)
     worlds = tuple(int(w) for w in args.worlds.split(","))
-    rows = run(worlds, smoke=args.smoke, steps=args.steps)
-    table = format_table(rows)
+    backends = tuple(args.backends.split(",")) if args.backends else None
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if args.device == "cuda" and torch.cuda.device_count() < max(worlds):
+        parser.error(f"--device cuda at W = {max(worlds)} needs as many GPUs; {torch.cuda.device_count()} visible")
+    device = torch.device(args.device)
+    from .machine import cpu_count
+
+    cores = None if args.device == "cuda" else cpu_count()
+    rows = run(worlds, backends, modes, smoke=args.smoke, steps=args.steps, device_type=args.device)
+    table = format_table(rows, cores)
     print(table)
-    out = args.out or (None if args.smoke else results_dir(torch.device("cpu")) / "distributed.json")
+    out = args.out or (None if args.smoke else results_dir(device) / "distributed.json")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         command = "python -m bench.distributed " + shlex.join(argv if argv is not None else sys.argv[1:])
-        record = {"machine": machine_stamp(torch.device("cpu")), "command": command.strip(),
-                  "steps": args.steps, "hyper": HYPER, "shapes": SMOKE_SHAPES if args.smoke else SHAPES,
-                  "rows": rows, "table": table}
+        record = {"machine": machine_stamp(device), "command": command.strip(), "steps": args.steps,
+                  "hyper": HYPER, "shapes": SMOKE_SHAPES if args.smoke else SHAPES, "rows": rows,
+                  "table": table}
+        if cores is not None and max(worlds) >= cores:
+            record["note"] = CONTENTION.format(w=max(worlds), cores=cores)
         out.write_text(json.dumps(record, indent=1))
         print(f"written {out}")
     return rows

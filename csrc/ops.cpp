@@ -15,7 +15,8 @@
 //                  ring slot, the Gram row partials from the ring rows as stored, the
 //                  snapshots);
 //   push           the counters every step; on a due step the Gram row, and unless
-//                  pair_written (the update pass pushed it) the pair's own pass.
+//                  pair_written (the update pass pushed it) the pair's own pass
+//                  (push_pairs then commit: the same in two ops, a distributed rank's).
 #include <torch/library.h>
 
 #include "ops.h"
@@ -46,4 +47,21 @@ TORCH_LIBRARY(mlbfgs_fused_native, m) {
       "Tensor ok, Tensor(g!) step, Tensor(h!) pair_count, Tensor(i!) skipped_pairs, "
       "Tensor(j!) skipped_steps, float pair_momentum, float damping, float sigma_low, "
       "float sigma_high, float eps, int period, int m, bool pair_written) -> ()");
+  // A rank that holds part of each block (distributed "sharded") completes the per-block
+  // sums across ranks between the passes (docs/design.md, "Distributed"): block_sums
+  // adds a block's partial rows in chunk order, and two_loop, push_pairs and commit then
+  // read the completed sums through a block table with one row per block. push_pairs
+  // and commit are push's two halves, with the Gram rows' sums completed in between.
+  m.def("block_sums(Tensor partials, Tensor blocks, Tensor(a!) sums) -> ()");
+  m.def(
+      "push_pairs(Tensor param_ema, Tensor grad_ema, Tensor(a!) param_snapshot, "
+      "Tensor(b!) grad_snapshot, Tensor(c!) history_s, Tensor(d!) history_y, Tensor chunks, "
+      "Tensor blocks, Tensor pair_partials, Tensor(e!) gram_partials, Tensor ok, Tensor step, "
+      "Tensor pair_count, float pair_momentum, float damping, float sigma_low, "
+      "float sigma_high, float eps, int period, int m) -> ()");
+  m.def(
+      "commit(Tensor(a!) gram, Tensor blocks, Tensor pair_partials, Tensor gram_partials, "
+      "Tensor ok, Tensor(b!) step, Tensor(c!) pair_count, Tensor(d!) skipped_pairs, "
+      "Tensor(e!) skipped_steps, float damping, float sigma_low, float sigma_high, float eps, "
+      "int period, int m) -> ()");
 }

@@ -219,9 +219,34 @@ def _two_loop(
     )
 
 
+@triton.jit
+def block_sums_kernel(partials_ptr, blocks_ptr, sums_ptr, width, WP: tl.constexpr, ROWS: tl.constexpr,
+                      NCOL: tl.constexpr):
+    """Per block, the sum of its workers' rows of a partial-sum matrix, in the order the
+    other kernels add them (:func:`~.common.sum_rows`): what a rank holding part of each
+    block (distributed ``"sharded"``) completes across ranks before the coefficient and
+    commit kernels read it back through a block table with one row per block
+    (docs/design.md, "Distributed"). One program per block."""
+    b = tl.program_id(0).to(tl.int64)
+    row_lo = tl.load(blocks_ptr + b * NCOL + 2)
+    row_hi = tl.load(blocks_ptr + b * NCOL + 3)
+    cols = tl.arange(0, WP)
+    valid = cols < width
+    total = sum_rows(partials_ptr, width, cols, valid, row_lo, row_hi, ROWS)
+    tl.store(sums_ptr + b * width + cols, total, mask=valid)
+
+
+def _block_sums(partials: Tensor, blocks: Tensor, sums: Tensor) -> None:
+    width = sums.shape[1]
+    traceable(block_sums_kernel)[(blocks.shape[0],)](
+        partials, blocks, sums, width, WP=padded(width), ROWS=SUM_ROWS, NCOL=BLOCK_COLUMNS
+    )
+
+
 two_loop = Launcher(
     "two_loop", _two_loop, two_loop_kernel, ("coef", "stats", "decision", "probe")
 )
+block_sums = Launcher("block_sums", _block_sums, block_sums_kernel, ("sums",))
 direction_scale = Launcher(
     "direction_scale", _direction_scale, direction_scale_kernel, ("scale",)
 )

@@ -71,7 +71,7 @@ class MLBFGS(Optimizer):
             ``process_group`` keeps the state of a slice of each group (``"sharded"``,
             exact global curvature) or of whole blocks (``"blockwise"``); parameters
             stay whole on every rank, or sharded where they are FSDP2 ``DTensor`` s
-            (``"sharded"``). Foreach backend only. See mlbfgs_fused/distributed/.
+            (``"sharded"``). Every backend. See mlbfgs_fused/distributed/.
         process_group: the ``torch.distributed`` group of ``distributed`` (default: the
             default group).
 

@@ -927,8 +927,8 @@ struct PushPass {
 // -- the counters ------------------------------------------------------------------------------
 // step += 1, and per block that formed a pair: its Gram row and column from the chunk
 // partials in chunk order and pair_count += 1, or skipped_pairs += 1.
-void commit(int64_t B, const int64_t* btab, const PairDecision* decision, const double* gp,
-            double* gram, int64_t* step, int64_t* count, int64_t* skipped_pairs, int64_t m) {
+void commit_blocks(int64_t B, const int64_t* btab, const PairDecision* decision, const double* gp,
+                   double* gram, int64_t* step, int64_t* count, int64_t* skipped_pairs, int64_t m) {
   double* rows = scratch<double>(4 * m, 1);
   for (int64_t b = 0; b < B; ++b) {
     const PairDecision& dec = decision[b];
@@ -1132,6 +1132,32 @@ void update(at::TensorList params, at::ArrayRef<std::optional<Tensor>> grads,
 }
 
 // -- push --------------------------------------------------------------------------------------
+// A step that is not `ok` only counts itself skipped (every block).
+bool skip_step(const Tensor& ok, const Tensor& skipped_steps, int64_t B) {
+  if (scalar_value(ok) != 0.0) return false;
+  int64_t* skipped_s = skipped_steps.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) skipped_s[b] += 1;
+  return true;
+}
+
+// The pair's own pass over the chunks of the blocks with a pair due (PushPass).
+void push_chunks(const Tensor& param_ema, const Tensor& grad_ema, const Tensor& param_snapshot,
+                 const Tensor& grad_snapshot, const Tensor& history_s, const Tensor& history_y,
+                 const Tensor& chunks, const int64_t* count, const PairDecision* decision,
+                 const Tensor& gram_partials, double pair_momentum, int64_t m) {
+  dispatch_types(param_ema.scalar_type(), history_s.scalar_type(), "mlbfgs_fused::push", [&](auto t_tag, auto h_tag) {
+    using T = typename decltype(t_tag)::type;
+    using H = typename decltype(h_tag)::type;
+    const PushPass<T, H> pass{history_s.data_ptr<H>(), history_y.data_ptr<H>(), param_ema.const_data_ptr<T>(),
+                              grad_ema.const_data_ptr<T>(), param_snapshot.data_ptr<T>(),
+                              grad_snapshot.data_ptr<T>(), chunks.const_data_ptr<int64_t>(), count,
+                              decision, gram_partials.data_ptr<double>(), pair_momentum, m};
+    at::parallel_for(0, chunks.size(0), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) pass.chunk(k);
+    });
+  });
+}
+
 void push(const Tensor& param_ema, const Tensor& grad_ema, const Tensor& param_snapshot,
           const Tensor& grad_snapshot, const Tensor& history_s, const Tensor& history_y,
           const Tensor& gram, const Tensor& chunks, const Tensor& blocks,
@@ -1141,32 +1167,80 @@ void push(const Tensor& param_ema, const Tensor& grad_ema, const Tensor& param_s
           double sigma_high, double eps, int64_t period, int64_t m, bool pair_written) {
   check_chunks(chunks);
   const int64_t B = blocks.size(0);
-  int64_t* step_ptr = step.data_ptr<int64_t>();
-  if (scalar_value(ok) == 0.0) {
-    int64_t* skipped_s = skipped_steps.data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; ++b) skipped_s[b] += 1;
-    return;
-  }
+  if (skip_step(ok, skipped_steps, B)) return;
   const int64_t* btab = blocks.const_data_ptr<int64_t>();
+  int64_t* step_ptr = step.data_ptr<int64_t>();
   int64_t* count = pair_count.data_ptr<int64_t>();
   const PairDecision* decision = decisions(B, btab, step_ptr, count, pair_partials.const_data_ptr<double>(),
                                            m, damping, sigma_low, sigma_high, eps, period);
   const bool any_due = std::any_of(decision, decision + B, [](const PairDecision& d) { return d.due; });
   if (any_due && !pair_written) {
-    dispatch_types(param_ema.scalar_type(), history_s.scalar_type(), "mlbfgs_fused::push", [&](auto t_tag, auto h_tag) {
-      using T = typename decltype(t_tag)::type;
-      using H = typename decltype(h_tag)::type;
-      const PushPass<T, H> pass{history_s.data_ptr<H>(), history_y.data_ptr<H>(), param_ema.const_data_ptr<T>(),
-                                grad_ema.const_data_ptr<T>(), param_snapshot.data_ptr<T>(),
-                                grad_snapshot.data_ptr<T>(), chunks.const_data_ptr<int64_t>(), count,
-                                decision, gram_partials.data_ptr<double>(), pair_momentum, m};
-      at::parallel_for(0, chunks.size(0), 1, [&](int64_t begin, int64_t end) {
-        for (int64_t k = begin; k < end; ++k) pass.chunk(k);
-      });
-    });
+    push_chunks(param_ema, grad_ema, param_snapshot, grad_snapshot, history_s, history_y, chunks, count,
+                decision, gram_partials, pair_momentum, m);
   }
-  commit(B, btab, decision, gram_partials.const_data_ptr<double>(), gram.data_ptr<double>(), step_ptr,
-         count, skipped_pairs.data_ptr<int64_t>(), m);
+  commit_blocks(B, btab, decision, gram_partials.const_data_ptr<double>(), gram.data_ptr<double>(), step_ptr,
+                count, skipped_pairs.data_ptr<int64_t>(), m);
+}
+
+// push's two halves, for a rank that holds part of each block (distributed "sharded"):
+// the pair's sums and the Gram rows are completed across ranks in between
+// (docs/design.md, "Distributed"); `blocks` then has one row per block, and the pair is
+// a pass of its own (the update pass summed its candidate: UPDATE_PAPER).
+void push_pairs(const Tensor& param_ema, const Tensor& grad_ema, const Tensor& param_snapshot,
+                const Tensor& grad_snapshot, const Tensor& history_s, const Tensor& history_y,
+                const Tensor& chunks, const Tensor& blocks, const Tensor& pair_partials,
+                const Tensor& gram_partials, const Tensor& ok, const Tensor& step,
+                const Tensor& pair_count, double pair_momentum, double damping, double sigma_low,
+                double sigma_high, double eps, int64_t period, int64_t m) {
+  check_chunks(chunks);
+  if (scalar_value(ok) == 0.0) return;
+  const int64_t B = blocks.size(0);
+  const int64_t* count = pair_count.const_data_ptr<int64_t>();
+  const PairDecision* decision = decisions(B, blocks.const_data_ptr<int64_t>(), step.const_data_ptr<int64_t>(),
+                                           count, pair_partials.const_data_ptr<double>(), m, damping,
+                                           sigma_low, sigma_high, eps, period);
+  if (std::any_of(decision, decision + B, [](const PairDecision& d) { return d.due; })) {
+    push_chunks(param_ema, grad_ema, param_snapshot, grad_snapshot, history_s, history_y, chunks, count,
+                decision, gram_partials, pair_momentum, m);
+  }
+}
+
+// push's second half: the counters and the accepted pairs' Gram rows.
+void commit(const Tensor& gram, const Tensor& blocks, const Tensor& pair_partials,
+            const Tensor& gram_partials, const Tensor& ok, const Tensor& step,
+            const Tensor& pair_count, const Tensor& skipped_pairs, const Tensor& skipped_steps,
+            double damping, double sigma_low, double sigma_high, double eps, int64_t period,
+            int64_t m) {
+  const int64_t B = blocks.size(0);
+  if (skip_step(ok, skipped_steps, B)) return;
+  const int64_t* btab = blocks.const_data_ptr<int64_t>();
+  int64_t* step_ptr = step.data_ptr<int64_t>();
+  int64_t* count = pair_count.data_ptr<int64_t>();
+  const PairDecision* decision = decisions(B, btab, step_ptr, count, pair_partials.const_data_ptr<double>(),
+                                           m, damping, sigma_low, sigma_high, eps, period);
+  commit_blocks(B, btab, decision, gram_partials.const_data_ptr<double>(), gram.data_ptr<double>(), step_ptr,
+                count, skipped_pairs.data_ptr<int64_t>(), m);
+}
+
+// Per block, the sum of its rows [B_FIRST, B_END) of a partial-sum matrix, in chunk
+// order (as two_loop and push add them): what a rank holding part of each block
+// completes across ranks before two_loop, push_pairs and commit read it back through
+// a block table with one row per block.
+void block_sums(const Tensor& partials, const Tensor& blocks, const Tensor& sums) {
+  const int64_t B = blocks.size(0);
+  const int64_t width = sums.size(1);
+  TORCH_CHECK(sums.size(0) == B && (partials.size(0) == 0 || partials.size(1) == width),
+              "mlbfgs_fused::block_sums: shapes do not match");
+  const int64_t* btab = blocks.const_data_ptr<int64_t>();
+  const double* part = partials.const_data_ptr<double>();
+  double* out = sums.data_ptr<double>();
+  for (int64_t b = 0; b < B; ++b) {
+    double* row = out + b * width;
+    std::fill(row, row + width, 0.0);
+    for (int64_t k = btab[b * BLOCK_COLUMNS + B_FIRST]; k < btab[b * BLOCK_COLUMNS + B_END]; ++k) {
+      for (int64_t j = 0; j < width; ++j) row[j] += part[k * width + j];
+    }
+  }
 }
 
 }  // namespace
@@ -1224,7 +1298,7 @@ void whole_step(const std::vector<Tensor>& params, const std::vector<Tensor>& gr
     at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
       for (int64_t k = end; k-- > begin;) update.chunk(k);  // see NOTE [pass 2 runs backwards]
     });
-    commit(B, btab, decision, st.gram_partials.const_data_ptr<double>(), st.gram.data_ptr<double>(), step,
+    commit_blocks(B, btab, decision, st.gram_partials.const_data_ptr<double>(), st.gram.data_ptr<double>(), step,
            count, st.skipped_pairs.data_ptr<int64_t>(), m);
   });
 }
@@ -1234,6 +1308,9 @@ TORCH_LIBRARY_IMPL(mlbfgs_fused_native, CPU, m) {
   m.impl("two_loop", &two_loop);
   m.impl("update", &update);
   m.impl("push", &push);
+  m.impl("push_pairs", &push_pairs);
+  m.impl("commit", &commit);
+  m.impl("block_sums", &block_sums);
 }
 
 }  // namespace cpu

@@ -1,4 +1,5 @@
-// The pair push and the counters on CUDA: two launches (csrc/ops.cpp).
+// The pair push and the counters on CUDA: two launches (csrc/ops.cpp); push_pairs and
+// commit are the same two launches as ops of their own.
 //
 // push_kernel, one thread block per chunk: returns at once unless the step is finite
 // and a pair is due for the chunk's block. On a pair-forming step thread 0 adds the
@@ -199,6 +200,48 @@ __global__ void commit_kernel(const int64_t* blocks, int64_t B, const double* pa
   }
 }
 
+void launch_push(const at::Tensor& param_ema, const at::Tensor& grad_ema,
+                 const at::Tensor& param_snapshot, const at::Tensor& grad_snapshot,
+                 const at::Tensor& history_s, const at::Tensor& history_y, const at::Tensor& chunks,
+                 const at::Tensor& blocks, const at::Tensor& pair_partials,
+                 const at::Tensor& gram_partials, const at::Tensor& ok, const at::Tensor& step,
+                 const at::Tensor& pair_count, double pair_momentum, double damping,
+                 double sigma_low, double sigma_high, double eps, int64_t period, int64_t m,
+                 cudaStream_t stream) {
+  TORCH_CHECK(ok.scalar_type() == at::kBool, "mlbfgs_fused: ok must be a bool tensor");
+  const int64_t P = chunks.size(0);
+  if (P == 0) return;
+  dispatch_types(param_ema.scalar_type(), history_s.scalar_type(), "mlbfgs_fused::push",
+                 [&](auto t_tag, auto h_tag) {
+                   using T = typename decltype(t_tag)::type;
+                   using H = typename decltype(h_tag)::type;
+                   push_kernel<T, H><<<P, THREADS, 0, stream>>>(
+                       param_ema.const_data_ptr<T>(), grad_ema.const_data_ptr<T>(),
+                       param_snapshot.data_ptr<T>(), grad_snapshot.data_ptr<T>(),
+                       history_s.data_ptr<H>(), history_y.data_ptr<H>(),
+                       chunks.const_data_ptr<int64_t>(), blocks.const_data_ptr<int64_t>(),
+                       pair_partials.const_data_ptr<double>(), gram_partials.data_ptr<double>(),
+                       ok.const_data_ptr<bool>(), step.const_data_ptr<int64_t>(),
+                       pair_count.const_data_ptr<int64_t>(), pair_momentum, damping, sigma_low,
+                       sigma_high, eps, period, m);
+                   C10_CUDA_KERNEL_LAUNCH_CHECK();
+                 });
+}
+
+void launch_commit(const at::Tensor& gram, const at::Tensor& blocks, const at::Tensor& pair_partials,
+                   const at::Tensor& gram_partials, const at::Tensor& ok, const at::Tensor& step,
+                   const at::Tensor& pair_count, const at::Tensor& skipped_pairs,
+                   const at::Tensor& skipped_steps, double damping, double sigma_low,
+                   double sigma_high, double eps, int64_t period, int64_t m, cudaStream_t stream) {
+  TORCH_CHECK(ok.scalar_type() == at::kBool, "mlbfgs_fused: ok must be a bool tensor");
+  commit_kernel<<<1, 128, 0, stream>>>(
+      blocks.const_data_ptr<int64_t>(), blocks.size(0), pair_partials.const_data_ptr<double>(),
+      gram_partials.const_data_ptr<double>(), gram.data_ptr<double>(), ok.const_data_ptr<bool>(),
+      step.data_ptr<int64_t>(), pair_count.data_ptr<int64_t>(), skipped_pairs.data_ptr<int64_t>(),
+      skipped_steps.data_ptr<int64_t>(), damping, sigma_low, sigma_high, eps, period, m);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void push(const at::Tensor& param_ema, const at::Tensor& grad_ema, const at::Tensor& param_snapshot,
           const at::Tensor& grad_snapshot, const at::Tensor& history_s, const at::Tensor& history_y,
           const at::Tensor& gram, const at::Tensor& chunks, const at::Tensor& blocks,
@@ -209,37 +252,45 @@ void push(const at::Tensor& param_ema, const at::Tensor& grad_ema, const at::Ten
   TORCH_CHECK(!pair_written, "mlbfgs_fused::push: the pair is pushed by this pass on CUDA");
   const c10::cuda::CUDAGuard guard(history_s.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  TORCH_CHECK(ok.scalar_type() == at::kBool, "mlbfgs_fused: ok must be a bool tensor");
-  const int64_t P = chunks.size(0);
-  if (P > 0) {
-    dispatch_types(param_ema.scalar_type(), history_s.scalar_type(), "mlbfgs_fused::push",
-                   [&](auto t_tag, auto h_tag) {
-                     using T = typename decltype(t_tag)::type;
-                     using H = typename decltype(h_tag)::type;
-                     push_kernel<T, H><<<P, THREADS, 0, stream>>>(
-                         param_ema.const_data_ptr<T>(), grad_ema.const_data_ptr<T>(),
-                         param_snapshot.data_ptr<T>(), grad_snapshot.data_ptr<T>(),
-                         history_s.data_ptr<H>(), history_y.data_ptr<H>(),
-                         chunks.const_data_ptr<int64_t>(), blocks.const_data_ptr<int64_t>(),
-                         pair_partials.const_data_ptr<double>(), gram_partials.data_ptr<double>(),
-                         ok.const_data_ptr<bool>(), step.const_data_ptr<int64_t>(),
-                         pair_count.const_data_ptr<int64_t>(), pair_momentum, damping, sigma_low,
-                         sigma_high, eps, period, m);
-                     C10_CUDA_KERNEL_LAUNCH_CHECK();
-                   });
-  }
-  commit_kernel<<<1, 128, 0, stream>>>(
-      blocks.const_data_ptr<int64_t>(), blocks.size(0), pair_partials.const_data_ptr<double>(),
-      gram_partials.const_data_ptr<double>(), gram.data_ptr<double>(), ok.const_data_ptr<bool>(),
-      step.data_ptr<int64_t>(), pair_count.data_ptr<int64_t>(), skipped_pairs.data_ptr<int64_t>(),
-      skipped_steps.data_ptr<int64_t>(), damping, sigma_low, sigma_high, eps, period, m);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_push(param_ema, grad_ema, param_snapshot, grad_snapshot, history_s, history_y, chunks,
+              blocks, pair_partials, gram_partials, ok, step, pair_count, pair_momentum, damping,
+              sigma_low, sigma_high, eps, period, m, stream);
+  launch_commit(gram, blocks, pair_partials, gram_partials, ok, step, pair_count, skipped_pairs,
+                skipped_steps, damping, sigma_low, sigma_high, eps, period, m, stream);
+}
+
+// push's two halves, for a rank that completes the Gram rows' sums in between
+// (csrc/ops.cpp; docs/design.md, "Distributed").
+void push_pairs(const at::Tensor& param_ema, const at::Tensor& grad_ema,
+                const at::Tensor& param_snapshot, const at::Tensor& grad_snapshot,
+                const at::Tensor& history_s, const at::Tensor& history_y, const at::Tensor& chunks,
+                const at::Tensor& blocks, const at::Tensor& pair_partials,
+                const at::Tensor& gram_partials, const at::Tensor& ok, const at::Tensor& step,
+                const at::Tensor& pair_count, double pair_momentum, double damping,
+                double sigma_low, double sigma_high, double eps, int64_t period, int64_t m) {
+  const c10::cuda::CUDAGuard guard(history_s.device());
+  launch_push(param_ema, grad_ema, param_snapshot, grad_snapshot, history_s, history_y, chunks,
+              blocks, pair_partials, gram_partials, ok, step, pair_count, pair_momentum, damping,
+              sigma_low, sigma_high, eps, period, m, c10::cuda::getCurrentCUDAStream());
+}
+
+void commit(const at::Tensor& gram, const at::Tensor& blocks, const at::Tensor& pair_partials,
+            const at::Tensor& gram_partials, const at::Tensor& ok, const at::Tensor& step,
+            const at::Tensor& pair_count, const at::Tensor& skipped_pairs,
+            const at::Tensor& skipped_steps, double damping, double sigma_low, double sigma_high,
+            double eps, int64_t period, int64_t m) {
+  const c10::cuda::CUDAGuard guard(gram.device());
+  launch_commit(gram, blocks, pair_partials, gram_partials, ok, step, pair_count, skipped_pairs,
+                skipped_steps, damping, sigma_low, sigma_high, eps, period, m,
+                c10::cuda::getCurrentCUDAStream());
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mlbfgs_fused_native, CUDA, m) {
   m.impl("push", &push);
+  m.impl("push_pairs", &push_pairs);
+  m.impl("commit", &commit);
 }
 
 }  // namespace cuda

@@ -46,10 +46,37 @@ void two_loop(const at::Tensor& partials, const at::Tensor& blocks, const at::Te
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// block_sums (csrc/ops.cpp): one thread block per block of the arena, the threads over
+// the columns, each column's rows added in chunk order as two_loop_kernel adds them.
+__global__ void block_sums_kernel(const double* partials, const int64_t* blocks, int64_t width,
+                                  double* sums) {
+  const int64_t b = blockIdx.x;
+  const int64_t first = blocks[b * BLOCK_COLUMNS + B_FIRST], end = blocks[b * BLOCK_COLUMNS + B_END];
+  for (int64_t j = threadIdx.x; j < width; j += blockDim.x) {
+    double s = 0.0;
+    for (int64_t k = first; k < end; ++k) s += partials[k * width + j];
+    sums[b * width + j] = s;
+  }
+}
+
+void block_sums(const at::Tensor& partials, const at::Tensor& blocks, const at::Tensor& sums) {
+  const int64_t B = blocks.size(0);
+  const int64_t width = sums.size(1);
+  TORCH_CHECK(sums.size(0) == B && (partials.size(0) == 0 || partials.size(1) == width),
+              "mlbfgs_fused::block_sums: shapes do not match");
+  if (B == 0) return;
+  const c10::cuda::CUDAGuard guard(sums.device());
+  block_sums_kernel<<<B, 64, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      partials.const_data_ptr<double>(), blocks.const_data_ptr<int64_t>(), width,
+      sums.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mlbfgs_fused_native, CUDA, m) {
   m.impl("two_loop", &two_loop);
+  m.impl("block_sums", &block_sums);
 }
 
 }  // namespace cuda

@@ -98,6 +98,14 @@ class Arena:
     def local_grad(self, i: int) -> Tensor:
         return self.params[i].grad
 
+    def local_params(self) -> list[Tensor]:
+        """Every :meth:`local_param`, in arena order (what the fused kernels step)."""
+        return self.params
+
+    def local_grads(self) -> list[Tensor | None]:
+        """Every :meth:`local_grad`, in arena order (None where there is no gradient)."""
+        return [p.grad for p in self.params]
+
     def block_slice(self, b: int) -> slice:
         bounds = self.layout.block_bounds
         return slice(bounds[b], bounds[b + 1])
@@ -129,6 +137,14 @@ class Arena:
     # -- reductions -------------------------------------------------------------
     # The backends pass every inner product through these two, so that a rank holding
     # part of the arena (mlbfgs_fused/distributed/) completes it with one collective.
+    # Where a hook is a no-op (always here) the fused backends keep their reductions
+    # inside their kernels; where it is not, they add each block's partial rows first
+    # and hand the per-block sums to the hook (docs/design.md, "Distributed").
+    #: whether :meth:`block_sum` completes anything: a block's elements lie on several ranks
+    partial_blocks = False
+    #: whether :meth:`group_sum` completes anything: the group's blocks lie on several ranks
+    partial_group = False
+
     def block_sum(self, x: Tensor) -> Tensor:
         """Per-block partial sums (any shape) made whole, in place; here they are."""
         return x

@@ -57,6 +57,16 @@ class GroupGeometry:
         self.stats = {
             d: torch.zeros(total, STATS_COLUMNS, dtype=torch.float64, device=d) for d in self.devices
         }
+        # What the kernels find the group's scale of d from: the status rows, or where the
+        # group's blocks lie on several ranks (distributed "blockwise") one row holding
+        # the group's ||d||^2 and pair count, completed by Arena.group_sum.
+        self.partial_group = any(a.partial_group for a in arenas)
+        self.scale_rows = self.stats
+        if self.partial_group:
+            self.totals = torch.zeros(2, dtype=torch.float64, device=self.devices[0])
+            self.scale_rows = {
+                d: torch.zeros(1, STATS_COLUMNS, dtype=torch.float64, device=d) for d in self.devices
+            }
 
     def share_stats(self, arenas: list[Arena]) -> None:
         """A group spread over devices: each device gets every arena's status rows."""
@@ -67,6 +77,24 @@ class GroupGeometry:
             for d in self.devices:
                 if d != arena.device:
                     self.stats[d][rows].copy_(self.stats[arena.device][rows], non_blocking=True)
+
+    def complete_group(self, arenas: list[Arena]) -> None:
+        """Distributed ``"blockwise"``: the group's ``||d||^2`` and count of blocks holding
+        a pair, summed over this rank's blocks and completed over the ranks by one
+        ``group_sum`` of two float64 (after :meth:`share_stats`)."""
+        home = self.devices[0]
+        torch.sum(self.stats[home][:, 1:], dim=0, out=self.totals)  # S_DD, S_HELD
+        arenas[0].group_sum(self.totals)
+        for d in self.devices:
+            self.scale_rows[d][0, 1:].copy_(self.totals, non_blocking=True)
+
+
+def identity_blocks(layout, device) -> Tensor:
+    """A block table (``lo, hi, first, end``, as csrc/ops.h and kernels/common.py lay it
+    out) whose block ``b`` covers row ``b`` alone: how the kernels that add a block's
+    partial rows read per-block sums that are already complete."""
+    rows = [(layout.block_bounds[b], layout.block_bounds[b + 1], b, b + 1) for b in range(layout.num_blocks)]
+    return torch.tensor(rows, dtype=torch.int64).view(-1, 4).to(device)
 
 
 class LearningRate:

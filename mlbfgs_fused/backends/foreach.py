@@ -30,6 +30,7 @@ from .._checks import check_gradients  # noqa: F401 -- an entry point
 from .._math import NORMALIZE_NEVER, damping_factor, direction_scale, normalize_mode, two_loop_coefficients
 from .._state.arena import Arena
 from . import Plan
+from ._counter import CounterProbe
 
 
 def available() -> bool:
@@ -124,7 +125,9 @@ class Scratch:
         self.grad = torch.zeros(arena.layout.numel, **zeros)
         self.work = torch.zeros(arena.layout.numel, **zeros)
         self.wide = torch.zeros(2, min(arena.layout.numel, _CHUNK), dtype=torch.float64, device=arena.device)
-        self.counter_probe = CounterProbe(arena.device)
+        # A rank whose pair update issues collectives waits for the counter's copy, so
+        # that every rank runs it at the same steps (docs/design.md, "Distributed").
+        self.counter_probe = CounterProbe(arena.device, wait=arena.partial_blocks)
         self.pair_step = False
         self.dots = self.coefficients = self.d_scale = None
 
@@ -362,50 +365,6 @@ def push_pairs(work: Scratch, group: dict, ok: Tensor, t: Tensor) -> None:
         flat["grad_snapshot"][sl].lerp_(flat["grad_ema"][sl], roll)
     pair_count += accept
     arena.counters["skipped_pairs"] += forms_pair & accept.logical_not()
-
-
-class CounterProbe:
-    """What the host knows of an arena's step counter without waiting for the device.
-
-    After each step the counter is copied to host memory (pinned and non-blocking
-    on CUDA, with an event marking completion). At the next step, if that copy has
-    landed, the host has a lower bound ``t0`` on the counter and the number of steps
-    run since; the counter can only have grown by the finite ones among them. So a
-    pair update is possible at this step only if a multiple of ``update_period``
-    lies in the range the counter can reach, and the (masked) pair update is run
-    only then: every ``update_period`` steps instead of every step. Nothing ever
-    waits: a copy still in flight counts as "unknown" and the pair update runs.
-    On the CPU every copy has landed by the time it returns.
-    """
-
-    def __init__(self, device: torch.device):
-        cuda = device.type == "cuda"
-        self.host = torch.zeros((), dtype=torch.int64, pin_memory=cuda)
-        self.event = torch.cuda.Event() if cuda else None
-        self.calls = 0  # steps run on this arena
-        self.calls_at_copy: int | None = None  # None: no copy issued yet
-
-    def _landed(self) -> bool:
-        return self.calls_at_copy is not None and (self.event is None or self.event.query())
-
-    def pair_update_possible(self, update_period: int) -> bool:
-        """Called once per step, before the pair update."""
-        self.calls += 1
-        if not self._landed():
-            return True
-        t0 = int(self.host.tolist())  # host memory whose copy is complete: no device read
-        since = self.calls - 1 - self.calls_at_copy
-        highest = t0 + since + 1  # the counter after this step, if every step was finite
-        return highest // update_period > t0 // update_period
-
-    def record(self, counter: Tensor) -> None:
-        """Called once per step, after the counter was updated."""
-        if self.calls_at_copy is not None and not self._landed():
-            return  # the previous copy is still in flight: keep it, never wait
-        self.host.copy_(counter, non_blocking=True)
-        if self.event is not None:
-            self.event.record()
-        self.calls_at_copy = self.calls
 
 
 def _scalar(value: float | Tensor, arena: Arena) -> Tensor:

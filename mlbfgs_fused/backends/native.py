@@ -22,10 +22,11 @@ import torch
 from torch import Tensor
 
 from .._checks import check_gradients as _check_gradients
-from .._math import normalize_mode
+from .._math import NORMALIZE_NEVER, normalize_mode
 from .._state.arena import Arena, is_dense
 from . import Plan
-from ._fused import GroupGeometry, LearningRate, pieces, ring_geometry
+from ._counter import CounterProbe
+from ._fused import GroupGeometry, LearningRate, identity_blocks, pieces, ring_geometry
 
 # Elements per chunk: csrc/ops.h CHUNK. Chunks never depend on the thread count, so
 # reductions (added per chunk, then in chunk order) are reproducible to the bit.
@@ -94,7 +95,7 @@ _whole_step_plan, _whole_step = _whole_step_binding()
 def _register_fakes() -> None:
     """Every op only writes into its arguments: the fake kernels do nothing, so
     ``torch.compile`` traces through the step."""
-    for name in ("gradient_dots", "two_loop", "update", "push"):
+    for name in ("gradient_dots", "two_loop", "update", "push", "push_pairs", "commit", "block_sums"):
         torch.library.register_fake(f"mlbfgs_fused_native::{name}")(_no_op)
 
 
@@ -162,6 +163,16 @@ class NativePlan(Plan):
     and the direction in one pass, the first; a due one in two, around the push, which
     is followed by a second pass 1 for the dots and coefficients with the new pair (E4).
 
+    Arenas that hold part of their blocks' elements (``Arena.partial_blocks``, a
+    distributed rank) add each block's partial rows with the ``block_sums`` op and
+    complete them with ``Arena.block_sum`` before ``two_loop`` reads them, and run
+    ``push`` as ``push_pairs`` and ``commit`` with the pair's sums and the Gram rows
+    completed in between (on the steps where a pair can be due): there the CPU sums the
+    candidate in the update pass and pushes the pair by its own pass, as CUDA does. Where
+    the group's blocks lie on several ranks (``Arena.partial_group``), the update that
+    writes ``d`` completes the group's scale of ``d`` first. Otherwise every reduction
+    stays inside the ops.
+
     Where the group is the optimizer's only arena and on the CPU, :meth:`whole_step`
     runs all of it as one C++ call (``mlbfgs_fused._C.whole_step``, csrc/python.cpp)."""
 
@@ -170,7 +181,7 @@ class NativePlan(Plan):
         self.devices = self.geometry.devices
         self.lr = LearningRate(self.devices, torch.float64)  # the CUDA op reads a double
         self.arenas = [
-            NativeArena(arena, self.geometry.stats[arena.device], offset)
+            NativeArena(arena, self.geometry, offset)
             for arena, offset in zip(arenas, self.geometry.block_offsets)
         ]
         self.released_due = False
@@ -216,6 +227,10 @@ class NativePlan(Plan):
             mode = UPDATE_RELEASED_AFTER_PUSH
         else:
             return  # done with the averages
+        if mode != UPDATE_RELEASED_AVERAGES and self.geometry.partial_group:
+            # The one pass of the step that writes d: the group's scale of d, completed.
+            if normalize_mode(group["normalize"]) != NORMALIZE_NEVER:
+                self.geometry.complete_group([a.arena for a in self.arenas])
         grad_scale = None if amp is None else amp.grad_scale
         for a in self.arenas:
             a.update(group, ok[a.arena.device], grad_scale, self.lr_on[a.arena.device],
@@ -234,9 +249,11 @@ class NativePlan(Plan):
 class NativeArena:
     """One arena's tables and scratch, built once."""
 
-    def __init__(self, arena: Arena, stats: Tensor, block_offset: int):
-        self.arena, self.stats, self.block_offset = arena, stats, block_offset
+    def __init__(self, arena: Arena, geometry: GroupGeometry, block_offset: int):
+        self.arena, self.block_offset = arena, block_offset
         m, dev = arena.m, arena.device
+        self.stats = geometry.stats[dev]  # two_loop writes the blocks' status rows
+        self.scale_rows = geometry.scale_rows[dev]  # update finds the scale of d there
         chunks, blocks = chunk_tables(arena.layout, m)
         self.chunks = torch.tensor(chunks, dtype=torch.int64, device=dev).view(-1, CHUNK_COLUMNS)
         self.blocks = torch.tensor(blocks, dtype=torch.int64, device=dev).view(-1, 4)
@@ -250,11 +267,21 @@ class NativeArena:
         self.gram_partials = scratch(P, 4 * m)
         self.coef = scratch(B, 2 * m + 1)
         self.probe = scratch(())
+        # A distributed rank may hold none of the arena's elements (its blocks are there).
+        self.holds_elements = bool(arena.params)
+        self.partial = arena.partial_blocks
+        if self.partial:  # per-block sums, completed across ranks, and their block table
+            self.rows = identity_blocks(arena.layout, dev)
+            self.dot_sums = scratch(B, 2 * m + 1)
+            self.pair_sums = scratch(B, PAIR_COLUMNS)
+            self.gram_sums = scratch(B, 4 * m)
+            self.counter_probe = CounterProbe(dev, wait=True)
         self.params = arena.params
-        # The CPU pushes a pair inside pass 2 (its sums from pass 1); CUDA by its own pass.
-        self.cpu = dev.type == "cpu"
-        self.paper_mode = UPDATE_PAPER_PAIR if self.cpu else UPDATE_PAPER
-        self.whole = self._whole_step_plan() if self.cpu else None
+        # The CPU pushes a pair inside pass 2 (its sums from pass 1); CUDA, and a rank
+        # holding part of each block (whose sums are completed across ranks), by its own pass.
+        self.fused_pair = dev.type == "cpu" and not self.partial
+        self.paper_mode = UPDATE_PAPER_PAIR if self.fused_pair else UPDATE_PAPER
+        self.whole = self._whole_step_plan() if self.fused_pair else None
 
     def _whole_step_plan(self):
         """The plan of ``_C.whole_step`` (csrc/python.cpp): the parameters as the group
@@ -286,8 +313,8 @@ class NativeArena:
         for it (``Arena.param_view``), with its gradient in the same order (staged when
         its strides differ); any other layout is stepped through a contiguous copy.
         Returns ``(params, grads, staged)``; ``staged`` pairs copies to write back."""
-        params = self.params
-        grads = [p.grad for p in params]
+        params = self.arena.local_params()
+        grads = self.arena.local_grads()
         if all(map(Tensor.is_contiguous, params)) and all(g is None or g.is_contiguous() for g in grads):
             return params, grads, None
         out_params, out_grads, staged = [], [], []
@@ -308,22 +335,28 @@ class NativeArena:
         return out_params, out_grads, staged or None
     def gradient_dots(self, group: dict, grad_scale: Tensor | None) -> None:
         a = self.arena
-        f, c = a.flat_state, a.counters
-        beta_p, beta_g = group["ema_decay"]
-        params, grads, _ = self._tensors()
-        ops().gradient_dots(
-            params, grads, a.history_s, a.history_y, f["param_ema"], f["grad_ema"],
-            f["param_snapshot"], f["grad_snapshot"], self.chunks, c["step"], c["pair_count"],
-            self.partials, self.pair_partials, grad_scale, group["weight_decay"], group["maximize"],
-            beta_p, beta_g, group["pair_momentum"], group["update_period"], a.m,
-            self.cpu and group["variant"] == "paper",
-        )
+        if self.holds_elements:
+            f, c = a.flat_state, a.counters
+            beta_p, beta_g = group["ema_decay"]
+            params, grads, _ = self._tensors()
+            ops().gradient_dots(
+                params, grads, a.history_s, a.history_y, f["param_ema"], f["grad_ema"],
+                f["param_snapshot"], f["grad_snapshot"], self.chunks, c["step"], c["pair_count"],
+                self.partials, self.pair_partials, grad_scale, group["weight_decay"], group["maximize"],
+                beta_p, beta_g, group["pair_momentum"], group["update_period"], a.m,
+                self.fused_pair and group["variant"] == "paper",
+            )
+        partials, blocks = self.partials, self.blocks
+        if self.partial:
+            partials, blocks = self.complete(self.partials, self.dot_sums), self.rows
         ops().two_loop(
-            self.partials, self.blocks, a.gram, a.counters["pair_count"], self.coef, self.stats,
+            partials, blocks, a.gram, a.counters["pair_count"], self.coef, self.stats,
             self.probe, self.block_offset, a.m,
         )
 
-    def update(self, group: dict, ok: Tensor, grad_scale: Tensor | None, lr: Tensor, mode: int) -> None:
+    def update(self, group: dict, ok: Tensor, grad_scale: Tensor | None, lr: Tensor, mode: int = 0) -> None:
+        if not self.holds_elements:
+            return
         a = self.arena
         f, c = a.flat_state, a.counters
         beta_p, beta_g = group["ema_decay"]
@@ -331,7 +364,7 @@ class NativeArena:
         ops().update(
             params, grads, a.history_s, a.history_y, f["param_ema"], f["grad_ema"],
             f["momentum_buffer"], f["param_snapshot"], f["grad_snapshot"], self.chunks,
-            self.blocks, self.coef, c["step"], c["pair_count"], self.stats, ok, grad_scale,
+            self.blocks, self.coef, c["step"], c["pair_count"], self.scale_rows, ok, grad_scale,
             self.pair_partials, self.gram_partials, lr, group["momentum"],
             group["weight_decay"], beta_p, beta_g, group["pair_momentum"], group["damping"],
             group["sigma_low"], group["sigma_high"], group["eps"], group["update_period"], a.m,
@@ -344,14 +377,40 @@ class NativeArena:
     def push(self, group: dict, ok: Tensor) -> None:
         a = self.arena
         f, c = a.flat_state, a.counters
-        ops().push(
-            f["param_ema"], f["grad_ema"], f["param_snapshot"], f["grad_snapshot"],
-            a.history_s, a.history_y, a.gram, self.chunks, self.blocks, self.pair_partials,
-            self.gram_partials, ok, c["step"], c["pair_count"], c["skipped_pairs"],
-            c["skipped_steps"], group["pair_momentum"], group["damping"], group["sigma_low"],
-            group["sigma_high"], group["eps"], group["update_period"], a.m,
-            self.cpu and group["variant"] == "paper",
+        hyper = (group["damping"], group["sigma_low"], group["sigma_high"], group["eps"], group["update_period"], a.m)
+        if not self.partial:
+            ops().push(
+                f["param_ema"], f["grad_ema"], f["param_snapshot"], f["grad_snapshot"],
+                a.history_s, a.history_y, a.gram, self.chunks, self.blocks, self.pair_partials,
+                self.gram_partials, ok, c["step"], c["pair_count"], c["skipped_pairs"],
+                c["skipped_steps"], group["pair_momentum"], *hyper,
+                self.fused_pair and group["variant"] == "paper",
+            )
+            return
+        # A rank's part of each block: the pair's sums are completed before the pair is
+        # decided and written, its Gram rows before they are committed. Where no pair can
+        # be due only the counters move (every rank knows the same, CounterProbe).
+        if self.counter_probe.pair_update_possible(group["update_period"]):
+            pair_sums = self.complete(self.pair_partials, self.pair_sums)
+            if self.holds_elements:
+                ops().push_pairs(
+                    f["param_ema"], f["grad_ema"], f["param_snapshot"], f["grad_snapshot"],
+                    a.history_s, a.history_y, self.chunks, self.rows, pair_sums,
+                    self.gram_partials, ok, c["step"], c["pair_count"], group["pair_momentum"], *hyper,
+                )
+            self.complete(self.gram_partials, self.gram_sums)
+        ops().commit(
+            a.gram, self.rows, self.pair_sums, self.gram_sums, ok, c["step"], c["pair_count"],
+            c["skipped_pairs"], c["skipped_steps"], *hyper,
         )
+        self.counter_probe.record(c["step"][0])
+
+    def complete(self, partials: Tensor, sums: Tensor) -> Tensor:
+        """The per-block sums of a partial-sum matrix (rows in chunk order, as the ops add
+        them), completed by the arena's ``block_sum`` (one all-reduce on a distributed
+        rank); the ops read them back through ``self.rows``."""
+        ops().block_sums(partials, self.blocks, sums)
+        return self.arena.block_sum(sums)
 
 
 def _memory_order(t: Tensor) -> Tensor:

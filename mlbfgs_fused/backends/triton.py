@@ -43,16 +43,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from operator import attrgetter
 
 import torch
 from torch import Tensor
 
 from .. import _checks
-from .._math import normalize_mode
+from .._math import NORMALIZE_NEVER, normalize_mode
 from .._state.arena import Arena, is_dense, same_order, state_strides
 from . import Plan, run_passes
-from ._fused import GroupGeometry, LearningRate, pieces, ring_geometry
+from ._counter import CounterProbe
+from ._fused import GroupGeometry, LearningRate, identity_blocks, pieces, ring_geometry
 
 # Elements per tile; with Triton's default 4 warps no kernel spills registers.
 # A block's (or parameter's) last tile is shorter.
@@ -61,7 +61,6 @@ TILE = 1024
 WORKERS: int | None = None
 PROGRAMS_PER_SM = 4
 
-_grad_of = attrgetter("grad")
 _data_ptr = Tensor.data_ptr
 
 
@@ -153,7 +152,7 @@ class TritonArena:
         # refreshed before the launches and written back after the update.
         self.copies = {
             i: torch.empty(p.shape, dtype=p.dtype, device=dev)
-            for i, p in enumerate(arena.params) if not is_dense(p)
+            for i, p in enumerate(arena.local_params()) if not is_dense(p)
         }
         tiles, workers, blocks = plan_tables(arena.layout, m, tile, cap)
         align = self.kernels.common.ALIGN
@@ -183,14 +182,33 @@ class TritonArena:
         self.coef = scratch(arena.layout.num_blocks, 2 * m + 1)
         self.decision = scratch(arena.layout.num_blocks, 2)
         self.probe = scratch(())
+        # What the coefficient and commit kernels add per block: the workers' partial
+        # rows through the block table, or, for a rank that holds part of each block
+        # (Arena.partial_blocks), per-block sums completed across ranks, one row each:
+        # one buffer [pair sums B x 3 | dots B x (2m + 1) | Gram rows B x 4m], so that
+        # what is completed together is contiguous.
+        self.partial = arena.partial_blocks
+        self.dots_in, self.pairs_in, self.grams_in, self.blocks_in = (
+            self.dot_partials, self.pair_partials, self.gram_partials, self.blocks
+        )
+        if self.partial:
+            B = arena.layout.num_blocks
+            self.sums = scratch(B * (3 + 2 * m + 1 + 4 * m))
+            self.pair_end, self.dots_end = 3 * B, 3 * B + B * (2 * m + 1)
+            self.pairs_in = self.sums[: self.pair_end].view(B, 3)
+            self.dots_in = self.sums[self.pair_end : self.dots_end].view(B, 2 * m + 1)
+            self.grams_in = self.sums[self.dots_end :].view(B, 4 * m)
+            self.blocks_in = identity_blocks(arena.layout, dev)
+            self.counter_probe = CounterProbe(dev, wait=True)
+            self.pair_possible = True
 
     # -- binding --------------------------------------------------------------
     def bind(self) -> bool:
         """Bring the address table up to date with the user's tensors (an upload only
         when a pointer changed); return whether any gradient is present."""
-        params = self.arena.params
+        params = self.arena.local_params()
         param_ptrs = list(map(_data_ptr, params))
-        grads = list(map(_grad_of, params))
+        grads = self.arena.local_grads()
         grad_ptrs = [0 if g is None else g.data_ptr() for g in grads]
         if param_ptrs != self.param_ptrs or grad_ptrs != self.grad_ptrs:
             self._rebuild(params, grads, param_ptrs, grad_ptrs)
@@ -203,8 +221,10 @@ class TritonArena:
 
     def write_back(self) -> None:
         """Parameters stepped through a copy receive their new values (after the update)."""
-        for i, copy in self.copies.items():
-            self.arena.params[i].copy_(copy)
+        if self.copies:
+            params = self.arena.local_params()
+            for i, copy in self.copies.items():
+                params[i].copy_(copy)
 
     def _rebuild(self, params, grads, param_ptrs, grad_ptrs) -> None:
         device = self.arena.device
@@ -256,7 +276,7 @@ class TritonArena:
         a, c = self.arena, self.arena.counters
         with self.guard:
             self.kernels.two_loop.two_loop(
-                self.dot_partials, self.pair_partials, self.blocks, a.gram, c["step"],
+                self.dots_in, self.pairs_in, self.blocks_in, a.gram, c["step"],
                 c["pair_count"], self.hyper, self.coef, self.stats, self.decision, self.probe,
                 self.block_offset, group["update_period"], a.m, decide, coefficients,
             )
@@ -290,10 +310,33 @@ class TritonArena:
         a, c = self.arena, self.arena.counters
         with self.guard:
             self.kernels.push.commit(
-                self.blocks, self.decision, self.gram_partials, a.gram, c["step"],
+                self.blocks_in, self.decision, self.grams_in, a.gram, c["step"],
                 c["pair_count"], c["skipped_pairs"], c["skipped_steps"], ok,
                 group["update_period"], a.m, pair, counters,
             )
+
+    # -- a rank's part of each block (Arena.partial_blocks) -----------------------
+    def complete_dots(self, group: dict) -> None:
+        """Pass 1's per-block sums (with the candidate pair's where one can be due),
+        completed by one ``block_sum``."""
+        self.pair_possible = self.counter_probe.pair_update_possible(group["update_period"])
+        with self.guard:
+            self.kernels.two_loop.block_sums(self.dot_partials, self.blocks, self.dots_in)
+            if self.pair_possible:
+                self.kernels.two_loop.block_sums(self.pair_partials, self.blocks, self.pairs_in)
+        self.arena.block_sum(self.sums[0 if self.pair_possible else self.pair_end : self.dots_end])
+
+    def complete_push(self, group: dict) -> None:
+        """After a push where a pair can be due: the new Gram rows' sums (and, under
+        ``variant="released"``, the dots the push replaced), completed by one ``block_sum``."""
+        if not self.pair_possible:
+            return
+        released = group["variant"] == "released"
+        with self.guard:
+            if released:
+                self.kernels.two_loop.block_sums(self.dot_partials, self.blocks, self.dots_in)
+            self.kernels.two_loop.block_sums(self.gram_partials, self.blocks, self.grams_in)
+        self.arena.block_sum(self.sums[self.pair_end if released else self.dots_end :])
 
 
 def _table(rows, columns: int, device) -> Tensor:
@@ -334,6 +377,7 @@ class TritonPlan(Plan):
             TritonArena(arena, self, offset, tile, worker_cap(arena.device))
             for arena, offset in zip(arenas, self.geometry.block_offsets)
         ]
+        self.partial = [a for a in self.arenas if a.partial]  # distributed "sharded"
 
     @torch.compiler.disable  # host-side bookkeeping; the launches after it trace into one graph
     def prepare(self, group: dict) -> bool:
@@ -392,6 +436,8 @@ class TritonPlan(Plan):
         scales = self._scales(amp)
         for a in self.arenas:
             a.gradient_dots(group, scales[a.arena.device])
+        for a in self.partial:
+            a.complete_dots(group)
         # variant="released" uses a pair at the step it forms (E4): its coefficients
         # wait for the push.
         self._coefficients(group, decide=True, coefficients=group["variant"] == "paper")
@@ -400,17 +446,23 @@ class TritonPlan(Plan):
     def two_loop(self, group: dict, ok: dict, after_push: bool = False) -> None:
         if after_push:
             self._coefficients(group, decide=False, coefficients=True)
+        elif self.geometry.partial_group:
+            self._direction_scale(group)  # the group's totals, completed in this pass
 
     def _coefficients(self, group: dict, decide: bool, coefficients: bool) -> None:
         for a in self.arenas:
             a.two_loop(group, decide, coefficients)
-        if not coefficients:
-            return
+        if coefficients and not (self.geometry.partial_group and decide):
+            self._direction_scale(group)
+
+    def _direction_scale(self, group: dict) -> None:
         self.geometry.share_stats([a.arena for a in self.arenas])
         mode = normalize_mode(group["normalize"])
+        if self.geometry.partial_group and mode != NORMALIZE_NEVER:
+            self.geometry.complete_group([a.arena for a in self.arenas])
         for d in self.devices:  # the group's scale of d, once per device
             with self.guards[d]:
-                self.kernels.two_loop.direction_scale(self.geometry.stats[d], self.d_scale[d], mode)
+                self.kernels.two_loop.direction_scale(self.geometry.scale_rows[d], self.d_scale[d], mode)
 
     def update(self, group: dict, ok: dict, amp, averages: bool = True, direction: bool = True) -> None:
         if not direction:
@@ -424,6 +476,8 @@ class TritonPlan(Plan):
         scales = self._scales(amp)
         for a in self.arenas:
             a.push(group, ok[a.arena.device], scales[a.arena.device])
+        for a in self.partial:
+            a.complete_push(group)
         if group["variant"] == "released":  # the pair, used at once (E4)
             for a in self.arenas:
                 a.commit(group, ok[a.arena.device], pair=True, counters=False)
@@ -432,6 +486,8 @@ class TritonPlan(Plan):
         paper = group["variant"] == "paper"  # the released variant committed its pair already
         for a in self.arenas:
             a.commit(group, ok[a.arena.device], pair=paper, counters=True)
+        for a in self.partial:
+            a.counter_probe.record(a.arena.counters["step"][0])
 
 
 class _Kernels:

@@ -2,8 +2,8 @@
 
 ``MLBFGS(..., distributed="sharded" | "blockwise", process_group=None)``: every rank
 keeps the optimizer state of its part of each arena only (:mod:`.sharding`), the
-foreach backend steps that part through a :class:`~.arena.ShardArena` whose two
-reduction hooks complete the inner products with one small all-reduce each, and the
+group's backend (any of them) steps that part through a :class:`~.arena.ShardArena`
+whose two reduction hooks complete the inner products with one small all-reduce each, and the
 updated elements are all-gathered into the parameters, which every rank keeps whole
 (as under ``DistributedDataParallel``, whose averaged gradients are used as they are).
 Parameters that are ``DTensor`` s sharded on dim 0 (FSDP2 ``fully_shard``) stay sharded:

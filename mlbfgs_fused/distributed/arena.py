@@ -3,8 +3,8 @@
 A :class:`ShardArena` is an :class:`~mlbfgs_fused._state.arena.Arena` over a
 :class:`~.sharding.ShardLayout`: its "parameters" are pieces ``p.view(-1)[a:b]`` of
 the group's parameters (and ``p.grad.view(-1)[a:b]`` of their gradients; flat in
-memory order), so the
-foreach backend steps a rank's elements exactly as it steps a whole arena. Its
+memory order, :meth:`ShardArena.local_param` and :meth:`ShardArena.local_grad`), so
+every backend steps a rank's elements exactly as it steps a whole arena. Its
 inner products are completed by the two hooks the backend calls:
 
 ``block_sum(x)``
@@ -69,6 +69,8 @@ class ShardArena(Arena):
         self.rank = rank
         self.mode = mode
         self.process_group = process_group
+        self.partial_blocks = mode == "sharded"
+        self.partial_group = mode == "blockwise"
         # DTensor parameters sharded on dim 0 (FSDP2): a piece is a whole local shard,
         # and the parameters stay sharded (nothing to all-gather).
         self.dtensor = dtensor
@@ -92,8 +94,10 @@ class ShardArena(Arena):
         start, stop = self.layout.pieces[i]
         return flat_view(self.params[i])[start:stop]
 
-    def local_grad(self, i: int) -> Tensor:
+    def local_grad(self, i: int) -> Tensor | None:
         p, grad = self.params[i], self.params[i].grad
+        if grad is None:
+            return None
         if self.dtensor:
             p, grad = p.to_local(), grad.to_local()
         if grad.stride() != p.stride():
@@ -105,6 +109,12 @@ class ShardArena(Arena):
             return flat_view(grad)
         start, stop = self.layout.pieces[i]
         return flat_view(grad)[start:stop]
+
+    def local_params(self) -> list[Tensor]:
+        return [self.local_param(i) for i in range(len(self.params))]
+
+    def local_grads(self) -> list[Tensor | None]:
+        return [self.local_grad(i) for i in range(len(self.params))]
 
     @property
     def active(self) -> bool:

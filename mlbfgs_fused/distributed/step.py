@@ -1,4 +1,5 @@
-"""The step of a distributed ``MLBFGS``: the backend's passes around the foreach backend.
+"""The step of a distributed ``MLBFGS``: the group's backend (foreach, C++, CUDA C++ or
+Triton) steps each rank's :class:`ShardArena` s.
 
 Per group (docs/design.md, "Distributed"): pass 1 runs on each rank's elements and its
 per-block sums are completed by :meth:`ShardArena.block_sum`; every rank then runs the
@@ -44,12 +45,6 @@ class Partition:
 
     def check_group(self, group: dict) -> None:
         """Raise for what a distributed optimizer cannot step yet."""
-        if group["fused"] or group["backend"] not in (None, "foreach"):
-            asked = group["backend"] or "a fused"
-            raise NotImplementedError(
-                f"MLBFGS(distributed={self.mode!r}) runs on the foreach backend only "
-                f"(backend='foreach' or fused=None/False); the {asked} backend was asked for"
-            )
         if group["capturable"]:
             raise NotImplementedError(f"MLBFGS(distributed={self.mode!r}) does not support capturable=True yet")
         sharded = [_is_dtensor(p) for p in group["params"]]
@@ -140,16 +135,22 @@ def _local_range(p, offset: int) -> tuple[int, int]:
 
 class DistributedPlan(Plan):
     """The passes of a rank's :class:`ShardArena` s (mlbfgs_fused/backends/__init__.py),
-    on top of the foreach plan of the arenas the rank keeps blocks of."""
+    on top of the plan of the group's backend over the arenas the rank keeps blocks
+    of. The backend completes its sums through the arenas' hooks; what is left here is
+    the verdict, a rank without blocks taking part in the group's collectives, and
+    the all-gather."""
 
     def __init__(self, partition: Partition, arenas: list[ShardArena], group: dict):
         self.partition = partition
         self.arenas = arenas
         self.devices = list(dict.fromkeys(a.device for a in arenas))
         self.active = [a for a in arenas if a.active]
-        self.inner = backends.get("foreach").module.plan(self.active, group) if self.active else None
+        module = backends.select(group).module
+        self.inner = module.plan(self.active, group) if self.active else None
 
     def prepare(self, group: dict) -> bool:
+        if self.inner:
+            self.inner.prepare(group)
         return any(p.grad is not None for p in group["params"])
 
     def gradient_dots(self, group: dict, amp) -> list[Tensor]:
@@ -173,7 +174,8 @@ class DistributedPlan(Plan):
         if self.inner:
             self.inner.two_loop(group, ok, after_push)
         elif normalize_mode(group["normalize"]) != NORMALIZE_NEVER:
-            # Take part in the group's norm of d, as foreach.group_direction_scale does.
+            # Take part in the group's norm of d: every backend completes it with one
+            # group_sum of (||d||^2, pairs held) once per step (foreach in this pass).
             self.arenas[0].group_sum(torch.zeros(2, dtype=torch.float64, device=self.arenas[0].device))
 
     def update(self, group: dict, ok: dict, amp, averages: bool = True, direction: bool = True) -> None:
