@@ -17,8 +17,10 @@ import sys
 from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
-CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/passes.cpp", "csrc/python.cpp"]
-CUDA_SOURCES = [f"csrc/cuda/{name}.cu" for name in ("gradient_dots", "two_loop", "update", "push")]
+CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/passes.cpp", "csrc/cpu/lbfgs.cpp", "csrc/python.cpp"]
+CUDA_SOURCES = [f"csrc/cuda/{name}.cu" for name in ("gradient_dots", "two_loop", "update", "push")] + [
+    f"csrc/cuda/lbfgs_{name}.cu" for name in ("gradient_dots", "two_loop", "direction")
+]
 
 
 def extensions():

@@ -83,8 +83,10 @@ DRY_SIZES, DRY_GRAPH_SIZE = (1000, 2000, 4000), 500
 PLAN_BANDWIDTH = 2.5e12
 PLAN_MEMORY_BUDGET = 70 * 10**9
 
-LBFGS_ARGS = ["--sizes", "1e5,1e6,1e7", "--histories", "10,100", "--iters", "5", "--repeats", "5"]
-DRY_LBFGS_ARGS = ["--sizes", "1000", "--histories", "3", "--iters", "2", "--repeats", "1"]
+LBFGS_ARGS = [
+    "--sizes", "1e5,1e6,1e7", "--histories", "10,100", "--line-search", "none", "--iters", "5", "--repeats", "5",
+]
+DRY_LBFGS_ARGS = ["--sizes", "1000", "--histories", "3", "--line-search", "none", "--iters", "2", "--repeats", "1"]
 TRAIN_ARGS = "--epochs 2 --seeds 1"  # Fashion-MNIST where its files are (MLBFGS_FASHION_MNIST_DIR), else digits
 PARALLEL_TESTS = ["-n", "4", "--dist", "loadfile"]  # the rest of the suite, when pytest-xdist is there
 

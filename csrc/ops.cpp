@@ -64,4 +64,19 @@ TORCH_LIBRARY(mlbfgs_fused_native, m) {
       "Tensor ok, Tensor(b!) step, Tensor(c!) pair_count, Tensor(d!) skipped_pairs, "
       "Tensor(e!) skipped_steps, float damping, float sigma_low, float sigma_high, float eps, "
       "int period, int m) -> ()");
+  // LBFGS's passes (csrc/lbfgs.h; csrc/cpu/lbfgs.cpp, csrc/cuda/lbfgs_*.cu).
+  m.def(
+      "lbfgs_gradient_dots(Tensor addresses, Tensor? source, Tensor history_s, Tensor history_y, "
+      "Tensor direction, Tensor prev, Tensor chunks, Tensor pair_count, Tensor(a!) partials, "
+      "float alpha, bool maximize, bool pair, bool ring, bool gd, bool l1, int m) -> ()");
+  m.def(
+      "lbfgs_two_loop(Tensor partials, Tensor arena_rows, Tensor scales, Tensor? loss, Tensor gram, "
+      "Tensor pair_count, Tensor(a!) sums, Tensor(b!) model, Tensor(c!) coef, Tensor(d!) read, "
+      "bool pair, bool direction, int m) -> ()");
+  m.def(
+      "lbfgs_direction(Tensor addresses, Tensor? source, Tensor(a!) history_s, Tensor(b!) history_y, "
+      "Tensor(c!) direction, Tensor(d!) prev, Tensor(e!)? saved, Tensor chunks, Tensor coef, "
+      "Tensor model, Tensor(f!) partials, Tensor(g!)? gram, Tensor(h!)? pair_count, float alpha, "
+      "float move, bool push, bool combine, bool do_move, bool save, bool maximize, int m) -> ()");
+  m.def("lbfgs_move(Tensor addresses, Tensor? saved, Tensor direction, Tensor chunks, float alpha) -> ()");
 }

@@ -73,7 +73,7 @@ def _strong_wolfe(
     f0: float,
     gtd0: float,
     t: float,
-    d_norm: float,
+    d_norm: float | Callable[[], float],
     max_evals: int,
     c1: float = 1e-4,
     c2: float = 0.9,
@@ -86,7 +86,8 @@ def _strong_wolfe(
             there (``inf``/``nan`` for a failed evaluation).
         keep: saves the gradient of the most recently evaluated point.
         t: first trial step.
-        d_norm: ``max |d|``, to turn a bracket width into a parameter change.
+        d_norm: ``max |d|``, to turn a bracket width into a parameter change (or a
+            callable giving it, asked after the first evaluation).
         max_evals: evaluations allowed, at least 1.
 
     Returns the accepted point and the number of evaluations made.
@@ -135,7 +136,7 @@ def _strong_wolfe(
     near_edge_before = False
     while evals < max_evals:
         a, b = bracket
-        if abs(b.t - a.t) * d_norm < tolerance_change:
+        if abs(b.t - a.t) * (d_norm() if callable(d_norm) else d_norm) < tolerance_change:
             break
         step = _cubic_interpolate(a.t, a.f, a.gtd, b.t, b.f, b.gtd)
         left, right = min(a.t, b.t), max(a.t, b.t)

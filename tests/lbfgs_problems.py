@@ -89,3 +89,38 @@ def run(cls, problem: str, steps: int, groups=None, **kwargs):
 
     losses = [float(opt.step(closure).detach()) for _ in range(steps)]
     return [p.detach().clone() for p in params], opt.state[params[0]], losses, opt
+
+
+def relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    scale = max(float(x.abs().max()) for x in a)
+    return max(float((x - y).abs().max()) for x, y in zip(a, b)) / scale
+
+
+class OneUlpLater(torch.optim.LBFGS):
+    """torch.optim.LBFGS started one unit in the last place away: how far rounding alone carries."""
+
+    def __init__(self, params, **kwargs):
+        params = list(params)
+        with torch.no_grad():
+            for p in params:
+                p.mul_(1 + 2.0**-52)
+        super().__init__(params, **kwargs)
+
+
+def check_against_torch(cls, problem: str, steps: int, tolerance: float, ours=None, **kwargs):
+    """``cls`` (with the extra arguments ``ours``) against torch.optim.LBFGS on ``problem``:
+    the counters equal, the parameters and losses within ``tolerance`` relative, or else
+    within ten times how far a one-ulp change of torch's own start carries (the vector-free
+    two-loop rounds otherwise than torch's vectors from the first pair on, and the
+    difference grows along the trajectory as that change does). Returns (our state of the
+    first parameter, our optimizer)."""
+    p_torch, s_torch, l_torch, _ = run(torch.optim.LBFGS, problem, steps, **kwargs)
+    p_ours, s_ours, l_ours, opt = run(cls, problem, steps, **(ours or {}), **kwargs)
+    assert (s_ours["func_evals"], s_ours["n_iter"]) == (s_torch["func_evals"], s_torch["n_iter"])
+    diff = relative_difference(p_torch, p_ours)
+    loss_diff = max(abs(a - b) / abs(a) for a, b in zip(l_torch, l_ours))
+    if max(diff, loss_diff) > tolerance:
+        p_ulp, _, l_ulp, _ = run(OneUlpLater, problem, steps, **kwargs)
+        assert diff <= 10 * relative_difference(p_torch, p_ulp)
+        assert loss_diff <= max(1e-10, 10 * max(abs(a - b) / abs(a) for a, b in zip(l_torch, l_ulp)))
+    return s_ours, opt

@@ -31,7 +31,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(NVCC is None, reason="needs n
 
 
 def test_every_pass_has_a_source():
-    assert {p.stem for p in SOURCES} == {"gradient_dots", "two_loop", "update", "push"}
+    assert {p.stem for p in SOURCES} == {
+        "gradient_dots", "two_loop", "update", "push",  # MLBFGS
+        "lbfgs_gradient_dots", "lbfgs_two_loop", "lbfgs_direction",  # LBFGS (lbfgs_move with the direction)
+    }
 
 
 @pytest.mark.parametrize("arch", ["sm_90"])

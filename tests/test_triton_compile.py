@@ -32,6 +32,14 @@ CONFIGS = [
     dict(dtype="float32", history_dtype="bfloat16", history_size=20),
 ]
 
+# LBFGS (kernels/lbfgs_*.py): parameter dtype, history dtype, history size, sizes.
+LBFGS_CONFIGS = [
+    dict(dtype="float32", history_size=10),
+    dict(dtype="float32", history_dtype="bfloat16", history_size=100, shapes=[[16, 8], [32]]),
+    dict(dtype="float64", history_size=3, maximize=True),
+    dict(dtype="float64", history_dtype="float32", history_size=100),
+]
+
 SCRIPT = r"""
 import json, os, re, subprocess, sys, tempfile
 import torch, triton
@@ -57,6 +65,35 @@ for config in json.loads(sys.argv[1]):
     if grad_scale is not None:  # as GradScaler.step sets them
         opt.grad_scale, opt.found_inf = torch.tensor(grad_scale), torch.tensor(0.0)
     opt.step()
+
+# LBFGS: every pass in every variant, called one at a time on the plan (the kernels do
+# not run here, so the optimizer's own loop would stop at its first read).
+from mlbfgs_fused import LBFGS
+from mlbfgs_fused.backends._lbfgs import SOURCE_GRAD, SOURCE_KEPT, SOURCE_PREV
+for config in json.loads(sys.argv[2]):
+    dtype = getattr(torch, config.pop("dtype"))
+    history = config.pop("history_dtype", None)
+    shapes = config.pop("shapes", [[5, 3], [4]])
+    params = [torch.nn.Parameter(torch.randn(*shape, dtype=dtype)) for shape in shapes]
+    opt = LBFGS(params, backend="triton", line_search_fn="strong_wolfe",
+                history_dtype=history and getattr(torch, history), **config)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    plan = opt.plan
+    with torch.no_grad():
+        plan.bind()
+        for source in (SOURCE_GRAD, SOURCE_KEPT, SOURCE_PREV):
+            for pair, ring in ((False, True), (True, True), (True, False)):
+                plan.gradient_dots(source, [0.5], pair, ring)
+        for pair, direction in ((False, False), (True, True), (False, True)):
+            plan.two_loop(params[0].new_ones(()), pair, direction)
+            plan.two_loop(None, pair, direction)
+        for source in (SOURCE_GRAD, SOURCE_KEPT):
+            plan.direction(source, [0.5], [0.25], True, True)
+            plan.direction(source, [0.5], None, False, False)
+        plan.push(SOURCE_GRAD, [0.5])
+        plan.move([0.5], from_saved=True)
+        plan.move([0.5], from_saved=False)
 
 TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
          torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
@@ -117,7 +154,7 @@ def _nvidia_backend():
 def test_every_launch_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(CONFIGS)],
+        [sys.executable, "-c", SCRIPT, json.dumps(CONFIGS), json.dumps(LBFGS_CONFIGS)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -127,6 +164,10 @@ def test_every_launch_compiles_for_sm90():
     assert {f"{name}_kernel" for name in kernels} <= set(names), result.stdout
     for name in ("gradient_dots", "update", "push"):  # specialised per dtype and flags
         assert names.count(f"{name}_kernel") >= len(CONFIGS) - 1, result.stdout
+    lbfgs = ("lbfgs_gradient_dots", "lbfgs_two_loop", "lbfgs_direction", "lbfgs_move")
+    assert {f"{name}_kernel" for name in lbfgs} <= set(names), result.stdout
+    for name in ("lbfgs_gradient_dots", "lbfgs_direction"):  # per dtype, history and flags
+        assert names.count(f"{name}_kernel") >= 2 * len(LBFGS_CONFIGS), result.stdout
     # The aligned float32 specialization of the per-element passes uses vector accesses.
     for name in ("gradient_dots_kernel", "update_kernel"):
         aligned = [row for row in rows if row[1] == name and row[2] == "True" and row[3] == "False"]

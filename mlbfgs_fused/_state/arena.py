@@ -45,7 +45,14 @@ BLOCK_STATE_KEYS = tuple(STATE_KEY.values())
 
 
 class Arena:
-    """The state of one group's parameters on one (device, dtype), and its views."""
+    """The state of one group's parameters on one (device, dtype), and its views.
+
+    ``PARAM_KEYS`` names the per-element buffers; the first of them is the one whose
+    saved copy tells a checkpoint's memory order and completeness (:meth:`fill`).
+    :class:`~.lbfgs_arena.LBFGSArena` is LBFGS's arena over the same machinery."""
+
+    PARAM_KEYS: tuple[str, ...] = PARAM_STATE_KEYS
+    BLOCK_KEYS: tuple[str, ...] = BLOCK_STATE_KEYS
 
     def __init__(
         self,
@@ -175,11 +182,12 @@ class Arena:
         it too, from the memory order the saved per-element state was laid out in
         (docs/design.md, "State layout")."""
         owners = self.blocks_by_param()
-        saved_orders = [saved_strides(state[p].get("momentum_buffer"), p) for p in self.params]
+        lead = self.PARAM_KEYS[0]
+        saved_orders = [saved_strides(state[p].get(lead), p) for p in self.params]
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 p_state = state[p]
-                for key in PARAM_STATE_KEYS:
+                for key in self.PARAM_KEYS:
                     view = self.param_view(self.flat_state[key], i)
                     if key in p_state:
                         _copy_checked(view, p_state[key], key)
@@ -192,7 +200,7 @@ class Arena:
         owners = self.blocks_by_param()
         for i, p in enumerate(self.params):
             p_state = state[p]
-            for key in PARAM_STATE_KEYS:
+            for key in self.PARAM_KEYS:
                 p_state[key] = self.param_view(self.flat_state[key], i)
             self._point_blocks(p_state, owners.get(i, []))
 
@@ -209,14 +217,15 @@ class Arena:
         """Copy the saved state of the blocks starting in one parameter (if any) into
         the arena. A history row covers its block's parameters in their memory order;
         ``saved_orders[i]`` is the order parameter ``i``'s saved rows were written in."""
-        present = [key for key in BLOCK_STATE_KEYS if key in p_state]
+        present = [key for key in self.BLOCK_KEYS if key in p_state]
         if not present:
-            if blocks and "momentum_buffer" in p_state:
+            if blocks and self.PARAM_KEYS[0] in p_state:
                 raise ValueError(
                     f"loaded optimizer state lacks the curvature history of the {len(blocks)} "
-                    f"block(s) starting in a parameter of shape {tuple(p.shape)} (its 'history_s', "
-                    "'gram', ...) while it holds the parameter's other state: the checkpoint is "
-                    "incomplete; loading it would restart the curvature history from nothing"
+                    f"block(s) starting in a parameter of shape {tuple(p.shape)} (its "
+                    f"{', '.join(map(repr, self.BLOCK_KEYS))}) while it holds the parameter's other "
+                    "state: the checkpoint is incomplete; loading it would restart the curvature "
+                    "history from nothing"
                 )
             return
         if not blocks:
@@ -224,7 +233,7 @@ class Arena:
                 f"loaded optimizer state has block state ({present}) for a parameter of shape "
                 f"{tuple(p.shape)} in which no block starts: a different block layout"
             )
-        missing = [key for key in BLOCK_STATE_KEYS if key not in p_state]
+        missing = [key for key in self.BLOCK_KEYS if key not in p_state]
         if missing:
             raise ValueError(f"loaded optimizer state lacks {missing} of a parameter's blocks: the checkpoint is incomplete")
         views = self.owned_state(blocks)
@@ -269,7 +278,7 @@ class Arena:
         if blocks:
             p_state.update(self.owned_state(blocks))
         else:
-            for key in BLOCK_STATE_KEYS:
+            for key in self.BLOCK_KEYS:
                 p_state.pop(key, None)
 
 

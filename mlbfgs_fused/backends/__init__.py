@@ -16,6 +16,10 @@ Every backend module has the same entry points (one signature, like torch's
     hyperparameters): made once, kept by the optimizer next to the arenas, never in
     them (an :class:`~mlbfgs_fused._state.arena.Arena` holds state and views only).
 
+``lbfgs_plan(arenas, gram, pair_count, maximize, line_search) -> LBFGSPlan``
+    the same for :class:`mlbfgs_fused.LBFGS`: one plan over all its arenas (one
+    quasi-Newton model), with the passes of :class:`LBFGSPlan`.
+
 A :class:`Plan` runs the passes of a step. They have one name in ``kernels/``,
 ``csrc/``, every backend, the bench and docs/design.md ("The backend protocol"), and
 :func:`run_passes` is the one place that orders them, after the reference's step.
@@ -113,6 +117,62 @@ def run_passes(plan: Plan, group: dict, ok: dict, amp: AmpScaling | None) -> Non
         plan.update(group, ok, amp)
         plan.push(group, ok, amp)
     plan.commit(group, ok)
+
+
+class LBFGSPlan:
+    """LBFGS's passes over all of its arenas, on one backend (docs/design.md, "LBFGS";
+    the layouts they share are in :mod:`._lbfgs`). The optimizer's host loop calls them
+    in the order of torch's algorithm; every pass is in place, reads no device value on
+    the host and allocates nothing (the foreach plan: small float64 tensors only).
+
+    ``source`` is where the gradient of the current point is (:data:`._lbfgs.SOURCE_GRAD`,
+    ``SOURCE_KEPT``, ``SOURCE_PREV``); ``alphas[a]`` turns arena ``a``'s ``direction``
+    into the step just taken (``s = alpha d``, the pair candidate's ``s``).
+    """
+
+    read: Tensor  # the read vector: the one host read of an evaluation (._lbfgs.READ_*)
+    scales: list[float]  # per arena: its group's lr over the first group's
+
+    def bind(self) -> None:
+        """After a closure evaluation, before any pass reads the gradients: bring the
+        plan up to date with the user's ``.grad`` tensors (a new table only when a
+        ``data_ptr`` changed)."""
+        raise NotImplementedError
+
+    def gradient_dots(self, source: int, alphas: list[float], pair: bool, ring: bool, gd: bool = False,
+                      l1: bool = False) -> None:
+        """The gradient's dots with the ring (``ring``) and with the pair candidate
+        (``pair``), ``g.g`` and ``max |g|``, with ``gd`` ``g . d`` (a line-search trial), with
+        ``l1`` ``|g|_1`` (the first iteration's step): partial sums per piece. The read
+        vector's entries not asked for hold whatever they held."""
+        raise NotImplementedError
+
+    def two_loop(self, loss: Tensor | None, pair: bool, direction: bool) -> None:
+        """The partial sums summed; the read vector (``loss``, a tensor on the first
+        arena's device, or None); with ``direction``, the pair's acceptance, the
+        candidate Gram matrices and the coefficients of ``d = -H g`` with their ``g . d``.
+        The state is not changed."""
+        raise NotImplementedError
+
+    def push(self, source: int, alphas: list[float]) -> None:
+        """The accepted pair into its ring slot; the candidate Gram matrices and pair
+        count into the state."""
+        raise NotImplementedError
+
+    def direction(self, source: int, alphas: list[float], moves: list[float] | None, save: bool,
+                  push: bool) -> None:
+        """``d`` from the coefficients, ``prev_grad = g``; with ``push`` the pair is pushed
+        first (fused plans: in the same pass); with ``save`` the parameters are copied to
+        the saved point; with ``moves`` they step to ``x + moves[a] d``."""
+        raise NotImplementedError
+
+    def move(self, alphas: list[float], from_saved: bool) -> None:
+        """The parameters to ``saved + alphas[a] d`` (``from_saved``) or ``x + alphas[a] d``."""
+        raise NotImplementedError
+
+    def keep(self) -> None:
+        """The current gradient copied aside (``SOURCE_KEPT``)."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,13 @@ def plan(arenas: list[Arena], group: dict) -> ForeachPlan:
     return ForeachPlan(arenas)
 
 
+def lbfgs_plan(arenas, gram, pair_count, maximize: bool, line_search: bool):
+    """LBFGS's passes on this backend (:mod:`.lbfgs_foreach`)."""
+    from .lbfgs_foreach import ForeachLBFGSPlan
+
+    return ForeachLBFGSPlan(arenas, gram, pair_count, maximize, line_search)
+
+
 class ForeachPlan(Plan):
     """The passes over a group's arenas; the per-arena scratch lives in :class:`Scratch`."""
 

@@ -147,6 +147,12 @@ class NativeBackend:
     def plan(self, arenas: list[Arena], group: dict) -> NativePlan:
         return NativePlan(arenas)
 
+    def lbfgs_plan(self, arenas, gram, pair_count, maximize: bool, line_search: bool):
+        """LBFGS's passes as the ``lbfgs_*`` ops (:mod:`.lbfgs_native`)."""
+        from .lbfgs_native import NativeLBFGSPlan
+
+        return NativeLBFGSPlan(arenas, gram, pair_count, maximize, line_search)
+
 
 cpp = NativeBackend("cpp", "cpu")
 cuda = NativeBackend("cuda", "cuda")

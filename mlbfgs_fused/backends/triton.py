@@ -108,6 +108,13 @@ def plan(arenas: list[Arena], group: dict) -> TritonPlan:
     return TritonPlan(arenas)
 
 
+def lbfgs_plan(arenas, gram, pair_count, maximize: bool, line_search: bool):
+    """LBFGS's passes as Triton launches (:mod:`.lbfgs_triton`)."""
+    from .lbfgs_triton import TritonLBFGSPlan
+
+    return TritonLBFGSPlan(arenas, gram, pair_count, maximize, line_search)
+
+
 # -- plans ------------------------------------------------------------------------
 def plan_tables(layout, m: int, tile: int, cap: int):
     """The tile, worker and block tables of an arena layout (see

@@ -7,7 +7,9 @@ the extensions of ``LBFGS``:
 - several groups: ``scale`` holds, per element, the element's group ``lr`` over the
   first group's; the step is ``x + t * scale * d`` (one group: ``scale = 1``);
 - ``maximize``: minimise ``-f``;
-- ``max_eval`` counts every evaluation, the line search's included;
+- ``max_eval`` set by the user counts every evaluation, the line search's included;
+  left to its default (``max_iter * 5 // 4``) it means what it means in torch: the
+  line search may take one evaluation more (torch budgets its trials after the first);
 - a non-finite loss or gradient at a trial point fails the trial (the line search
   backs off; without one the step is halved, then undone when no evaluation is
   left) and never reaches the history; a step starting at a non-finite point
@@ -52,6 +54,7 @@ class ReferenceLBFGS:
     t: float | None = None
 
     def __post_init__(self):
+        self.exact = self.max_eval is not None  # a max_eval the user set holds exactly
         if self.max_eval is None:
             self.max_eval = self.max_iter * 5 // 4
 
@@ -87,7 +90,7 @@ class ReferenceLBFGS:
         self.func_evals += 1
         if not math.isfinite(f) or float(g.abs().max()) <= self.tolerance_grad:
             return x
-        n = 0
+        n, t = 0, self.t  # max_iter = 0: one evaluation, no iteration (t kept, as torch keeps it)
         while n < self.max_iter:
             n += 1
             self.n_iter += 1
@@ -112,7 +115,7 @@ class ReferenceLBFGS:
                 break
             stop, opt_cond, used = False, False, 0
             if self.line_search_fn is not None:
-                if evals >= self.max_eval:
+                if self.exact and evals >= self.max_eval:
                     t, stop = 0.0, True
                 else:
                     grads = {0: g}
@@ -126,7 +129,7 @@ class ReferenceLBFGS:
 
                     point, used = _strong_wolfe(
                         evaluate, lambda p: None, f, gtd, t, float(step_dir.abs().max()),
-                        self.max_eval - evals, tolerance_change=self.tolerance_change,
+                        self.max_eval - evals + (0 if self.exact else 1), tolerance_change=self.tolerance_change,
                     )
                     t, f, g = point.t, point.f, grads[point.index]
                     x = x + t * step_dir

@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mlbfgs_fused import LBFGS
 
+from dist_harness import spawn
 from lbfgs_problems import _breast_cancer
 
 KWARGS = dict(line_search_fn="strong_wolfe", history_size=5, max_iter=10)
 STEPS = 3
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _fit(X, y, steps, average_gradients=False):
@@ -44,24 +37,18 @@ def _fit(X, y, steps, average_gradients=False):
     return w.detach(), state["func_evals"], state["n_iter"], losses
 
 
-def _worker(rank, port, out_dir, X, y):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        half = X.shape[0] // WORLD
-        rows = slice(rank * half, (rank + 1) * half)
-        torch.save(_fit(X[rows], y[rows], STEPS, average_gradients=True), os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.barrier()  # no rank tears gloo down while its peer still talks to it
-        dist.destroy_process_group()
+def _worker(rank, world_size, out_dir, X, y):
+    half = X.shape[0] // world_size
+    rows = slice(rank * half, (rank + 1) * half)
+    torch.save(_fit(X[rows], y[rows], STEPS, average_gradients=True), os.path.join(out_dir, f"{rank}.pt"))
+    dist.barrier()  # no rank tears gloo down while its peer still talks to it
 
 
 def test_two_ranks_with_different_data_take_the_same_decisions(tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     X, y = _breast_cancer()
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), X, y), nprocs=WORLD, join=True)
+    spawn(_worker, WORLD, str(tmp_path), X, y)
     results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(WORLD)]
     (w0, evals0, iters0, losses0), (w1, evals1, iters1, losses1) = results
     assert losses0 != losses1  # each rank saw its own data
