@@ -316,13 +316,15 @@ def test_a_checkpoint_that_does_not_fit_is_refused_whole():
     bad["state"][0]["history_s"] = torch.zeros(3, 9, dtype=torch.float64)
     with pytest.raises(ValueError, match="history_s"):
         opt.load_state_dict(bad)
-    bad = copy.deepcopy(before)
-    bad["state"][0]["gram"][0, 0, 0] = math.nan
-    with pytest.raises(ValueError, match="gram"):
-        opt.load_state_dict(bad)
     after = opt.state_dict()
     torch.testing.assert_close(after["state"][0]["gram"], before["state"][0]["gram"])
+    torch.testing.assert_close(after["state"][0]["history_s"], before["state"][0]["history_s"])
     opt.step(closure)  # still steps
+    # A NaN is what a diverged run saves: it loads (as torch.optim.LBFGS's state does), said.
+    bad = copy.deepcopy(opt.state_dict())
+    bad["state"][0]["gram"][0, 0, 0] = math.nan
+    with pytest.warns(UserWarning, match="'gram' holds a NaN"):
+        opt.load_state_dict(bad)
 
 
 @pytest.mark.parametrize("backend", backend_params(FUSED))
