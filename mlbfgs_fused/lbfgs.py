@@ -38,6 +38,7 @@ _OLDER_GROUPS = {"max_eval_given": True, "maximize": False, "foreach": None, "fu
                  "history_dtype": None}
 _PARAM_DTYPES = (torch.float32, torch.float64)
 _HISTORY_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+DISTRIBUTED_MODES = ("sharded",)
 
 
 @dataclass
@@ -137,6 +138,8 @@ class LBFGS(Optimizer):
         fused: bool | None = None,
         backend: str | None = None,
         history_dtype: torch.dtype | None = None,
+        distributed: str | None = None,
+        process_group=None,
     ):
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -176,7 +179,15 @@ class LBFGS(Optimizer):
             history_dtype=history_dtype,
         )
         self._plan = None
+        self._partition = None
+        if distributed is not None:
+            from .distributed import Partition
+
+            self._partition = Partition(distributed, process_group, owner="LBFGS", modes=DISTRIBUTED_MODES)
         super().__init__(params, defaults)
+        if self._partition is not None:  # each rank saves and loads its own shard
+            self.register_state_dict_post_hook(self._partition.state_dict_post_hook)
+            self.register_load_state_dict_pre_hook(self._partition.load_state_dict_pre_hook)
 
     def add_param_group(self, param_group: dict) -> None:
         for key in _GLOBAL_KEYS:
@@ -205,6 +216,7 @@ class LBFGS(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._plan = None
+        self.__dict__.setdefault("_partition", None)
         for group in [self.defaults, *self.param_groups]:
             for key, value in _OLDER_GROUPS.items():
                 group.setdefault(key, value)
@@ -285,9 +297,13 @@ class LBFGS(Optimizer):
         m = d["history_size"]
         backend = self._backend()
         arenas = []
+        partition = self._partition
         for a, (group, params) in enumerate(self._arena_params()):
             layout = arena_layout([p.numel() for p in params], "group")
-            arena = LBFGSArena(params, layout, m, d["history_dtype"], group, a)
+            if partition is None:
+                arena = LBFGSArena(params, layout, m, d["history_dtype"], group, a)
+            else:  # this rank's slice of the arena (docs/design.md, "Distributed")
+                arena = partition.lbfgs_arena(params, layout, m, d["history_dtype"], group, a)
             arena.fill(self.state)
             arenas.append(arena)
         first = self.state[self._first_param()]
@@ -308,9 +324,11 @@ class LBFGS(Optimizer):
             if bad is not None:
                 raise ValueError(f"loaded optimizer state '{bad}' holds a NaN or an infinity")
         plan = backend.module.lbfgs_plan(arenas, gram, count, d["maximize"], d["line_search_fn"] is not None)
+        if partition is not None:
+            plan = partition.lbfgs_plan(plan, arenas)
         for arena in arenas:
             arena.bind(self.state)
-            self.state[arena.params[0]].setdefault("step_size", 0.0)
+            self.state[arena.anchor].setdefault("step_size", 0.0)
         first = self.state[self._first_param()]
         first["gram"], first["pair_count"] = gram, count
         self._plan = plan
@@ -326,9 +344,9 @@ class LBFGS(Optimizer):
     # -- host reads -------------------------------------------------------------------
     def _read(self, plan) -> list[float]:
         """The one device-to-host copy of an evaluation: the read vector, averaged over
-        the ranks when distributed."""
+        the ranks when distributed (under ``distributed="sharded"`` the plan completed it)."""
         vec = plan.read
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if self._partition is None and torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
             if world > 1:
                 torch.distributed.all_reduce(vec)
@@ -343,8 +361,13 @@ class LBFGS(Optimizer):
             loss = closure()
         plan.bind()
         plan.gradient_dots(SOURCE_GRAD, alphas, pair, ring, gd, l1)
+        read_loss = loss
         on_device = isinstance(loss, Tensor) and loss.device == plan.home and loss.numel() == 1
-        plan.two_loop(loss if on_device else None, pair, ring)
+        if not on_device and self._partition is not None:
+            # The plan averages the loss over the ranks with its sums.
+            read_loss = torch.as_tensor(float(loss), dtype=torch.float64, device=plan.home)
+            on_device = True
+        plan.two_loop(read_loss if on_device else None, pair, ring)
         return loss, self._evaluation(plan, loss if not on_device else None, ring, index)
 
     def _evaluation(self, plan, host_loss, model: bool, index: int) -> _Evaluation:
@@ -393,7 +416,7 @@ class LBFGS(Optimizer):
         state = self.state[self._first_param()]
         state.setdefault("func_evals", 0)
         state.setdefault("n_iter", 0)
-        step_sizes = [self.state[a.params[0]]["step_size"] for a in arenas]
+        step_sizes = [self.state[a.anchor]["step_size"] for a in arenas]
 
         orig_loss, point = self._evaluate(closure, plan, step_sizes, state["n_iter"] > 0, max_iter > 0,
                                           l1=state["n_iter"] == 0)
@@ -476,7 +499,7 @@ class LBFGS(Optimizer):
                 break
 
         for arena, size in zip(arenas, step_sizes):
-            self.state[arena.params[0]]["step_size"] = size
+            self.state[arena.anchor]["step_size"] = size
         state["t"] = t
         state["prev_loss"] = prev_loss
         return orig_loss

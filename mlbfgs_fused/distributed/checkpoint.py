@@ -1,4 +1,4 @@
-"""``torch.distributed.checkpoint`` (DCP) for a distributed ``MLBFGS``: each rank saves its shard.
+"""``torch.distributed.checkpoint`` (DCP) for a distributed ``MLBFGS`` or ``LBFGS``: each rank saves its shard.
 
 DCP keeps one copy of an entry that every rank saves under the same key (it takes it for
 replicated), while each rank's ``optimizer.state_dict()`` holds that rank's own shard
@@ -29,8 +29,11 @@ def sharded_state_dict(optimizer) -> dict:
     """``{"rank<r>_of_<W>": optimizer.state_dict()}``, with the state of every group
     built first (as the first step builds it), so that a fresh optimizer offers DCP
     tensors of the right shapes to load into."""
-    for index, group in enumerate(optimizer.param_groups):
-        optimizer._init_group(index, group)
+    if hasattr(optimizer, "_init_group"):  # MLBFGS: per group
+        for index, group in enumerate(optimizer.param_groups):
+            optimizer._init_group(index, group)
+    else:  # LBFGS: one model over every group
+        optimizer._setup()
     return {_key(optimizer): optimizer.state_dict()}
 
 
