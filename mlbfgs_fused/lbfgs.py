@@ -335,6 +335,15 @@ class LBFGS(Optimizer):
         self._arenas = arenas
         return plan
 
+    def _init_state(self) -> None:
+        """Every entry of the state made now, as the first step makes it (the counters at
+        zero), so that ``torch.distributed.checkpoint`` finds each key to load into
+        (:func:`mlbfgs_fused.distributed.sharded_state_dict`)."""
+        self._setup()
+        state = self.state[self._first_param()]
+        for key, value in (("func_evals", 0), ("n_iter", 0), ("t", 0.0), ("prev_loss", 0.0)):
+            state.setdefault(key, value)
+
     @property
     def plan(self):
         """The backend's LBFGS plan (built at the first step): its passes, for benchmarks
