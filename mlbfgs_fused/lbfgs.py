@@ -103,6 +103,15 @@ class LBFGS(Optimizer):
       averaged over the ranks before any decision, so every rank makes the same
       decisions and runs the closure the same number of times (the closure averages
       the gradients, as DDP does).
+    - ``distributed="sharded"``: each rank of ``process_group`` keeps the history,
+      ``direction`` and ``prev_grad`` of its contiguous ``1/W`` slice of each (group,
+      device, dtype) only; the Gram rows, the line search's dots and the loss are partial
+      sums completed by one all-reduce of one small float64 tensor per closure
+      evaluation, and each rank's updated slice is all-gathered into the parameters
+      before the closure runs (docs/design.md, "Distributed"). The parameters stay whole
+      on every rank, and every rank takes the same decisions. Every backend; each rank's
+      ``state_dict()`` holds its slice (``mlbfgs_fused.distributed.sharded_state_dict``
+      for ``torch.distributed.checkpoint``).
 
     Args:
         params: an iterable of parameters or of dicts defining parameter groups.
@@ -120,6 +129,10 @@ class LBFGS(Optimizer):
             the CPU, Triton on CUDA, where available; ``foreach`` otherwise).
         backend: a backend by name: ``"foreach"``, ``"cpp"``, ``"triton"``, ``"cuda"``.
         history_dtype: the history's storage dtype (default: the parameters').
+        distributed: ``None`` (default) or ``"sharded"``: each rank keeps the state of
+            its slice of the parameters (above). Needs an initialised process group.
+        process_group: the ``torch.distributed`` group of ``distributed`` (default: the
+            default group).
     """
 
     def __init__(
