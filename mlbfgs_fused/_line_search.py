@@ -46,8 +46,9 @@ def _cubic_interpolate(
     """The minimiser of the cubic through ``(x1, f1)`` and ``(x2, f2)`` with slopes
     ``g1``, ``g2``, clamped to ``bounds`` (default: the interval between the points).
 
-    When the cubic has no minimiser (negative discriminant), the two points
-    coincide or an input is not finite, the middle of the bounds.
+    When the cubic has no minimiser (negative discriminant, or a flat cubic: the
+    formula's denominator is zero, where torch's tensors would give a NaN step), the two
+    points coincide or an input is not finite, the middle of the bounds.
     """
     lo, hi = bounds if bounds is not None else (min(x1, x2), max(x1, x2))
     if x1 == x2 or not all(map(math.isfinite, (x1, f1, g1, x2, f2, g2))):
@@ -60,10 +61,13 @@ def _cubic_interpolate(
     if disc < 0:
         return (lo + hi) / 2.0
     b = math.sqrt(disc)
+    denominator = (g2 - g1 + 2 * b) if x1 <= x2 else (g1 - g2 + 2 * b)
+    if denominator == 0:
+        return (lo + hi) / 2.0
     if x1 <= x2:
-        x = x2 - (x2 - x1) * ((g2 + b - a) / (g2 - g1 + 2 * b))
+        x = x2 - (x2 - x1) * ((g2 + b - a) / denominator)
     else:
-        x = x1 - (x1 - x2) * ((g1 + b - a) / (g1 - g2 + 2 * b))
+        x = x1 - (x1 - x2) * ((g1 + b - a) / denominator)
     return min(max(x, lo), hi)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -266,6 +267,22 @@ class LBFGS(Optimizer):
         except BaseException:
             self.state, self.param_groups, self._plan = previous
             raise
+        self._warn_non_finite()
+
+    def _warn_non_finite(self) -> None:
+        """A loaded state with a NaN or an infinity loads, as torch.optim.LBFGS's does: it
+        is what a run that diverged saves, and a checkpoint must resume the run it was
+        saved from. It is said, since every later direction inherits it."""
+        first = self.state[self._first_param()]
+        bad = next((b for b in (a.first_non_finite() for a in self._arenas) if b is not None), None)
+        if bad is None and not bool(torch.isfinite(first["gram"]).all()):
+            bad = "gram"
+        if bad is not None:
+            warnings.warn(
+                f"loaded optimizer state '{bad}' holds a NaN or an infinity (the run it was saved "
+                "from had diverged); the directions computed from it will not be finite",
+                stacklevel=3,
+            )
 
     # -- state ------------------------------------------------------------------------
     def _first_param(self) -> Tensor:
@@ -330,12 +347,6 @@ class LBFGS(Optimizer):
             raise ValueError(f"loaded state 'gram' has shape {tuple(gram.shape)}, expected {(3, m, m)}")
         gram = gram.to(home, torch.float64).clone()
         count = torch.as_tensor(count).to(home, torch.int64).reshape(()).clone()
-        for arena in arenas:
-            bad = arena.first_non_finite()
-            if bad is None and not bool(torch.isfinite(gram).all()):
-                bad = "gram"
-            if bad is not None:
-                raise ValueError(f"loaded optimizer state '{bad}' holds a NaN or an infinity")
         plan = backend.module.lbfgs_plan(arenas, gram, count, d["maximize"], d["line_search_fn"] is not None)
         if partition is not None:
             plan = partition.lbfgs_plan(plan, arenas)

@@ -462,3 +462,41 @@ def test_checkpoint_of_version_0_1_saved_before_any_direction_loads():
     opt.step(closure)
     gram = opt.state[w]["gram"]
     assert gram.shape == (3, 3, 3) and torch.isfinite(gram).all() and float((w.detach() ** 2).sum()) < 1e-20
+
+
+def test_a_diverged_run_saves_and_resumes_with_a_warning():
+    """A loss unbounded below (the sum of a batch norm's output is linear in its bias, as
+    in PyTorch's generic state_dict tests) overflows within three steps and leaves
+    non-finite values in the state. torch.optim.LBFGS saves and loads that state; so does
+    this one, saying so, and the resumed optimizer steps as the one it was saved from."""
+    torch.manual_seed(1)
+
+    def build():
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Conv2d(4, 2, 1, stride=2), torch.nn.BatchNorm2d(2))
+        return model, LBFGS(model.parameters(), line_search_fn="strong_wolfe")
+
+    data = torch.rand(1, 4, 16, 16)
+
+    def closure_of(model, opt):
+        def closure():
+            opt.zero_grad()
+            loss = model(data).sum()
+            loss.backward()
+            return loss
+        return closure
+
+    model, opt = build()
+    for _ in range(3):
+        opt.step(closure_of(model, opt))
+    state = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    assert not all(bool(torch.isfinite(v).all()) for v in state), "the run was meant to diverge"
+
+    twin_model, twin = build()
+    twin_model.load_state_dict(model.state_dict())
+    with pytest.warns(UserWarning, match="holds a NaN or an infinity"):
+        twin.load_state_dict(opt.state_dict())
+    opt.step(closure_of(model, opt))
+    twin.step(closure_of(twin_model, twin))
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, equal_nan=True)

@@ -22,6 +22,10 @@ def test_cubic_interpolation_finds_a_cubics_minimum():
     assert _cubic_interpolate(0.0, 0.0, 2.0, 1.0, 1.9, 2.0) == 0.5
     assert _cubic_interpolate(1.0, 0.0, -1.0, 1.0, 0.0, 1.0, bounds=(0.0, 4.0)) == 2.0
     assert _cubic_interpolate(0.0, 0.0, -1.0, 1.0, math.inf, math.nan) == 0.5
+    # A flat cubic (equal values, zero slopes): the formula divides 0 by 0 (torch's tensors
+    # give a NaN step there), so the middle, from either side.
+    assert _cubic_interpolate(0.0, 1.5, 0.0, 2.0, 1.5, 0.0) == 1.0
+    assert _cubic_interpolate(2.0, 1.5, 0.0, 0.0, 1.5, 0.0, bounds=(0.0, 3.0)) == 1.5
 
 
 def test_cubic_interpolation_matches_torch():
