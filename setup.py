@@ -17,7 +17,7 @@ import sys
 from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
-CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/passes.cpp", "csrc/cpu/lbfgs.cpp"]
+CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/passes.cpp", "csrc/cpu/lbfgs.cpp", "csrc/python.cpp"]
 CUDA_SOURCES = [f"csrc/cuda/{name}.cu" for name in ("gradient_dots", "two_loop", "update", "push")] + [
     f"csrc/cuda/lbfgs_{name}.cu" for name in ("gradient_dots", "two_loop", "direction")
 ]
@@ -56,7 +56,6 @@ def extensions():
 
     common = dict(
         include_dirs=[os.path.abspath("csrc")],
-        define_macros=[("MLBFGS_PYTHON_MODULE", None)],
     )
     if _with_cuda():
         from torch.utils.cpp_extension import CUDAExtension

@@ -402,6 +402,13 @@ def write_results_md(folder: Path, notes: list[str] | None = None) -> Path:
         lines += [f"- {name}: left out, {why}" for name, why in training.get("left_out", {}).items()]
         lines += ["", training_table(training), ""]
         lines += [f"![training {m}](training_{m}.png)" for m in dict.fromkeys(r["model"] for r in training["runs"])]
+    roofline = _load(folder, "roofline.json")
+    if roofline:
+        from .roofline import markdown
+
+        body = markdown(roofline, roofline.get("machine")).split("\n", 2)[2]  # without its title
+        lines += ["", "## 6. Roofline (`python -m bench.roofline`, `roofline.md`)", ""]
+        lines += [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in body.splitlines()]
     path = folder / "RESULTS.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -3,7 +3,9 @@
 Stages (``--only`` picks some): ``kernels`` (pytest-benchmark microbenchmarks,
 in a subprocess: ``pytest bench/ --benchmark-only``), ``compare`` (whole step
 side by side), ``memory`` (peak transient and persistent bytes), ``audit``
-(in-place audit), ``train`` (training runs), then the plots and ``RESULTS.md``.
+(in-place audit), ``roofline`` (every backend's passes and steps against the
+machine's bandwidth, ``bench/roofline.py``), ``train`` (training runs), then the
+plots and ``RESULTS.md``.
 Sizes (``--sizes``): N = 1e5, 1e6, 1e7 on the CPU; on CUDA also 1e8, and N = 3e8
 for our contenders only (``--ours-only-sizes``). ``--merge`` adds the rows of a
 run to those already in ``--out`` (a long stage split over several calls).
@@ -24,7 +26,7 @@ import torch
 
 from .machine import BENCH_DIR, REPO_DIR, default_device, machine_stamp, results_dir
 
-STAGES = ("kernels", "compare", "memory", "audit", "train")
+STAGES = ("kernels", "compare", "memory", "audit", "roofline", "train")
 SMOKE_SIZES = [1000, 4000]
 SMOKE_OURS_ONLY_SIZES = [8000]
 SIZES = [10**5, 10**6, 10**7, 10**8]
@@ -194,6 +196,14 @@ def main(argv=None) -> Path:
             audit = run_audit(device, numel=4096 if args.smoke else 1 << 16)
             print(format_audit(audit))
             _write(out, "audit.json", audit, device)
+        elif stage == "roofline":
+            from . import roofline
+
+            if args.smoke:
+                result = roofline.run(device, sizes=[1000, 5000], history_sizes=[2], smoke=True)
+            else:
+                result = roofline.run(device, sizes=roofline.default_sizes(device, args.max_n))
+            roofline.write(result, out, device)
         elif stage == "train":
             from . import train
 

@@ -3,15 +3,20 @@
 // returns nothing; mlbfgs_fused/backends/native.py registers their fake kernels.
 //
 // The passes of one step, per arena (docs/design.md, "The step"):
-//   gradient_dots  S g, Y g, g.g per chunk (partials), read-only over the arena;
+//   gradient_dots  S g, Y g, g.g per chunk (partials), read-only over the arena; with
+//                  pair_sums (the CPU, paper variant) also a pair-forming step's
+//                  candidate s.s, s.y, y.y from the averages this step will write;
 //   two_loop       per block: the coefficients of d from the Gram matrices, and the
 //                  group status row (g.g, ||d||^2, pair held); the arena's probe;
-//   update         d, EMAs, momentum, parameters; candidate s.s, s.y, y.y on a
-//                  pair-forming step; nothing unless `ok`; `mode` (csrc/ops.h
-//                  UpdateMode) picks the variant's order;
-//   push           on a due step the pair (ring slot, Gram row from the ring as
-//                  stored) and the snapshots; the counters every step
-//                  (push_pairs then commit: the same in two ops).
+//   update         d, EMAs, momentum, parameters; nothing unless `ok`; `update_mode`
+//                  (csrc/ops.h UpdateMode) picks the variant's order: the candidate's
+//                  sums here (UPDATE_PAPER, UPDATE_RELEASED_AVERAGES), or the pair
+//                  itself where due, decided from pass 1's sums (UPDATE_PAPER_PAIR: the
+//                  ring slot, the Gram row partials from the ring rows as stored, the
+//                  snapshots);
+//   push           the counters every step; on a due step the Gram row, and unless
+//                  pair_written (the update pass pushed it) the pair's own pass
+//                  (push_pairs then commit: the same in two ops, a distributed rank's).
 #include <torch/library.h>
 
 #include "ops.h"
@@ -19,18 +24,21 @@
 TORCH_LIBRARY(mlbfgs_fused_native, m) {
   m.def(
       "gradient_dots(Tensor[] params, Tensor?[] grads, Tensor history_s, Tensor history_y, "
-      "Tensor chunks, Tensor(a!) partials, Tensor? grad_scale, float weight_decay, "
-      "bool maximize, int m) -> ()");
+      "Tensor param_ema, Tensor grad_ema, Tensor param_snapshot, Tensor grad_snapshot, "
+      "Tensor chunks, Tensor step, Tensor pair_count, Tensor(a!) partials, "
+      "Tensor(b!) pair_partials, Tensor? grad_scale, float weight_decay, bool maximize, "
+      "float beta_p, float beta_g, float pair_momentum, int period, int m, bool pair_sums) -> ()");
   m.def(
       "two_loop(Tensor partials, Tensor blocks, Tensor gram, Tensor pair_count, "
       "Tensor(a!) coef, Tensor(b!) stats, Tensor(c!) probe, int block_offset, int m) -> ()");
   m.def(
-      "update(Tensor(a!)[] params, Tensor?[] grads, Tensor history_s, Tensor history_y, "
-      "Tensor(b!) param_ema, Tensor(c!) grad_ema, Tensor(d!) momentum_buffer, "
-      "Tensor param_snapshot, Tensor grad_snapshot, Tensor chunks, Tensor coef, Tensor step, "
-      "Tensor pair_count, Tensor stats, Tensor ok, Tensor? grad_scale, "
-      "Tensor(e!) pair_partials, Tensor lr, float momentum, float weight_decay, "
-      "float beta_p, float beta_g, float pair_momentum, int period, int m, bool maximize, "
+      "update(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!) history_s, Tensor(c!) history_y, "
+      "Tensor(d!) param_ema, Tensor(e!) grad_ema, Tensor(f!) momentum_buffer, "
+      "Tensor(g!) param_snapshot, Tensor(h!) grad_snapshot, Tensor chunks, Tensor blocks, "
+      "Tensor coef, Tensor step, Tensor pair_count, Tensor stats, Tensor ok, Tensor? grad_scale, "
+      "Tensor(i!) pair_partials, Tensor(j!) gram_partials, Tensor lr, float momentum, "
+      "float weight_decay, float beta_p, float beta_g, float pair_momentum, float damping, "
+      "float sigma_low, float sigma_high, float eps, int period, int m, bool maximize, "
       "int normalize, int update_mode) -> ()");
   m.def(
       "push(Tensor param_ema, Tensor grad_ema, Tensor(a!) param_snapshot, "
@@ -38,7 +46,7 @@ TORCH_LIBRARY(mlbfgs_fused_native, m) {
       "Tensor chunks, Tensor blocks, Tensor pair_partials, Tensor(f!) gram_partials, "
       "Tensor ok, Tensor(g!) step, Tensor(h!) pair_count, Tensor(i!) skipped_pairs, "
       "Tensor(j!) skipped_steps, float pair_momentum, float damping, float sigma_low, "
-      "float sigma_high, float eps, int period, int m) -> ()");
+      "float sigma_high, float eps, int period, int m, bool pair_written) -> ()");
   // A rank that holds part of each block (distributed "sharded") completes the per-block
   // sums across ranks between the passes (docs/design.md, "Distributed"): block_sums
   // adds a block's partial rows in chunk order, and two_loop, push_pairs and commit then
@@ -72,14 +80,3 @@ TORCH_LIBRARY(mlbfgs_fused_native, m) {
       "float move, bool push, bool combine, bool do_move, bool save, bool maximize, int m) -> ()");
   m.def("lbfgs_move(Tensor addresses, Tensor? saved, Tensor direction, Tensor chunks, float alpha) -> ()");
 }
-
-#ifdef MLBFGS_PYTHON_MODULE
-// `import mlbfgs_fused._C` loads this library, whose static initialisers register
-// the ops; the module itself is empty (the ops live in torch.ops.mlbfgs_fused_native).
-#include <Python.h>
-
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
-}
-#endif

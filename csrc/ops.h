@@ -40,9 +40,12 @@ enum StatsColumn : int64_t { S_GG, S_DD, S_HELD, STATS_COLUMNS };
 //   UPDATE_RELEASED_AVERAGES    a released due step before its push: E1 EMAs and the
 //                               candidate's sums, no direction;
 //   UPDATE_RELEASED_AFTER_PUSH  a released due step after its push: G = g (E2) and the
-//                               direction with the pair just pushed (E4).
+//                               direction with the pair just pushed (E4);
+//   UPDATE_PAPER_PAIR           the paper's order with the pair pushed in this pass where
+//                               due (its candidate's sums came with pass 1; the CPU).
 enum UpdateMode : int64_t {
-  UPDATE_PAPER, UPDATE_RELEASED, UPDATE_RELEASED_AVERAGES, UPDATE_RELEASED_AFTER_PUSH
+  UPDATE_PAPER, UPDATE_RELEASED, UPDATE_RELEASED_AVERAGES, UPDATE_RELEASED_AFTER_PUSH,
+  UPDATE_PAPER_PAIR
 };
 // Per-chunk partial sums of a pair-forming step's candidate: s.s, s.y, y.y.
 enum PairColumn : int64_t { P_SS, P_SY, P_YY, PAIR_COLUMNS };
@@ -165,6 +168,18 @@ MLBFGS_HOST_DEVICE double two_loop_block(const double* gram, const double* Sg, c
     }
   }
   return c_g * c_g * gg + 2.0 * c_g * cross + quad;
+}
+
+// One block's two-loop from its dots summed in chunk order (sums: S g [m], Y g [m], g.g):
+// the coefficients of d and the block's status row (g.g, ||d||^2, whether it holds a
+// pair). Returns g.g. The CPU's pass 1 and the CUDA two_loop kernel.
+MLBFGS_HOST_DEVICE double block_two_loop(const double* gram, const double* sums, int64_t pair_count,
+                                         int64_t m, double* coef, double* alpha, double* stats) {
+  const double gg = sums[2 * m];
+  stats[S_DD] = two_loop_block(gram, sums, sums + m, gg, pair_count, m, coef, alpha);
+  stats[S_GG] = gg;
+  stats[S_HELD] = pair_count > 0 ? 1.0 : 0.0;
+  return gg;
 }
 
 }  // namespace mlbfgs_fused

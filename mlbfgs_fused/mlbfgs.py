@@ -138,6 +138,7 @@ class MLBFGS(Optimizer):
         )
         _validate_group(defaults)
         self._arenas: dict[int, _GroupArenas] = {}
+        self._single: _SingleCall | None = None
         self._partition = None
         if distributed is not None:
             from .distributed import Partition
@@ -178,6 +179,7 @@ class MLBFGS(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._arenas = {}
+        self._single = None
         self.__dict__.setdefault("_partition", None)
         _fill_group_defaults(self.defaults)
         for group in self.param_groups:
@@ -294,6 +296,11 @@ class MLBFGS(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         amp = self._amp_scaling()
+        single = self._single
+        if single is not None and single.holds(self.param_groups) and not torch.compiler.is_compiling():
+            if single.plan.whole_step(single.group, amp):
+                return loss
+        self._single = None
         # Everything that can raise happens before the first write, so a bad
         # gradient in a later group cannot leave an earlier one updated.
         stepped = [i for i, group in enumerate(self.param_groups) if any(p.grad is not None for p in group["params"])]
@@ -317,7 +324,7 @@ class MLBFGS(Optimizer):
         # step: every group, every device; decided on the device, never on the host.
         probes = [p for group, plan in work for p in plan.gradient_dots(group, amp)]
         home = probes[0].device
-        total = torch.stack([p.to(home) for p in probes]).sum()
+        total = probes[0] if len(probes) == 1 else torch.stack([p.to(home) for p in probes]).sum()
         ok = torch.isfinite(total)
         if amp is not None and amp.found_inf is not None:
             ok = ok & (amp.found_inf.to(home) == 0)
@@ -327,6 +334,7 @@ class MLBFGS(Optimizer):
                 if device not in ok_on:
                     ok_on[device] = ok.to(device)
             backends.run_passes(plan, group, ok_on, amp)
+        self._single = _SingleCall.of(self.param_groups, work, self._partition)
         return loss
 
     def _amp_scaling(self) -> backends.AmpScaling | None:
@@ -396,6 +404,7 @@ class MLBFGS(Optimizer):
         cached = self._arenas.get(index)
         if cached is not None and cached.key == key:
             return
+        self._single = None
         stepped = cached is not None and cached.key.ids == key.ids  # the same parameters, changed
         if stepped:
             _check_unchanged_structure(index, group, cached.key, key, self._partition is not None)
@@ -559,6 +568,40 @@ class _GroupArenas:
     arenas: list[Arena]
     backend: str | None = None
     plan: backends.Plan | None = None
+
+
+# The group settings a plan is made for (the backend, its arenas' shape): the one-call
+# step checks them by identity at every step.
+_PLAN_KEYS = ("backend", "fused", "foreach", "variant", "history_size", "history_dtype", "blocks")
+
+
+class _SingleCall:
+    """An optimizer of one group whose plan runs a step as one call (``Plan.whole_step``):
+    set after a step of the general path that finds it so, checked at every step (the
+    same group, its plan settings the same objects), dropped whenever the general path
+    runs. The plan checks the rest (parameters, gradients) itself, writing nothing
+    where they do not fit."""
+
+    __slots__ = ("group", "plan", "settings")
+
+    def __init__(self, group: dict, plan: backends.Plan):
+        self.group, self.plan = group, plan
+        self.settings = tuple(group[key] for key in _PLAN_KEYS)
+
+    def holds(self, groups: list[dict]) -> bool:
+        group = self.group
+        return (
+            len(groups) == 1
+            and groups[0] is group
+            and all(group[key] is value for key, value in zip(_PLAN_KEYS, self.settings))
+        )
+
+    @classmethod
+    def of(cls, groups: list[dict], work: list, partition) -> _SingleCall | None:
+        if partition is not None or len(groups) != 1 or len(work) != 1:
+            return None
+        group, plan = work[0]
+        return cls(group, plan) if plan.single_call else None
 
 
 def _check_unchanged_structure(index: int, group: dict, old: _ArenaKey, new: _ArenaKey, distributed: bool) -> None:

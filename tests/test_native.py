@@ -117,11 +117,15 @@ def test_fake_kernels_trace_under_fake_tensors():
     opt.step()
     a = opt.backend_plan(0).arenas[0]
     arena = a.arena
+    f, c = arena.flat_state, arena.counters
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fake = [mode.from_tensor(t) for t in (arena.history_s, arena.history_y, a.chunks, a.partials)]
+        fake = [mode.from_tensor(t) for t in (
+            arena.history_s, arena.history_y, f["param_ema"], f["grad_ema"], f["param_snapshot"],
+            f["grad_snapshot"], a.chunks, c["step"], c["pair_count"], a.partials, a.pair_partials,
+        )]
         native.ops().gradient_dots(
             [mode.from_tensor(plan_params[0].detach())], [mode.from_tensor(plan_params[0].grad)],
-            *fake[:3], fake[3], None, 0.0, False, arena.m,
+            *fake, None, 0.0, False, 0.9, 0.9, 0.9, 50, arena.m, True,
         )
 
 

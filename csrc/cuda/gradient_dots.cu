@@ -75,9 +75,13 @@ __global__ void __launch_bounds__(THREADS) gradient_dots_kernel(
 }
 
 void gradient_dots(at::TensorList params, at::ArrayRef<std::optional<at::Tensor>> grads,
-                   const at::Tensor& history_s, const at::Tensor& history_y, const at::Tensor& chunks,
-                   const at::Tensor& partials, const std::optional<at::Tensor>& grad_scale,
-                   double weight_decay, bool maximize, int64_t m) {
+                   const at::Tensor& history_s, const at::Tensor& history_y, const at::Tensor&,
+                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor& chunks,
+                   const at::Tensor&, const at::Tensor&, const at::Tensor& partials, const at::Tensor&,
+                   const std::optional<at::Tensor>& grad_scale, double weight_decay, bool maximize,
+                   double, double, double, int64_t, int64_t m, bool pair_sums) {
+  // The candidate's sums come with the update pass here (UPDATE_PAPER).
+  TORCH_CHECK(!pair_sums, "mlbfgs_fused::gradient_dots: pair_sums is not implemented on CUDA");
   const c10::cuda::CUDAGuard guard(history_s.device());
   const int64_t P = chunks.size(0);
   if (P == 0) return;

@@ -248,7 +248,8 @@ void push(const at::Tensor& param_ema, const at::Tensor& grad_ema, const at::Ten
           const at::Tensor& pair_partials, const at::Tensor& gram_partials, const at::Tensor& ok,
           const at::Tensor& step, const at::Tensor& pair_count, const at::Tensor& skipped_pairs,
           const at::Tensor& skipped_steps, double pair_momentum, double damping, double sigma_low,
-          double sigma_high, double eps, int64_t period, int64_t m) {
+          double sigma_high, double eps, int64_t period, int64_t m, bool pair_written) {
+  TORCH_CHECK(!pair_written, "mlbfgs_fused::push: the pair is pushed by this pass on CUDA");
   const c10::cuda::CUDAGuard guard(history_s.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   launch_push(param_ema, grad_ema, param_snapshot, grad_snapshot, history_s, history_y, chunks,

@@ -1,6 +1,6 @@
 // The two-loop recursion on CUDA: one thread block for the arena. Per block of the
 // arena the threads add the chunks' partial sums column by column in chunk order,
-// then one thread runs two_loop_block (csrc/ops.h) on the float64 scalars. Bytes:
+// then one thread runs block_two_loop (csrc/ops.h) on the float64 scalars. Bytes:
 // none per element.
 #include "common.cuh"
 
@@ -25,13 +25,8 @@ __global__ void two_loop_kernel(const double* partials, const int64_t* blocks, i
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-      const double gg = sums[2 * m];
-      const double dd = two_loop_block(gram + b * 3 * m * m, sums, sums + m, gg, pair_count[b], m,
-                                       coef + b * width, alpha);
-      stats[b * STATS_COLUMNS + S_GG] = gg;
-      stats[b * STATS_COLUMNS + S_DD] = dd;
-      stats[b * STATS_COLUMNS + S_HELD] = pair_count[b] > 0 ? 1.0 : 0.0;
-      total += gg;
+      total += block_two_loop(gram + b * 3 * m * m, sums, pair_count[b], m, coef + b * width, alpha,
+                              stats + b * STATS_COLUMNS);
     }
     __syncthreads();
   }

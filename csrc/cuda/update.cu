@@ -128,13 +128,16 @@ void update(at::TensorList params, at::ArrayRef<std::optional<at::Tensor>> grads
             const at::Tensor& history_s, const at::Tensor& history_y, const at::Tensor& param_ema,
             const at::Tensor& grad_ema, const at::Tensor& momentum_buffer,
             const at::Tensor& param_snapshot, const at::Tensor& grad_snapshot,
-            const at::Tensor& chunks, const at::Tensor& coef, const at::Tensor& step,
-            const at::Tensor& pair_count, const at::Tensor& stats, const at::Tensor& ok,
-            const std::optional<at::Tensor>& grad_scale, const at::Tensor& pair_partials,
-            const at::Tensor& lr, double momentum, double weight_decay, double beta_p,
-            double beta_g, double pair_momentum, int64_t period, int64_t m, bool maximize,
-            int64_t normalize, int64_t mode) {
-  TORCH_CHECK(mode == UPDATE_PAPER, "mlbfgs_fused::update: variant='released' is not implemented on CUDA");
+            const at::Tensor& chunks, const at::Tensor&, const at::Tensor& coef,
+            const at::Tensor& step, const at::Tensor& pair_count, const at::Tensor& stats,
+            const at::Tensor& ok, const std::optional<at::Tensor>& grad_scale,
+            const at::Tensor& pair_partials, const at::Tensor&, const at::Tensor& lr,
+            double momentum, double weight_decay, double beta_p, double beta_g,
+            double pair_momentum, double, double, double, double, int64_t period, int64_t m,
+            bool maximize, int64_t normalize, int64_t mode) {
+  // The pair is pushed by its own pass here (push.cu): UPDATE_PAPER only.
+  TORCH_CHECK(mode == UPDATE_PAPER,
+              "mlbfgs_fused::update: only the paper's update with a separate push is implemented on CUDA");
   const c10::cuda::CUDAGuard guard(history_s.device());
   const int64_t P = chunks.size(0);
   if (P == 0) return;

@@ -56,6 +56,18 @@ class Plan:
     says which); the order of :func:`run_passes` holds for every backend.
     """
 
+    # Whether :meth:`whole_step` can run the step (the group is one arena of this plan).
+    single_call = False
+
+    def whole_step(self, group: dict, amp: AmpScaling | None) -> bool:
+        """The whole step of the group in one call, every pass above and the verdict
+        ``ok`` included, when the group is the optimizer's only arena (the verdict then
+        needs nothing from elsewhere) and nothing changed since the plan was made (the
+        same parameter objects, dtypes, shapes and layouts; gradients dense and laid out
+        like their parameters). Returns False, having written nothing, where it cannot:
+        the optimizer then runs the passes one by one. Only where ``single_call``."""
+        return False
+
     def prepare(self, group: dict) -> bool:
         """Host-side work before any write: bind the gradients, refresh device-side
         hyperparameters. Returns whether any parameter of the group has a gradient."""

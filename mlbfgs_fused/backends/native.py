@@ -16,6 +16,7 @@ built the backends report themselves unavailable.
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 from torch import Tensor
@@ -33,7 +34,8 @@ CHUNK = 4096
 CHUNK_COLUMNS = 7  # start, end, block, param, param_start, ring_origin, ring_stride
 PAIR_COLUMNS = 3  # s.s, s.y, y.y
 # What an update pass does (csrc/ops.h UpdateMode).
-UPDATE_PAPER, UPDATE_RELEASED, UPDATE_RELEASED_AVERAGES, UPDATE_RELEASED_AFTER_PUSH = range(4)
+(UPDATE_PAPER, UPDATE_RELEASED, UPDATE_RELEASED_AVERAGES, UPDATE_RELEASED_AFTER_PUSH,
+ UPDATE_PAPER_PAIR) = range(5)
 
 def load_error() -> str | None:
     """Why the C++ ops are not loaded, or None when they are. Ops already registered
@@ -72,6 +74,22 @@ def _registered(dispatch_key: str) -> bool:
 
 def ops():
     return torch.ops.mlbfgs_fused_native
+
+
+def _whole_step_binding():
+    """``_C.whole_step_plan`` and ``_C.whole_step`` (csrc/python.cpp), or Nones where the
+    extension is not built, or where the ops came from a library loaded without them
+    (CMake's): importing the extension then would register the ops a second time."""
+    if _registered("CPU") and f"{__package__.rpartition('.')[0]}._C" not in sys.modules:
+        return None, None
+    try:
+        from .. import _C
+    except ImportError:
+        return None, None
+    return getattr(_C, "whole_step_plan", None), getattr(_C, "whole_step", None)
+
+
+_whole_step_plan, _whole_step = _whole_step_binding()
 
 
 def _register_fakes() -> None:
@@ -143,19 +161,26 @@ cuda = NativeBackend("cuda", "cuda")
 class NativePlan(Plan):
     """The passes as the C++ ops run them. Fused into neighbours: ``gradient_dots`` runs
     the ``two_loop`` op too (it writes the arena's finiteness probe), and ``push`` the
-    counters (so ``commit`` has nothing left). Under ``variant="released"`` a step that
-    forms no pair updates the averages and the direction in one pass, the first; a due
-    one in two, around the push, which is followed by a second pass 1 for the dots and
-    coefficients with the new pair (E4).
+    counters (so ``commit`` has nothing left). On the CPU (``variant="paper"``) pass 1
+    also sums a pair-forming step's candidate, and the ``update`` op decides its damping
+    and pushes it (the ring slot, the Gram row from the ring rows it reads anyway, the
+    snapshots), so ``push`` reads nothing per element; on CUDA ``push`` is the pair's own
+    pass. Under ``variant="released"`` a step that forms no pair updates the averages
+    and the direction in one pass, the first; a due one in two, around the push, which
+    is followed by a second pass 1 for the dots and coefficients with the new pair (E4).
 
     Arenas that hold part of their blocks' elements (``Arena.partial_blocks``, a
     distributed rank) add each block's partial rows with the ``block_sums`` op and
     complete them with ``Arena.block_sum`` before ``two_loop`` reads them, and run
     ``push`` as ``push_pairs`` and ``commit`` with the pair's sums and the Gram rows
-    completed in between (on the steps where a pair can be due). Where the group's
-    blocks lie on several ranks (``Arena.partial_group``), the update that writes ``d``
-    completes the group's scale of ``d`` first. Otherwise every reduction stays inside
-    the ops."""
+    completed in between (on the steps where a pair can be due): there the CPU sums the
+    candidate in the update pass and pushes the pair by its own pass, as CUDA does. Where
+    the group's blocks lie on several ranks (``Arena.partial_group``), the update that
+    writes ``d`` completes the group's scale of ``d`` first. Otherwise every reduction
+    stays inside the ops.
+
+    Where the group is the optimizer's only arena and on the CPU, :meth:`whole_step`
+    runs all of it as one C++ call (``mlbfgs_fused._C.whole_step``, csrc/python.cpp)."""
 
     def __init__(self, arenas: list[Arena]):
         self.geometry = GroupGeometry(arenas)
@@ -166,10 +191,24 @@ class NativePlan(Plan):
             for arena, offset in zip(arenas, self.geometry.block_offsets)
         ]
         self.released_due = False
+        self.single_call = len(self.arenas) == 1 and self.arenas[0].whole is not None
 
     def prepare(self, group: dict) -> bool:
         self.lr_on = self.lr.refresh(group["lr"])
         return any(p.grad is not None for p in group["params"])
+
+    def whole_step(self, group: dict, amp) -> bool:
+        if not self.single_call or group["variant"] != "paper":
+            return False
+        grad_scale = found_inf = None
+        if amp is not None:
+            grad_scale, found_inf = amp.grad_scale, amp.found_inf
+        return _whole_step(
+            self.arenas[0].whole, group["params"], group["lr"], group["momentum"], group["weight_decay"],
+            group["ema_decay"], group["pair_momentum"], group["damping"], group["sigma_low"],
+            group["sigma_high"], group["eps"], group["update_period"], group["maximize"],
+            normalize_mode(group["normalize"]), grad_scale, found_inf,
+        )
 
     def gradient_dots(self, group: dict, amp) -> list[Tensor]:
         grad_scale = None if amp is None else amp.grad_scale
@@ -183,7 +222,7 @@ class NativePlan(Plan):
 
     def update(self, group: dict, ok: dict, amp, averages: bool = True, direction: bool = True) -> None:
         if group["variant"] == "paper":
-            mode = UPDATE_PAPER
+            mode = None  # each arena's own: the pair pushed here on the CPU
         elif not direction:
             # Every block of a group steps together; on the CPU the counter is host memory.
             self.released_due = (int(self.arenas[0].arena.counters["step"][0]) + 1) % group["update_period"] == 0
@@ -200,7 +239,8 @@ class NativePlan(Plan):
                 self.geometry.complete_group([a.arena for a in self.arenas])
         grad_scale = None if amp is None else amp.grad_scale
         for a in self.arenas:
-            a.update(group, ok[a.arena.device], grad_scale, self.lr_on[a.arena.device], mode)
+            a.update(group, ok[a.arena.device], grad_scale, self.lr_on[a.arena.device],
+                     a.paper_mode if mode is None else mode)
 
     def push(self, group: dict, ok: dict, amp) -> None:
         for a in self.arenas:
@@ -242,6 +282,35 @@ class NativeArena:
             self.pair_sums = scratch(B, PAIR_COLUMNS)
             self.gram_sums = scratch(B, 4 * m)
             self.counter_probe = CounterProbe(dev, wait=True)
+        self.params = arena.params
+        # The CPU pushes a pair inside pass 2 (its sums from pass 1); CUDA, and a rank
+        # holding part of each block (whose sums are completed across ranks), by its own pass.
+        self.fused_pair = dev.type == "cpu" and not self.partial
+        self.paper_mode = UPDATE_PAPER_PAIR if self.fused_pair else UPDATE_PAPER
+        self.whole = self._whole_step_plan() if self.fused_pair else None
+
+    def _whole_step_plan(self):
+        """The plan of ``_C.whole_step`` (csrc/python.cpp): the parameters as the group
+        lists them and the arena's order of them, the state and scratch; None where the
+        arena is a piece of a group's parameters (a distributed rank) or a parameter is
+        not dense (stepped through a copy)."""
+        a = self.arena
+        if _whole_step is None or type(a).local_param is not Arena.local_param:
+            return None
+        if not all(is_dense(p) for p in self.params):
+            return None
+        order = list(a.layout.order)
+        group_params = [None] * len(order)
+        for position, i in enumerate(order):
+            group_params[i] = self.params[position]
+        f, c = a.flat_state, a.counters
+        state = (
+            a.history_s, a.history_y, f["param_ema"], f["grad_ema"], f["momentum_buffer"],
+            f["param_snapshot"], f["grad_snapshot"], a.gram, c["step"], c["pair_count"],
+            c["skipped_pairs"], c["skipped_steps"], self.chunks, self.blocks, self.partials,
+            self.pair_partials, self.gram_partials, self.coef, self.stats,
+        )
+        return _whole_step_plan(group_params, order, state, a.m)
 
     def _tensors(self):
         """The parameters and gradients as the ops take them: contiguous, in the
@@ -273,10 +342,15 @@ class NativeArena:
     def gradient_dots(self, group: dict, grad_scale: Tensor | None) -> None:
         a = self.arena
         if self.holds_elements:
+            f, c = a.flat_state, a.counters
+            beta_p, beta_g = group["ema_decay"]
             params, grads, _ = self._tensors()
             ops().gradient_dots(
-                params, grads, a.history_s, a.history_y, self.chunks, self.partials, grad_scale,
-                group["weight_decay"], group["maximize"], a.m,
+                params, grads, a.history_s, a.history_y, f["param_ema"], f["grad_ema"],
+                f["param_snapshot"], f["grad_snapshot"], self.chunks, c["step"], c["pair_count"],
+                self.partials, self.pair_partials, grad_scale, group["weight_decay"], group["maximize"],
+                beta_p, beta_g, group["pair_momentum"], group["update_period"], a.m,
+                self.fused_pair and group["variant"] == "paper",
             )
         partials, blocks = self.partials, self.blocks
         if self.partial:
@@ -296,10 +370,11 @@ class NativeArena:
         ops().update(
             params, grads, a.history_s, a.history_y, f["param_ema"], f["grad_ema"],
             f["momentum_buffer"], f["param_snapshot"], f["grad_snapshot"], self.chunks,
-            self.coef, c["step"], c["pair_count"], self.scale_rows, ok, grad_scale,
-            self.pair_partials, lr, group["momentum"],
-            group["weight_decay"], beta_p, beta_g, group["pair_momentum"],
-            group["update_period"], a.m, group["maximize"], normalize_mode(group["normalize"]), mode,
+            self.blocks, self.coef, c["step"], c["pair_count"], self.scale_rows, ok, grad_scale,
+            self.pair_partials, self.gram_partials, lr, group["momentum"],
+            group["weight_decay"], beta_p, beta_g, group["pair_momentum"], group["damping"],
+            group["sigma_low"], group["sigma_high"], group["eps"], group["update_period"], a.m,
+            group["maximize"], normalize_mode(group["normalize"]), mode,
         )
         if staged is not None:
             for p, copy in staged:
@@ -315,6 +390,7 @@ class NativeArena:
                 a.history_s, a.history_y, a.gram, self.chunks, self.blocks, self.pair_partials,
                 self.gram_partials, ok, c["step"], c["pair_count"], c["skipped_pairs"],
                 c["skipped_steps"], group["pair_momentum"], *hyper,
+                self.fused_pair and group["variant"] == "paper",
             )
             return
         # A rank's part of each block: the pair's sums are completed before the pair is
