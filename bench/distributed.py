@@ -97,8 +97,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _worker(rank: int, world_size: int, init_method: str, backend: str, mode: str | None, shapes, steps: int,
-            out: str, device_type: str) -> None:
+def _start(rank: int, world_size: int, init_method: str, device_type: str) -> tuple[torch.device, Counter]:
+    """This rank's device and process group (gloo on the CPU, NCCL one GPU a rank), and
+    the counter of its collectives."""
     torch.set_num_threads(1)
     if device_type == "cuda":
         torch.cuda.set_device(rank)
@@ -107,7 +108,20 @@ def _worker(rank: int, world_size: int, init_method: str, backend: str, mode: st
         device = torch.device("cpu")
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
                             init_method=init_method, rank=rank, world_size=world_size)
-    counter = Counter()
+    return device, Counter()
+
+
+def _launch(worker, tag: str, w: int, out: str, args: tuple) -> list[dict]:
+    """``worker`` on ``w`` processes meeting through a fresh file (no TCP port another run
+    could take); each rank's result, from ``<out>/<tag>_<w>_<rank>.json``."""
+    init_method = "file://" + str(Path(out, f"rendezvous_{tag}_{w}"))
+    mp.spawn(worker, args=(w, init_method, *args, out), nprocs=w, join=True)
+    return [json.loads(Path(out, f"{tag}_{w}_{r}.json").read_text()) for r in range(w)]
+
+
+def _worker(rank: int, world_size: int, init_method: str, backend: str, mode: str | None, shapes, steps: int,
+            device_type: str, out: str) -> None:
+    device, counter = _start(rank, world_size, init_method, device_type)
     from mlbfgs_fused import MLBFGS
 
     gen = torch.Generator().manual_seed(0)
@@ -150,20 +164,12 @@ def _worker(rank: int, world_size: int, init_method: str, backend: str, mode: st
 
 
 def _lbfgs_worker(rank: int, world_size: int, init_method: str, backend: str, mode: str | None, shapes,
-                  steps: int, out: str, device_type: str) -> None:
+                  steps: int, device_type: str, out: str) -> None:
     """``LBFGS`` on a drifting quadratic: every step starts from a perturbed target, so
     each runs its ``max_iter`` iterations (one evaluation each, no line search) with pair
     pushes into a wrapped ring. Every rank evaluates the same closure on the full
     parameters (what DDP's averaged gradients amount to)."""
-    torch.set_num_threads(1)
-    if device_type == "cuda":
-        torch.cuda.set_device(rank)
-        device = torch.device("cuda", rank)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
-                            init_method=init_method, rank=rank, world_size=world_size)
-    counter = Counter()
+    device, counter = _start(rank, world_size, init_method, device_type)
     from mlbfgs_fused import LBFGS
 
     gen = torch.Generator().manual_seed(0)
@@ -219,11 +225,8 @@ def run_lbfgs(worlds=(1, 2), backends=None, smoke: bool = False, steps: int = 12
         for backend in backends:
             for mode in (None, "sharded"):
                 for w in worlds:
-                    init_method = "file://" + str(Path(out, f"rendezvous_lbfgs_{backend}_{mode}_{w}"))
-                    mp.spawn(_lbfgs_worker, args=(w, init_method, backend, mode, shapes, steps, out, device_type),
-                             nprocs=w, join=True)
-                    ranks = [json.loads(Path(out, f"lbfgs_{backend}_{mode}_{w}_{r}.json").read_text())
-                             for r in range(w)]
+                    ranks = _launch(_lbfgs_worker, f"lbfgs_{backend}_{mode}", w, out,
+                                    (backend, mode, shapes, steps, device_type))
                     rows.append({
                         "optimizer": "LBFGS",
                         "backend": backend,
@@ -247,19 +250,13 @@ def format_lbfgs_table(rows: list[dict], cores: int | None = None) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        base = next((x["state_bytes_max_rank"] for x in rows
-                     if x["mode"] == "none" and x["world_size"] == 1 and x["backend"] == r["backend"]), None)
-        ratio = f"{r['state_bytes_max_rank'] / base:.3f}" if base else "-"
+        ratio = _ratio(r, rows)
         lines.append(
             f"| {r['backend']} | {r['mode']} | {r['world_size']} | {r['state_bytes_max_rank']:,} | {ratio} "
             f"| {r['evaluations']} | {_counted(r['step'], 'all_reduce')} | {_counted(r['step'], 'all_gather')} "
             f"| {r['median_step_ms']:.1f} |"
         )
-    worlds = sorted({r["world_size"] for r in rows if r["world_size"] > 1})
-    if cores is not None and worlds and max(worlds) >= cores:
-        lines.append("")
-        lines.append(CONTENTION.format(w=max(worlds), cores=cores).capitalize() + ".")
-    return "\n".join(lines)
+    return _table(lines, rows, cores)
 
 
 def _counted(step: dict | None, kind: str) -> str:
@@ -294,11 +291,7 @@ def run(worlds=(1, 2), backends=None, modes=("sharded", "blockwise"), smoke: boo
                 for w in worlds:
                     if mode is None and w != 1:
                         continue
-                    # The ranks meet through a fresh file (no TCP port another run could take).
-                    init_method = "file://" + str(Path(out, f"rendezvous_{backend}_{mode}_{w}"))
-                    mp.spawn(_worker, args=(w, init_method, backend, mode, shapes, steps, out, device_type),
-                             nprocs=w, join=True)
-                    ranks = [json.loads(Path(out, f"{backend}_{mode}_{w}_{r}.json").read_text()) for r in range(w)]
+                    ranks = _launch(_worker, f"{backend}_{mode}", w, out, (backend, mode, shapes, steps, device_type))
                     rows.append({
                         "backend": backend,
                         "mode": mode or "none",
@@ -314,6 +307,22 @@ def run(worlds=(1, 2), backends=None, modes=("sharded", "blockwise"), smoke: boo
     return rows
 
 
+def _ratio(row: dict, rows: list[dict]) -> str:
+    """The row's state per rank over its backend's ``distributed=None`` at W = 1."""
+    base = next((x["state_bytes_max_rank"] for x in rows
+                 if x["mode"] == "none" and x["world_size"] == 1 and x["backend"] == row["backend"]), None)
+    return f"{row['state_bytes_max_rank'] / base:.3f}" if base else "-"
+
+
+def _table(lines: list[str], rows: list[dict], cores: int | None) -> str:
+    """The table's lines, and the contention note where the ranks outnumber the cores."""
+    worlds = sorted({r["world_size"] for r in rows if r["world_size"] > 1})
+    if cores is not None and worlds and max(worlds) >= cores:
+        lines.append("")
+        lines.append(CONTENTION.format(w=max(worlds), cores=cores).capitalize() + ".")
+    return "\n".join(lines)
+
+
 def _calls(step: dict | None, kind: str) -> str:
     """Each call's bytes, ``1,008 + 240 + 3,840``, or ``-``."""
     each = (step or {}).get("each", {}).get(kind, [])
@@ -327,20 +336,14 @@ def format_table(rows: list[dict], cores: int | None = None) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        base = next((x["state_bytes_max_rank"] for x in rows
-                     if x["mode"] == "none" and x["backend"] == r["backend"]), None)
-        ratio = f"{r['state_bytes_max_rank'] / base:.3f}" if base else "-"
+        ratio = _ratio(r, rows)
         gathered = (r["plain_step"] or {}).get("bytes", {}).get("all_gather", 0)
         lines.append(
             f"| {r['backend']} | {r['mode']} | {r['world_size']} | {r['state_bytes_max_rank']:,} | {ratio} "
             f"| {_calls(r['plain_step'], 'all_reduce')} | {_calls(r['pair_step'], 'all_reduce')} "
             f"| {gathered:,} | {r['median_step_ms']:.1f} |"
         )
-    worlds = sorted({r["world_size"] for r in rows if r["world_size"] > 1})
-    if cores is not None and worlds and max(worlds) >= cores:
-        lines.append("")
-        lines.append(CONTENTION.format(w=max(worlds), cores=cores).capitalize() + ".")
-    return "\n".join(lines)
+    return _table(lines, rows, cores)
 
 
 def main(argv=None) -> list[dict]:

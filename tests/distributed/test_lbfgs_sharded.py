@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_harness import rendezvous, spawn
+from dist_harness import spawn
 from mlbfgs_fused import LBFGS
 from mlbfgs_fused.distributed import load_sharded_state_dict, sharded_state_dict
 
@@ -32,14 +32,7 @@ def _problem(seed: int = 0):
     return X, y, values
 
 
-def _run(values, X, y, steps=STEPS, line_search="strong_wolfe", lr_second=0.5, **kwargs):
-    params = [torch.nn.Parameter(v.clone()) for v in values]
-    opt = LBFGS(
-        [{"params": params[:3]}, {"params": params[3:], "lr": lr_second}],
-        history_size=HISTORY, max_iter=MAX_ITER, line_search_fn=line_search,
-        tolerance_grad=1e-14, tolerance_change=1e-16, **kwargs,
-    )
-
+def _closure(opt, params, X, y):
     def closure():
         opt.zero_grad()
         W1, b1, W2, b2 = params
@@ -48,6 +41,18 @@ def _run(values, X, y, steps=STEPS, line_search="strong_wolfe", lr_second=0.5, *
         loss.backward()
         return loss
 
+    return closure
+
+
+def _run(values, X, y, steps=STEPS, line_search="strong_wolfe", lr_second=0.5, **kwargs):
+    params = [torch.nn.Parameter(v.clone()) for v in values]
+    opt = LBFGS(
+        [{"params": params[:3]}, {"params": params[3:], "lr": lr_second}],
+        history_size=HISTORY, max_iter=MAX_ITER, line_search_fn=line_search,
+        tolerance_grad=1e-14, tolerance_change=1e-16, **kwargs,
+    )
+
+    closure = _closure(opt, params, X, y)
     losses = [float(opt.step(closure).detach()) for _ in range(steps)]
     state = opt.state[params[0]]
     counts = (state["n_iter"], state["func_evals"], int(state["pair_count"])) if steps else None
@@ -156,14 +161,7 @@ def _checkpoint_worker(rank, world_size, out_dir, backend):
 
 
 def _continue(opt, params, X, y):
-    def closure():
-        opt.zero_grad()
-        W1, b1, W2, b2 = params
-        out = torch.tanh(X @ W1.T + b1) @ W2.T + b2
-        loss = ((out - y) ** 2).mean() + 1e-3 * sum((p ** 2).sum() for p in params)
-        loss.backward()
-        return loss
-
+    closure = _closure(opt, params, X, y)
     for _ in range(2):
         opt.step(closure)
 
@@ -193,14 +191,6 @@ def test_needs_a_process_group():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match=r"LBFGS\(distributed='sharded'\) needs the default process group"):
         LBFGS([torch.nn.Parameter(torch.randn(3))], distributed="sharded")
-
-
-@pytest.fixture(scope="module")
-def group(tmp_path_factory):
-    init_method = rendezvous(str(tmp_path_factory.mktemp("rendezvous")))
-    dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("mode", ["blockwise", "ring"])
