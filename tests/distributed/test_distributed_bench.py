@@ -1,6 +1,7 @@
-"""bench/distributed.py counts what it claims (MLBFGS, then LBFGS at the end): one all-reduce of ``B (2m + 1)`` float64 on
+"""bench/distributed.py counts what it claims: one all-reduce of ``B (2m + 1)`` float64 on
 a plain "sharded" step, ``B (6m + 4)`` in all on a pair step, on the C++ and foreach
-backends alike; each rank all-gathers its slice and keeps about half the state."""
+backends alike; each rank all-gathers its slice and keeps about half the state. LBFGS's
+rows at the end."""
 
 import math
 
