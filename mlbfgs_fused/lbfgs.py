@@ -39,6 +39,7 @@ _OLDER_GROUPS = {"max_eval_given": True, "maximize": False, "foreach": None, "fu
                  "history_dtype": None, "bounds": None}
 _PARAM_DTYPES = (torch.float32, torch.float64)
 _HISTORY_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+DISTRIBUTED_MODES = ("sharded",)
 
 
 @dataclass
@@ -103,6 +104,15 @@ class LBFGS(Optimizer):
       averaged over the ranks before any decision, so every rank makes the same
       decisions and runs the closure the same number of times (the closure averages
       the gradients, as DDP does).
+    - ``distributed="sharded"``: each rank of ``process_group`` keeps the history,
+      ``direction`` and ``prev_grad`` of its contiguous ``1/W`` slice of each (group,
+      device, dtype) only; the Gram rows, the line search's dots and the loss are partial
+      sums completed by one all-reduce of one small float64 tensor per closure
+      evaluation, and each rank's updated slice is all-gathered into the parameters
+      before the closure runs (docs/design.md, "Distributed"). The parameters stay whole
+      on every rank, and every rank takes the same decisions. Every backend; each rank's
+      ``state_dict()`` holds its slice (``mlbfgs_fused.distributed.sharded_state_dict``
+      for ``torch.distributed.checkpoint``).
 
     Args:
         params: an iterable of parameters or of dicts defining parameter groups.
@@ -133,6 +143,11 @@ class LBFGS(Optimizer):
             is at most ``tolerance_grad`` or when ``f`` decreases by at most
             ``tolerance_change * max(|f_old|, |f|, 1)`` (scipy's ``gtol`` and ``ftol``).
             ``lr`` scales the first trial step and must be the same in every group.
+        distributed: ``None`` (default) or ``"sharded"``: each rank keeps the state of
+            its slice of the parameters (above). Needs an initialised process group;
+            not with ``bounds`` yet (NotImplementedError).
+        process_group: the ``torch.distributed`` group of ``distributed`` (default: the
+            default group).
     """
 
     def __init__(
@@ -152,6 +167,8 @@ class LBFGS(Optimizer):
         backend: str | None = None,
         history_dtype: torch.dtype | None = None,
         bounds: tuple | None = None,
+        distributed: str | None = None,
+        process_group=None,
     ):
         _bounds.group_bounds(bounds)  # bounds: its form checked now (a group checks the rest)
         if isinstance(lr, Tensor) and lr.numel() != 1:
@@ -193,7 +210,15 @@ class LBFGS(Optimizer):
             bounds=bounds,  # bounds: the default of every group
         )
         self._plan = None
+        self._partition = None
+        if distributed is not None:
+            from .distributed import Partition
+
+            self._partition = Partition(distributed, process_group, owner="LBFGS", modes=DISTRIBUTED_MODES)
         super().__init__(params, defaults)
+        if self._partition is not None:  # each rank saves and loads its own shard
+            self.register_state_dict_post_hook(self._partition.state_dict_post_hook)
+            self.register_load_state_dict_pre_hook(self._partition.load_state_dict_pre_hook)
 
     def add_param_group(self, param_group: dict) -> None:
         for key in _GLOBAL_KEYS:
@@ -214,6 +239,8 @@ class LBFGS(Optimizer):
         # bounds: checked against the group's parameters and the other groups' lr.
         _bounds.check_group({"lr": lr, "bounds": param_group.get("bounds", self.defaults["bounds"])},
                             params, self.param_groups)
+        if self._partition is not None and _bounds.group_bounds(param_group.get("bounds", self.defaults["bounds"])):
+            raise NotImplementedError("LBFGS(distributed='sharded') does not support bounds yet")
         for p in [params] if isinstance(params, Tensor) else params:
             if isinstance(p, Tensor) and p.dtype not in _PARAM_DTYPES:
                 raise ValueError(f"LBFGS optimizes float32 and float64 parameters, got {p.dtype}")
@@ -228,6 +255,7 @@ class LBFGS(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._plan = None
+        self.__dict__.setdefault("_partition", None)
         for group in [self.defaults, *self.param_groups]:
             for key, value in _OLDER_GROUPS.items():
                 group.setdefault(key, value)
@@ -324,9 +352,13 @@ class LBFGS(Optimizer):
         m = d["history_size"]
         backend = self._backend()
         arenas = []
+        partition = self._partition
         for a, (group, params) in enumerate(self._arena_params()):
             layout = arena_layout([p.numel() for p in params], "group")
-            arena = LBFGSArena(params, layout, m, d["history_dtype"], group, a)
+            if partition is None:
+                arena = LBFGSArena(params, layout, m, d["history_dtype"], group, a)
+            else:  # this rank's slice of the arena (docs/design.md, "Distributed")
+                arena = partition.lbfgs_arena(params, layout, m, d["history_dtype"], group, a)
             arena.fill(self.state)
             arenas.append(arena)
         first = self.state[self._first_param()]
@@ -341,14 +373,25 @@ class LBFGS(Optimizer):
         gram = gram.to(home, torch.float64).clone()
         count = torch.as_tensor(count).to(home, torch.int64).reshape(()).clone()
         plan = backend.module.lbfgs_plan(arenas, gram, count, d["maximize"], d["line_search_fn"] is not None)
+        if partition is not None:
+            plan = partition.lbfgs_plan(plan, arenas)
         for arena in arenas:
             arena.bind(self.state)
-            self.state[arena.params[0]].setdefault("step_size", 0.0)
+            self.state[arena.anchor].setdefault("step_size", 0.0)
         first = self.state[self._first_param()]
         first["gram"], first["pair_count"] = gram, count
         self._plan = plan
         self._arenas = arenas
         return plan
+
+    def _init_state(self) -> None:
+        """Every entry of the state made now, as the first step makes it (the counters at
+        zero), so that ``torch.distributed.checkpoint`` finds each key to load into
+        (:func:`mlbfgs_fused.distributed.sharded_state_dict`)."""
+        self._setup()
+        state = self.state[self._first_param()]
+        for key, value in (("func_evals", 0), ("n_iter", 0), ("t", 0.0), ("prev_loss", 0.0)):
+            state.setdefault(key, value)
 
     @property
     def plan(self):
@@ -359,9 +402,9 @@ class LBFGS(Optimizer):
     # -- host reads -------------------------------------------------------------------
     def _read(self, plan) -> list[float]:
         """The one device-to-host copy of an evaluation: the read vector, averaged over
-        the ranks when distributed."""
+        the ranks when distributed (under ``distributed="sharded"`` the plan completed it)."""
         vec = plan.read
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if self._partition is None and torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
             if world > 1:
                 torch.distributed.all_reduce(vec)
@@ -376,8 +419,13 @@ class LBFGS(Optimizer):
             loss = closure()
         plan.bind()
         plan.gradient_dots(SOURCE_GRAD, alphas, pair, ring, gd, l1)
+        read_loss = loss
         on_device = isinstance(loss, Tensor) and loss.device == plan.home and loss.numel() == 1
-        plan.two_loop(loss if on_device else None, pair, ring)
+        if not on_device and self._partition is not None:
+            # The plan averages the loss over the ranks with its sums.
+            read_loss = torch.as_tensor(float(loss), dtype=torch.float64, device=plan.home)
+            on_device = True
+        plan.two_loop(read_loss if on_device else None, pair, ring)
         return loss, self._evaluation(plan, loss if not on_device else None, ring, index)
 
     def _evaluation(self, plan, host_loss, model: bool, index: int) -> _Evaluation:
@@ -428,7 +476,7 @@ class LBFGS(Optimizer):
         state = self.state[self._first_param()]
         state.setdefault("func_evals", 0)
         state.setdefault("n_iter", 0)
-        step_sizes = [self.state[a.params[0]]["step_size"] for a in arenas]
+        step_sizes = [self.state[a.anchor]["step_size"] for a in arenas]
 
         orig_loss, point = self._evaluate(closure, plan, step_sizes, state["n_iter"] > 0, max_iter > 0,
                                           l1=state["n_iter"] == 0)
@@ -511,7 +559,7 @@ class LBFGS(Optimizer):
                 break
 
         for arena, size in zip(arenas, step_sizes):
-            self.state[arena.params[0]]["step_size"] = size
+            self.state[arena.anchor]["step_size"] = size
         state["t"] = t
         state["prev_loss"] = prev_loss
         return orig_loss

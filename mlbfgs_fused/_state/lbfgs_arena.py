@@ -48,6 +48,9 @@ class LBFGSArena(Arena):
         self.layout = layout
         self.params = [params[i] for i in layout.order]
         first = params[0]
+        # Where step_size is kept: the arena's first parameter (a distributed rank's
+        # slice may hold none of the arena's parameters; mlbfgs_fused/distributed/).
+        self.anchor = first
         self.device, self.dtype = first.device, first.dtype
         self.history_dtype = history_dtype or first.dtype
         self.m = history_size

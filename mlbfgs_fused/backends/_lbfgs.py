@@ -105,7 +105,7 @@ class LBFGSPlanBase:
     def keep(self) -> None:
         """``kept = g`` per arena, from the user's gradients (zero where there is none)."""
         for arena, kept, views in zip(self.arenas, self.kept, self.kept_views):
-            present = [(v, p.grad) for v, p in zip(views, arena.params) if p.grad is not None]
+            present = [(v, g) for v, g in zip(views, arena.local_grads()) if g is not None]
             if len(present) < len(views):
                 kept.zero_()
             if present:

@@ -26,6 +26,7 @@ from ._lbfgs import (
     MODEL_ACCEPT,
     MODEL_COUNT,
     MODEL_SLOT,
+    P_DMAX,
     P_GD,
     P_GG,
     P_GL1,
@@ -83,7 +84,7 @@ class ForeachLBFGSPlan(LBFGSPlanBase, LBFGSPlan):
 
     def _gather(self) -> None:
         for arena, work, views in zip(self.arenas, self.work, self.g_views):
-            present = [(v, p.grad) for v, p in zip(views, arena.params) if p.grad is not None]
+            present = [(v, g) for v, g in zip(views, arena.local_grads()) if g is not None]
             if len(present) < len(views):
                 work[0].zero_()
             if present:
@@ -126,16 +127,23 @@ class ForeachLBFGSPlan(LBFGSPlanBase, LBFGSPlan):
                 out[col(P_GD)] = _dot(g, d, wide)
             if l1:
                 out[col(P_GL1)] = torch.linalg.vector_norm(g, 1, dtype=torch.float64)
-            out[col(P_GMAX)] = torch.linalg.vector_norm(g, float("inf"))
+            out[col(P_GMAX)] = _max_abs(g)
             if pair:
                 s, y = work[1], work[2]
                 for index, (u, v) in ((P_SS, (s, s)), (P_SY, (s, y)), (P_YY, (y, y)), (P_SG, (s, g)), (P_YG, (y, g))):
                     out[col(index)] = _dot(u, v, wide)
 
-    def two_loop(self, loss: Tensor | None, pair: bool, direction: bool) -> None:
+    def local_rows(self, out: Tensor) -> None:
+        """This plan's partial sums, one row per arena, into ``out`` (``[A, W]`` on the
+        first arena's device): what a distributed plan completes over the ranks."""
+        for a, row in enumerate(self.partials):
+            out[a].copy_(row)
+
+    def two_loop(self, loss: Tensor | None, pair: bool, direction: bool, rows: Tensor | None = None) -> None:
         m, home, read = self.m, self.home, self.read
         col = functools.partial(scalar_column, m)
-        sums = torch.stack([p.to(home) for p in self.partials])  # [A, W]
+        # rows: the per-arena sums completed elsewhere (a distributed plan), else this plan's.
+        sums = torch.stack([p.to(home) for p in self.partials]) if rows is None else rows  # [A, W]
         totals = sums.sum(0)
         scales = torch.tensor(self.scales, dtype=torch.float64, device=home)
         if loss is not None:
@@ -144,6 +152,7 @@ class ForeachLBFGSPlan(LBFGSPlanBase, LBFGSPlan):
         read[READ_GMAX] = sums[:, col(P_GMAX)].max()
         read[READ_GL1] = totals[col(P_GL1)]
         read[READ_GG] = totals[col(P_GG)]
+        read[READ_FIXED:] = sums[:, col(P_DMAX)]
         if not direction:
             return
         cand, accept, slot, count, coef, dots = model(self.gram, self.pair_count, sums, m, pair)
@@ -182,22 +191,31 @@ class ForeachLBFGSPlan(LBFGSPlanBase, LBFGSPlan):
             g = self._gradient(a, source)
             coef = self.coef.to(arena.device)
             S, Y = arena.rings()
-            if g.data_ptr() == arena.direction.data_ptr():
+            if g.numel() and g.data_ptr() == arena.direction.data_ptr():
                 raise AssertionError("the direction is not a gradient source")
             _combine(arena.direction, g, S, Y, coef[0], coef[1 : 1 + m], coef[1 + m :])
+            self.partials[a][scalar_column(m, P_DMAX)] = _max_abs(arena.direction)  # read with the next evaluation
             if g.data_ptr() != arena.prev_grad.data_ptr():
                 arena.prev_grad.copy_(g)
+            if not arena.params:
+                continue  # a distributed rank's empty slice
             if save:
-                torch._foreach_copy_(self.saved_views[a], arena.params)
+                torch._foreach_copy_(self.saved_views[a], arena.local_params())
             if moves is not None:
-                torch._foreach_add_(arena.params, self.d_views[a], alpha=moves[a])
-            self.read[READ_FIXED + a] = torch.linalg.vector_norm(arena.direction, float("inf")).to(self.home)
+                torch._foreach_add_(arena.local_params(), self.d_views[a], alpha=moves[a])
 
     def move(self, alphas: list[float], from_saved: bool) -> None:
         for a, arena in enumerate(self.arenas):
+            if not arena.params:
+                continue  # a distributed rank's empty slice
             if from_saved:
-                torch._foreach_copy_(arena.params, self.saved_views[a])
-            torch._foreach_add_(arena.params, self.d_views[a], alpha=alphas[a])
+                torch._foreach_copy_(arena.local_params(), self.saved_views[a])
+            torch._foreach_add_(arena.local_params(), self.d_views[a], alpha=alphas[a])
+
+
+def _max_abs(x: Tensor) -> Tensor:
+    """``max |x|``, 0 for an empty ``x`` (a distributed rank's empty slice)."""
+    return torch.linalg.vector_norm(x, float("inf")) if x.numel() else x.new_zeros(())
 
 
 def model(gram: Tensor, pair_count: Tensor, sums: Tensor, m: int, pair: bool):

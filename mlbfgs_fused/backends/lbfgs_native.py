@@ -21,7 +21,7 @@ from torch import Tensor
 from .._state.arena import same_order, state_strides
 from .._state.lbfgs_arena import LBFGSArena
 from . import LBFGSPlan
-from ._lbfgs import SOURCE_GRAD, SOURCE_KEPT, LBFGSPlanBase, partial_width
+from ._lbfgs import P_DMAX, P_GMAX, SOURCE_GRAD, SOURCE_KEPT, LBFGSPlanBase, partial_width, scalar_column
 from .native import CHUNK_COLUMNS, chunk_tables
 
 
@@ -44,18 +44,18 @@ class AddressTable:
         self.host_rows = self.host.numpy()
         self.entries: list[int] | None = None
         self.stages: dict[int, Tensor] = {}
-        self.orders = [state_strides(p) for p in arena.params]
+        self.orders = [state_strides(p) for p in arena.local_params()]
         self.seen: list | None = None  # the gradient objects (and addresses) the table was made from
 
     def refresh(self) -> None:
-        params = self.arena.params
-        seen = [(p.data_ptr(), _identity(p.grad)) for p in params]
+        # The tensors stepped are the arena's hooks (the parameters, or a distributed
+        # rank's pieces of them); what the checks depend on is the user's tensors.
+        seen = [(p.data_ptr(), _identity(p.grad)) for p in self.arena.params]
         if seen == self.seen and not self.stages:
             return  # the same tensors, laid out as last time: nothing to check or write
         self.seen = None
         entries = []
-        for i, p in enumerate(params):
-            g = p.grad
+        for i, (p, g) in enumerate(zip(self.arena.local_params(), self.arena.local_grads())):
             address = 0
             if g is not None:
                 _check_gradient(p, g)
@@ -122,6 +122,27 @@ class AddressedLBFGSPlan(LBFGSPlanBase):
         self.partial_rows = [self.partials[a:b] for a, b in zip(rows, rows[1:])]
         self.arena_rows = torch.tensor(rows, dtype=torch.int64).to(dev)
         self.sums = torch.zeros(len(self.arenas) + 1, W, dtype=torch.float64, device=dev)
+        self.unit_rows = torch.arange(len(self.arenas) + 1, dtype=torch.int64).to(dev)
+
+    def _two_loop_rows(self, rows: Tensor | None) -> tuple[Tensor, Tensor]:
+        """What two_loop sums: the pieces' partial rows, or ``rows`` (``[A, W]``, one
+        complete row per arena, from a distributed plan)."""
+        return (self.partials, self.arena_rows) if rows is None else (rows, self.unit_rows)
+
+    def local_rows(self, out: Tensor) -> None:
+        """This plan's partial sums, one row per arena, into ``out`` (``[A, W]`` on the
+        first arena's device): the pieces' rows summed, the maxima columns (``max |g|``,
+        ``max |d|``) their maxima. What a distributed plan completes over the ranks."""
+        hi = scalar_column(self.m, P_DMAX) + 1
+        lo = scalar_column(self.m, P_GMAX)
+        if hi - lo != 2:
+            raise AssertionError("the maxima columns are adjacent")
+        for a, rows in enumerate(self.partial_rows):
+            if rows.shape[0] == 0:
+                out[a].zero_()
+                continue
+            torch.sum(rows, 0, out=out[a])
+            torch.amax(rows[:, lo:hi], 0, out=out[a, lo:hi])
 
     @property
     def scales(self) -> list[float]:
@@ -174,8 +195,9 @@ class NativeLBFGSPlan(AddressedLBFGSPlan, LBFGSPlan):
                arena.prev_grad, self.chunks[a], self.pair_count, self.partial_rows[a], alphas[a], self.maximize,
                pair, ring, gd, l1, self.m)
 
-    def two_loop(self, loss: Tensor | None, pair: bool, direction: bool) -> None:
-        _ops().lbfgs_two_loop(self.partials, self.arena_rows, self.scales_t, loss, self.gram, self.pair_count,
+    def two_loop(self, loss: Tensor | None, pair: bool, direction: bool, rows: Tensor | None = None) -> None:
+        partials, arena_rows = self._two_loop_rows(rows)
+        _ops().lbfgs_two_loop(partials, arena_rows, self.scales_t, loss, self.gram, self.pair_count,
                               self.sums, self.model, self.coef, self.read, pair, direction, self.m)
 
     def _direction(self, source: int, alphas: list[float], moves: list[float] | None, save: bool, push: bool,

@@ -76,10 +76,11 @@ class TritonLBFGSPlan(AddressedLBFGSPlan, LBFGSPlan):
                     self.aligned[a],
                 )
 
-    def two_loop(self, loss: Tensor | None, pair: bool, direction: bool) -> None:
+    def two_loop(self, loss: Tensor | None, pair: bool, direction: bool, rows: Tensor | None = None) -> None:
+        partials, arena_rows = self._two_loop_rows(rows)
         with self.guard:
             self.k_two_loop.lbfgs_two_loop(
-                self.partials, self.arena_rows, self.scales_t, loss, self.gram, self.pair_count, self.sums,
+                partials, arena_rows, self.scales_t, loss, self.gram, self.pair_count, self.sums,
                 self.model, self.coef, self.read, self.m, pair, direction,
             )
 

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._state.arena import PARAM_STATE_KEYS, Arena, _copy_checked, is_dense
+from .._state.arena import Arena, _copy_checked, is_dense
+from .._state.lbfgs_arena import LBFGSArena
 from .sharding import ShardLayout
 
 
@@ -51,19 +52,16 @@ def flat_view(t: Tensor) -> Tensor:
     return t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
-class ShardArena(Arena):
-    def __init__(
-        self,
-        params: list[Tensor],
-        layouts: list[ShardLayout],
-        rank: int,
-        mode: str,
-        process_group,
-        history_size: int,
-        history_dtype: torch.dtype | None,
-        dtensor: bool = False,
-    ):
-        super().__init__(params, layouts[rank], history_size, history_dtype)
+class ShardPieces:
+    """What a rank's arena of pieces adds to an arena of whole parameters (MLBFGS's
+    :class:`ShardArena`, LBFGS's :class:`LBFGSShardArena`): the pieces' geometry, the
+    hooks the backends read parameters and gradients through, :meth:`publish`, and the
+    state of a parameter as the range of its pieces."""
+
+    OWNER = "MLBFGS"  # the optimizer named in errors
+
+    def _init_shard(self, params: list[Tensor], layouts: list[ShardLayout], rank: int, mode: str,
+                    process_group, dtensor: bool = False) -> None:
         self.all_params = params  # in the order the layouts index them
         self.layouts = layouts
         self.rank = rank
@@ -102,7 +100,7 @@ class ShardArena(Arena):
             p, grad = p.to_local(), grad.to_local()
         if grad.stride() != p.stride():
             raise RuntimeError(
-                "MLBFGS(distributed=...) needs each gradient laid out like its parameter, got "
+                f"{self.OWNER}(distributed=...) needs each gradient laid out like its parameter, got "
                 f"strides {grad.stride()} for a parameter with strides {p.stride()}"
             )
         if self.dtensor:
@@ -173,7 +171,7 @@ class ShardArena(Arena):
         with torch.no_grad():
             for pieces in self._pieces_by_param():
                 p_state = state[self.params[pieces[0]]]
-                for key in PARAM_STATE_KEYS:
+                for key in self.PARAM_KEYS:
                     view = self.flat_state[key][self._range(pieces)]
                     if key in p_state:
                         _copy_checked(view, p_state[key], key)
@@ -187,6 +185,38 @@ class ShardArena(Arena):
         owners = self.blocks_by_param()
         for pieces in self._pieces_by_param():
             p_state = state[self.params[pieces[0]]]
-            for key in PARAM_STATE_KEYS:
+            for key in self.PARAM_KEYS:
                 p_state[key] = self.flat_state[key][self._range(pieces)]
             self._point_blocks(p_state, [b for i in pieces for b in owners.get(i, [])])
+
+
+class ShardArena(ShardPieces, Arena):
+    """A rank's part of an MLBFGS arena (module docstring)."""
+
+    def __init__(
+        self,
+        params: list[Tensor],
+        layouts: list[ShardLayout],
+        rank: int,
+        mode: str,
+        process_group,
+        history_size: int,
+        history_dtype: torch.dtype | None,
+        dtensor: bool = False,
+    ):
+        Arena.__init__(self, params, layouts[rank], history_size, history_dtype)
+        self._init_shard(params, layouts, rank, mode, process_group, dtensor)
+
+
+class LBFGSShardArena(ShardPieces, LBFGSArena):
+    """A rank's part of an LBFGS arena under ``LBFGS(distributed="sharded")``: its
+    contiguous slice of the arena's vector (direction, previous gradient and the ring's
+    columns of those elements; docs/design.md, "Distributed"). The Gram rows and the
+    line search's dots are completed by the plan (:mod:`.lbfgs`), not by the hooks."""
+
+    OWNER = "LBFGS"
+
+    def __init__(self, params: list[Tensor], layouts: list[ShardLayout], rank: int, process_group,
+                 history_size: int, history_dtype: torch.dtype | None, group: int, index: int):
+        LBFGSArena.__init__(self, params, layouts[rank], history_size, history_dtype, group, index)
+        self._init_shard(params, layouts, rank, "sharded", process_group)

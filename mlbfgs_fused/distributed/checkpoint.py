@@ -1,4 +1,4 @@
-"""``torch.distributed.checkpoint`` (DCP) for a distributed ``MLBFGS``: each rank saves its shard.
+"""``torch.distributed.checkpoint`` (DCP) for a distributed ``MLBFGS`` or ``LBFGS``: each rank saves its shard.
 
 DCP keeps one copy of an entry that every rank saves under the same key (it takes it for
 replicated), while each rank's ``optimizer.state_dict()`` holds that rank's own shard
@@ -17,6 +17,8 @@ finds no entry for the rank and DCP raises.
 
 from __future__ import annotations
 
+import torch
+
 
 def _key(optimizer) -> str:
     partition = optimizer._partition
@@ -25,12 +27,45 @@ def _key(optimizer) -> str:
     return f"rank{partition.rank}_of_{partition.world_size}"
 
 
+# LBFGS's state holds Python numbers (torch.optim.LBFGS's counters, its t and loss, the
+# step size per arena), which DCP does not load into a template: they travel as 0-dim
+# tensors and become numbers again as they load.
+_NUMBERS = ("func_evals", "n_iter", "t", "prev_loss", "step_size")
+
+
+def _numbers_as_tensors(state_dict: dict) -> dict:
+    state = {}
+    for key, entry in state_dict["state"].items():
+        entry = dict(entry)
+        for name in _NUMBERS:
+            value = entry.get(name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                entry[name] = torch.tensor(value, dtype=torch.int64 if isinstance(value, int) else torch.float64)
+        state[key] = entry
+    return {**state_dict, "state": state}
+
+
+def _numbers_back(state_dict: dict) -> dict:
+    state = {}
+    for key, entry in state_dict["state"].items():
+        entry = dict(entry)
+        for name in _NUMBERS:
+            if isinstance(entry.get(name), torch.Tensor):
+                entry[name] = entry[name].item()
+        state[key] = entry
+    return {**state_dict, "state": state}
+
+
 def sharded_state_dict(optimizer) -> dict:
     """``{"rank<r>_of_<W>": optimizer.state_dict()}``, with the state of every group
     built first (as the first step builds it), so that a fresh optimizer offers DCP
     tensors of the right shapes to load into."""
-    for index, group in enumerate(optimizer.param_groups):
-        optimizer._init_group(index, group)
+    if hasattr(optimizer, "_init_group"):  # MLBFGS: per group
+        for index, group in enumerate(optimizer.param_groups):
+            optimizer._init_group(index, group)
+    else:  # LBFGS: one model over every group
+        optimizer._init_state()
+        return {_key(optimizer): _numbers_as_tensors(optimizer.state_dict())}
     return {_key(optimizer): optimizer.state_dict()}
 
 
@@ -42,4 +77,5 @@ def load_sharded_state_dict(optimizer, state_dict: dict) -> None:
             f"no optimizer shard for {key} in this checkpoint (it holds {sorted(state_dict)}): "
             "a distributed checkpoint loads at the world size that saved it"
         )
-    optimizer.load_state_dict(state_dict[key])
+    state = state_dict[key]
+    optimizer.load_state_dict(state if hasattr(optimizer, "_init_group") else _numbers_back(state))

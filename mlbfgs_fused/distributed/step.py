@@ -30,12 +30,12 @@ class Partition:
     """What an optimizer built with ``distributed=`` needs: the mode, the process
     group, and this rank's place in it."""
 
-    def __init__(self, mode: str, process_group=None):
-        if mode not in MODES:
-            raise ValueError(f"Invalid distributed value: {mode!r} (expected None or one of {MODES})")
+    def __init__(self, mode: str, process_group=None, owner: str = "MLBFGS", modes: tuple[str, ...] = MODES):
+        if mode not in modes:
+            raise ValueError(f"Invalid distributed value: {mode!r} (expected None or one of {modes})")
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
-                f"MLBFGS(distributed={mode!r}) needs the default process group: call "
+                f"{owner}(distributed={mode!r}) needs the default process group: call "
                 "torch.distributed.init_process_group first"
             )
         self.mode = mode
@@ -74,6 +74,20 @@ class Partition:
         return ShardArena(
             params, layouts, self.rank, self.mode, self.process_group, history_size, history_dtype
         )
+
+    def lbfgs_arena(self, params, layout, history_size, history_dtype, group: int, index: int):
+        """This rank's :class:`LBFGSShardArena` of an LBFGS arena: its contiguous slice."""
+        from .arena import LBFGSShardArena
+
+        layouts = shard_layouts(layout, [p.numel() for p in params], "sharded", self.world_size)
+        return LBFGSShardArena(params, layouts, self.rank, self.process_group, history_size, history_dtype,
+                               group, index)
+
+    def lbfgs_plan(self, inner, arenas):
+        """The backend's LBFGS plan ``inner`` over this rank's arenas, completed over the ranks."""
+        from .lbfgs import ShardedLBFGSPlan
+
+        return ShardedLBFGSPlan(inner, arenas, self.process_group, self.rank, self.world_size)
 
     # -- checkpoints: each rank saves and loads its own shard ------------------------
     def describe(self) -> dict:

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_harness import rendezvous
 from mlbfgs_fused import MLBFGS
 from problems import run_scenario, standard_scenario, state_tensors
 
@@ -16,14 +15,6 @@ def test_needs_a_process_group():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group"):
         MLBFGS([torch.nn.Parameter(torch.randn(3))], distributed="sharded")
-
-
-@pytest.fixture(scope="module")
-def group(tmp_path_factory):
-    init_method = rendezvous(str(tmp_path_factory.mktemp("rendezvous")))
-    dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_invalid_mode(group):
