@@ -193,18 +193,24 @@ def check_gradients(group: dict) -> None:
             raise RuntimeError("MLBFGS does not support sparse gradients")
         if grad.is_complex():
             raise RuntimeError("MLBFGS does not support complex gradients")
-        if grad.shape != p.shape:
-            raise RuntimeError(
-                f"gradient has shape {tuple(grad.shape)} but the parameter has shape {tuple(p.shape)}"
-            )
-        if grad.dtype != p.dtype:
-            raise RuntimeError(
-                f"assigned grad has data of a different type ({grad.dtype}) than its parameter "
-                f"({p.dtype}); MLBFGS reads a gradient in its parameter's dtype: assign "
-                "p.grad = p.grad.to(p.dtype)"
-            )
-        if grad.device != p.device:
-            raise RuntimeError(
-                f"assigned grad has data located on a different device ({grad.device}) than "
-                f"its parameter ({p.device}); move it with p.grad = p.grad.to(p.device)"
-            )
+        check_gradient_layout(p, grad, "MLBFGS")
+
+
+def check_gradient_layout(p: Tensor, grad: Tensor, owner: str) -> None:
+    """Raise for a gradient not of its parameter's shape, dtype or device (what every
+    backend of ``owner`` reads a gradient as)."""
+    if grad.shape != p.shape:
+        raise RuntimeError(
+            f"gradient has shape {tuple(grad.shape)} but the parameter has shape {tuple(p.shape)}"
+        )
+    if grad.dtype != p.dtype:
+        raise RuntimeError(
+            f"assigned grad has data of a different type ({grad.dtype}) than its parameter "
+            f"({p.dtype}); {owner} reads a gradient in its parameter's dtype: assign "
+            "p.grad = p.grad.to(p.dtype)"
+        )
+    if grad.device != p.device:
+        raise RuntimeError(
+            f"assigned grad has data located on a different device ({grad.device}) than "
+            f"its parameter ({p.device}); move it with p.grad = p.grad.to(p.device)"
+        )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import check_gradient_layout
 from .._state.arena import same_order, state_strides
 from .._state.lbfgs_arena import LBFGSArena
 from . import LBFGSPlan
@@ -87,16 +88,7 @@ def _identity(g: Tensor | None) -> tuple | None:
 def _check_gradient(p: Tensor, g: Tensor) -> None:
     if g.is_sparse:
         raise RuntimeError("LBFGS's fused backends do not support sparse gradients; use foreach=True")
-    if g.shape != p.shape:
-        raise RuntimeError(f"gradient has shape {tuple(g.shape)} but the parameter has shape {tuple(p.shape)}")
-    if g.dtype != p.dtype:
-        raise RuntimeError(
-            f"assigned grad has data of a different type ({g.dtype}) than its parameter ({p.dtype})"
-        )
-    if g.device != p.device:
-        raise RuntimeError(
-            f"assigned grad has data located on a different device ({g.device}) than its parameter ({p.device})"
-        )
+    check_gradient_layout(p, g, "LBFGS")
 
 
 class AddressedLBFGSPlan(LBFGSPlanBase):
